@@ -1,0 +1,25 @@
+"""vramferry: run diffusion pipelines larger than the GPU, at the speed the hardware allows.
+
+    handle = vramferry.apply(pipe, vramferry.OffloadConfig(mode="auto", vram_budget="16GiB"))
+    image = pipe("a photo of a cat").images[0]
+    print(handle.stats())
+    handle.remove()
+"""
+
+from .config import OffloadConfig, OffloadMode
+from .errors import BudgetError, ConflictError, DeviceError, DiscoveryError, OffloadError, PlanError
+from .protocol import SupportsModuleOffload
+
+__all__ = [
+    "OffloadConfig",
+    "OffloadMode",
+    "SupportsModuleOffload",
+    "OffloadError",
+    "DiscoveryError",
+    "PlanError",
+    "BudgetError",
+    "DeviceError",
+    "ConflictError",
+    "__version__",
+]
+__version__ = "0.1.0"

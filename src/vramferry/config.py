@@ -1,0 +1,147 @@
+"""Configuration as data: one frozen dataclass shared by the Python API, the CLI and the server."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import torch
+
+from .units import parse_bytes
+
+CONFIG_VERSION = 1
+
+
+class OffloadMode(str, Enum):
+    """How weights are placed. The values are the CLI's ``--offload`` choices."""
+
+    NONE = "none"  # everything on the execution device
+    MODEL = "model"  # whole components swapped in when they run
+    LAYERWISE = "layerwise"  # DiT blocks streamed through the device, the rest swapped
+    AUTO = "auto"  # the planner picks per component and per block within the budget
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def _valid_budget(value: int | str | None) -> int | str | None:
+    if value is None:
+        return None
+    if isinstance(value, str) and value.strip().endswith("%"):
+        try:
+            percent = float(value.strip()[:-1])
+        except ValueError:
+            percent = -1.0
+        if not 0 < percent <= 100:
+            raise ValueError(f"vram_budget: a percentage must lie in (0, 100], got {value!r}")
+        return value.strip()
+    if parse_bytes(value, what="vram_budget") <= 0:
+        raise ValueError(f"vram_budget: must be positive, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class OffloadConfig:
+    """What to offload and how.
+
+    Args:
+        mode: ``none``, ``model``, ``layerwise`` or ``auto`` (see :class:`OffloadMode`).
+        vram_budget: device memory the pipeline may use: bytes, ``"16GiB"``, ``"80%"`` of the free memory at
+            apply time, or ``None`` for the free memory minus ``safety_margin``.
+        onload_device: where modules run. ``"cpu"`` runs the whole hook machinery without a GPU.
+        pin_memory: keep host copies in page-locked memory (needed for full-speed, asynchronous copies).
+        host_memory_limit: most host bytes that may be page-locked; beyond it, copies go through pageable
+            memory with a warning. ``None``: no cap.
+        prefetch_components: start loading the next component while the current one computes.
+        prefetch_depth: layerwise look-ahead, in blocks; ``None`` picks enough to keep the copy engine busy.
+        keep_resident: component names kept on the device in every mode.
+        block_attrs: per DiT name, the attributes holding its repeated blocks in execution order, overriding
+            discovery (``{"transformer": ("transformer_blocks", "single_transformer_blocks")}``).
+        safety_margin: memory left free when ``vram_budget`` is ``None``.
+        verify: check before every module runs that all its weights are on the execution device.
+        strict: turn discovery warnings into errors.
+    """
+
+    mode: OffloadMode = OffloadMode.AUTO
+    vram_budget: int | str | None = None
+    onload_device: str = "cuda"
+    pin_memory: bool = True
+    host_memory_limit: int | str | None = None
+    prefetch_components: bool = True
+    prefetch_depth: int | None = None
+    keep_resident: tuple[str, ...] = ()
+    block_attrs: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    safety_margin: int | str = "1GiB"
+    verify: bool = False
+    strict: bool = False
+
+    def __post_init__(self) -> None:
+        try:
+            mode = OffloadMode(self.mode)
+        except ValueError:
+            choices = ", ".join(m.value for m in OffloadMode)
+            raise ValueError(f"mode: {self.mode!r} is not one of {choices}") from None
+        object.__setattr__(self, "mode", mode)
+        object.__setattr__(self, "vram_budget", _valid_budget(self.vram_budget))
+        try:
+            device = torch.device(self.onload_device)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"onload_device: {self.onload_device!r} is not a device; use 'cuda', 'cuda:1' or 'cpu'") from None
+        object.__setattr__(self, "onload_device", str(device))
+        if self.host_memory_limit is not None:
+            parse_bytes(self.host_memory_limit, what="host_memory_limit")
+        parse_bytes(self.safety_margin, what="safety_margin")
+        if self.prefetch_depth is not None and (
+            isinstance(self.prefetch_depth, bool) or not isinstance(self.prefetch_depth, int) or self.prefetch_depth < 1
+        ):
+            raise ValueError(f"prefetch_depth: must be a whole number ≥ 1 or None, got {self.prefetch_depth!r}")
+        if isinstance(self.keep_resident, str):
+            raise ValueError(f"keep_resident: give a list of component names, not the string {self.keep_resident!r}")
+        object.__setattr__(self, "keep_resident", tuple(self.keep_resident))
+        attrs = {}
+        for dit, names in dict(self.block_attrs).items():
+            if isinstance(names, str):
+                names = (names,)
+            attrs[str(dit)] = tuple(names)
+        object.__setattr__(self, "block_attrs", attrs)
+
+    @property
+    def device(self) -> torch.device:
+        """The execution device as a ``torch.device`` (no CUDA initialisation)."""
+        return torch.device(self.onload_device)
+
+    def replace(self, **changes: Any) -> OffloadConfig:
+        """A copy with ``changes`` applied; the original is left as it is."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready data, with a ``version`` field."""
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        data["mode"] = self.mode.value
+        data["keep_resident"] = list(self.keep_resident)
+        data["block_attrs"] = {k: list(v) for k, v in self.block_attrs.items()}
+        return {"version": CONFIG_VERSION, **data}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> OffloadConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are an error that names them."""
+        data = dict(data)
+        version = data.pop("version", CONFIG_VERSION)
+        if version != CONFIG_VERSION:
+            raise ValueError(f"config version {version!r} is not supported (this vramferry reads version {CONFIG_VERSION})")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown config field(s) {', '.join(unknown)}; known fields: {', '.join(sorted(known))}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> OffloadConfig:
+        return cls.from_dict(json.loads(text))
