@@ -7,7 +7,7 @@
 """
 
 from .config import OffloadConfig, OffloadMode
-from .errors import BudgetError, ConflictError, DeviceError, DiscoveryError, OffloadError, PlanError
+from .errors import BudgetError, ConflictError, DeviceError, DiscoveryError, LoadError, OffloadError, PlanError
 from .protocol import SupportsModuleOffload
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "BudgetError",
     "DeviceError",
     "ConflictError",
+    "LoadError",
     "__version__",
 ]
 __version__ = "0.1.0"

@@ -7,7 +7,8 @@ Every error the library raises on purpose derives from :class:`OffloadError`, so
     ├── PlanError           no placement satisfies the request
     │   └── BudgetError     the VRAM budget is below what the pipeline needs at the least
     ├── DeviceError         the execution device is missing or unusable
-    └── ConflictError       another offload (ours or a peer's) already owns the pipeline
+    ├── ConflictError       another offload (ours or a peer's) already owns the pipeline
+    └── LoadError           a model folder or hub id could not be loaded
 
 Messages name the culprit (pipeline class, attribute path, bytes needed vs available) and the fix.
 """
@@ -37,3 +38,7 @@ class DeviceError(OffloadError):
 
 class ConflictError(OffloadError):
     """The pipeline is already managed by a live vramferry handle or by another offload system."""
+
+
+class LoadError(OffloadError):
+    """A model folder or hub id could not be turned into a pipeline."""
