@@ -1,9 +1,22 @@
-"""The public verb: ``apply(pipeline, config) -> OffloadHandle``. (Runtime under construction.)"""
+"""The public verb: ``apply(pipeline, config) -> OffloadHandle``."""
 
 from __future__ import annotations
 
+import logging
+import weakref
 from dataclasses import asdict, dataclass
 from typing import Any
+
+import torch
+
+from .config import OffloadConfig
+from .errors import ConflictError, DeviceError
+from .discovery import PipelineModules
+from .planner import Plan
+from .runtime import Runtime
+from .transfer import TransferCounters
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -39,3 +52,245 @@ class OffloadStats:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+_LIVE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # pipeline or module -> live handle
+
+
+class OffloadHandle:
+    """What :func:`apply` returns: the plan, live statistics, and ``remove()`` to undo everything.
+
+    Also a context manager: ``with vramferry.apply(pipe, cfg): ...`` removes on exit.
+    """
+
+    def __init__(self, pipeline: object, config: OffloadConfig, modules: PipelineModules, plan: Plan,
+                 runtime: Runtime, patched_class: type | None) -> None:
+        self.pipeline = pipeline
+        self.config = config
+        self.modules = modules
+        self.plan = plan
+        self._runtime = runtime
+        self._patched_class = patched_class
+        self._removed = False
+
+    @property
+    def device(self) -> torch.device:
+        return self._runtime.device
+
+    @property
+    def active(self) -> bool:
+        return not self._removed
+
+    def stats(self) -> OffloadStats:
+        """Counters since apply (or the last :meth:`reset_stats`). Synchronises the device once to read timers."""
+        runtime = self._runtime
+        mover = runtime.mover
+        mover.fold(block=True)
+        c = mover.counters
+        stats = OffloadStats(
+            mode=self.plan.mode.value,
+            bytes_h2d=c.bytes_h2d,
+            bytes_d2h=c.bytes_d2h,
+            copy_seconds=round(c.copy_seconds, 6),
+            h2d_gbps=round(c.bytes_h2d / c.copy_seconds / 1e9, 3) if c.copy_seconds > 0 else 0.0,
+            wait_seconds=round(c.wait_seconds, 6),
+            swaps=c.swaps,
+            blocks_streamed=c.blocks_streamed,
+            sync_loads=c.sync_loads,
+            host_pinned_bytes=runtime.store.pinned_bytes,
+            host_pageable_bytes=runtime.store.pageable_bytes,
+        )
+        if runtime.device.type == "cuda":
+            stats.peak_allocated = torch.cuda.max_memory_allocated(runtime.device)
+            stats.peak_reserved = torch.cuda.max_memory_reserved(runtime.device)
+        return stats
+
+    def reset_stats(self) -> None:
+        """Zero the counters and the device's peak-memory statistics."""
+        mover = self._runtime.mover
+        mover.fold(block=True)
+        mover.counters = TransferCounters()
+        if self._runtime.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self._runtime.device)
+
+    def remove(self) -> None:
+        """Take every hook off and put every weight back on the device it was on before ``apply``."""
+        if self._removed:
+            return
+        runtime = self._runtime
+        runtime.hooks.remove()
+        runtime.mover.synchronize()  # copies in flight must land before their buffers are released
+        for state in runtime.states:
+            if state.streamer is not None:
+                state.streamer.stop()
+        runtime.store.restore()
+        if self._patched_class is not None:
+            self.pipeline.__class__ = self._patched_class
+        for key in [k for k, v in list(_LIVE.items()) if v is self]:
+            del _LIVE[key]
+        self._removed = True
+
+    def __enter__(self) -> OffloadHandle:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        state = "removed" if self._removed else "live"
+        return f"<OffloadHandle {state} mode={self.plan.mode.value} pipeline={type(self.pipeline).__name__}>"
+
+
+def apply(pipeline: object, config: OffloadConfig | None = None, *, workload: Any = None,
+          **changes: Any) -> OffloadHandle:
+    """Offload ``pipeline``'s weights as ``config`` says, and return the handle that undoes it.
+
+    Args:
+        pipeline: a diffusers pipeline, a pipeline declaring :class:`~vramferry.SupportsModuleOffload`, or any
+            object whose modules sit under well-known attribute names.
+        config: what to do; defaults to ``OffloadConfig()`` (auto mode, free memory as the budget).
+        workload: the request shape (:class:`~vramferry.costmodel.Workload`) the auto planner sizes
+            activations and compute for; defaults to the pipeline's usual shape.
+        **changes: field overrides applied to a copy of ``config`` (``mode="model"``).
+
+    Returns:
+        An :class:`OffloadHandle`: ``.plan``, ``.stats()``, ``.remove()``.
+
+    Raises:
+        ConflictError: the pipeline (or one of its modules) is already offloaded, by vramferry or a peer.
+        DeviceError: the execution device is not usable.
+        DiscoveryError, PlanError, BudgetError: see their messages.
+    """
+    from .discovery import discover
+    from .planner import inventory_of, plan
+    from .runtime import check_weights_materialised
+    from .units import parse_bytes
+
+    config = config if config is not None else OffloadConfig()
+    if changes:
+        config = config.replace(**changes)
+    _check_live(pipeline)
+    device = resolve_device(config)
+    modules = discover(pipeline, strict=config.strict, block_attrs=dict(config.block_attrs) or None)
+    _check_modules(modules)
+    check_weights_materialised(modules)
+    inventory = inventory_of(modules, pipeline_order(pipeline, modules))
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+    profile = _device_profile(device, config) if device.type == "cuda" else None
+    the_plan = plan(inventory, config, device=profile, workload=workload, free_bytes=free)
+    pin_limit = parse_bytes(config.host_memory_limit) if config.host_memory_limit is not None else None
+    runtime = Runtime(
+        modules, the_plan, device=device, pin=config.pin_memory, pin_limit=pin_limit,
+        budget=_weights_budget(the_plan), order=list(inventory.order),
+        prefetch=config.prefetch_components, verify=config.verify,
+    )
+    patched = _patch_execution_device(pipeline, device)
+    handle = OffloadHandle(pipeline, config, modules, the_plan, runtime, patched)
+    _LIVE[pipeline] = handle
+    for component in modules.components():
+        _LIVE[component.module] = handle
+    logger.info("vramferry: %s applied to %s", the_plan.mode.value, type(pipeline).__name__)
+    return handle
+
+
+def resolve_device(config: OffloadConfig) -> torch.device:
+    """The execution device with an explicit index, or a :class:`DeviceError` saying what to do."""
+    device = config.device
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise DeviceError(f"onload_device {device} is not supported; use 'cuda', 'cuda:N' or 'cpu'")
+    if not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else "a CUDA build, but no GPU is visible"
+        raise DeviceError(
+            f"onload_device is {device} but CUDA is not available (torch {torch.__version__} is {build}). "
+            "Pass onload_device='cpu' to run the offload machinery on the CPU, or run on a machine with a GPU."
+        )
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index >= torch.cuda.device_count():
+        raise DeviceError(f"onload_device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    return torch.device("cuda", index)
+
+
+def pipeline_order(pipeline: object, modules: PipelineModules) -> list[str]:
+    """Component names in the order a request runs them (diffusers' ``model_cpu_offload_seq``), else []."""
+    seq = getattr(type(pipeline), "model_cpu_offload_seq", None)
+    if not isinstance(seq, str):
+        return []
+    order = []
+    for name in seq.split("->"):
+        try:
+            component = modules.get(name.strip())
+        except KeyError:
+            continue
+        if component.name not in order:
+            order.append(component.name)
+    return order
+
+
+def _check_live(pipeline: object) -> None:
+    try:
+        live = _LIVE.get(pipeline)
+    except TypeError:
+        live = None
+    if live is not None:
+        raise ConflictError(
+            f"{type(pipeline).__name__} is already offloaded by {live!r}; call handle.remove() before applying again"
+        )
+
+
+def _check_modules(modules: PipelineModules) -> None:
+    for component in modules.components():
+        live = _LIVE.get(component.module)
+        if live is not None:
+            raise ConflictError(
+                f"{component.name} ({type(component.module).__name__}) is already offloaded by {live!r} through "
+                "another pipeline; call that handle's remove() first"
+            )
+        for path, module in component.module.named_modules():
+            where = f"{component.name}.{path}".rstrip(".")
+            if hasattr(module, "_hf_hook"):
+                raise ConflictError(
+                    f"{where} carries an accelerate hook (enable_model_cpu_offload, enable_sequential_cpu_offload or "
+                    "a device_map); call pipe.remove_all_hooks() (or accelerate's remove_hook_from_module) first"
+                )
+            registry = getattr(module, "_diffusers_hook", None)
+            if registry is not None and getattr(registry, "hooks", None):
+                raise ConflictError(
+                    f"{where} carries diffusers hooks ({', '.join(registry.hooks)}), e.g. group offloading; "
+                    "remove them before applying vramferry"
+                )
+
+
+def _weights_budget(the_plan: Plan) -> int | None:
+    if the_plan.budget_bytes is None:
+        return None
+    reserve = getattr(the_plan, "activation_bytes", None)
+    if reserve is None:
+        reserve = the_plan.budget_bytes // 10
+    return max(0, the_plan.budget_bytes - reserve)
+
+
+def _device_profile(device: torch.device, config: OffloadConfig):
+    from .calibrate import device_profile
+
+    return device_profile(device)
+
+
+def _patch_execution_device(pipeline: object, device: torch.device) -> type | None:
+    """Make a diffusers pipeline create its latents and embeddings on the execution device.
+
+    diffusers infers ``_execution_device`` from where the components' weights are, which is the host for
+    offloaded ones. A subclass with the property fixed is swapped in (same name and module) and swapped back
+    by ``remove()``.
+    """
+    cls = type(pipeline)
+    if not isinstance(getattr(cls, "_execution_device", None), property):
+        return None
+    patched = type(cls.__name__, (cls,), {
+        "__module__": cls.__module__,
+        "__qualname__": cls.__qualname__,
+        "_execution_device": property(lambda self: device),
+    })
+    pipeline.__class__ = patched
+    return cls

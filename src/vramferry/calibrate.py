@@ -1,0 +1,46 @@
+"""Measure the device the planner plans for: host→device bandwidth (and later, compute per block)."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_PROBE_BYTES = 256 * 2**20
+
+
+@functools.lru_cache(maxsize=8)
+def measure_h2d_bandwidth(device: torch.device, nbytes: int = _PROBE_BYTES) -> float:
+    """Pinned host→device bytes per second, measured once per device and cached."""
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dev = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dev.copy_(host, non_blocking=True)
+    torch.cuda.synchronize(device)  # calibration only: a clean start for the timer
+    reps = 4
+    start = time.perf_counter()
+    for _ in range(reps):
+        dev.copy_(host, non_blocking=True)
+    torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    return nbytes * reps / seconds
+
+
+def device_profile(device: torch.device):
+    """A :class:`~vramferry.costmodel.DeviceProfile` for ``device``: the preset matching its name, with the
+    bandwidth measured here."""
+    from .costmodel import profile_from
+
+    name = torch.cuda.get_device_name(device).lower()
+    total = torch.cuda.get_device_properties(device).total_memory
+    preset = None
+    for key in ("h200", "h100", "a100", "l40s", "4090", "3090"):
+        if key in name.replace(" ", ""):
+            preset = "rtx" + key if key.isdigit() else key
+            break
+    bandwidth = measure_h2d_bandwidth(device)
+    logger.info("calibrated %s: %.1f GB/s host->device", name, bandwidth / 1e9)
+    return profile_from(gpu=preset, bandwidth=bandwidth, memory=total)

@@ -1,0 +1,162 @@
+"""Forward hooks that load weights before modules run, installed with PyTorch's removable hooks.
+
+We never assign ``module.forward``: ``register_forward_pre_hook(..., with_kwargs=True)`` and
+``register_forward_hook(..., always_call=True)`` keep signatures, ``torch.export`` and ``torch.compile`` intact,
+and the post hook runs even when the forward raises, so the bookkeeping stays right after an exception.
+Every entry point is covered because hooks sit on the component's root *and* on its children and
+grandchildren: ``vae.decode`` runs ``vae.decoder``, ``text_encoder.generate`` runs ``forward``, and helper
+methods run submodules.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from .errors import OffloadError
+
+if TYPE_CHECKING:
+    from .runtime import Runtime
+    from .strategies.model import ComponentState
+
+_CONTAINERS = (nn.ModuleList, nn.ModuleDict)
+
+
+class HookSet:
+    """The hooks one handle installed; ``remove()`` takes them all off."""
+
+    def __init__(self) -> None:
+        self.handles: list[RemovableHandle] = []
+
+    def add(self, module: nn.Module, pre, post=None) -> None:
+        self.handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+        if post is not None:
+            self.handles.append(module.register_forward_hook(post, always_call=True))
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+
+def _has_tensors(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters()) or any(True for _ in module.buffers())
+
+
+def entry_modules(root: nn.Module, skip: set[int], depth: int) -> list[nn.Module]:
+    """The root plus its descendants down to ``depth`` (containers not counted) that hold tensors."""
+    found = [root]
+    frontier = [(root, 0)]
+    while frontier:
+        module, level = frontier.pop()
+        for child in module.children():
+            if id(child) in skip:
+                continue
+            if isinstance(child, _CONTAINERS):
+                frontier.append((child, level))
+                continue
+            if level + 1 <= depth and _has_tensors(child):
+                found.append(child)
+                frontier.append((child, level + 1))
+    return found
+
+
+def _to_device(value: Any, device: torch.device) -> tuple[Any, bool]:
+    if isinstance(value, torch.Tensor):
+        if value.device != device and value.device.type != "meta":
+            return value.to(device, non_blocking=True), True
+        return value, False
+    if isinstance(value, (list, tuple)) and value and any(isinstance(v, torch.Tensor) for v in value):
+        moved = [_to_device(v, device) for v in value]
+        if any(changed for _v, changed in moved):
+            return type(value)(v for v, _c in moved), True
+    return value, False
+
+
+def _move_inputs(args: tuple, kwargs: dict, device: torch.device):
+    changed = False
+    new_args = []
+    for arg in args:
+        arg, moved = _to_device(arg, device)
+        changed |= moved
+        new_args.append(arg)
+    new_kwargs = {}
+    for key, val in kwargs.items():
+        val, moved = _to_device(val, device)
+        changed |= moved
+        new_kwargs[key] = val
+    return (tuple(new_args), new_kwargs) if changed else None
+
+
+def install_component_hooks(runtime: Runtime, state: ComponentState) -> None:
+    """Entry hooks on ``state``'s module, block hooks on its streamed blocks, verify hooks if asked."""
+    scheduler = runtime.scheduler
+    device = runtime.device
+    streamer = state.streamer
+    block_units = streamer.units if streamer is not None else []
+    skip = {id(u.extra["module"]) for u in block_units}
+
+    @torch.compiler.disable
+    def enter(module, args, kwargs):
+        scheduler.activate(state)
+        state.running += 1
+        return _move_inputs(args, kwargs, device)
+
+    @torch.compiler.disable
+    def leave(module, args, output):
+        state.running -= 1
+
+    for module in entry_modules(state.module, skip, _entry_depth()):
+        runtime.hooks.add(module, enter, leave)
+
+    for unit in block_units:
+        _install_block_hooks(runtime, state, unit)
+
+    if runtime.verify:
+        for path, module in state.module.named_modules():
+            runtime.hooks.add(module, _verify_hook(f"{state.name}.{path}".rstrip("."), device))
+
+
+def _install_block_hooks(runtime: Runtime, state: ComponentState, unit) -> None:
+    scheduler = runtime.scheduler
+    streamer = state.streamer
+    device = runtime.device
+
+    @torch.compiler.disable
+    def enter_block(module, args, kwargs):
+        scheduler.activate(state)
+        state.running += 1
+        streamer.before_block(unit)
+        return _move_inputs(args, kwargs, device)
+
+    @torch.compiler.disable
+    def leave_block(module, args, output):
+        streamer.after_block(unit)
+        state.running -= 1
+
+    runtime.hooks.add(unit.extra["module"], enter_block, leave_block)
+
+
+def _entry_depth() -> int:
+    from .runtime import ENTRY_DEPTH
+
+    return ENTRY_DEPTH
+
+
+def _verify_hook(path: str, device: torch.device):
+    @torch.compiler.disable
+    def verify(module, args, kwargs):
+        for kind, tensors in (("parameter", module._parameters), ("buffer", module._buffers)):
+            for name, tensor in tensors.items():
+                if tensor is not None and tensor.device != device:
+                    raise OffloadError(
+                        f"verify: {kind} {path}.{name} is on {tensor.device} but {path} runs on {device}; "
+                        "this module was reached without passing an offload hook. Declare its component or "
+                        "report the pipeline layout."
+                    )
+        return None
+
+    return verify

@@ -1,0 +1,165 @@
+"""Turns a :class:`~vramferry.planner.Plan` into units, host arenas, device copies and hooks."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .discovery import PipelineModules
+from .errors import OffloadError, PlanError
+from .hooks import HookSet
+from .planner import Placement, Plan
+from .store import HostStore, TensorRef, Unit, collect_refs
+from .strategies.layerwise import BlockStreamer
+from .strategies.model import ComponentState, SwapScheduler
+from .transfer import Mover
+
+logger = logging.getLogger(__name__)
+
+ENTRY_DEPTH = 2  # entry hooks on a component's root, children and grandchildren (containers not counted)
+_CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)
+
+
+@dataclass
+class _Pieces:
+    """Modules of one component grouped by placement before packing."""
+
+    resident: list[nn.Module] = field(default_factory=list)
+    swap: list[nn.Module] = field(default_factory=list)
+    streamed: list[tuple[str, nn.Module]] = field(default_factory=list)
+    exclude: set[int] = field(default_factory=set)  # block modules, not part of the component's rest
+
+
+class Runtime:
+    """The live state behind an :class:`~vramferry.api.OffloadHandle`."""
+
+    def __init__(self, modules: PipelineModules, plan: Plan, *, device: torch.device, pin: bool,
+                 pin_limit: int | None, budget: int | None, order: list[str], prefetch: bool,
+                 verify: bool) -> None:
+        self.modules = modules
+        self.plan = plan
+        self.device = device
+        self.mover = Mover(device)
+        self.store = HostStore(pin=pin and device.type == "cuda", pin_limit=pin_limit)
+        self.hooks = HookSet()
+        self.states: list[ComponentState] = []
+        self.shared: Unit | None = None
+        self.verify = verify
+        self._build_units()
+        self.scheduler = SwapScheduler(self.mover, self.states, order, budget, prefetch)
+        self._load_resident()
+        self._install_hooks()
+
+    # -- building -------------------------------------------------------------------------------------------
+    def _pieces(self, name: str) -> _Pieces:
+        component = self.modules.get(name)
+        cplan = self.plan.get(name)
+        pieces = _Pieces()
+        blockset = self.modules.blocks.get(name)
+        if blockset is not None and cplan.blocks:
+            if len(cplan.blocks) != len(blockset.blocks):
+                raise PlanError(
+                    f"{name}: the plan places {len(cplan.blocks)} blocks but discovery found {len(blockset.blocks)}"
+                )
+            for block_name, block, placement in zip(blockset.names, blockset.blocks, cplan.blocks):
+                pieces.exclude.add(id(block))
+                if placement is Placement.STREAMED:
+                    pieces.streamed.append((block_name, block))
+                elif placement is Placement.RESIDENT:
+                    pieces.resident.append(block)
+                else:
+                    pieces.swap.append(block)
+        elif cplan.placement is Placement.STREAMED:
+            raise PlanError(f"{name}: only DiT blocks can be streamed, and {name} has no blocks")
+        rest = pieces.resident if cplan.placement is Placement.RESIDENT else pieces.swap
+        rest.insert(0, component.module)
+        return pieces
+
+    def _build_units(self) -> None:
+        claimed: dict[int, TensorRef] = {}
+        group_of: dict[int, str] = {}
+        shared: dict[int, TensorRef] = {}
+
+        def collect(key: str, mods: list[nn.Module], exclude: set[int]) -> list[TensorRef]:
+            refs: list[TensorRef] = []
+            for module in mods:
+                new, seen = collect_refs(module, exclude - {id(module)}, claimed)
+                for ref in new:
+                    group_of[id(ref)] = key
+                refs.extend(new)
+                # A tensor reached from two units (tied weights across blocks or components) must be on the
+                # device whenever either runs: it goes to a shared resident unit.
+                shared.update((id(r), r) for r in seen if group_of[id(r)] != key)
+            return refs
+
+        plans = []
+        for component in self.modules.components():
+            pieces = self._pieces(component.name)
+            groups = {kind: collect(f"{component.name}:{kind}", getattr(pieces, kind), pieces.exclude)
+                      for kind in ("resident", "swap")}
+            streamed = [(n, b, collect(f"{component.name}.{n}", [b], set())) for n, b in pieces.streamed]
+            plans.append((component, groups, streamed))
+        arenas = []
+        for component, groups, streamed in plans:
+            state = ComponentState(component.name, str(component.role), component.module)
+            units = []
+            for kind, refs in groups.items():
+                refs = [r for r in refs if id(r) not in shared]
+                if refs:
+                    unit = Unit(f"{component.name}:{kind}", refs)
+                    setattr(state, kind, unit)
+                    units.append(unit)
+            block_units = []
+            for block_name, block, refs in streamed:
+                unit = Unit(f"{component.name}.{block_name}", [r for r in refs if id(r) not in shared])
+                unit.extra["module"] = block
+                block_units.append(unit)
+            units.extend(block_units)
+            arenas.append((component.name, units))
+            if block_units:
+                depth = self.plan.get(component.name).prefetch_depth or 2
+                state.streamer = BlockStreamer(self.mover, component.name, block_units, depth)
+            self.states.append(state)
+        if shared:
+            self.shared = Unit("shared", list(shared.values()))
+            arenas.append(("shared", [self.shared]))
+        for name, units in arenas:
+            self.store.add(name, units)
+
+    def _load_resident(self) -> None:
+        for unit in [s.resident for s in self.states if s.resident is not None] + (
+            [self.shared] if self.shared is not None else []
+        ):
+            self.mover.onload_async(unit)
+            self.mover.wait_ready(unit)
+
+    def all_units(self) -> list[Unit]:
+        units = []
+        for state in self.states:
+            units.extend(u for u in (state.resident, state.swap) if u is not None)
+            if state.streamer is not None:
+                units.extend(state.streamer.units)
+        if self.shared is not None:
+            units.append(self.shared)
+        return units
+
+    # -- hooks ----------------------------------------------------------------------------------------------
+    def _install_hooks(self) -> None:
+        from .hooks import install_component_hooks
+
+        for state in self.states:
+            install_component_hooks(self, state)
+
+
+def check_weights_materialised(modules: PipelineModules) -> None:
+    """Raise if any weight is on the meta device (nothing to copy)."""
+    for component in modules.components():
+        for name, tensor in list(component.module.named_parameters()) + list(component.module.named_buffers()):
+            if tensor.device.type == "meta":
+                raise OffloadError(
+                    f"{component.name}.{name} is on the meta device; load the weights (from_pretrained or "
+                    "to_empty + load_state_dict) before applying offload"
+                )

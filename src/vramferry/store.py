@@ -1,0 +1,239 @@
+"""The host store: canonical host copies of weights, packed per unit into contiguous arenas.
+
+A *unit* is a set of tensors that move together (a whole component, the non-block part of a DiT, or one
+block). Each unit's tensors are laid out back to back (aligned) in one host buffer, so that loading a unit is
+a single large copy, and its device copy is one buffer whose views become the parameters.
+
+Host buffers are allocated pageable and then page-locked in place with ``cudaHostRegister``: exact size, no
+power-of-two rounding of the caching host allocator, and ~0.08 s/GB instead of ~0.7 s/GB for ``pin_memory()``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .units import format_bytes
+
+logger = logging.getLogger(__name__)
+
+ALIGN = 512  # bytes; keeps every view aligned for vectorised kernels and any dtype's element size
+
+
+def _align(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+@dataclass(eq=False)
+class TensorRef:
+    """One unique tensor (a parameter or a buffer) and every place that holds it.
+
+    ``param`` is set for parameters (rebinding ``param.data`` keeps the Parameter object, so tied weights and
+    references elsewhere stay valid); buffers are rebound in each owner's ``_buffers``.
+    """
+
+    param: nn.Parameter | None
+    owners: list[tuple[nn.Module, str]]
+    shape: torch.Size
+    dtype: torch.dtype
+    nbytes: int
+    original_device: torch.device
+    offset: int = 0  # within the unit
+    host: torch.Tensor | None = None  # view into the unit's host buffer
+
+    def bind(self, tensor: torch.Tensor) -> None:
+        """Point every holder at ``tensor`` (a pointer swap; no bytes move)."""
+        if self.param is not None:
+            self.param.data = tensor
+            return
+        for module, name in self.owners:
+            module._buffers[name] = tensor
+
+    def current(self) -> torch.Tensor:
+        if self.param is not None:
+            return self.param.data
+        module, name = self.owners[0]
+        return module._buffers[name]
+
+
+@dataclass(eq=False)
+class Unit:
+    """Tensors that are loaded and dropped together."""
+
+    name: str
+    refs: list[TensorRef]
+    nbytes: int = 0  # aligned size of the packed unit
+    host: torch.Tensor | None = None  # uint8, the unit's slice of its arena
+    device_buffer: torch.Tensor | None = None
+    ready_event: object | None = None  # torch.cuda.Event once a copy was issued
+    on_device: bool = False
+    slot: object | None = None  # layerwise slot holding it
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.layout()
+
+    def layout(self) -> None:
+        offset = 0
+        for ref in self.refs:
+            ref.offset = offset
+            offset = _align(offset + ref.nbytes)
+        self.nbytes = offset
+
+    def view(self, buffer: torch.Tensor, ref: TensorRef) -> torch.Tensor:
+        """The typed view of ``ref`` inside a packed uint8 buffer laid out like this unit."""
+        raw = buffer[ref.offset : ref.offset + ref.nbytes]
+        return raw.view(ref.dtype).view(ref.shape)
+
+    def bind_host(self) -> None:
+        for ref in self.refs:
+            ref.bind(ref.host)
+        self.on_device = False
+
+    def bind_buffer(self, buffer: torch.Tensor) -> None:
+        for ref in self.refs:
+            ref.bind(self.view(buffer, ref))
+
+
+def collect_refs(
+    module: nn.Module, exclude: set[int], claimed: dict[int, TensorRef]
+) -> tuple[list[TensorRef], list[TensorRef]]:
+    """Tensors of ``module`` outside the excluded submodules (by id).
+
+    Returns:
+        ``(new, seen)``: tensors claimed now, and tensors already claimed by an earlier call (tied weights).
+    """
+    new: list[TensorRef] = []
+    seen: list[TensorRef] = []
+    for sub in _modules_outside(module, exclude):
+        for name, param in list(sub._parameters.items()):
+            if param is not None:
+                _add_ref(new, seen, claimed, sub, name, param, is_param=True)
+        for name, buf in list(sub._buffers.items()):
+            if buf is not None:
+                _add_ref(new, seen, claimed, sub, name, buf, is_param=False)
+    return new, seen
+
+
+def _modules_outside(root: nn.Module, exclude: set[int]):
+    stack = [root]
+    seen: set[int] = set()
+    while stack:
+        module = stack.pop()
+        if id(module) in seen or (module is not root and id(module) in exclude):
+            continue
+        seen.add(id(module))
+        yield module
+        stack.extend(reversed(list(module._modules.values())))
+
+
+def _add_ref(new, seen, claimed, module, name, tensor, *, is_param: bool) -> None:
+    key = id(tensor)
+    if key in claimed:
+        ref = claimed[key]
+        if not any(m is module and n == name for m, n in ref.owners):
+            ref.owners.append((module, name))
+        if ref not in new:
+            seen.append(ref)
+        return
+    ref = TensorRef(
+        param=tensor if is_param else None,
+        owners=[(module, name)],
+        shape=tensor.shape,
+        dtype=tensor.dtype,
+        nbytes=tensor.numel() * tensor.element_size(),
+        original_device=tensor.device,
+    )
+    claimed[key] = ref
+    new.append(ref)
+
+
+class HostStore:
+    """Owns the host arenas: one contiguous buffer per group of units (usually per component).
+
+    Args:
+        pin: page-lock the arenas (needs CUDA).
+        pin_limit: most bytes to page-lock; arenas beyond it stay pageable (slower copies, one warning).
+    """
+
+    def __init__(self, *, pin: bool, pin_limit: int | None = None) -> None:
+        self.pin = pin and torch.cuda.is_available()
+        self.pin_limit = pin_limit
+        self.pinned_bytes = 0
+        self.pageable_bytes = 0
+        self._arenas: list[tuple[torch.Tensor, bool, list[Unit]]] = []
+        self._warned = False
+
+    def add(self, name: str, units: list[Unit]) -> None:
+        """Pack ``units`` into one new arena and make the arena copies canonical (params rebound to them)."""
+        for unit in units:
+            unit.layout()
+        total = sum(unit.nbytes for unit in units)
+        if total == 0:
+            return
+        arena = torch.empty(total, dtype=torch.uint8)
+        pinned = self._register(arena, name)
+        offset = 0
+        for unit in units:
+            unit.host = arena[offset : offset + unit.nbytes]
+            offset += unit.nbytes
+            for ref in unit.refs:
+                ref.host = unit.view(unit.host, ref)
+                with torch.no_grad():
+                    # One tensor at a time: its pageable original is freed as soon as it is rebound, so host
+                    # memory grows by at most one tensor beyond the weights.
+                    ref.host.copy_(ref.current())
+                ref.bind(ref.host)
+        self._arenas.append((arena, pinned, units))
+        if pinned:
+            self.pinned_bytes += total
+        else:
+            self.pageable_bytes += total
+
+    def _register(self, arena: torch.Tensor, name: str) -> bool:
+        if not self.pin:
+            return False
+        size = arena.numel()
+        if self.pin_limit is not None and self.pinned_bytes + size > self.pin_limit:
+            self._warn_pageable(name, f"the host page-lock limit of {format_bytes(self.pin_limit)} is reached")
+            return False
+        err = torch.cuda.cudart().cudaHostRegister(arena.data_ptr(), size, 0)
+        if int(err) != 0:
+            self._warn_pageable(name, f"cudaHostRegister failed ({err})")
+            return False
+        return True
+
+    def _warn_pageable(self, name: str, why: str) -> None:
+        if not self._warned:
+            logger.warning(
+                "%s: keeping host copies in pageable memory because %s; copies to the GPU will run about 7x "
+                "slower (pageable ~8 GB/s vs pinned ~55 GB/s on PCIe Gen5) and block the host. "
+                "Raise host_memory_limit or free host memory to avoid this.",
+                name,
+                why,
+            )
+            self._warned = True
+
+    def restore(self) -> None:
+        """Give every tensor back its own storage on its original device and free the arenas one by one.
+
+        Host memory peaks at the weights plus one arena, not twice the weights.
+        """
+        while self._arenas:
+            arena, pinned, units = self._arenas.pop(0)
+            for unit in units:
+                for ref in unit.refs:
+                    home = ref.original_device
+                    # clone(): a tensor of its own, so nothing shares storage after remove (safetensors
+                    # refuses to save tensors that share memory).
+                    ref.bind(ref.host.to(home) if home.type != "cpu" else ref.host.clone())
+                    ref.host = None
+                unit.host = None
+                unit.on_device = False
+                unit.device_buffer = None
+            if pinned:
+                torch.cuda.cudart().cudaHostUnregister(arena.data_ptr())
+            del arena

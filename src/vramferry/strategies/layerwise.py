@@ -1,0 +1,134 @@
+"""Layerwise offload: a DiT's blocks streamed through fixed device slots, ahead of the block that runs.
+
+``depth + 1`` slots of the largest block's size are allocated when the DiT starts running. Before block ``i``
+runs, blocks ``i+1 … i+depth`` (wrapping into the next step or CFG branch) are already being copied on the copy
+stream; when block ``i`` ends, its slot is handed to block ``i+depth+1``. Ordering is done with events only:
+the compute stream waits for a block's copy, and the copy stream waits for the slot's previous occupant to
+finish. A block that runs out of the expected order, or after skipped blocks, is loaded on demand (counted as a
+``sync_load``), and the ring restarts from it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from ..store import Unit
+from ..transfer import Mover
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Slot:
+    buffer: torch.Tensor
+    unit: Unit | None = None
+    running: bool = False
+    free_event: object | None = None  # compute-stream event: the previous occupant has finished
+
+
+class BlockStreamer:
+    """Streams ``units`` (one per block, in execution order) through ``depth + 1`` device slots."""
+
+    def __init__(self, mover: Mover, name: str, units: list[Unit], depth: int) -> None:
+        if not units:
+            raise ValueError(f"{name}: no blocks to stream")
+        self.mover = mover
+        self.name = name
+        self.units = units
+        self.index = {id(u): i for i, u in enumerate(units)}
+        self.depth = max(1, min(depth, len(units) - 1)) if len(units) > 1 else 0
+        self.slot_size = max(u.nbytes for u in units)
+        self.slots: list[Slot] = []
+        self.load_order: list[int] = []  # block indices in the order copies were issued (tests)
+        self.keep_trace = False
+
+    @property
+    def slot_bytes(self) -> int:
+        return self.slot_size * (self.depth + 1)
+
+    @property
+    def active(self) -> bool:
+        return bool(self.slots)
+
+    def start(self) -> None:
+        """Allocate the slots and start copying the first blocks."""
+        if self.slots:
+            return
+        device = self.mover.device
+        self.slots = [
+            Slot(torch.empty(self.slot_size, dtype=torch.uint8, device=device)) for _ in range(self.depth + 1)
+        ]
+        for i in range(self.depth + 1):
+            self._load(i)
+
+    def stop(self) -> None:
+        """Release the slots; every block points back at its host copy."""
+        for slot in self.slots:
+            if slot.unit is not None:
+                self.mover.drop(slot.unit)
+                slot.unit.slot = None
+        self.slots = []
+
+    # -- hooks --------------------------------------------------------------------------------------------
+    def before_block(self, unit: Unit) -> None:
+        """Called before a block runs: make it ready and keep the ring full."""
+        if not self.slots:
+            self.start()
+        i = self.index[id(unit)]
+        wanted = {(i + k) % len(self.units) for k in range(self.depth + 1)}
+        if unit.slot is None:
+            # Not prefetched: out of order, after skipped blocks, or the first use. Free the slots that
+            # hold blocks no longer expected soon, then load this one now.
+            self._release_unwanted(wanted)
+            self.mover.counters.sync_loads += 1
+            self._load(i, force=True)
+        self.mover.wait_ready(unit)
+        if unit.slot is not None:
+            unit.slot.running = True
+        for k in range(1, self.depth + 1):
+            self._load((i + k) % len(self.units))
+
+    def after_block(self, unit: Unit) -> None:
+        """Called after a block ran (also when it raised): free its slot and refill the ring."""
+        slot = unit.slot
+        if slot is None:
+            if unit.on_device:  # loaded into a temporary buffer because every slot was busy
+                self.mover.drop(unit)
+            return
+        slot.running = False
+        slot.free_event = self.mover.record_done()
+        self.mover.drop(unit)
+        unit.slot = None
+        slot.unit = None
+        i = self.index[id(unit)]
+        self._load((i + self.depth + 1) % len(self.units))
+
+    # -- internals ----------------------------------------------------------------------------------------
+    def _release_unwanted(self, wanted: set[int]) -> None:
+        for slot in self.slots:
+            if slot.unit is not None and not slot.running and self.index[id(slot.unit)] not in wanted:
+                # Never ran, so no compute used the slot; later copies on the copy stream are ordered after
+                # the one that filled it.
+                self.mover.drop(slot.unit)
+                slot.unit.slot = None
+                slot.unit = None
+
+    def _load(self, i: int, *, force: bool = False) -> None:
+        unit = self.units[i]
+        if unit.slot is not None or unit.on_device:
+            return
+        slot = next((s for s in self.slots if s.unit is None), None)
+        if slot is None:
+            if force:  # every slot is busy (a block running inside another): use a temporary buffer
+                self.mover.onload_async(unit)
+                self.mover.counters.blocks_streamed += 1
+            return
+        slot.unit = unit
+        unit.slot = slot
+        self.mover.onload_async(unit, slot=slot.buffer, after=slot.free_event)
+        self.mover.counters.blocks_streamed += 1
+        if self.keep_trace:
+            self.load_order.append(i)

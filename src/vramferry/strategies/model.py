@@ -1,0 +1,189 @@
+"""Model-level offload: whole components swapped onto the device when they run.
+
+Rules (vLLM-Omni's, extended): a DiT and the encoders are mutually exclusive on the device, and so are DiTs
+with each other (Wan 2.2's experts); VAEs and other components are loaded when they run and stay until the
+budget needs their room. Evicting drops the device copy: the host copy is canonical, so nothing travels back.
+While one component runs, the next one in pipeline order is loaded if the budget allows.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from ..store import Unit
+from ..transfer import Mover
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class ComponentState:
+    """A component at run time.
+
+    Attributes:
+        resident: the part that stays on the device from apply to remove (may be None).
+        swap: the part loaded when the component runs (may be None).
+        streamer: the streamed blocks of a DiT (layerwise), or None.
+        running: how many of its entry modules are executing now (never evicted while > 0).
+        engaged: the component has run since its swap part was loaded (exclusion already applied).
+    """
+
+    name: str
+    role: str
+    module: nn.Module
+    resident: Unit | None = None
+    swap: Unit | None = None
+    streamer: object | None = None
+    running: int = 0
+    engaged: bool = False
+    last_used: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def swap_bytes(self) -> int:
+        return self.swap.nbytes if self.swap is not None else 0
+
+    @property
+    def stream_bytes(self) -> int:
+        return self.streamer.slot_bytes if self.streamer is not None else 0
+
+    @property
+    def loaded(self) -> bool:
+        return self.swap is None or self.swap.on_device
+
+
+class SwapScheduler:
+    """Decides which swapped components are on the device.
+
+    Args:
+        mover: issues the copies.
+        components: every component, in pipeline order.
+        order: the order a request runs components in (for prefetch); empty = learn it from the first request.
+        budget: device bytes available for weights; ``None`` = no limit besides the exclusion rules.
+        prefetch: load the next component while the current one computes.
+    """
+
+    def __init__(
+        self,
+        mover: Mover,
+        components: list[ComponentState],
+        order: list[str],
+        budget: int | None,
+        prefetch: bool,
+    ) -> None:
+        self.mover = mover
+        self.components = components
+        self.by_name = {c.name: c for c in components}
+        self.order = [n for n in order if n in self.by_name]
+        self.learning = not self.order
+        self.budget = budget
+        self.prefetch = prefetch
+        self.clock = 0
+        self.trace: list[tuple[str, str]] = []  # (event, component) for tests and debugging
+        self.keep_trace = False
+
+    # -- the hot path -------------------------------------------------------------------------------------
+    def activate(self, comp: ComponentState) -> None:
+        """Make ``comp``'s weights usable by the next kernel on the compute stream."""
+        self.clock += 1
+        comp.last_used = self.clock
+        if comp.engaged:
+            return
+        self._engage(comp)
+
+    def _engage(self, comp: ComponentState) -> None:
+        if self.learning and comp.name not in self.order:
+            self.order.append(comp.name)
+        self._evict_conflicts(comp)
+        if comp.swap is not None and not comp.swap.on_device:
+            self._make_room(comp, comp.swap_bytes + comp.stream_bytes)
+            self._onload(comp)
+        if comp.swap is not None:
+            self.mover.wait_ready(comp.swap)
+        if comp.streamer is not None:
+            comp.streamer.start()
+        comp.engaged = True
+        if self.prefetch:
+            self._prefetch_after(comp)
+
+    # -- placement decisions ------------------------------------------------------------------------------
+    def conflicts(self, comp: ComponentState) -> list[ComponentState]:
+        if comp.role == "dit":
+            return [c for c in self.components if c is not comp and c.role in ("dit", "encoder")]
+        if comp.role == "encoder":
+            return [c for c in self.components if c.role == "dit"]
+        return []
+
+    def _evict_conflicts(self, comp: ComponentState) -> None:
+        for other in self.conflicts(comp):
+            if other.running:
+                logger.debug("%s runs inside %s; not evicting it", comp.name, other.name)
+                continue
+            self.evict(other)
+
+    def _make_room(self, comp: ComponentState, need: int) -> None:
+        if self.budget is None:
+            return
+        candidates = sorted(
+            (c for c in self.components if c is not comp and not c.running and self._device_bytes(c)),
+            key=lambda c: c.last_used,
+        )
+        while self.loaded_bytes() + need > self.budget and candidates:
+            self.evict(candidates.pop(0))
+
+    def loaded_bytes(self) -> int:
+        """Weight bytes on the device now (resident parts, loaded swap parts and streaming slots)."""
+        total = 0
+        for c in self.components:
+            if c.resident is not None:
+                total += c.resident.nbytes
+            total += self._device_bytes(c)
+        return total
+
+    def _device_bytes(self, c: ComponentState) -> int:
+        total = c.swap_bytes if c.swap is not None and c.swap.on_device else 0
+        if c.streamer is not None and c.streamer.active:
+            total += c.streamer.slot_bytes
+        return total
+
+    def evict(self, comp: ComponentState) -> None:
+        """Drop ``comp``'s swapped and streamed device copies (zero bytes move)."""
+        changed = False
+        if comp.swap is not None and comp.swap.on_device:
+            self.mover.drop(comp.swap)
+            changed = True
+        if comp.streamer is not None and comp.streamer.active:
+            comp.streamer.stop()
+            changed = True
+        comp.engaged = False
+        if changed:
+            self._note("evict", comp.name)
+
+    def _onload(self, comp: ComponentState) -> None:
+        self.mover.onload_async(comp.swap)
+        self.mover.counters.swaps += 1
+        self._note("load", comp.name)
+
+    def _prefetch_after(self, comp: ComponentState) -> None:
+        if comp.name not in self.order or self.learning and self.order[-1] == comp.name:
+            return
+        index = self.order.index(comp.name)
+        nxt = self.by_name[self.order[(index + 1) % len(self.order)]]
+        if nxt is comp or nxt.swap is None or nxt.swap.on_device:
+            return
+        if self.budget is not None and self.loaded_bytes() + nxt.swap_bytes + nxt.stream_bytes > self.budget:
+            return
+        self.mover.onload_async(nxt.swap)
+        self.mover.counters.swaps += 1
+        self._note("prefetch", nxt.name)
+
+    def finish_learning(self) -> None:
+        """Stop learning the order (called after the first full request)."""
+        self.learning = False
+
+    def _note(self, event: str, name: str) -> None:
+        if self.keep_trace:
+            self.trace.append((event, name))

@@ -1,0 +1,158 @@
+"""Host→device copies on a dedicated stream, ordered with events; no host synchronisation on the hot path.
+
+On a CPU execution device the same calls run synchronously with plain copies, so the whole hook machinery is
+exercised by CPU tests.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .store import Unit
+
+
+@dataclass
+class TransferCounters:
+    bytes_h2d: int = 0
+    bytes_d2h: int = 0
+    copies: int = 0
+    swaps: int = 0
+    blocks_streamed: int = 0
+    sync_loads: int = 0
+    copy_seconds: float = 0.0
+    wait_seconds: float = 0.0
+    # (start, end, nbytes) CUDA events of copies not yet folded into copy_seconds
+    pending_copies: list = field(default_factory=list)
+    # (before, after) compute-stream events around waits on copies
+    pending_waits: list = field(default_factory=list)
+
+
+class Mover:
+    """Issues unit copies to ``device`` and makes the compute stream wait for them.
+
+    Args:
+        device: the execution device.
+        timing: record CUDA events around copies and waits so ``stats()`` can report GB/s and stall time.
+    """
+
+    def __init__(self, device: torch.device, *, timing: bool = True) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.timing = timing and self.cuda
+        self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
+        self.counters = TransferCounters()
+
+    def compute_stream(self):
+        return torch.cuda.current_stream(self.device) if self.cuda else None
+
+    def onload_async(self, unit: Unit, slot: torch.Tensor | None = None, after: object | None = None) -> None:
+        """Start copying ``unit`` to the device and bind its tensors to the device copy.
+
+        The tensors are rebound at once; kernels that use them must first ``wait_ready(unit)``.
+
+        Args:
+            slot: a preallocated device buffer to copy into (layerwise); else one is allocated.
+            after: a compute-stream event the copy must wait for (the slot's previous occupant finished).
+        """
+        if not self.cuda:
+            t0 = time.perf_counter()
+            buffer = slot if slot is not None else torch.empty(unit.nbytes, dtype=torch.uint8, device=self.device)
+            buffer[: unit.nbytes].copy_(unit.host)
+            self.counters.copy_seconds += time.perf_counter() - t0
+            self._finish(unit, buffer)
+            return
+        compute = self.compute_stream()
+        with torch.cuda.stream(self.copy_stream):
+            if after is not None:
+                # The slot is overwritten only once the compute stream is done with its previous occupant.
+                self.copy_stream.wait_event(after)
+            if slot is None:
+                # Allocated on the copy stream; record_stream below tells the caching allocator that the
+                # compute stream uses it too, so it is not reused before that work is done.
+                buffer = torch.empty(unit.nbytes, dtype=torch.uint8, device=self.device)
+                buffer.record_stream(compute)
+            else:
+                buffer = slot
+            start = torch.cuda.Event(enable_timing=True) if self.timing else None
+            if start is not None:
+                start.record(self.copy_stream)
+            buffer[: unit.nbytes].copy_(unit.host, non_blocking=True)
+            ready = torch.cuda.Event(enable_timing=self.timing)
+            ready.record(self.copy_stream)
+        if start is not None:
+            self.counters.pending_copies.append((start, ready, unit.nbytes))
+            self._fold_if_long()
+        unit.ready_event = ready
+        self._finish(unit, buffer)
+
+    def _finish(self, unit: Unit, buffer: torch.Tensor) -> None:
+        unit.device_buffer = buffer
+        unit.bind_buffer(buffer)
+        unit.on_device = True
+        self.counters.bytes_h2d += unit.nbytes
+        self.counters.copies += 1
+
+    def wait_ready(self, unit: Unit) -> None:
+        """Make the compute stream wait (on the GPU, not the host) until ``unit``'s copy has landed."""
+        event = unit.ready_event
+        if event is None:
+            return
+        unit.ready_event = None
+        compute = self.compute_stream()
+        if self.timing:
+            before = torch.cuda.Event(enable_timing=True)
+            after = torch.cuda.Event(enable_timing=True)
+            before.record(compute)
+            compute.wait_event(event)
+            after.record(compute)
+            self.counters.pending_waits.append((before, after))
+        else:
+            compute.wait_event(event)
+
+    def drop(self, unit: Unit) -> None:
+        """Point the unit back at its host copy; the device copy is released (zero bytes move)."""
+        unit.bind_host()
+        unit.device_buffer = None
+        unit.ready_event = None
+
+    def record_done(self) -> object | None:
+        """An event on the compute stream marking that work issued so far is done (to guard slot reuse)."""
+        if not self.cuda:
+            return None
+        event = torch.cuda.Event()
+        event.record(self.compute_stream())
+        return event
+
+    def _fold_if_long(self) -> None:
+        # Keep the pending lists short without synchronising: fold only events that have completed.
+        if len(self.counters.pending_copies) > 512:
+            self.fold(block=False)
+
+    def fold(self, *, block: bool) -> None:
+        """Turn completed timing events into seconds. ``block=True`` synchronises first (stats only)."""
+        c = self.counters
+        if not self.cuda:
+            return
+        if block:
+            torch.cuda.synchronize(self.device)  # stats() only: the caller asked for exact numbers now
+        keep = []
+        for start, end, nbytes in c.pending_copies:
+            if block or end.query():
+                c.copy_seconds += start.elapsed_time(end) / 1e3
+            else:
+                keep.append((start, end, nbytes))
+        c.pending_copies = keep
+        keep_waits = []
+        for before, after in c.pending_waits:
+            if block or after.query():
+                c.wait_seconds += before.elapsed_time(after) / 1e3
+            else:
+                keep_waits.append((before, after))
+        c.pending_waits = keep_waits
+
+    def synchronize(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
