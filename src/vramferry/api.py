@@ -10,8 +10,8 @@ from typing import Any
 import torch
 
 from .config import OffloadConfig
-from .errors import ConflictError, DeviceError
 from .discovery import PipelineModules
+from .errors import ConflictError, DeviceError
 from .planner import Plan
 from .runtime import Runtime
 from .transfer import TransferCounters
@@ -63,8 +63,15 @@ class OffloadHandle:
     Also a context manager: ``with vramferry.apply(pipe, cfg): ...`` removes on exit.
     """
 
-    def __init__(self, pipeline: object, config: OffloadConfig, modules: PipelineModules, plan: Plan,
-                 runtime: Runtime, patched_class: type | None) -> None:
+    def __init__(
+        self,
+        pipeline: object,
+        config: OffloadConfig,
+        modules: PipelineModules,
+        plan: Plan,
+        runtime: Runtime,
+        patched_class: type | None,
+    ) -> None:
         self.pipeline = pipeline
         self.config = config
         self.modules = modules
@@ -141,8 +148,9 @@ class OffloadHandle:
         return f"<OffloadHandle {state} mode={self.plan.mode.value} pipeline={type(self.pipeline).__name__}>"
 
 
-def apply(pipeline: object, config: OffloadConfig | None = None, *, workload: Any = None,
-          **changes: Any) -> OffloadHandle:
+def apply(
+    pipeline: object, config: OffloadConfig | None = None, *, workload: Any = None, **changes: Any
+) -> OffloadHandle:
     """Offload ``pipeline``'s weights as ``config`` says, and return the handle that undoes it.
 
     Args:
@@ -180,9 +188,15 @@ def apply(pipeline: object, config: OffloadConfig | None = None, *, workload: An
     the_plan = plan(inventory, config, device=profile, workload=workload, free_bytes=free)
     pin_limit = parse_bytes(config.host_memory_limit) if config.host_memory_limit is not None else None
     runtime = Runtime(
-        modules, the_plan, device=device, pin=config.pin_memory, pin_limit=pin_limit,
-        budget=_weights_budget(the_plan), order=list(inventory.order),
-        prefetch=config.prefetch_components, verify=config.verify,
+        modules,
+        the_plan,
+        device=device,
+        pin=config.pin_memory,
+        pin_limit=pin_limit,
+        budget=_weights_budget(the_plan),
+        order=list(inventory.order),
+        prefetch=config.prefetch_components,
+        verify=config.verify,
     )
     patched = _patch_execution_device(pipeline, device)
     handle = OffloadHandle(pipeline, config, modules, the_plan, runtime, patched)
@@ -208,7 +222,9 @@ def resolve_device(config: OffloadConfig) -> torch.device:
         )
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index >= torch.cuda.device_count():
-        raise DeviceError(f"onload_device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+        raise DeviceError(
+            f"onload_device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible"
+        )
     return torch.device("cuda", index)
 
 
@@ -287,10 +303,14 @@ def _patch_execution_device(pipeline: object, device: torch.device) -> type | No
     cls = type(pipeline)
     if not isinstance(getattr(cls, "_execution_device", None), property):
         return None
-    patched = type(cls.__name__, (cls,), {
-        "__module__": cls.__module__,
-        "__qualname__": cls.__qualname__,
-        "_execution_device": property(lambda self: device),
-    })
+    patched = type(
+        cls.__name__,
+        (cls,),
+        {
+            "__module__": cls.__module__,
+            "__qualname__": cls.__qualname__,
+            "_execution_device": property(lambda self: device),
+        },
+    )
     pipeline.__class__ = patched
     return cls

@@ -90,17 +90,25 @@ class OffloadConfig:
         try:
             device = torch.device(self.onload_device)
         except (RuntimeError, TypeError):
-            raise ValueError(f"onload_device: {self.onload_device!r} is not a device; use 'cuda', 'cuda:1' or 'cpu'") from None
+            raise ValueError(
+                f"onload_device: {self.onload_device!r} is not a device; use 'cuda', 'cuda:1' or 'cpu'"
+            ) from None
         object.__setattr__(self, "onload_device", str(device))
         if self.host_memory_limit is not None:
             parse_bytes(self.host_memory_limit, what="host_memory_limit")
         parse_bytes(self.safety_margin, what="safety_margin")
         if self.prefetch_depth is not None and (
-            isinstance(self.prefetch_depth, bool) or not isinstance(self.prefetch_depth, int) or self.prefetch_depth < 1
+            isinstance(self.prefetch_depth, bool)
+            or not isinstance(self.prefetch_depth, int)
+            or self.prefetch_depth < 1
         ):
-            raise ValueError(f"prefetch_depth: must be a whole number ≥ 1 or None, got {self.prefetch_depth!r}")
+            raise ValueError(
+                f"prefetch_depth: must be a whole number ≥ 1 or None, got {self.prefetch_depth!r}"
+            )
         if isinstance(self.keep_resident, str):
-            raise ValueError(f"keep_resident: give a list of component names, not the string {self.keep_resident!r}")
+            raise ValueError(
+                f"keep_resident: give a list of component names, not the string {self.keep_resident!r}"
+            )
         object.__setattr__(self, "keep_resident", tuple(self.keep_resident))
         attrs = {}
         for dit, names in dict(self.block_attrs).items():
@@ -132,11 +140,15 @@ class OffloadConfig:
         data = dict(data)
         version = data.pop("version", CONFIG_VERSION)
         if version != CONFIG_VERSION:
-            raise ValueError(f"config version {version!r} is not supported (this vramferry reads version {CONFIG_VERSION})")
+            raise ValueError(
+                f"config version {version!r} is not supported (this vramferry reads version {CONFIG_VERSION})"
+            )
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown config field(s) {', '.join(unknown)}; known fields: {', '.join(sorted(known))}")
+            raise ValueError(
+                f"unknown config field(s) {', '.join(unknown)}; known fields: {', '.join(sorted(known))}"
+            )
         return cls(**data)
 
     def to_json(self) -> str:

@@ -116,8 +116,10 @@ def install_component_hooks(runtime: Runtime, state: ComponentState) -> None:
         _install_block_hooks(runtime, state, unit)
 
     if runtime.verify:
+        owners = runtime.units_by_module()
         for path, module in state.module.named_modules():
-            runtime.hooks.add(module, _verify_hook(f"{state.name}.{path}".rstrip("."), device))
+            units = owners.get(id(module), ())
+            runtime.hooks.add(module, _verify_hook(f"{state.name}.{path}".rstrip("."), device, units))
 
 
 def _install_block_hooks(runtime: Runtime, state: ComponentState, unit) -> None:
@@ -146,16 +148,20 @@ def _entry_depth() -> int:
     return ENTRY_DEPTH
 
 
-def _verify_hook(path: str, device: torch.device):
+def _verify_hook(path: str, device: torch.device, units):
     @torch.compiler.disable
     def verify(module, args, kwargs):
+        for unit in units:
+            if not unit.on_device:
+                raise OffloadError(
+                    f"verify: {path} runs while its weights ({unit.name}) are not loaded; it was reached without "
+                    "passing an offload hook. Declare its component, or report the pipeline layout."
+                )
         for kind, tensors in (("parameter", module._parameters), ("buffer", module._buffers)):
             for name, tensor in tensors.items():
                 if tensor is not None and tensor.device != device:
                     raise OffloadError(
-                        f"verify: {kind} {path}.{name} is on {tensor.device} but {path} runs on {device}; "
-                        "this module was reached without passing an offload hook. Declare its component or "
-                        "report the pipeline layout."
+                        f"verify: {kind} {path}.{name} is on {tensor.device} but {path} runs on {device}"
                     )
         return None
 

@@ -1,11 +1,55 @@
-"""Pure placement planning: sizes, a budget and a cost model in; a :class:`Plan` out. No CUDA calls here."""
+"""Pure placement planning: sizes, a budget and a cost model in; a :class:`Plan` out. No CUDA calls here.
+
+A request runs in phases: the text encoders, each DiT (all its denoising calls), the VAE. A component is
+RESIDENT (on the device in every phase), SWAPPED (on the device only in its own phase: encoders together, each
+DiT alone, VAEs together) or, for a DiT's blocks, STREAMED through ``prefetch_depth + 1`` device slots that
+exist while the DiT runs. The peak of a phase is
+
+    resident bytes + the phase's swapped bytes + its streaming slots + its activations
+
+and the plan's peak is the largest phase peak. ``auto`` minimises the predicted request time (DiT calls
+simulated by :func:`~vramferry.costmodel.simulate_dit_calls`, plus swap loads at the host→device bandwidth,
+less what cross-component prefetch hides) subject to that peak fitting the budget.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import itertools
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from enum import Enum
+from typing import TYPE_CHECKING, Any
 
-from .config import OffloadMode
+import torch
+from torch import nn
+
+from .config import OffloadConfig, OffloadMode
+from .costmodel import (
+    DEFAULT_PROFILE,
+    ENCODER_PHASE,
+    PRESETS,
+    VAE_PHASE,
+    Choice,
+    DeviceProfile,
+    DitShape,
+    Outcome,
+    PartCost,
+    PipelineCost,
+    VaeShape,
+    Workload,
+    dit_shape_from_config,
+    itemsize_of,
+    pieces,
+    size_classes,
+    spread_evenly,
+    vae_shape_from_config,
+)
+from .errors import BudgetError, PlanError
+from .units import format_bytes, parse_bytes
+
+if TYPE_CHECKING:
+    from .discovery import PipelineModules
 
 
 class Placement(str, Enum):
@@ -33,6 +77,8 @@ class ComponentSize:
         bytes: all parameter and buffer bytes of the component, blocks included.
         dtype: the dominant parameter dtype (``"torch.bfloat16"``).
         block_names, block_bytes: a DiT's repeated blocks in execution order, and their bytes.
+        shape: what the cost model needs beyond bytes: a :class:`DitShape` for a DiT, a :class:`VaeShape` for a
+            VAE; ``None`` when unknown (the planner then estimates from the bytes).
     """
 
     name: str
@@ -41,6 +87,7 @@ class ComponentSize:
     dtype: str = "torch.float32"
     block_names: tuple[str, ...] = ()
     block_bytes: tuple[int, ...] = ()
+    shape: DitShape | VaeShape | None = None
 
     @property
     def rest_bytes(self) -> int:
@@ -95,7 +142,19 @@ class ComponentPlan:
 
 @dataclass(frozen=True)
 class Plan:
-    """A complete placement, with what the cost model predicts for it."""
+    """A complete placement, with what the cost model predicts for it.
+
+    Attributes:
+        mode: the configured mode.
+        components: one :class:`ComponentPlan` per component, in inventory order.
+        budget_bytes: the device-memory budget the plan was made for (``None``: unlimited).
+        predicted_peak_bytes: weights, streaming slots and activations at the fullest phase of a request.
+        predicted_step_s: DiT seconds per denoising step (all calls of the step).
+        predicted_request_s: DiT compute plus weight loads per request, less what overlaps compute; text
+            encoder and VAE compute are left out (the same for every plan).
+        notes: how the budget was found, the phase peaks, what was assumed.
+        activation_bytes: the largest activation/workspace estimate of any phase.
+    """
 
     mode: OffloadMode
     components: tuple[ComponentPlan, ...]
@@ -104,9 +163,549 @@ class Plan:
     predicted_step_s: float | None = None
     predicted_request_s: float | None = None
     notes: tuple[str, ...] = field(default=())
+    activation_bytes: int | None = None
 
     def get(self, name: str) -> ComponentPlan:
         for c in self.components:
             if c.name == name:
                 return c
         raise KeyError(name)
+
+
+# -- inventory -------------------------------------------------------------------------------------------------
+
+
+def _identity(tensor: torch.Tensor) -> tuple:
+    """Two names of the same weights share an identity: the object, or for real tensors the storage view."""
+    if tensor.device.type != "meta" and tensor.numel():
+        ptr = tensor.untyped_storage().data_ptr()
+        if ptr:
+            return ("view", ptr, tensor.storage_offset(), tuple(tensor.shape), tensor.dtype)
+    return ("object", id(tensor))
+
+
+def _count(modules: Iterable[nn.Module], seen: set, by_dtype: dict[str, int]) -> int:
+    """Parameter and buffer bytes of ``modules`` not in ``seen`` (which is updated)."""
+    total = 0
+    for module in modules:
+        for tensor in itertools.chain(module.parameters(), module.buffers()):
+            key = _identity(tensor)
+            if key in seen:
+                continue
+            seen.add(key)
+            nbytes = tensor.numel() * tensor.element_size()
+            total += nbytes
+            by_dtype[str(tensor.dtype)] = by_dtype.get(str(tensor.dtype), 0) + nbytes
+    return total
+
+
+def _config_of(module: nn.Module) -> dict[str, Any]:
+    config = getattr(module, "config", None)
+    if isinstance(config, Mapping):
+        return dict(config)
+    to_dict = getattr(config, "to_dict", None)
+    return dict(to_dict()) if callable(to_dict) else {}
+
+
+def _shape_of(
+    role: str, module: nn.Module, block_bytes: Sequence[int], dtype: str
+) -> DitShape | VaeShape | None:
+    if role == "dit":
+        return dit_shape_from_config(_config_of(module), block_bytes, itemsize_of(dtype))
+    return vae_shape_from_config(_config_of(module)) if role == "vae" else None
+
+
+def inventory_of(modules: PipelineModules, order: Sequence[str] | None = None) -> Inventory:
+    """Byte sizes of every discovered component and DiT block; works on meta tensors.
+
+    Bytes are parameters plus buffers, each tensor counted once across the whole pipeline (in the first
+    component, and the first block, that reaches it).
+
+    Args:
+        modules: what discovery found; ``modules.blocks`` gives each DiT's blocks.
+        order: component names in the order a request runs them; default: encoders, DiTs, VAEs.
+
+    Returns:
+        An :class:`Inventory`.
+    """
+    seen: set = set()
+    sizes = []
+    for component in modules.components():
+        by_dtype: dict[str, int] = {}
+        blockset = modules.blocks.get(component.name)
+        blocks = tuple(blockset.blocks) if blockset is not None else ()
+        block_bytes = tuple(_count([block], seen, by_dtype) for block in blocks)
+        total = sum(block_bytes) + _count([component.module], seen, by_dtype)
+        dtype = max(by_dtype, key=by_dtype.get) if by_dtype else "torch.float32"
+        role = str(getattr(component.role, "value", component.role))
+        shape = _shape_of(role, component.module, block_bytes, dtype)
+        names = tuple(blockset.names) if blockset is not None else ()
+        sizes.append(ComponentSize(component.name, role, total, dtype, names, block_bytes, shape))
+    if order is None:
+        order = [c.name for role in ("encoder", "dit", "vae") for c in sizes if c.role == role]
+    known = {c.name for c in sizes}
+    return Inventory(modules.pipeline_class, tuple(sizes), tuple(n for n in order if n in known))
+
+
+# -- budget ----------------------------------------------------------------------------------------------------
+
+
+def resolve_budget(
+    config: OffloadConfig, *, device: DeviceProfile | None = None, free_bytes: int | None = None
+) -> tuple[int | None, str]:
+    """The budget in bytes (``None``: unlimited) and a sentence saying where it came from.
+
+    ``vram_budget`` bytes or ``"16GiB"`` are taken as given (capped at the free or device memory when known);
+    ``"80%"`` is a share of ``free_bytes`` (else of ``device.memory_bytes``); ``None`` is that memory minus
+    ``safety_margin``, or unlimited when neither is known.
+    """
+    if free_bytes is not None:
+        total, basis = int(free_bytes), "free device memory"
+    elif device is not None:
+        total, basis = device.memory_bytes, f"{device.name} memory"
+    else:
+        total, basis = None, ""
+    value = config.vram_budget
+    if value is None:
+        if total is None:
+            return None, "unlimited: vram_budget is unset and the device memory is unknown"
+        margin = parse_bytes(config.safety_margin, what="safety_margin")
+        budget, text = (
+            total - margin,
+            f"{basis} {format_bytes(total)} minus safety_margin {format_bytes(margin)}",
+        )
+    elif isinstance(value, str) and value.endswith("%"):
+        if total is None:
+            raise PlanError(
+                f"vram_budget: {value!r} is a share of the free device memory, which is unknown here; "
+                "pass free_bytes= or device=, or give a size such as '16GiB'"
+            )
+        budget, text = int(total * float(value[:-1]) / 100), f"{value} of the {basis} {format_bytes(total)}"
+    else:
+        budget, text = parse_bytes(value, what="vram_budget"), f"vram_budget={value!r}"
+        if total is not None and budget > total:
+            budget, text = total, f"{text}, capped at the {basis} {format_bytes(total)}"
+    if budget <= 0:
+        raise BudgetError(f"vram_budget: nothing is left for the pipeline ({text}); free device memory first")
+    return budget, text
+
+
+# -- planning --------------------------------------------------------------------------------------------------
+
+_R, _S, _T = Placement.RESIDENT, Placement.SWAPPED, Placement.STREAMED
+_DEPTHS = (1, 2, 3, 4, 6, 8, 12, 16)  # prefetch depths auto tries; 2 preferred on ties
+
+
+class _Ctx(PipelineCost):
+    """The cost model of this pipeline, with the inventory and the configuration it is planned for."""
+
+    def __init__(
+        self,
+        inventory: Inventory,
+        config: OffloadConfig,
+        device: DeviceProfile,
+        workload: Workload,
+        budget: int | None,
+    ) -> None:
+        super().__init__(
+            inventory.components, inventory.order, device, workload, budget, config.prefetch_components
+        )
+        self.inventory = inventory
+        self.config = config
+
+
+# -- fixed-shape modes -----------------------------------------------------------------------------------------
+
+
+def _uniform(part: PartCost, where: Placement) -> Choice:
+    return Choice(where, (where,) * len(part.size.block_bytes))
+
+
+def _forced(ctx: _Ctx) -> set[str]:
+    """Components that stay resident in every mode: role ``resident`` and ``keep_resident``."""
+    keep = set(ctx.config.keep_resident)
+    return {n for n, p in ctx.parts.items() if p.size.role == "resident" or n in keep}
+
+
+def _plan_fixed(ctx: _Ctx) -> dict[str, Choice]:
+    """``none``, ``model`` and ``layerwise``: shapes fixed by the mode; only the prefetch depth is chosen."""
+    mode = ctx.config.mode
+    forced = _forced(ctx)
+    choices: dict[str, Choice] = {}
+    for name, part in ctx.parts.items():
+        if mode is OffloadMode.NONE or name in forced:
+            choices[name] = _uniform(part, _R)
+        elif mode is OffloadMode.LAYERWISE and part.size.role == "dit" and part.size.block_bytes:
+            choices[name] = Choice(_R, (_T,) * len(part.size.block_bytes), 2)
+        else:
+            choices[name] = _uniform(part, _S)
+    if mode is OffloadMode.LAYERWISE:
+        for name, choice in list(choices.items()):
+            if _T in choice.blocks:
+                choices[name] = _best_depth(ctx, choices, name)
+    return choices
+
+
+def _depths(ctx: _Ctx, streamed: int) -> tuple[int, ...]:
+    if ctx.config.prefetch_depth is not None:
+        return (ctx.config.prefetch_depth,)
+    return tuple(d for d in _DEPTHS if d <= 2 or d + 1 <= streamed)
+
+
+def _best_depth(ctx: _Ctx, choices: dict[str, Choice], name: str) -> Choice:
+    """The fastest depth that fits (2 on ties); depth 1 when none fits, for the budget check to report."""
+    choice = choices[name]
+    best: tuple | None = None
+    for depth in _depths(ctx, sum(p is _T for p in choice.blocks)):
+        trial = Choice(choice.placement, choice.blocks, depth)
+        outcome = ctx.evaluate({**choices, name: trial})
+        if ctx.fits(outcome.peak):
+            key = (round(outcome.request_s, 9), abs(depth - 2), depth)
+            if best is None or key < best[0]:
+                best = (key, trial)
+    if best is None:
+        return Choice(choice.placement, choice.blocks, min(_depths(ctx, 1)))
+    return best[1]
+
+
+# -- auto ------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Cand:
+    """One way to stream a DiT's blocks: which are streamed, the depth, and what that costs."""
+
+    flags: tuple[bool, ...]
+    depth: int
+    streamed_bytes: int
+    slot_bytes: int  # all slots: (depth + 1) × the widest streamed block
+    dit_s: float  # this DiT's seconds per request
+
+
+def _dit_candidates(ctx: _Ctx, name: str) -> list[_Cand]:
+    """Streamed sets (the m smallest-class-eligible blocks, spread) × prefetch depths, with their times."""
+    part = ctx.parts[name]
+    sizes = part.size.block_bytes
+    n = len(sizes)
+    sets = {(False,) * n}
+    for threshold in size_classes(sizes):
+        eligible = [i for i, b in enumerate(sizes) if b <= threshold]
+        for m in range(1, len(eligible) + 1):
+            chosen = set(spread_evenly(eligible, m, part.block_s))
+            sets.add(tuple(i in chosen for i in range(n)))
+    cands = []
+    for flags in sorted(sets):
+        streamed = [b for b, f in zip(sizes, flags, strict=True) if f]
+        blocks = tuple(_T if f else _S for f in flags)
+        if not streamed:
+            cands.append(_Cand(flags, 0, 0, 0, ctx.dit_time(name, Choice(_S, blocks))[0]))
+            continue
+        fastest = math.inf
+        for depth in _depths(ctx, len(streamed)):
+            total = ctx.dit_time(name, Choice(_S, blocks, depth))[0]
+            if depth > 2 and total >= fastest * (1 - 1e-4):
+                continue  # more slots that buy nothing
+            fastest = min(fastest, total)
+            cands.append(_Cand(flags, depth, sum(streamed), (depth + 1) * max(streamed), total))
+    return cands
+
+
+def _fill(part: PartCost, cand: _Cand, cap: float) -> Choice:
+    """Make the kept (not streamed) pieces resident, largest first, while ``cap`` bytes allow; swap the rest."""
+    kept = [(part.rest_bytes, -1)] + [
+        (b, i) for i, (b, f) in enumerate(zip(part.size.block_bytes, cand.flags, strict=True)) if not f
+    ]
+    resident, used = set(), 0
+    for nbytes, index in sorted(kept, key=lambda item: (-item[0], item[1])):
+        if used + nbytes <= cap:
+            resident.add(index)
+            used += nbytes
+    blocks = tuple(_T if f else (_R if i in resident else _S) for i, f in enumerate(cand.flags))
+    return Choice(_R if -1 in resident else _S, blocks, cand.depth)
+
+
+def _best_for_dit(ctx: _Ctx, choices: dict[str, Choice], name: str, table: list[_Cand]) -> Choice | None:
+    """The fastest feasible candidate for one DiT, the other components fixed; ``None`` if none fits."""
+    part = ctx.parts[name]
+    raw = ctx.evaluate({**choices, name: _uniform(part, _S)}).raw_peaks
+    others = max((v for p, v in raw.items() if p != name), default=0)
+    cap = math.inf if ctx.budget is None else ctx.budget - others
+    const = sum(
+        ctx.dit_time(d, choices[d])[0] for d, p in ctx.parts.items() if p.size.role == "dit" and d != name
+    )
+    best: tuple | None = None
+    for cand in sorted(table, key=lambda c: c.dit_s):
+        if best is not None and cand.dit_s + const > best[0][0] + 1e-9:
+            break  # loads only add time: nothing later can win
+        if not ctx.fits(raw[name] - cand.streamed_bytes + cand.slot_bytes):
+            continue
+        choice = _fill(part, cand, cap)
+        outcome = ctx.evaluate({**choices, name: choice})
+        if ctx.fits(outcome.peak):
+            key = (round(outcome.request_s, 9), abs(cand.depth - 2) if cand.depth else 0, cand.depth)
+            if best is None or key < best[0]:
+                best = (key, choice)
+    return best[1] if best is not None else None
+
+
+def _leanest(ctx: _Ctx, name: str, table: list[_Cand]) -> Choice:
+    """The candidate with the smallest DiT phase, everything kept swapped."""
+    cand = min(table, key=lambda c: (c.slot_bytes - c.streamed_bytes, c.dit_s))
+    return _fill(ctx.parts[name], cand, 0)
+
+
+def _combos(free: Sequence[str]) -> Iterable[frozenset[str]]:
+    """Which of the free components to keep resident: all subsets (most resident first), or for many
+    components the smallest-first prefixes."""
+    if len(free) <= 6:
+        for r in range(len(free), -1, -1):
+            yield from (frozenset(c) for c in itertools.combinations(free, r))
+    else:
+        for r in range(len(free), -1, -1):
+            yield frozenset(free[:r])
+
+
+def _plan_auto(ctx: _Ctx) -> dict[str, Choice]:
+    """The fastest placement within the budget (see the module docstring)."""
+    everything = {n: _uniform(p, _R) for n, p in ctx.parts.items()}
+    if ctx.fits(ctx.evaluate(everything).peak):
+        return everything
+    forced = _forced(ctx)
+    # Encoders, VAEs and DiTs without blocks: resident or swapped, tried in combination. Role "other" stays
+    # resident: it is tied to no phase, so swapping it would save no memory.
+    dits = [
+        n for n, p in ctx.parts.items() if n not in forced and p.size.role == "dit" and p.size.block_bytes
+    ]
+    free = [n for n, p in ctx.parts.items() if n not in forced and n not in dits and p.phase is not None]
+    free.sort(key=lambda n: (ctx.parts[n].size.bytes, n))
+    tables = {d: _dit_candidates(ctx, d) for d in dits}
+    best: tuple | None = None
+    for combo in _combos(free):
+        choices = dict(everything)
+        choices.update({n: _uniform(ctx.parts[n], _R if n in combo else _S) for n in free})
+        choices.update({d: _leanest(ctx, d, tables[d]) for d in dits})
+        feasible = True
+        for _ in range(2 if len(dits) > 1 else 1):  # coordinate descent over several DiTs
+            for d in dits:
+                pick = _best_for_dit(ctx, choices, d, tables[d])
+                if pick is None:
+                    feasible = False
+                    break
+                choices[d] = pick
+            if not feasible:
+                break
+        if feasible:
+            outcome = ctx.evaluate(choices)
+            key = (round(outcome.request_s, 9), sum(abs(c.depth - 2) for c in choices.values() if c.depth))
+            if best is None or key < best[0]:
+                best = (key, choices)
+    if best is None:
+        lean = dict(everything)
+        lean.update({n: _uniform(ctx.parts[n], _S) for n in free})
+        lean.update({d: _leanest(ctx, d, tables[d]) for d in dits})
+        raise _budget_error(ctx, lean)
+    return best[1]
+
+
+# -- reporting -------------------------------------------------------------------------------------------------
+
+
+def _gib(nbytes: float) -> str:
+    return f"{nbytes / 2**30:.2f} GiB"
+
+
+def _phase_items(ctx: _Ctx, choices: Mapping[str, Choice], phase: str) -> list[tuple[str, int]]:
+    """What occupies the device in ``phase``: (label, bytes), largest first after the resident total."""
+    resident, items = 0, []
+    for name, choice in choices.items():
+        part = ctx.parts[name]
+        widest = max((b for b, w in pieces(part, choice) if w is _T), default=0)
+        swapped = sum(b for b, w in pieces(part, choice) if w is _S)
+        resident += sum(b for b, w in pieces(part, choice) if w is _R)
+        if part.phase is None:
+            resident += swapped
+        elif part.phase == phase:
+            items.append((f"{name} swapped in", swapped))
+            items.append((f"{name} streaming slots", (choice.depth + 1) * widest))
+    acts = [p.act for p in ctx.parts.values() if p.phase == phase]
+    items.append(("activations", max(acts, default=0)))
+    items.sort(key=lambda item: -item[1])
+    return [("resident weights", resident), *items]
+
+
+def _budget_error(ctx: _Ctx, choices: Mapping[str, Choice]) -> BudgetError:
+    """A :class:`BudgetError` for the leanest placement the mode allows, naming its fullest phase."""
+    outcome = ctx.evaluate(choices)
+    phase = max(outcome.raw_peaks, key=outcome.raw_peaks.__getitem__)
+    held = " + ".join(f"{label} {_gib(n)}" for label, n in _phase_items(ctx, choices, phase) if n)
+    mode = ctx.config.mode
+    fixes = [f"raise vram_budget to at least {_gib(outcome.peak)}", "free device memory"]
+    if mode is not OffloadMode.AUTO:
+        fixes.append("use mode='auto', which streams and swaps to fit the budget")
+    if phase == ENCODER_PHASE:
+        fixes.append(
+            "encode prompts elsewhere or use a smaller (quantised) text encoder: an encoder must fit whole"
+        )
+    elif phase == VAE_PHASE:
+        fixes.append(
+            "lower the resolution or decode in tiles (vae.enable_tiling()) to shrink the decode workspace"
+        )
+    elif phase in ctx.parts and ctx.parts[phase].size.block_bytes:
+        fixes.append("lower the resolution or batch to shrink the activations")
+    phase_name = "text-encoder" if phase == ENCODER_PHASE else "VAE" if phase == VAE_PHASE else f"{phase!r}"
+    return BudgetError(
+        f"{ctx.inventory.pipeline_class}: vram_budget {_gib(ctx.budget or 0)} is below the {_gib(outcome.peak)} "
+        f"that mode '{mode}' needs at the least; its {phase_name} phase holds {held}. "
+        f"Fix: {'; or '.join(fixes)}."
+    )
+
+
+def _notes(
+    ctx: _Ctx, choices: Mapping[str, Choice], out: Outcome, budget_text: str, assumed: bool
+) -> list[str]:
+    dev, work = ctx.device, ctx.workload
+    frames = f"×{work.num_frames} frames" if work.num_frames > 1 else ""
+    notes = [
+        f"budget: {_gib(ctx.budget)} ({budget_text})" if ctx.budget is not None else f"budget: {budget_text}",
+        f"device: {dev.name}, {dev.h2d_bytes_per_s / 1e9:.1f} GB/s host→device, {dev.flops_per_s / 1e12:.0f} TFLOP/s"
+        + (" (assumed: pass device= for another GPU)" if assumed else ""),
+        f"workload: {work.width}×{work.height}{frames}, batch {work.batch}, {work.steps} steps × {work.cfg} call(s)",
+    ]
+    for name, part in ctx.parts.items():
+        if isinstance(part.size.shape, DitShape):
+            seq = work.sequence_of(part.size.shape) * work.batch
+            notes.append(
+                f"{name}: {seq} tokens per call (copies hide behind compute above ~{dev.tokens_for_free_streaming:,.0f})"
+            )
+    notes.append("peak by phase: " + ", ".join(f"{p} {_gib(v)}" for p, v in out.phase_peaks.items()))
+    if out.load_bytes:
+        notes.append(
+            f"swapped in per request: {_gib(out.load_bytes)} ({out.load_bytes / dev.h2d_bytes_per_s:.2f} s, "
+            f"{out.hidden_s:.2f} s of it behind compute); encoder and VAE compute are not in the request time"
+        )
+    missing = sorted(set(ctx.config.keep_resident) - set(ctx.parts))
+    if missing:
+        notes.append(f"keep_resident names no component: {', '.join(missing)} (ignored)")
+    return notes
+
+
+def plan(
+    inventory: Inventory,
+    config: OffloadConfig,
+    *,
+    device: DeviceProfile | None = None,
+    workload: Workload | None = None,
+    free_bytes: int | None = None,
+) -> Plan:
+    """Place every component and DiT block for ``config.mode`` within the budget.
+
+    Args:
+        inventory: the pipeline's sizes (:func:`inventory_of`).
+        config: the mode, ``vram_budget``, ``safety_margin``, ``keep_resident``, ``prefetch_depth`` and
+            ``prefetch_components`` are read.
+        device: the device's speeds and memory (:func:`~vramferry.costmodel.profile_from`); default: the h100
+            preset for timings, and no memory limit of its own.
+        workload: the request the plan is sized for; default ``Workload()`` (1024², 28 steps).
+        free_bytes: free device memory now; the base of ``"80%"`` and of an unset budget.
+
+    Returns:
+        A :class:`Plan` with its predicted peak, step and request times.
+
+    Raises:
+        BudgetError: the budget is below the least the mode needs; the message gives that least in GiB.
+        PlanError: a relative budget without a known memory, or measured block times that do not match.
+    """
+    profile = device if device is not None else PRESETS[DEFAULT_PROFILE]
+    work = workload if workload is not None else Workload()
+    budget, budget_text = resolve_budget(config, device=device, free_bytes=free_bytes)
+    ctx = _Ctx(inventory, config, profile, work, budget)
+    choices = _plan_auto(ctx) if config.mode is OffloadMode.AUTO else _plan_fixed(ctx)
+    outcome = ctx.evaluate(choices)
+    if not ctx.fits(outcome.peak):
+        raise _budget_error(ctx, choices)
+    components = []
+    for size in inventory.components:
+        choice = choices[size.name]
+        depth = choice.depth if _T in choice.blocks else 0
+        components.append(
+            ComponentPlan(size.name, size.role, size.bytes, choice.placement, choice.blocks, depth)
+        )
+    return Plan(
+        mode=config.mode,
+        components=tuple(components),
+        budget_bytes=budget,
+        predicted_peak_bytes=outcome.peak,
+        predicted_step_s=outcome.step_s,
+        predicted_request_s=outcome.request_s,
+        notes=tuple(_notes(ctx, choices, outcome, budget_text, device is None)),
+        activation_bytes=max((p.act for p in ctx.parts.values()), default=0),
+    )
+
+
+def plan_to_dict(plan: Plan) -> dict[str, Any]:
+    """Plain JSON-ready data; :func:`plan_from_dict` reads it back."""
+    data = {f.name: getattr(plan, f.name) for f in fields(Plan)}
+    data.update(mode=plan.mode.value, notes=list(plan.notes))
+    data["components"] = [
+        {f.name: getattr(c, f.name) for f in fields(ComponentPlan)}
+        | {"placement": c.placement.value, "blocks": [b.value for b in c.blocks]}
+        for c in plan.components
+    ]
+    return data
+
+
+def plan_from_dict(data: Mapping[str, Any]) -> Plan:
+    """Inverse of :func:`plan_to_dict`."""
+    components = tuple(
+        ComponentPlan(
+            **{**c, "placement": Placement(c["placement"]), "blocks": tuple(map(Placement, c["blocks"]))}
+        )
+        for c in data["components"]
+    )
+    return Plan(
+        **{**data, "mode": OffloadMode(data["mode"]), "components": components, "notes": tuple(data["notes"])}
+    )
+
+
+def _blocks_summary(cplan: ComponentPlan, size: ComponentSize | None) -> str:
+    if not cplan.blocks:
+        return ""
+    parts = [f"{sum(b is p for b in cplan.blocks)} {p}" for p in (_R, _S, _T) if p in cplan.blocks]
+    text = " / ".join(parts)
+    if cplan.streamed_blocks:
+        text += f", depth {cplan.prefetch_depth}"
+        if size is not None and len(size.block_bytes) == len(cplan.blocks):
+            widest = max(b for b, p in zip(size.block_bytes, cplan.blocks, strict=True) if p is _T)
+            text += f" ({cplan.prefetch_depth + 1} slots × {format_bytes(widest)})"
+    return text
+
+
+def format_plan(plan: Plan, inventory: Inventory | None = None) -> str:
+    """A readable table of the plan: one row per component, then the predictions and the notes."""
+    sizes = {c.name: c for c in inventory.components} if inventory is not None else {}
+    rows = [("component", "role", "size", "placement", "blocks")]
+    for c in plan.components:
+        where = f"{c.placement} (non-block part)" if c.blocks else str(c.placement)
+        rows.append((c.name, c.role, format_bytes(c.bytes), where, _blocks_summary(c, sizes.get(c.name))))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = [
+        f"plan: mode {plan.mode.value}, budget "
+        + (_gib(plan.budget_bytes) if plan.budget_bytes else "unlimited")
+    ]
+    for i, row in enumerate(rows):
+        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    predicted = [
+        f"{label} {fmt(value)}"
+        for label, value, fmt in (
+            ("peak", plan.predicted_peak_bytes, _gib),
+            ("step", plan.predicted_step_s, lambda v: f"{v:.3f} s"),
+            ("request", plan.predicted_request_s, lambda v: f"{v:.2f} s"),
+        )
+        if value is not None
+    ]
+    if predicted:
+        lines.append("predicted: " + ", ".join(predicted))
+    lines.extend(f"  - {note}" for note in plan.notes)
+    return "\n".join(lines)

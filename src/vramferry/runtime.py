@@ -36,9 +36,19 @@ class _Pieces:
 class Runtime:
     """The live state behind an :class:`~vramferry.api.OffloadHandle`."""
 
-    def __init__(self, modules: PipelineModules, plan: Plan, *, device: torch.device, pin: bool,
-                 pin_limit: int | None, budget: int | None, order: list[str], prefetch: bool,
-                 verify: bool) -> None:
+    def __init__(
+        self,
+        modules: PipelineModules,
+        plan: Plan,
+        *,
+        device: torch.device,
+        pin: bool,
+        pin_limit: int | None,
+        budget: int | None,
+        order: list[str],
+        prefetch: bool,
+        verify: bool,
+    ) -> None:
         self.modules = modules
         self.plan = plan
         self.device = device
@@ -64,7 +74,7 @@ class Runtime:
                 raise PlanError(
                     f"{name}: the plan places {len(cplan.blocks)} blocks but discovery found {len(blockset.blocks)}"
                 )
-            for block_name, block, placement in zip(blockset.names, blockset.blocks, cplan.blocks):
+            for block_name, block, placement in zip(blockset.names, blockset.blocks, cplan.blocks, strict=True):
                 pieces.exclude.add(id(block))
                 if placement is Placement.STREAMED:
                     pieces.streamed.append((block_name, block))
@@ -98,8 +108,10 @@ class Runtime:
         plans = []
         for component in self.modules.components():
             pieces = self._pieces(component.name)
-            groups = {kind: collect(f"{component.name}:{kind}", getattr(pieces, kind), pieces.exclude)
-                      for kind in ("resident", "swap")}
+            groups = {
+                kind: collect(f"{component.name}:{kind}", getattr(pieces, kind), pieces.exclude)
+                for kind in ("resident", "swap")
+            }
             streamed = [(n, b, collect(f"{component.name}.{n}", [b], set())) for n, b in pieces.streamed]
             plans.append((component, groups, streamed))
         arenas = []
@@ -146,6 +158,21 @@ class Runtime:
             units.append(self.shared)
         return units
 
+    def units_by_module(self) -> dict[int, list[Unit]]:
+        """Module id -> the units holding its own tensors."""
+        owners: dict[int, list[Unit]] = {}
+        for unit in self.all_units():
+            for ref in unit.refs:
+                for module, _name in ref.owners:
+                    bucket = owners.setdefault(id(module), [])
+                    if unit not in bucket:
+                        bucket.append(unit)
+        return owners
+
+    def placement(self) -> dict[str, str]:
+        """Per unit, ``"device"`` or ``"host"``: where its weights are bound right now."""
+        return {u.name: ("device" if u.on_device else "host") for u in self.all_units()}
+
     # -- hooks ----------------------------------------------------------------------------------------------
     def _install_hooks(self) -> None:
         from .hooks import install_component_hooks
@@ -157,7 +184,9 @@ class Runtime:
 def check_weights_materialised(modules: PipelineModules) -> None:
     """Raise if any weight is on the meta device (nothing to copy)."""
     for component in modules.components():
-        for name, tensor in list(component.module.named_parameters()) + list(component.module.named_buffers()):
+        for name, tensor in list(component.module.named_parameters()) + list(
+            component.module.named_buffers()
+        ):
             if tensor.device.type == "meta":
                 raise OffloadError(
                     f"{component.name}.{name} is on the meta device; load the weights (from_pretrained or "

@@ -198,7 +198,9 @@ class HostStore:
             return False
         size = arena.numel()
         if self.pin_limit is not None and self.pinned_bytes + size > self.pin_limit:
-            self._warn_pageable(name, f"the host page-lock limit of {format_bytes(self.pin_limit)} is reached")
+            self._warn_pageable(
+                name, f"the host page-lock limit of {format_bytes(self.pin_limit)} is reached"
+            )
             return False
         err = torch.cuda.cudart().cudaHostRegister(arena.data_ptr(), size, 0)
         if int(err) != 0:

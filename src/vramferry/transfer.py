@@ -59,7 +59,9 @@ class Mover:
         """
         if not self.cuda:
             t0 = time.perf_counter()
-            buffer = slot if slot is not None else torch.empty(unit.nbytes, dtype=torch.uint8, device=self.device)
+            buffer = (
+                slot if slot is not None else torch.empty(unit.nbytes, dtype=torch.uint8, device=self.device)
+            )
             buffer[: unit.nbytes].copy_(unit.host)
             self.counters.copy_seconds += time.perf_counter() - t0
             self._finish(unit, buffer)

@@ -1,0 +1,292 @@
+"""Offload benchmarks at real sizes (random bf16 weights), every mode beside diffusers' offload in one run.
+
+    python benchmarks/bench_offload.py --sections bandwidth,flux_model,flux_layerwise,omnigen2,wan_layerwise \
+        --out benchmarks/results/h100.json
+
+Sections:
+  bandwidth       pinned and pageable host->device bandwidth (the physical floor's denominator)
+  flux_model      FLUX.1-dev-sized pipeline, 28 steps at 1024^2: resident vs vramferry model offload vs diffusers'
+                  enable_model_cpu_offload, per-request time, overhead and bytes moved
+  flux_layerwise  the 12B transformer alone at 1024^2 and 512^2: resident vs vramferry layerwise vs diffusers group
+                  offload (block_level, use_stream=True); step time against the transfer floor
+  omnigen2        an OmniGen2-sized layout: no offload vs model offload (peak reserved, peak allocated, time)
+  wan_layerwise   a Wan 2.1 14B-sized transformer at 480x832, 81 frames: resident vs layerwise
+  auto            FLUX.1-dev-sized pipeline at 1024^2 under VRAM budgets 8..24 GB: peak reserved, step time
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import vramferry
+from vramferry.api import apply
+
+GB = 1e9
+RESULTS: dict = {}
+
+
+def log(section: str, key: str, value) -> None:
+    RESULTS.setdefault(section, {})[key] = value
+    print(f"{section}.{key}: {value}", flush=True)
+
+
+def host_rss_gb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024 / GB
+    return 0.0
+
+
+def timed(fn, reps: int) -> list[float]:
+    times = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def reset_peak() -> None:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+
+
+def peaks(section: str, tag: str) -> None:
+    log(section, f"{tag}_peak_alloc_GB", round(torch.cuda.max_memory_allocated() / GB, 2))
+    log(section, f"{tag}_peak_reserved_GB", round(torch.cuda.max_memory_reserved() / GB, 2))
+
+
+def free_all() -> None:
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+# -- sections -------------------------------------------------------------------------------------------------
+def bandwidth() -> float:
+    n = 2 << 30
+    pinned = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+    pageable = torch.empty(n, dtype=torch.uint8)
+    pageable.fill_(1)
+    pinned.fill_(1)
+    dev = torch.empty(n, dtype=torch.uint8, device="cuda")
+    for name, src in (("pinned", pinned), ("pageable", pageable)):
+        dev.copy_(src, non_blocking=True)
+        t = min(timed(lambda s=src: dev.copy_(s, non_blocking=True), 4))
+        log("bandwidth", f"h2d_{name}_GBps", round(n / t / GB, 2))
+    return RESULTS["bandwidth"]["h2d_pinned_GBps"] * GB
+
+
+def flux_model(bw: float) -> None:
+    from fullsize import flux_pipeline
+
+    s = "flux_model"
+    pipe = flux_pipeline()
+    weights = sum(
+        p.numel() * p.element_size()
+        for m in pipe.components.values()
+        if isinstance(m, torch.nn.Module)
+        for p in m.parameters()
+    )
+    log(s, "weights_GB", round(weights / GB, 2))
+    call = dict(
+        prompt="a photo of a cat",
+        height=1024,
+        width=1024,
+        num_inference_steps=28,
+        guidance_scale=3.5,
+        output_type="latent",
+    )
+    run = lambda: pipe(**call, generator=torch.Generator().manual_seed(0))  # noqa: E731
+    with torch.inference_mode():
+        timed(run, 1)
+        reset_peak()
+        t_res = statistics.median(timed(run, 2))
+    log(s, "resident_request_s", round(t_res, 3))
+    peaks(s, "resident")
+    rss0 = host_rss_gb()
+    t = time.perf_counter()
+    handle = apply(pipe, vramferry.OffloadConfig(mode="model"))
+    log(s, "apply_s", round(time.perf_counter() - t, 2))
+    log(s, "host_rss_after_apply_GB", round(host_rss_gb(), 2))
+    log(s, "host_rss_before_apply_GB", round(rss0, 2))
+    free_all()
+    with torch.inference_mode():
+        timed(run, 1)  # first request: learns nothing new (diffusers declares the order), loads everything
+        handle.reset_stats()
+        t_model = statistics.median(timed(run, 3))
+    st = handle.stats()
+    per_request = st.bytes_h2d / 3
+    log(s, "model_request_s", round(t_model, 3))
+    peaks(s, "model")
+    log(s, "model_bytes_per_request_GB", round(per_request / GB, 2))
+    log(s, "model_copy_GBps", st.h2d_gbps)
+    log(s, "model_wait_s_per_request", round(st.wait_seconds / 3, 3))
+    log(s, "model_d2h_bytes", st.bytes_d2h)
+    overhead = t_model - t_res
+    floor = per_request / bw
+    log(s, "model_overhead_s", round(overhead, 3))
+    log(s, "model_transfer_floor_s", round(floor, 3))
+    log(s, "model_overhead_over_floor", round(overhead / floor, 3))
+    handle.remove()
+    pipe.to("cpu")
+    free_all()
+    pipe.enable_model_cpu_offload()
+    with torch.inference_mode():
+        timed(run, 1)
+        reset_peak()
+        t_diff = statistics.median(timed(run, 2))
+    log(s, "diffusers_model_offload_request_s", round(t_diff, 3))
+    peaks(s, "diffusers_model_offload")
+    log(s, "diffusers_overhead_s", round(t_diff - t_res, 3))
+    log(s, "diffusers_overhead_over_ours", round((t_diff - t_res) / max(overhead, 1e-3), 1))
+    pipe.remove_all_hooks()
+
+
+class _Holder:
+    """A pipeline-shaped holder for a lone transformer (found by the attribute scan)."""
+
+    def __init__(self, transformer):
+        self.transformer = transformer
+
+
+def _step_times(model, inputs, reps: int = 5) -> float:
+    with torch.inference_mode():
+        timed(lambda: model(**inputs), 2)
+        reset_peak()
+        return statistics.median(timed(lambda: model(**inputs), reps))
+
+
+def flux_layerwise(bw: float) -> None:
+    from diffusers.hooks import apply_group_offloading
+    from fullsize import flux_inputs, flux_transformer
+
+    s = "flux_layerwise"
+    model = flux_transformer()
+    for tokens in (4096, 1024):
+        log(s, f"resident_{tokens}tok_step_s", round(_step_times(model, flux_inputs(tokens)), 4))
+        peaks(s, f"resident_{tokens}tok")
+    holder = _Holder(model)
+    handle = apply(holder, vramferry.OffloadConfig(mode="layerwise"))
+    streamed = sum(u.nbytes for st in handle._runtime.states if st.streamer for u in st.streamer.units)
+    log(s, "streamed_GB_per_step", round(streamed / GB, 3))
+    log(s, "floor_step_s", round(streamed / bw, 4))
+    free_all()
+    for tokens in (4096, 1024):
+        handle.reset_stats()
+        t = _step_times(model, flux_inputs(tokens))
+        log(s, f"ours_{tokens}tok_step_s", round(t, 4))
+        log(s, f"ours_{tokens}tok_over_floor", round(t / (streamed / bw), 3))
+        peaks(s, f"ours_{tokens}tok")
+        st = handle.stats()
+        log(s, f"ours_{tokens}tok_copy_GBps", st.h2d_gbps)
+        log(s, f"ours_{tokens}tok_sync_loads", st.sync_loads)
+    handle.remove()
+    model.to("cpu")
+    free_all()
+    apply_group_offloading(
+        model,
+        onload_device=torch.device("cuda"),
+        offload_type="block_level",
+        num_blocks_per_group=1,
+        use_stream=True,
+    )
+    for tokens in (4096, 1024):
+        t = _step_times(model, flux_inputs(tokens))
+        log(s, f"diffusers_{tokens}tok_step_s", round(t, 4))
+        peaks(s, f"diffusers_{tokens}tok")
+        log(s, f"diffusers_over_ours_{tokens}tok", round(t / RESULTS[s][f"ours_{tokens}tok_step_s"], 3))
+    del model
+    free_all()
+
+
+def omnigen2(bw: float) -> None:
+    from fullsize import OmniGen2Sized
+
+    s = "omnigen2"
+    pipe = OmniGen2Sized()
+    with torch.inference_mode():
+        timed(pipe, 1)
+        reset_peak()
+        t_res = statistics.median(timed(pipe, 2))
+    log(s, "no_offload_request_s", round(t_res, 3))
+    peaks(s, "no_offload")
+    handle = apply(pipe, vramferry.OffloadConfig(mode="model"))
+    free_all()
+    with torch.inference_mode():
+        timed(pipe, 1)
+        reset_peak()
+        handle.reset_stats()
+        t_model = statistics.median(timed(pipe, 3))
+    log(s, "model_request_s", round(t_model, 3))
+    peaks(s, "model")
+    st = handle.stats()
+    log(s, "model_overhead_s", round(t_model - t_res, 3))
+    log(s, "model_bytes_per_request_GB", round(st.bytes_h2d / 3 / GB, 2))
+    sizes = {c.name: c.bytes for c in handle.plan.components}
+    log(s, "component_GB", {k: round(v / GB, 2) for k, v in sizes.items()})
+    handle.remove()
+
+
+def wan_layerwise(bw: float, frames: int) -> None:
+    from fullsize import wan_inputs, wan_transformer
+
+    s = "wan_layerwise"
+    model = wan_transformer()
+    inputs = wan_inputs(frames)
+    log(s, "frames", frames)
+    log(s, "resident_step_s", round(_step_times(model, inputs, reps=2), 3))
+    peaks(s, "resident")
+    handle = apply(_Holder(model), vramferry.OffloadConfig(mode="layerwise"))
+    free_all()
+    t = _step_times(model, inputs, reps=2)
+    log(s, "ours_step_s", round(t, 3))
+    log(s, "ours_over_resident", round(t / RESULTS[s]["resident_step_s"], 4))
+    peaks(s, "ours")
+    handle.remove()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--sections", default="bandwidth,flux_layerwise,flux_model,omnigen2,wan_layerwise")
+    parser.add_argument("--frames", type=int, default=81)
+    parser.add_argument("--out", default="bench.json")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("these benchmarks need a CUDA GPU")
+    RESULTS["device"] = torch.cuda.get_device_name()
+    RESULTS["torch"] = torch.__version__
+    RESULTS["command"] = "python benchmarks/bench_offload.py --sections " + args.sections
+    bw = bandwidth()
+    for name in args.sections.split(","):
+        if name == "bandwidth":
+            continue
+        t = time.perf_counter()
+        try:
+            if name == "wan_layerwise":
+                wan_layerwise(bw, args.frames)
+            else:
+                globals()[name](bw)
+        except Exception as exc:  # keep the other sections' numbers
+            log(name, "error", f"{type(exc).__name__}: {exc}")
+            import traceback
+
+            traceback.print_exc()
+            free_all()
+        free_all()
+        log(name, "section_s", round(time.perf_counter() - t, 1))
+        Path(args.out).write_text(json.dumps(RESULTS, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,649 @@
+"""The cost model: time and memory of a placement, from bytes, FLOPs and the device's measured speeds.
+
+Everything here is arithmetic on sizes; nothing touches a device. The formulas, in brief (DESIGN.md §3,
+reference/peers.md §8 and §C):
+
+- **Tokens.** An image DiT sees ``(H / (f·p)) · (W / (f·p))`` latent tokens per sample (VAE factor ``f`` = 8,
+  patch ``p`` = 2), plus the text tokens when text joins the same sequence (Flux, Qwen-Image). A video DiT
+  multiplies by the latent frames ``((frames - 1) / f_t + 1) / p_t`` (Wan: ``f_t`` = 4, ``p_t`` = 1).
+- **Compute of one block, one call.** ``2·P·T·N / F + 4·T²·d·N / (F·a) + c0``: ``P`` parameters, ``T`` tokens
+  per sample, ``N`` samples in the call, ``d`` the model width, ``F`` the device's achieved bf16 FLOP/s,
+  ``a`` the attention efficiency relative to ``F`` and ``c0`` a fixed per-block cost (kernel launches, norms,
+  elementwise ops). Cross-attention DiTs add ``4·T·T_text·d·N / (F·a)``. A measured per-block time
+  (:attr:`Workload.block_compute_s`) replaces the estimate.
+- **Copies.** A streamed block of ``b`` bytes takes ``b / B`` on the copy engine (``B``: pinned host→device
+  bandwidth) and costs the compute stream ``per_block_overhead_s`` when it is handed over; while copies run,
+  compute is slowed by ``copy_contention`` (~1-2 % measured).
+- **One DiT call.** Simulated by :func:`simulate_dit_calls`: streamed blocks go through a ring of
+  ``depth + 1`` device slots; the copy of a block starts when the copy engine is free and its slot has been
+  released by the block ``depth + 1`` streamed blocks earlier. With slack to spare this gives the textbook
+  ``max(Σ compute, streamed bytes / B) + overheads``; when resident blocks bunch together, it shows the copy
+  engine idling because no slot is free.
+- **Activations.** A DiT call holds about ``4 · T · N · (d + d_ffn) · itemsize`` bytes (fits the H100
+  anchors: Flux 1024² 0.57 GB predicted vs 0.53 GB measured; Wan 480p×81 4.96 GB vs 3.84 GB).
+  A VAE decode holds ``8 · H · W · frames_per_chunk · base_channels · itemsize`` (an estimate: a handful of
+  full-resolution tensors of the decoder's top width). A text encoder holds ``256 MiB + 2 %`` of its weights.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .errors import PlanError
+from .units import parse_bandwidth, parse_bytes
+
+if TYPE_CHECKING:
+    from .planner import ComponentSize
+
+GiB = 2**30
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    """What the cost model needs to know about a device.
+
+    Attributes:
+        name: a preset name or ``"custom"``.
+        memory_bytes: device memory in bytes.
+        h2d_bytes_per_s: achieved host→device bandwidth from pinned memory, bytes per second.
+        flops_per_s: achieved dense bf16 FLOP/s on a DiT's matmuls (an effective figure: it absorbs what the
+            simple ``2·P·T`` count gets wrong, see :func:`block_flops`).
+        per_block_overhead_s: compute-stream time lost per streamed block and call (event wait, hand-over).
+        block_fixed_s: time per block and call that does not scale with FLOPs (launches, norms, elementwise).
+        attention_efficiency: attention kernels' throughput as a fraction of ``flops_per_s``.
+        copy_contention: fractional compute slowdown while weight copies run beside it.
+    """
+
+    name: str
+    memory_bytes: int
+    h2d_bytes_per_s: float
+    flops_per_s: float
+    per_block_overhead_s: float = 2.0e-4
+    block_fixed_s: float = 3.0e-4
+    attention_efficiency: float = 0.6
+    copy_contention: float = 0.015
+
+    def __post_init__(self) -> None:
+        for name in ("memory_bytes", "h2d_bytes_per_s", "flops_per_s", "attention_efficiency"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"{name}: must be a positive number, got {value!r}")
+        for name in ("per_block_overhead_s", "block_fixed_s", "copy_contention"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"{name}: must be a number ≥ 0, got {value!r}")
+
+    @property
+    def tokens_for_free_streaming(self) -> float:
+        """T* ≈ F / B: tokens per call above which a bf16 linear block hides its own copy (peers.md §C)."""
+        return self.flops_per_s / self.h2d_bytes_per_s
+
+
+# Achieved bf16 FLOP/s relative to the dense tensor-core peak, fitted on the H100 anchors
+# (anchor_flux_h100.json: 0.182 s at 4608 tokens and 0.069 s at 1536 tokens; anchor_wan_h100.json: 2.977 s at
+# 32 760 tokens) with the formula of block_flops; other devices use the same fraction of their peak.
+_EFFICIENCY = 0.86
+_PEAK_BF16 = {
+    "h100": 989e12,
+    "h200": 989e12,
+    "a100": 312e12,
+    "l40s": 362e12,
+    "rtx4090": 165e12,
+    "rtx3090": 71e12,
+}
+
+PRESETS: dict[str, DeviceProfile] = {
+    # H100 80GB HBM3, PCIe Gen5 x16: pinned H2D 55.2 GB/s measured (anchor_flux_h100.json).
+    "h100": DeviceProfile("h100", 80 * GiB, 55.2e9, _EFFICIENCY * _PEAK_BF16["h100"]),
+    # H200 141 GB, PCIe Gen5 x16: same compute die as H100; ~55 GB/s pinned assumed (line rate ~64 GB/s).
+    "h200": DeviceProfile("h200", 140 * GiB, 55.0e9, _EFFICIENCY * _PEAK_BF16["h200"]),
+    # A100 80GB, PCIe Gen4 x16: ~25 GB/s pinned.
+    "a100": DeviceProfile("a100", 80 * GiB, 25.0e9, _EFFICIENCY * _PEAK_BF16["a100"]),
+    # L40S 48 GB, PCIe Gen4 x16: ~25 GB/s pinned.
+    "l40s": DeviceProfile("l40s", 46068 * 2**20, 25.0e9, _EFFICIENCY * _PEAK_BF16["l40s"]),
+    # RTX 4090 24 GB, PCIe Gen4 x16: 24.7 GB/s pinned (third-party measurement, peers.md §C).
+    "rtx4090": DeviceProfile("rtx4090", 24 * GiB, 24.7e9, _EFFICIENCY * _PEAK_BF16["rtx4090"]),
+    # RTX 3090 24 GB, PCIe Gen4 x16: ~24 GB/s pinned assumed.
+    "rtx3090": DeviceProfile("rtx3090", 24 * GiB, 24.0e9, _EFFICIENCY * _PEAK_BF16["rtx3090"]),
+}
+DEFAULT_PROFILE = "h100"
+# Substrings of a device name (``torch.cuda.get_device_name()``) that select a preset, most specific first.
+_NAME_HINTS = (
+    ("h200", "h200"),
+    ("h100", "h100"),
+    ("a100", "a100"),
+    ("l40s", "l40s"),
+    ("4090", "rtx4090"),
+    ("3090", "rtx3090"),
+)
+
+
+def _preset_for(gpu: str) -> DeviceProfile:
+    key = re.sub(r"[\s_-]+", "", gpu.strip().lower())
+    if key in PRESETS:
+        return PRESETS[key]
+    for hint, preset in _NAME_HINTS:
+        if hint in key:
+            return PRESETS[preset]
+    raise ValueError(
+        f"gpu: no preset matches {gpu!r}; valid presets: {', '.join(PRESETS)} (a device name such as "
+        f"'NVIDIA H100 80GB HBM3' also works), or give bandwidth=, tflops= and memory= for a custom profile"
+    )
+
+
+def profile_from(
+    gpu: str | None = None,
+    bandwidth: float | str | None = None,
+    tflops: float | None = None,
+    memory: int | str | None = None,
+) -> DeviceProfile:
+    """A :class:`DeviceProfile` from a preset or a device name, with measured figures overriding it.
+
+    Args:
+        gpu: a preset name (``"h100"``, ``"rtx4090"``, ...) or a device name (``"NVIDIA H100 80GB HBM3"``).
+            ``None`` starts from the ``h100`` preset.
+        bandwidth: achieved pinned host→device bandwidth, ``"25GB/s"`` or bytes per second.
+        tflops: achieved bf16 TFLOP/s.
+        memory: device memory, ``"24GiB"`` or bytes.
+
+    Raises:
+        ValueError: an unknown ``gpu`` (the message lists the presets) or a non-positive figure.
+    """
+    base = PRESETS[DEFAULT_PROFILE] if gpu is None else _preset_for(gpu)
+    changes: dict[str, object] = {}
+    if bandwidth is not None:
+        changes["h2d_bytes_per_s"] = parse_bandwidth(bandwidth, what="bandwidth")
+    if tflops is not None:
+        if isinstance(tflops, bool) or not isinstance(tflops, (int, float)) or tflops <= 0:
+            raise ValueError(f"tflops: must be a positive number of TFLOP/s, got {tflops!r}")
+        changes["flops_per_s"] = float(tflops) * 1e12
+    if memory is not None:
+        changes["memory_bytes"] = parse_bytes(memory, what="memory")
+        if changes["memory_bytes"] <= 0:
+            raise ValueError(f"memory: must be positive, got {memory!r}")
+    if changes:
+        changes["name"] = f"{base.name} (custom)" if gpu is not None else "custom"
+        return replace(base, **changes)
+    return base
+
+
+@dataclass(frozen=True)
+class DitShape:
+    """The geometry of a DiT that its cost depends on.
+
+    Attributes:
+        hidden_size: model width ``d``.
+        ffn_size: widest feed-forward width (``4·d`` when unknown).
+        spatial_factor, patch: pixels per latent (VAE downsampling) and latents per token side.
+        temporal_factor, temporal_patch: frames per latent frame and latent frames per token (video).
+        joint_text: text tokens join the image sequence (Flux, Qwen-Image) rather than cross-attention (Wan).
+    """
+
+    hidden_size: int
+    ffn_size: int | None = None
+    spatial_factor: int = 8
+    patch: int = 2
+    temporal_factor: int = 1
+    temporal_patch: int = 1
+    joint_text: bool = True
+
+    @property
+    def ffn(self) -> int:
+        return self.ffn_size or 4 * self.hidden_size
+
+
+@dataclass(frozen=True)
+class VaeShape:
+    """What a VAE decode's workspace depends on: its top-level width and how many frames it decodes at once."""
+
+    base_channels: int = 128
+    frames_per_chunk: int = 1
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One request: the output size, the sampler and, optionally, measured block times.
+
+    Attributes:
+        height, width, num_frames: output size (``num_frames`` = 1 for images).
+        batch: samples per DiT call (images per prompt).
+        cfg: DiT calls per denoising step: 2 when the guided and unguided branches run as separate calls
+            (Wan, Qwen-Image with a negative prompt), 1 for guidance-distilled models (Flux.1-dev).
+        steps: denoising steps.
+        text_tokens: prompt tokens after padding (Flux's T5: 512).
+        block_compute_s: measured compute seconds per block and call, per DiT name: one number for every
+            block, or one per block in execution order. Replaces the FLOP estimate.
+    """
+
+    height: int = 1024
+    width: int = 1024
+    num_frames: int = 1
+    batch: int = 1
+    cfg: int = 1
+    steps: int = 28
+    text_tokens: int = 512
+    block_compute_s: Mapping[str, float | tuple[float, ...]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("height", "width", "num_frames", "batch", "steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: must be a whole number ≥ 1, got {value!r}")
+        if self.cfg not in (1, 2):
+            raise ValueError(f"cfg: DiT calls per step must be 1 or 2, got {self.cfg!r}")
+        if (
+            isinstance(self.text_tokens, bool)
+            or not isinstance(self.text_tokens, int)
+            or self.text_tokens < 0
+        ):
+            raise ValueError(f"text_tokens: must be a whole number ≥ 0, got {self.text_tokens!r}")
+        times = {}
+        for dit, value in dict(self.block_compute_s).items():
+            values = (value,) if isinstance(value, (int, float)) else tuple(value)
+            if not values or any(isinstance(v, bool) or not v >= 0 for v in values):
+                raise ValueError(f"block_compute_s[{dit!r}]: must be seconds ≥ 0, got {value!r}")
+            times[str(dit)] = (
+                float(values[0]) if isinstance(value, (int, float)) else tuple(map(float, values))
+            )
+        object.__setattr__(self, "block_compute_s", times)
+
+    def sequence_length(
+        self,
+        spatial_factor: int = 8,
+        patch: int = 2,
+        *,
+        temporal_factor: int = 1,
+        temporal_patch: int = 1,
+        joint_text: bool = True,
+    ) -> int:
+        """Tokens in one sample's DiT sequence (image or video tokens, plus text when it joins the sequence)."""
+        side = spatial_factor * patch
+        image = math.ceil(self.height / side) * math.ceil(self.width / side)
+        frames = 1
+        if self.num_frames > 1:
+            latent_frames = (self.num_frames - 1) // max(temporal_factor, 1) + 1
+            frames = math.ceil(latent_frames / max(temporal_patch, 1))
+        return image * frames + (self.text_tokens if joint_text else 0)
+
+    def tokens_per_call(self, spatial_factor: int = 8, patch: int = 2, **video: int | bool) -> int:
+        """Tokens a DiT call pushes through its linear layers: the sequence length times ``batch``.
+
+        ``video`` takes ``temporal_factor``, ``temporal_patch`` and ``joint_text`` as in :meth:`sequence_length`.
+        """
+        return self.sequence_length(spatial_factor, patch, **video) * self.batch  # type: ignore[arg-type]
+
+    def sequence_of(self, shape: DitShape) -> int:
+        return self.sequence_length(
+            shape.spatial_factor,
+            shape.patch,
+            temporal_factor=shape.temporal_factor,
+            temporal_patch=shape.temporal_patch,
+            joint_text=shape.joint_text,
+        )
+
+    def dit_calls(self) -> int:
+        """DiT forward calls per request (all DiTs together)."""
+        return self.steps * self.cfg
+
+
+def itemsize_of(dtype: str) -> int:
+    """Bytes per element of a dtype written as ``"torch.bfloat16"`` (2 when unknown)."""
+    value = getattr(torch, dtype.rpartition(".")[2], None)
+    return value.itemsize if isinstance(value, torch.dtype) else 2
+
+
+def dit_shape_from_config(cfg: Mapping[str, Any], block_bytes: Sequence[int], itemsize: int = 2) -> DitShape:
+    """A DiT's geometry from its diffusers config; the width guessed from block size (≈ 12·d² params) otherwise."""
+    heads, head_dim = cfg.get("num_attention_heads"), cfg.get("attention_head_dim")
+    hidden = heads * head_dim if isinstance(heads, int) and isinstance(head_dim, int) else None
+    hidden = hidden or cfg.get("hidden_size") or cfg.get("inner_dim") or cfg.get("dim")
+    if not isinstance(hidden, int) or hidden <= 0:
+        hidden = round(math.sqrt(max(block_bytes) / itemsize / 12)) if block_bytes else 3072
+    ffn = cfg.get("ffn_dim") if isinstance(cfg.get("ffn_dim"), int) else None
+    patch = cfg.get("patch_size", 2)
+    if isinstance(patch, (list, tuple)) and len(patch) == 3:  # (t, h, w): a video DiT with cross-attention
+        return DitShape(
+            hidden,
+            ffn,
+            patch=int(patch[1]),
+            temporal_factor=4,
+            temporal_patch=int(patch[0]),
+            joint_text=False,
+        )
+    # Flux (patch_size 1) and Qwen-Image (2) both see 2×2 packed latents: 16 pixels per token side.
+    return DitShape(hidden, ffn, patch=max(int(patch), 2) if isinstance(patch, int) else 2)
+
+
+def vae_shape_from_config(cfg: Mapping[str, Any]) -> VaeShape:
+    """A VAE's decoder width (``base_dim`` or ``block_out_channels[0]``) and, for video VAEs, 4 frames a chunk."""
+    base = cfg.get("base_dim") or (list(cfg.get("block_out_channels") or [128]) or [128])[0]
+    video = "temperal_downsample" in cfg or "temporal_compression_ratio" in cfg
+    return VaeShape(int(base), 4 if video else 1)
+
+
+def size_classes(sizes: Sequence[int]) -> list[int]:
+    """Block sizes grouped within 5 %, largest class first; each class's largest size (at most 4 classes)."""
+    classes: list[int] = []
+    for size in sorted(set(sizes), reverse=True):
+        if not classes or size < 0.95 * classes[-1]:
+            classes.append(size)
+    return classes[:4]
+
+
+def spread_evenly(eligible: Sequence[int], m: int, weights: Sequence[float]) -> tuple[int, ...]:
+    """``m`` of the ``eligible`` block indices spread evenly over a call's compute time (``weights``: per block).
+
+    Spread out, streamed blocks have kept blocks computing between them that hide their copies with a few
+    slots; bunched together, the copy engine would wait for a free slot.
+    """
+    if m >= len(eligible):
+        return tuple(eligible)
+    total = float(sum(weights))
+    if total <= 0:
+        weights, total = [1.0] * len(weights), float(len(weights))
+    starts = list(itertools.accumulate(weights, initial=0.0))
+
+    def mid(i: int) -> float:
+        return starts[i] + weights[i] / 2
+
+    chosen, j = [], 0
+    for q in range(m):
+        target = (q + 0.5) * total / m
+        last = len(eligible) - (m - q)  # leave room for the picks still to come
+        while j < last and abs(mid(eligible[j + 1]) - target) <= abs(mid(eligible[j]) - target):
+            j += 1
+        chosen.append(eligible[j])
+        j += 1
+    return tuple(chosen)
+
+
+def block_flops(params: int, shape: DitShape, workload: Workload) -> tuple[float, float]:
+    """(linear FLOPs, attention FLOPs) of one block in one DiT call.
+
+    Linear: ``2·P·T·N``, as if every parameter met every token. That over-counts Flux's dual-stream blocks
+    (image and text weights each see only their own tokens) and Wan's cross-attention K/V (text tokens only);
+    the fitted ``flops_per_s`` absorbs it. Attention: ``4·T²·d·N`` for self-attention, plus ``4·T·T_text·d·N``
+    for cross-attention.
+    """
+    seq = workload.sequence_of(shape)
+    n = workload.batch
+    linear = 2.0 * params * seq * n
+    attention = 4.0 * seq * seq * shape.hidden_size * n
+    if not shape.joint_text:
+        attention += 4.0 * seq * workload.text_tokens * shape.hidden_size * n
+    return linear, attention
+
+
+def block_compute_s(params: int, shape: DitShape, workload: Workload, device: DeviceProfile) -> float:
+    """Estimated seconds of one block in one DiT call (see the module docstring)."""
+    linear, attention = block_flops(params, shape, workload)
+    return (
+        linear / device.flops_per_s
+        + attention / (device.flops_per_s * device.attention_efficiency)
+        + (device.block_fixed_s)
+    )
+
+
+def linear_compute_s(params: int, tokens: int, device: DeviceProfile) -> float:
+    """Seconds for ``params`` parameters of matmuls over ``tokens`` tokens (embeddings, encoders)."""
+    return 2.0 * params * tokens / device.flops_per_s
+
+
+def dit_activation_bytes(shape: DitShape, workload: Workload, itemsize: int = 2) -> int:
+    """Activation memory of one DiT call: ``4 · T · N · (d + d_ffn) · itemsize``."""
+    seq = workload.sequence_of(shape)
+    return int(4 * seq * workload.batch * (shape.hidden_size + shape.ffn) * itemsize)
+
+
+def vae_workspace_bytes(shape: VaeShape, workload: Workload, itemsize: int = 2) -> int:
+    """Decode workspace of a VAE: ``8 · H · W · frames_per_chunk · base_channels · itemsize · batch``."""
+    frames = shape.frames_per_chunk if workload.num_frames > 1 else 1
+    return int(
+        8 * workload.height * workload.width * frames * shape.base_channels * itemsize * workload.batch
+    )
+
+
+def encoder_workspace_bytes(weight_bytes: int) -> int:
+    """Activation memory of a text encoder's forward: 256 MiB plus 2 % of its weights."""
+    return 256 * 2**20 + weight_bytes // 50
+
+
+def simulate_dit_calls(
+    blocks: Sequence[tuple[int, float, bool]],
+    rest_s: float,
+    depth: int,
+    device: DeviceProfile,
+    calls: int = 3,
+) -> tuple[float, float]:
+    """Simulate consecutive calls of one DiT; returns (first call seconds, steady-state call seconds).
+
+    Args:
+        blocks: per block in execution order: (bytes, compute seconds, streamed?).
+        rest_s: compute seconds outside the blocks (embeddings, output layers), run before them.
+        depth: prefetch depth: streamed blocks use a ring of ``depth + 1`` device slots.
+        device: bandwidth, per-block overhead and copy contention.
+        calls: calls to simulate; the last one is taken as the steady state (the ring wraps across calls).
+
+    The runtime's contract modelled here: the copy of streamed block ``g`` (counted across calls) runs on a
+    copy stream after the copy of ``g - 1``, into the slot released when block ``g - depth - 1`` finished
+    computing; block ``g`` computes once its copy has landed, ``per_block_overhead_s`` after.
+    """
+    slots = depth + 1
+    bandwidth = device.h2d_bytes_per_s
+    overhead = device.per_block_overhead_s
+    slow = 1.0 + device.copy_contention if any(s for _, _, s in blocks) else 1.0
+    finished: list[float] = []  # compute end of every streamed block so far
+    copy_free = 0.0
+    now = 0.0
+    durations = []
+    for _ in range(calls):
+        start = now
+        now += rest_s * slow
+        for nbytes, compute, streamed in blocks:
+            if streamed:
+                g = len(finished)
+                slot_free = finished[g - slots] if g >= slots else 0.0
+                copy_free = max(copy_free, slot_free) + nbytes / bandwidth
+                now = max(now, copy_free) + overhead
+                now += compute * slow
+                finished.append(now)
+            else:
+                now += compute * slow
+        durations.append(now - start)
+    return durations[0], durations[-1]
+
+
+# -- the cost of a whole placement -----------------------------------------------------------------------------
+
+ENCODER_PHASE, VAE_PHASE = "encoders", "vaes"
+RESIDENT, SWAPPED, STREAMED = "resident", "swapped", "streamed"  # the values of planner.Placement
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One component's placement: its non-block part, its blocks (``Placement`` values), the prefetch depth."""
+
+    placement: str
+    blocks: tuple[str, ...] = ()
+    depth: int = 0
+
+
+@dataclass(frozen=True)
+class PartCost:
+    """One component under a workload.
+
+    Attributes:
+        size: its ``ComponentSize``.
+        phase: the phase whose swap group it joins: ``"encoders"``, the DiT's own name, ``"vaes"``; ``None`` for
+            a component tied to no phase (counted in every phase).
+        act: activation/workspace bytes while it runs.
+        calls: DiT calls per request.
+        block_s, rest_s: compute seconds per DiT call of each block and of the rest.
+        compute_s: an encoder's forward seconds (what prefetch of the next phase can hide behind).
+    """
+
+    size: ComponentSize
+    phase: str | None
+    act: int = 0
+    calls: int = 0
+    block_s: tuple[float, ...] = ()
+    rest_s: float = 0.0
+    compute_s: float = 0.0
+
+    @property
+    def rest_bytes(self) -> int:
+        return self.size.rest_bytes if self.size.block_bytes else self.size.bytes
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a placement costs: peaks per phase (``raw_peaks`` before prefetch overlap) and times."""
+
+    peak: int
+    phase_peaks: dict[str, int]
+    step_s: float
+    request_s: float
+    load_bytes: int
+    hidden_s: float
+    raw_peaks: dict[str, int]
+
+
+def pieces(part: PartCost, choice: Choice) -> Iterable[tuple[int, str]]:
+    """(bytes, placement) of the non-block part and of every block."""
+    yield part.rest_bytes, choice.placement
+    yield from zip(part.size.block_bytes, choice.blocks, strict=True)
+
+
+def _dit_part(size: ComponentSize, calls: int, device: DeviceProfile, workload: Workload) -> PartCost:
+    itemsize = itemsize_of(size.dtype)
+    shape = (
+        size.shape
+        if isinstance(size.shape, DitShape)
+        else dit_shape_from_config({}, size.block_bytes, itemsize)
+    )
+    measured = workload.block_compute_s.get(size.name)
+    if isinstance(measured, tuple):
+        if len(measured) != len(size.block_bytes):
+            raise PlanError(
+                f"block_compute_s[{size.name!r}]: {len(measured)} times given for {len(size.block_bytes)} blocks; "
+                "give one per block in execution order, or a single number"
+            )
+        block_s = measured
+    elif measured is not None:
+        block_s = (float(measured),) * len(size.block_bytes)
+    else:
+        block_s = tuple(block_compute_s(b // itemsize, shape, workload, device) for b in size.block_bytes)
+    tokens = workload.sequence_of(shape) * workload.batch
+    rest = size.rest_bytes if size.block_bytes else size.bytes
+    act = dit_activation_bytes(shape, workload, itemsize)
+    return PartCost(size, size.name, act, calls, block_s, linear_compute_s(rest // itemsize, tokens, device))
+
+
+def _part(size: ComponentSize, calls: int, device: DeviceProfile, workload: Workload) -> PartCost:
+    itemsize = itemsize_of(size.dtype)
+    if size.role == "dit":
+        return _dit_part(size, calls, device, workload)
+    if size.role == "encoder":
+        compute = linear_compute_s(size.bytes // itemsize, workload.text_tokens * workload.batch, device)
+        return PartCost(size, ENCODER_PHASE, encoder_workspace_bytes(size.bytes), compute_s=compute)
+    if size.role == "vae":
+        shape = size.shape if isinstance(size.shape, VaeShape) else VaeShape()
+        return PartCost(size, VAE_PHASE, vae_workspace_bytes(shape, workload, itemsize))
+    return PartCost(size, None)
+
+
+class PipelineCost:
+    """Peak memory and predicted time of any placement of one pipeline, for one workload on one device.
+
+    Phases run in ``order`` (default: encoders, DiTs, VAEs). A phase's peak is the resident bytes plus its
+    swap group, its streaming slots and its activations. A request's time is every DiT call (simulated) plus
+    the swap loads at the host→device bandwidth, less the loads that overlap the previous phase's compute
+    (``prefetch_components``, when both fit in the budget at once).
+    """
+
+    def __init__(
+        self,
+        components: Sequence[ComponentSize],
+        order: Sequence[str],
+        device: DeviceProfile,
+        workload: Workload,
+        budget: int | None,
+        prefetch_components: bool = True,
+    ) -> None:
+        self.device, self.workload, self.budget = device, workload, budget
+        self.prefetch_components = prefetch_components
+        dits = sum(c.role == "dit" for c in components)
+        calls = max(1, round(workload.dit_calls() / max(dits, 1)))  # several DiTs share the steps evenly
+        self.parts = {c.name: _part(c, calls, device, workload) for c in components}
+        phases: list[str] = []
+        by_role = [c.name for r in ("encoder", "dit", "vae") for c in components if c.role == r]
+        for name in [*order, *by_role]:
+            phase = self.parts[name].phase if name in self.parts else None
+            if phase is not None and phase not in phases:
+                phases.append(phase)
+        self.phases = tuple(phases)
+        self._sims: dict[tuple, tuple[float, float]] = {}
+
+    def fits(self, nbytes: int) -> bool:
+        return self.budget is None or nbytes <= self.budget
+
+    def dit_time(self, name: str, choice: Choice) -> tuple[float, float]:
+        """(seconds of all this DiT's calls in a request, seconds of one steady-state call)."""
+        part = self.parts[name]
+        if not part.size.block_bytes:
+            return part.calls * part.rest_s, part.rest_s
+        flags = tuple(p == STREAMED for p in choice.blocks)
+        depth = max(choice.depth, 1) if any(flags) else 0
+        key = (name, flags, depth)
+        if key not in self._sims:
+            blocks = list(zip(part.size.block_bytes, part.block_s, flags, strict=True))
+            self._sims[key] = simulate_dit_calls(blocks, part.rest_s, max(depth, 1), self.device)
+        first, steady = self._sims[key]
+        return first + (part.calls - 1) * steady, steady
+
+    def evaluate(self, choices: Mapping[str, Choice]) -> Outcome:
+        """The peak memory and predicted times of a complete placement."""
+        always, loads = 0, 0
+        swapped, slots, act = (dict.fromkeys(self.phases, 0) for _ in range(3))
+        for name, choice in choices.items():
+            part = self.parts[name]
+            widest = 0
+            for nbytes, where in pieces(part, choice):
+                if where == RESIDENT or where == SWAPPED and part.phase is None:
+                    always += nbytes
+                elif where == SWAPPED:
+                    swapped[part.phase] += nbytes
+                else:
+                    widest = max(widest, nbytes)
+                loads += nbytes if where == SWAPPED else 0
+            if part.phase is not None:
+                slots[part.phase] += (choice.depth + 1) * widest
+                act[part.phase] = max(act[part.phase], part.act)
+        raw = {p: always + swapped[p] + slots[p] + act[p] for p in self.phases} or {"weights": always}
+        peaks = dict(raw)
+        compute = dict.fromkeys(self.phases, 0.0)
+        dit_s = call_s = 0.0
+        for name, part in self.parts.items():
+            if part.phase == ENCODER_PHASE:
+                compute[ENCODER_PHASE] += part.compute_s
+            elif part.size.role == "dit":
+                total, steady = self.dit_time(name, choices[name])
+                compute[name] = total
+                dit_s, call_s = dit_s + total, call_s + part.calls * steady
+        hidden = 0.0
+        if self.prefetch_components:
+            # The next phase's swap group loads while this phase computes, when both fit at once.
+            for here, nxt in itertools.pairwise(self.phases):
+                extra = swapped[nxt] + slots[nxt]
+                if swapped[nxt] and self.fits(peaks[here] + extra):
+                    hidden += min(swapped[nxt] / self.device.h2d_bytes_per_s, compute[here])
+                    peaks[here] += extra
+        request = dit_s + loads / self.device.h2d_bytes_per_s - hidden
+        return Outcome(max(peaks.values()), peaks, call_s / self.workload.steps, request, loads, hidden, raw)

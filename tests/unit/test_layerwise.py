@@ -1,0 +1,112 @@
+"""Layerwise streaming on CPU: ring order, look-ahead, skipped and out-of-order blocks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import vramferry
+from pipelines.custom import CUSTOM_PIPELINES
+from pipelines.diffusers_pipes import DIFFUSERS_PIPELINES, run
+from vramferry.api import apply
+
+
+def _layerwise(pipe, depth=2, **kw):
+    cfg = vramferry.OffloadConfig(mode="layerwise", onload_device="cpu", prefetch_depth=depth, **kw)
+    handle = apply(pipe, cfg)
+    for state in handle._runtime.states:
+        if state.streamer is not None:
+            state.streamer.keep_trace = True
+    return handle
+
+
+def _streamer(handle, name):
+    return next(s.streamer for s in handle._runtime.states if s.name == name)
+
+
+def test_flux_streams_both_block_lists_in_order_and_wraps():
+    pipe, kwargs = DIFFUSERS_PIPELINES["flux"]()
+    handle = _layerwise(pipe, depth=1)
+    streamer = _streamer(handle, "transformer")
+    names = [u.name for u in streamer.units]
+    assert names == ["transformer.transformer_blocks.0", "transformer.single_transformer_blocks.0"]
+    run(pipe, kwargs)
+    n = len(streamer.units)
+    # Copies are issued in ring order: 0, 1, 0, 1, ... (the ring wraps into the next step).
+    assert streamer.load_order[: 2 * n] == [i % n for i in range(2 * n)]
+    assert handle.stats().sync_loads == 0
+    handle.remove()
+
+
+def test_wan_has_one_ring_per_expert():
+    pipe, kwargs = DIFFUSERS_PIPELINES["wan"]()
+    expected = run(pipe, kwargs)
+    handle = _layerwise(pipe)
+    got = run(pipe, kwargs)
+    np.testing.assert_array_equal(got["frames"], expected["frames"])
+    assert _streamer(handle, "transformer").load_order
+    assert _streamer(handle, "transformer_2").load_order
+    handle.remove()
+
+
+def test_bagel_residents_stay_loaded_while_blocks_stream():
+    pipe, kwargs = CUSTOM_PIPELINES["bagel"]()
+    expected = pipe(**kwargs)
+    handle = _layerwise(pipe)
+    assert torch.equal(pipe(**kwargs), expected)
+    placement = handle._runtime.placement()
+    residents = [c.name for c in handle.modules.resident]
+    assert residents
+    for name in residents:
+        assert placement[f"{name}:resident"] == "device"
+    handle.remove()
+
+
+def _dit_pipeline():
+    pipe, kwargs = CUSTOM_PIPELINES["omnigen2"]()
+    return pipe, kwargs, pipe.transformer
+
+
+def test_skipped_blocks_are_correct_and_counted():
+    """A cache method that skips blocks: the ring restarts from the block that does run."""
+    pipe, kwargs, dit = _dit_pipeline()
+    handle = _layerwise(pipe, depth=1)
+    streamer = _streamer(handle, "transformer")
+    blocks = [u.extra["module"] for u in streamer.units]
+    x = torch.randn(1, 16, 32)
+    reference = [b(x) for b in blocks]  # in order (loads as expected)
+    sync_before = handle.stats().sync_loads
+    # Run only every third block: each one was not prefetched (depth 1), so it is loaded on demand.
+    for i in range(0, len(blocks), 3):
+        assert torch.equal(blocks[i](x), reference[i])
+    assert handle.stats().sync_loads > sync_before
+    handle.remove()
+
+
+def test_out_of_order_blocks_are_correct():
+    pipe, kwargs, dit = _dit_pipeline()
+    handle = _layerwise(pipe, depth=2)
+    streamer = _streamer(handle, "transformer")
+    blocks = [u.extra["module"] for u in streamer.units]
+    x = torch.randn(1, 16, 32)
+    reference = [b(x) for b in blocks]
+    for i in reversed(range(len(blocks))):
+        assert torch.equal(blocks[i](x), reference[i])
+    # Memory stays bounded by the slots: at most depth + 1 blocks are bound to the device at once.
+    loaded = sum(u.on_device for u in streamer.units)
+    assert loaded <= streamer.depth + 1
+    handle.remove()
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_slots_are_fixed_and_reused(depth):
+    pipe, kwargs, dit = _dit_pipeline()
+    handle = _layerwise(pipe, depth=depth)
+    streamer = _streamer(handle, "transformer")
+    seen = []
+    dit.register_forward_hook(lambda m, a, o: seen.append([s.buffer.data_ptr() for s in streamer.slots]))
+    pipe(**{**kwargs, "num_inference_steps": 3})
+    assert len(seen) == 3 and seen[0] == seen[1] == seen[2]
+    assert len(seen[0]) == min(depth, len(streamer.units) - 1) + 1
+    handle.remove()

@@ -1,0 +1,222 @@
+"""Model-level and layerwise offload on CPU: the whole hook machinery, with the CPU as execution device."""
+
+from __future__ import annotations
+
+import inspect
+
+import numpy as np
+import pytest
+import torch
+
+import vramferry
+from pipelines.custom import CUSTOM_PIPELINES
+from pipelines.diffusers_pipes import DIFFUSERS_PIPELINES, run
+from vramferry.api import apply
+from vramferry.errors import ConflictError, DeviceError
+
+MODES = ["model", "layerwise", "none"]
+
+
+def _cfg(mode: str, **kw) -> vramferry.OffloadConfig:
+    return vramferry.OffloadConfig(mode=mode, onload_device="cpu", **kw)
+
+
+def _snapshot(pipe_modules):
+    return {
+        name: [(id(p), p.data.clone(), p.device) for p in module.parameters()]
+        for name, module in pipe_modules.items()
+    }
+
+
+def _call_custom(pipe, kwargs):
+    return pipe(**kwargs)
+
+
+@pytest.mark.parametrize("name", sorted(DIFFUSERS_PIPELINES))
+@pytest.mark.parametrize("mode", MODES)
+def test_diffusers_output_equals_resident(name, mode):
+    pipe, kwargs = DIFFUSERS_PIPELINES[name]()
+    expected = run(pipe, kwargs)
+    handle = apply(pipe, _cfg(mode, verify=True))
+    try:
+        for _ in range(2):  # the second request runs after evictions and the learned order
+            got = run(pipe, kwargs)
+            for key in expected:
+                np.testing.assert_array_equal(got[key], expected[key])
+        stats = handle.stats()
+        assert stats.bytes_d2h == 0
+        if mode != "none":
+            assert stats.swaps > 0
+        if mode == "layerwise" and handle.modules.blocks:
+            assert stats.blocks_streamed > 0
+    finally:
+        handle.remove()
+    for key, value in run(pipe, kwargs).items():
+        np.testing.assert_array_equal(value, expected[key])
+
+
+@pytest.mark.parametrize("name", sorted(CUSTOM_PIPELINES))
+@pytest.mark.parametrize("mode", MODES)
+def test_custom_output_equals_resident(name, mode):
+    pipe, kwargs = CUSTOM_PIPELINES[name]()
+    expected = _call_custom(pipe, kwargs)
+    with apply(pipe, _cfg(mode, verify=True)) as handle:
+        for _ in range(2):
+            assert torch.equal(_call_custom(pipe, kwargs), expected)
+        assert handle.stats().bytes_d2h == 0
+    assert torch.equal(_call_custom(pipe, kwargs), expected)
+
+
+def _unit_states(handle):
+    return handle._runtime.placement()
+
+
+def test_flux_swap_sequence():
+    """Which component is on the device before and after each component runs."""
+    pipe, kwargs = DIFFUSERS_PIPELINES["flux"]()
+    handle = apply(pipe, _cfg("model", prefetch_components=False))
+    seen = []
+    components = {c.name: c.module for c in handle.modules.components()}
+    components["vae"] = pipe.vae.decoder  # the pipeline calls vae.decode(), which runs the decoder
+    for name, module in components.items():
+        module.register_forward_pre_hook(lambda m, a, n=name: seen.append((n, dict(_unit_states(handle)))))
+    assert set(_unit_states(handle).values()) == {"host"}
+    run(pipe, kwargs)
+    order = [n for n, _ in seen]
+    assert order[0] == "text_encoder" and "text_encoder_2" in order and order[-1] == "vae"
+    # When the transformer's forward starts, its weights are loaded and both encoders are evicted.
+    states = next(s for n, s in seen if n == "transformer")
+    assert states["transformer:swap"] == "device"
+    assert states["text_encoder:swap"] == "host" and states["text_encoder_2:swap"] == "host"
+    # While an encoder runs, the transformer is not on the device.
+    states = next(s for n, s in seen if n == "text_encoder_2")
+    assert states["text_encoder_2:swap"] == "device" and states["transformer:swap"] == "host"
+    after = _unit_states(handle)
+    assert after["vae:swap"] == "device" and after["transformer:swap"] == "device"
+    assert after["text_encoder:swap"] == "host"
+    handle.remove()
+
+
+def test_wan_experts_exclude_each_other():
+    pipe, kwargs = DIFFUSERS_PIPELINES["wan"]()
+    handle = apply(pipe, _cfg("model", prefetch_components=False))
+    both = []
+    for name in ("transformer", "transformer_2"):
+        module = getattr(pipe, name)
+        module.register_forward_pre_hook(
+            lambda m, a: both.append(
+                (_unit_states(handle)["transformer:swap"], _unit_states(handle)["transformer_2:swap"])
+            )
+        )
+    run(pipe, kwargs)
+    assert ("device", "host") in both and ("host", "device") in both
+    assert ("device", "device") not in both
+    handle.remove()
+
+
+def test_prefetch_loads_the_next_component_in_pipeline_order():
+    pipe, kwargs = DIFFUSERS_PIPELINES["flux"]()
+    handle = apply(pipe, _cfg("model"))
+    scheduler = handle._runtime.scheduler
+    scheduler.keep_trace = True
+    run(pipe, kwargs)
+    assert ("prefetch", "text_encoder_2") in scheduler.trace
+    assert ("prefetch", "transformer") in scheduler.trace
+    handle.remove()
+
+
+def test_remove_restores_parameters_devices_and_forwards():
+    pipe, kwargs = DIFFUSERS_PIPELINES["flux"]()
+    modules = {"transformer": pipe.transformer, "vae": pipe.vae, "text_encoder": pipe.text_encoder}
+    before = _snapshot(modules)
+    signature = inspect.signature(pipe.transformer.forward)
+    cls = type(pipe)
+    handle = apply(pipe, _cfg("layerwise"))
+    assert type(pipe) is not cls  # the execution-device shim
+    run(pipe, kwargs)
+    handle.remove()
+    assert type(pipe) is cls
+    after = _snapshot(modules)
+    for name in modules:
+        for (id0, data0, dev0), (id1, data1, dev1) in zip(before[name], after[name], strict=True):
+            assert id0 == id1 and dev0 == dev1 and torch.equal(data0, data1)
+    for module in pipe.transformer.modules():
+        assert not module._forward_pre_hooks and not module._forward_hooks
+    assert inspect.signature(pipe.transformer.forward) == signature
+    assert "forward" not in vars(pipe.transformer)
+    # Nothing shares storage any more: each parameter owns its memory (safetensors requires it).
+    ptrs = [p.untyped_storage().data_ptr() for p in pipe.transformer.parameters()]
+    assert len(ptrs) == len(set(ptrs))
+
+
+def test_apply_twice_raises_conflict_naming_the_handle():
+    pipe, _ = CUSTOM_PIPELINES["omnigen2"]()
+    handle = apply(pipe, _cfg("model"))
+    with pytest.raises(ConflictError, match="already offloaded by <OffloadHandle live"):
+        apply(pipe, _cfg("model"))
+    handle.remove()
+    apply(pipe, _cfg("layerwise")).remove()
+
+
+def test_a_peer_offload_is_refused():
+    pipe, _ = DIFFUSERS_PIPELINES["flux"]()
+    pipe.enable_model_cpu_offload(device="cpu")
+    with pytest.raises(ConflictError, match="accelerate hook"):
+        apply(pipe, _cfg("model"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised on a machine without CUDA")
+def test_cuda_target_without_cuda_is_a_device_error():
+    pipe, _ = CUSTOM_PIPELINES["omnigen2"]()
+    with pytest.raises(DeviceError, match="onload_device='cpu'"):
+        apply(pipe, vramferry.OffloadConfig(mode="model"))
+    # Nothing was changed: a later apply works.
+    apply(pipe, _cfg("model")).remove()
+
+
+@pytest.mark.parametrize("mode", ["model", "layerwise"])
+def test_exception_inside_forward_leaves_the_handle_usable(mode):
+    pipe, kwargs = CUSTOM_PIPELINES["omnigen2"]()
+    expected = _call_custom(pipe, kwargs)
+    handle = apply(pipe, _cfg(mode))
+    block = pipe.transformer.layers[1]
+    calls = {"n": 0}
+
+    def boom(module, args):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("injected")
+
+    hook = block.register_forward_pre_hook(boom)
+    with pytest.raises(RuntimeError, match="injected"):
+        _call_custom(pipe, kwargs)
+    assert all(state.running == 0 for state in handle._runtime.states)
+    assert torch.equal(_call_custom(pipe, kwargs), expected)
+    hook.remove()
+    handle.remove()
+
+
+def test_entry_points_other_than_forward_trigger_onload():
+    """``vae.decode`` and ``mllm.generate`` never call the component's own forward."""
+    pipe, kwargs = CUSTOM_PIPELINES["omnigen2"]()
+    handle = apply(pipe, _cfg("model", verify=True, prefetch_components=False))
+    latents = torch.randn(1, 4, 8, 8)
+    assert _unit_states(handle)["vae:swap"] == "host"
+    pipe.vae.decode(latents)
+    assert _unit_states(handle)["vae:swap"] == "device"
+    _, context = pipe.mllm.generate(kwargs["prompt_ids"], max_new_tokens=1)
+    assert _unit_states(handle)["mllm:swap"] == "device"
+    handle.remove()
+
+
+def test_host_copies_are_canonical_and_counted():
+    pipe, kwargs = DIFFUSERS_PIPELINES["flux"]()
+    weight_bytes = sum(
+        p.numel() * p.element_size() for c in (pipe.transformer, pipe.vae) for p in c.parameters()
+    )
+    handle = apply(pipe, _cfg("model"))
+    stats = handle.stats()
+    # On the CPU nothing is page-locked; everything sits in pageable arenas, about the weights' size.
+    assert stats.host_pinned_bytes == 0
+    assert stats.host_pageable_bytes >= weight_bytes
+    handle.remove()

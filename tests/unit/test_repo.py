@@ -1,0 +1,70 @@
+"""Repository hygiene: file sizes, the README's commands, a side-effect-free import."""
+
+from __future__ import annotations
+
+import ast
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+MAX_LINES = 800
+MAX_FUNCTION_LINES = 80
+
+
+def _sources():
+    for folder in ("src", "tests", "benchmarks"):
+        yield from sorted((ROOT / folder).rglob("*.py"))
+
+
+def test_no_source_file_exceeds_800_lines():
+    too_long = {
+        str(p.relative_to(ROOT)): n for p in _sources() if (n := len(p.read_text().splitlines())) > MAX_LINES
+    }
+    assert not too_long, f"split these files (>{MAX_LINES} lines): {too_long}"
+
+
+def test_no_library_function_exceeds_80_lines():
+    too_long = []
+    for path in sorted((ROOT / "src").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > MAX_FUNCTION_LINES:
+                    too_long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({length} lines)")
+    assert not too_long, f"functions over {MAX_FUNCTION_LINES} lines: {too_long}"
+
+
+def _readme_commands() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```(?:bash|sh)\n(.*?)```", text, flags=re.S)
+    return [line.strip() for block in blocks[:2] for line in block.strip().splitlines() if line.strip()]
+
+
+def test_readme_opens_with_the_demo_and_the_test_command():
+    commands = _readme_commands()
+    assert len(commands) >= 2
+    demo, tests = commands[0], commands[1]
+    assert demo.startswith("pip install torch==2.13.0") and "vramferry generate" in demo
+    assert tests.startswith("pip install torch==2.13.0") and "pytest" in tests
+
+
+def test_ci_runs_the_readme_test_command():
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert _readme_commands()[1] in ci.splitlines()
+
+
+def test_import_initialises_no_cuda_and_changes_no_torch_global():
+    code = (
+        "import torch; before = (torch.get_default_dtype(), torch.backends.cudnn.benchmark, "
+        "torch.backends.cuda.matmul.allow_tf32, torch.get_num_threads());"
+        "import vramferry, vramferry.api, vramferry.planner, vramferry.discovery;"
+        "after = (torch.get_default_dtype(), torch.backends.cudnn.benchmark, "
+        "torch.backends.cuda.matmul.allow_tf32, torch.get_num_threads());"
+        "assert before == after, (before, after);"
+        "assert not torch.cuda.is_initialized();"
+        "import sys; assert 'diffusers' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
