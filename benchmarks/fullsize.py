@@ -138,7 +138,16 @@ def flux_inputs(tokens: int, device: str = "cuda") -> dict:
 def wan_transformer(device: str = "cuda") -> nn.Module:
     from diffusers import WanTransformer3DModel
 
-    module = materialise(lambda: WanTransformer3DModel(), device)  # the defaults are the 14B config
+    from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
+
+    def build():
+        model = WanTransformer3DModel()  # the defaults are the 14B config
+        model.rope = nn.Identity()  # its buffers are computed below, for real
+        return model
+
+    module = materialise(build, device)
+    with torch.device(device):
+        module.rope = WanRotaryPosEmbed(128, (1, 2, 2), 1024)
     return module
 
 

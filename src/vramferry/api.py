@@ -196,6 +196,7 @@ def apply(
         budget=_weights_budget(the_plan),
         order=list(inventory.order),
         prefetch=config.prefetch_components,
+        prefetch_conflicting=config.vram_budget is not None,
         verify=config.verify,
     )
     patched = _patch_execution_device(pipeline, device)

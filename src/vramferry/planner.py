@@ -42,6 +42,7 @@ from .costmodel import (
     itemsize_of,
     pieces,
     size_classes,
+    spread_by_bytes,
     spread_evenly,
     vae_shape_from_config,
 )
@@ -293,7 +294,7 @@ def resolve_budget(
 # -- planning --------------------------------------------------------------------------------------------------
 
 _R, _S, _T = Placement.RESIDENT, Placement.SWAPPED, Placement.STREAMED
-_DEPTHS = (1, 2, 3, 4, 6, 8, 12, 16)  # prefetch depths auto tries; 2 preferred on ties
+_DEPTHS = (1, 2, 3, 4, 6, 8, 12, 16)  # prefetch depths tried; the smallest wins ties (fewest slots)
 
 
 class _Ctx(PipelineCost):
@@ -353,14 +354,14 @@ def _depths(ctx: _Ctx, streamed: int) -> tuple[int, ...]:
 
 
 def _best_depth(ctx: _Ctx, choices: dict[str, Choice], name: str) -> Choice:
-    """The fastest depth that fits (2 on ties); depth 1 when none fits, for the budget check to report."""
+    """The fastest depth that fits (the smallest on ties); depth 1 when none fits, for the budget check to report."""
     choice = choices[name]
     best: tuple | None = None
     for depth in _depths(ctx, sum(p is _T for p in choice.blocks)):
         trial = Choice(choice.placement, choice.blocks, depth)
         outcome = ctx.evaluate({**choices, name: trial})
         if ctx.fits(outcome.peak):
-            key = (round(outcome.request_s, 9), abs(depth - 2), depth)
+            key = (round(outcome.request_s, 9), depth, depth)
             if best is None or key < best[0]:
                 best = (key, trial)
     if best is None:
@@ -383,16 +384,24 @@ class _Cand:
 
 
 def _dit_candidates(ctx: _Ctx, name: str) -> list[_Cand]:
-    """Streamed sets (the m smallest-class-eligible blocks, spread) × prefetch depths, with their times."""
+    """Streamed sets × prefetch depths, with their times.
+
+    A streamed set holds only blocks up to a size class (streaming only small blocks keeps the slots small), and
+    is spread over the call two ways: evenly by count, and with its bytes tracking the compute.
+    """
     part = ctx.parts[name]
     sizes = part.size.block_bytes
     n = len(sizes)
     sets = {(False,) * n}
     for threshold in size_classes(sizes):
         eligible = [i for i, b in enumerate(sizes) if b <= threshold]
+        mean = sum(sizes[i] for i in eligible) / len(eligible)
         for m in range(1, len(eligible) + 1):
-            chosen = set(spread_evenly(eligible, m, part.block_s))
-            sets.add(tuple(i in chosen for i in range(n)))
+            for chosen in (
+                spread_evenly(eligible, m, part.block_s),
+                spread_by_bytes(eligible, sizes, part.block_s, m * mean),
+            ):
+                sets.add(tuple(i in set(chosen) for i in range(n)))
     cands = []
     for flags in sorted(sets):
         streamed = [b for b, f in zip(sizes, flags, strict=True) if f]
@@ -424,12 +433,17 @@ def _fill(part: PartCost, cand: _Cand, cap: float) -> Choice:
     return Choice(_R if -1 in resident else _S, blocks, cand.depth)
 
 
-def _best_for_dit(ctx: _Ctx, choices: dict[str, Choice], name: str, table: list[_Cand]) -> Choice | None:
-    """The fastest feasible candidate for one DiT, the other components fixed; ``None`` if none fits."""
+def _best_for_dit(
+    ctx: _Ctx, choices: dict[str, Choice], name: str, table: list[_Cand], resident: bool = True
+) -> Choice | None:
+    """The fastest feasible candidate for one DiT, the other components fixed; ``None`` if none fits.
+
+    With ``resident``, kept pieces become resident as far as the other phases leave room; else all swapped.
+    """
     part = ctx.parts[name]
     raw = ctx.evaluate({**choices, name: _uniform(part, _S)}).raw_peaks
     others = max((v for p, v in raw.items() if p != name), default=0)
-    cap = math.inf if ctx.budget is None else ctx.budget - others
+    cap = 0 if not resident else math.inf if ctx.budget is None else ctx.budget - others
     const = sum(
         ctx.dit_time(d, choices[d])[0] for d, p in ctx.parts.items() if p.size.role == "dit" and d != name
     )
@@ -442,7 +456,7 @@ def _best_for_dit(ctx: _Ctx, choices: dict[str, Choice], name: str, table: list[
         choice = _fill(part, cand, cap)
         outcome = ctx.evaluate({**choices, name: choice})
         if ctx.fits(outcome.peak):
-            key = (round(outcome.request_s, 9), abs(cand.depth - 2) if cand.depth else 0, cand.depth)
+            key = (round(outcome.request_s, 9), cand.depth, cand.depth)
             if best is None or key < best[0]:
                 best = (key, choice)
     return best[1] if best is not None else None
@@ -465,6 +479,57 @@ def _combos(free: Sequence[str]) -> Iterable[frozenset[str]]:
             yield frozenset(free[:r])
 
 
+def _place_dits(
+    ctx: _Ctx, choices: dict[str, Choice], dits: list[str], tables: dict[str, list[_Cand]]
+) -> bool:
+    """Choose every DiT's candidate in ``choices`` (in place); False when some DiT cannot fit.
+
+    One DiT: exact over its candidates. Two DiTs (Wan 2.2's experts): exact over pairs, their kept pieces
+    swapped (a resident piece of one would sit in the other's phase too, and DiTs are exclusive anyway).
+    More: coordinate descent, swapped likewise.
+    """
+    if len(dits) == 1:
+        pick = _best_for_dit(ctx, choices, dits[0], tables[dits[0]])
+        choices.update({dits[0]: pick} if pick is not None else {})
+        return pick is not None
+    if len(dits) == 2:
+        return _place_pair(ctx, choices, dits[0], dits[1], tables)
+    for _ in range(2):
+        for d in dits:
+            pick = _best_for_dit(ctx, choices, d, tables[d], resident=False)
+            if pick is None:
+                return False
+            choices[d] = pick
+    return True
+
+
+def _place_pair(
+    ctx: _Ctx, choices: dict[str, Choice], first: str, second: str, tables: dict[str, list[_Cand]]
+) -> bool:
+    raw = ctx.evaluate({**choices, first: _uniform(ctx.parts[first], _S)}).raw_peaks[first]
+    floor = min(c.dit_s for c in tables[second])
+    best: tuple | None = None
+    for cand in sorted(tables[first], key=lambda c: c.dit_s):
+        if best is not None and cand.dit_s + floor > best[0][0] + 1e-9:
+            break  # loads only add time: nothing later can win
+        if not ctx.fits(raw - cand.streamed_bytes + cand.slot_bytes):
+            continue
+        trial = {**choices, first: _fill(ctx.parts[first], cand, 0)}
+        pick = _best_for_dit(ctx, trial, second, tables[second], resident=False)
+        if pick is not None:
+            trial[second] = pick
+            outcome = ctx.evaluate(trial)
+            key = (
+                round(outcome.request_s, 9),
+                sum(abs(c.depth - 2) for c in (trial[first], pick) if c.depth),
+            )
+            if best is None or key < best[0]:
+                best = (key, trial)
+    if best is not None:
+        choices.update(best[1])
+    return best is not None
+
+
 def _plan_auto(ctx: _Ctx) -> dict[str, Choice]:
     """The fastest placement within the budget (see the module docstring)."""
     everything = {n: _uniform(p, _R) for n, p in ctx.parts.items()}
@@ -484,19 +549,9 @@ def _plan_auto(ctx: _Ctx) -> dict[str, Choice]:
         choices = dict(everything)
         choices.update({n: _uniform(ctx.parts[n], _R if n in combo else _S) for n in free})
         choices.update({d: _leanest(ctx, d, tables[d]) for d in dits})
-        feasible = True
-        for _ in range(2 if len(dits) > 1 else 1):  # coordinate descent over several DiTs
-            for d in dits:
-                pick = _best_for_dit(ctx, choices, d, tables[d])
-                if pick is None:
-                    feasible = False
-                    break
-                choices[d] = pick
-            if not feasible:
-                break
-        if feasible:
+        if _place_dits(ctx, choices, dits, tables):
             outcome = ctx.evaluate(choices)
-            key = (round(outcome.request_s, 9), sum(abs(c.depth - 2) for c in choices.values() if c.depth))
+            key = (round(outcome.request_s, 9), sum(c.depth for c in choices.values() if c.depth))
             if best is None or key < best[0]:
                 best = (key, choices)
     if best is None:
@@ -510,8 +565,9 @@ def _plan_auto(ctx: _Ctx) -> dict[str, Choice]:
 # -- reporting -------------------------------------------------------------------------------------------------
 
 
-def _gib(nbytes: float) -> str:
-    return f"{nbytes / 2**30:.2f} GiB"
+def _gib(nbytes: float, up: bool = False) -> str:
+    value = math.ceil(nbytes / 2**30 * 100) / 100 if up else nbytes / 2**30
+    return f"{value:.2f} GiB"
 
 
 def _phase_items(ctx: _Ctx, choices: Mapping[str, Choice], phase: str) -> list[tuple[str, int]]:
@@ -539,7 +595,7 @@ def _budget_error(ctx: _Ctx, choices: Mapping[str, Choice]) -> BudgetError:
     phase = max(outcome.raw_peaks, key=outcome.raw_peaks.__getitem__)
     held = " + ".join(f"{label} {_gib(n)}" for label, n in _phase_items(ctx, choices, phase) if n)
     mode = ctx.config.mode
-    fixes = [f"raise vram_budget to at least {_gib(outcome.peak)}", "free device memory"]
+    fixes = [f"raise vram_budget to at least {_gib(outcome.peak, up=True)}", "free device memory"]
     if mode is not OffloadMode.AUTO:
         fixes.append("use mode='auto', which streams and swaps to fit the budget")
     if phase == ENCODER_PHASE:
@@ -554,7 +610,7 @@ def _budget_error(ctx: _Ctx, choices: Mapping[str, Choice]) -> BudgetError:
         fixes.append("lower the resolution or batch to shrink the activations")
     phase_name = "text-encoder" if phase == ENCODER_PHASE else "VAE" if phase == VAE_PHASE else f"{phase!r}"
     return BudgetError(
-        f"{ctx.inventory.pipeline_class}: vram_budget {_gib(ctx.budget or 0)} is below the {_gib(outcome.peak)} "
+        f"{ctx.inventory.pipeline_class}: vram_budget {_gib(ctx.budget or 0)} is below the {_gib(outcome.peak, up=True)} "
         f"that mode '{mode}' needs at the least; its {phase_name} phase holds {held}. "
         f"Fix: {'; or '.join(fixes)}."
     )

@@ -48,6 +48,7 @@ class Runtime:
         order: list[str],
         prefetch: bool,
         verify: bool,
+        prefetch_conflicting: bool = False,
     ) -> None:
         self.modules = modules
         self.plan = plan
@@ -59,7 +60,7 @@ class Runtime:
         self.shared: Unit | None = None
         self.verify = verify
         self._build_units()
-        self.scheduler = SwapScheduler(self.mover, self.states, order, budget, prefetch)
+        self.scheduler = SwapScheduler(self.mover, self.states, order, budget, prefetch, prefetch_conflicting)
         self._load_resident()
         self._install_hooks()
 

@@ -66,18 +66,20 @@ class Mover:
             self.counters.copy_seconds += time.perf_counter() - t0
             self._finish(unit, buffer)
             return
-        compute = self.compute_stream()
+        if slot is None:
+            # Allocated from the compute stream's pool, so that once dropped its memory serves activations
+            # too (a copy-stream pool would sit beside it and inflate reserved memory). record_stream tells
+            # the caching allocator that the copy stream writes it, so it is not reused before the copy lands.
+            buffer = torch.empty(unit.nbytes, dtype=torch.uint8, device=self.device)
+            buffer.record_stream(self.copy_stream)
+            # The buffer may reuse memory the compute stream just released: copy only after that work.
+            self.copy_stream.wait_stream(self.compute_stream())
+        else:
+            buffer = slot
         with torch.cuda.stream(self.copy_stream):
             if after is not None:
                 # The slot is overwritten only once the compute stream is done with its previous occupant.
                 self.copy_stream.wait_event(after)
-            if slot is None:
-                # Allocated on the copy stream; record_stream below tells the caching allocator that the
-                # compute stream uses it too, so it is not reused before that work is done.
-                buffer = torch.empty(unit.nbytes, dtype=torch.uint8, device=self.device)
-                buffer.record_stream(compute)
-            else:
-                buffer = slot
             start = torch.cuda.Event(enable_timing=True) if self.timing else None
             if start is not None:
                 start.record(self.copy_stream)

@@ -64,6 +64,8 @@ class SwapScheduler:
         order: the order a request runs components in (for prefetch); empty = learn it from the first request.
         budget: device bytes available for weights; ``None`` = no limit besides the exclusion rules.
         prefetch: load the next component while the current one computes.
+        prefetch_conflicting: prefetch also a component that excludes one on the device now (it is evicted
+            when the prefetched one runs); only when the budget was given explicitly.
     """
 
     def __init__(
@@ -73,6 +75,7 @@ class SwapScheduler:
         order: list[str],
         budget: int | None,
         prefetch: bool,
+        prefetch_conflicting: bool = False,
     ) -> None:
         self.mover = mover
         self.components = components
@@ -81,6 +84,7 @@ class SwapScheduler:
         self.learning = not self.order
         self.budget = budget
         self.prefetch = prefetch
+        self.prefetch_conflicting = prefetch_conflicting
         self.clock = 0
         self.trace: list[tuple[str, str]] = []  # (event, component) for tests and debugging
         self.keep_trace = False
@@ -173,6 +177,9 @@ class SwapScheduler:
         index = self.order.index(comp.name)
         nxt = self.by_name[self.order[(index + 1) % len(self.order)]]
         if nxt is comp or nxt.swap is None or nxt.swap.on_device:
+            return
+        if not self.prefetch_conflicting and any(c.loaded and c.swap is not None for c in self.conflicts(nxt)):
+            # Without an explicit budget the mode's promise holds: exclusive groups never share the device.
             return
         if self.budget is not None and self.loaded_bytes() + nxt.swap_bytes + nxt.stream_bytes > self.budget:
             return
