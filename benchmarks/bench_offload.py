@@ -261,6 +261,56 @@ def wan_layerwise(bw: float, frames: int) -> None:
     handle.remove()
 
 
+def auto(bw: float) -> None:
+    """FLUX.1-dev-sized pipeline under VRAM budgets: the step time comes from two request lengths (no sync)."""
+    from fullsize import flux_pipeline
+
+    s = "auto"
+    pipe = flux_pipeline()
+    call = dict(prompt="a photo of a cat", height=1024, width=1024, guidance_scale=3.5, output_type="latent")
+
+    def request(steps: int):
+        return lambda: pipe(**call, num_inference_steps=steps, generator=torch.Generator().manual_seed(0))
+
+    def step_time() -> float:
+        with torch.inference_mode():
+            timed(request(4), 1)
+            long, short = min(timed(request(16), 2)), min(timed(request(4), 2))
+        return (long - short) / 12
+
+    log(s, "resident_step_s", round(step_time(), 4))
+    pipe.to("cpu")
+    for budget in (8, 12, 16, 20, 24):
+        free_all()
+        torch.cuda.reset_peak_memory_stats()
+        try:
+            handle = apply(pipe, vramferry.OffloadConfig(mode="auto", vram_budget=f"{budget}GB"))
+        except vramferry.OffloadError as exc:
+            log(s, f"{budget}GB_error", str(exc))
+            continue
+        plan = handle.plan
+        dit = plan.get("transformer")
+        log(
+            s,
+            f"{budget}GB_plan",
+            {
+                c.name: (c.placement.value, f"{c.streamed_blocks}/{len(c.blocks)} streamed")
+                for c in plan.components
+            },
+        )
+        log(s, f"{budget}GB_predicted_step_s", round(plan.predicted_step_s or 0, 4))
+        log(s, f"{budget}GB_predicted_peak_GB", round((plan.predicted_peak_bytes or 0) / GB, 2))
+        t = step_time()
+        log(s, f"{budget}GB_step_s", round(t, 4))
+        log(s, f"{budget}GB_step_over_resident", round(t / RESULTS[s]["resident_step_s"], 3))
+        log(s, f"{budget}GB_predicted_over_measured", round((plan.predicted_step_s or 0) / t, 3))
+        peaks(s, f"{budget}GB")
+        log(s, f"{budget}GB_within_budget", torch.cuda.max_memory_reserved() <= budget * GB)
+        log(s, f"{budget}GB_prefetch_depth", dit.prefetch_depth)
+        handle.remove()
+        pipe.to("cpu")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

@@ -137,7 +137,6 @@ def flux_inputs(tokens: int, device: str = "cuda") -> dict:
 
 def wan_transformer(device: str = "cuda") -> nn.Module:
     from diffusers import WanTransformer3DModel
-
     from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
 
     def build():

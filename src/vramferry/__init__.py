@@ -1,16 +1,30 @@
 """vramferry: run diffusion pipelines larger than the GPU, at the speed the hardware allows.
 
-    handle = vramferry.apply(pipe, vramferry.OffloadConfig(mode="auto", vram_budget="16GiB"))
-    image = pipe("a photo of a cat").images[0]
-    print(handle.stats())
-    handle.remove()
+handle = vramferry.apply(pipe, vramferry.OffloadConfig(mode="auto", vram_budget="16GiB"))
+image = pipe("a photo of a cat").images[0]
+print(handle.stats())
+handle.remove()
 """
 
+from .api import OffloadHandle, OffloadStats, apply
 from .config import OffloadConfig, OffloadMode
-from .errors import BudgetError, ConflictError, DeviceError, DiscoveryError, LoadError, OffloadError, PlanError
+from .discovery import discover
+from .errors import (
+    BudgetError,
+    ConflictError,
+    DeviceError,
+    DiscoveryError,
+    LoadError,
+    OffloadError,
+    PlanError,
+)
 from .protocol import SupportsModuleOffload
 
 __all__ = [
+    "apply",
+    "discover",
+    "OffloadHandle",
+    "OffloadStats",
     "OffloadConfig",
     "OffloadMode",
     "SupportsModuleOffload",

@@ -63,10 +63,19 @@ class QwenImageArchPipeline(ArchPipeline):
 
 
 def _finish(module: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """Cast to ``dtype`` as ``from_pretrained(torch_dtype=...)`` does, keeping ``_keep_in_fp32_modules`` in fp32."""
+    """Cast to ``dtype`` as ``from_pretrained(torch_dtype=...)`` does, keeping the fp32 modules it keeps.
+
+    diffusers keeps ``_keep_in_fp32_modules`` in fp32 for any dtype; transformers only for fp16, and
+    ``_keep_in_fp32_modules_strict`` for fp16 and bf16 (so T5's ``wo`` stays bf16 in a bf16 load).
+    """
     # nn.Module.to, not the diffusers override: the latter warns about exactly this cast.
     nn.Module.to(module, dtype=dtype)
-    keep = tuple(getattr(module, "_keep_in_fp32_modules", None) or ())
+    if hasattr(module, "_keep_in_fp32_modules_strict"):  # a transformers model
+        keep = tuple(getattr(module, "_keep_in_fp32_modules_strict", None) or ())
+        if dtype == torch.float16:
+            keep += tuple(getattr(module, "_keep_in_fp32_modules", None) or ())
+    else:
+        keep = tuple(getattr(module, "_keep_in_fp32_modules", None) or ())
     if keep:
         for name, child in module.named_modules():
             if any(part in keep for part in name.split(".")):
@@ -85,12 +94,16 @@ def _t5_xxl(vocab_size: int, umt5: bool) -> nn.Module:
     return T5EncoderModel(T5Config(vocab_size=vocab_size, **common))
 
 
-def build_flux1_dev(dtype: torch.dtype = torch.bfloat16) -> ArchPipeline:
-    """FLUX.1-dev: FluxTransformer2DModel (19 double + 38 single blocks), CLIP-L, T5-XXL, AutoencoderKL 16 ch."""
+def build_flux1_dev(dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "meta") -> ArchPipeline:
+    """FLUX.1-dev: FluxTransformer2DModel (19 double + 38 single blocks), CLIP-L, T5-XXL, AutoencoderKL 16 ch.
+
+    Every builder takes ``device``: ``"meta"`` (the default) allocates nothing; another device builds random
+    weights there (set torch's default dtype to ``dtype`` first to skip the fp32 intermediate).
+    """
     from diffusers import AutoencoderKL, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    with torch.device("meta"):
+    with torch.device(device):
         transformer = FluxTransformer2DModel(
             patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
             num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
@@ -117,11 +130,13 @@ def build_flux1_dev(dtype: torch.dtype = torch.bfloat16) -> ArchPipeline:
     )
 
 
-def build_wan21_t2v_14b(dtype: torch.dtype = torch.bfloat16) -> ArchPipeline:
+def build_wan21_t2v_14b(
+    dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "meta"
+) -> ArchPipeline:
     """Wan2.1-T2V-14B: WanTransformer3DModel (40 blocks, width 5120), UMT5-XXL, AutoencoderKLWan."""
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
 
-    with torch.device("meta"):
+    with torch.device(device):
         transformer = WanTransformer3DModel(
             patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16, out_channels=16,
             text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True,
@@ -137,7 +152,9 @@ def build_wan21_t2v_14b(dtype: torch.dtype = torch.bfloat16) -> ArchPipeline:
     )
 
 
-def build_qwen_image(dtype: torch.dtype = torch.bfloat16) -> ArchPipeline:
+def build_qwen_image(
+    dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "meta"
+) -> ArchPipeline:
     """Qwen-Image: QwenImageTransformer2DModel (60 blocks), Qwen2.5-VL-7B-Instruct, AutoencoderKLQwenImage."""
     from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
@@ -151,7 +168,7 @@ def build_qwen_image(dtype: torch.dtype = torch.bfloat16) -> ArchPipeline:
         patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
         fullatt_block_indexes=[7, 15, 23, 31], hidden_act="silu",
     )  # fmt: skip
-    with torch.device("meta"):
+    with torch.device(device):
         transformer = QwenImageTransformer2DModel(
             patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
             num_attention_heads=24, joint_attention_dim=3584, guidance_embeds=False, axes_dims_rope=(16, 56, 56),

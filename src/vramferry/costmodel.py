@@ -6,11 +6,13 @@ reference/peers.md §8 and §C):
 - **Tokens.** An image DiT sees ``(H / (f·p)) · (W / (f·p))`` latent tokens per sample (VAE factor ``f`` = 8,
   patch ``p`` = 2), plus the text tokens when text joins the same sequence (Flux, Qwen-Image). A video DiT
   multiplies by the latent frames ``((frames - 1) / f_t + 1) / p_t`` (Wan: ``f_t`` = 4, ``p_t`` = 1).
-- **Compute of one block, one call.** ``2·P·T·N / F + 4·T²·d·N / (F·a) + c0``: ``P`` parameters, ``T`` tokens
-  per sample, ``N`` samples in the call, ``d`` the model width, ``F`` the device's achieved bf16 FLOP/s,
-  ``a`` the attention efficiency relative to ``F`` and ``c0`` a fixed per-block cost (kernel launches, norms,
-  elementwise ops). Cross-attention DiTs add ``4·T·T_text·d·N / (F·a)``. A measured per-block time
-  (:attr:`Workload.block_compute_s`) replaces the estimate.
+- **Compute of one block, one call.** ``max(floor, 2·N·(P_main·T_main + P_text·T_text) / F + 4·T²·d·N / F_attn
+  + 12·T·N·(d + d_ffn)·itemsize / M)``: weights that see only the text (a dual-stream block's text stream,
+  cross-attention K/V) meet ``T_text`` tokens, adaLN modulation weights meet one token (left out), the rest meet
+  the image tokens (the whole sequence in a single-stream block); ``4·T²·d`` is self-attention (plus
+  ``4·T·T_text·d`` for cross-attention); the last term is ~12 passes of elementwise work over the activations
+  at memory bandwidth ``M``; ``floor`` is what the host needs to launch a block's kernels. A measured per-block
+  time (:attr:`Workload.block_compute_s`) replaces the estimate.
 - **Copies.** A streamed block of ``b`` bytes takes ``b / B`` on the copy engine (``B``: pinned host→device
   bandwidth) and costs the compute stream ``per_block_overhead_s`` when it is handed over; while copies run,
   compute is slowed by ``copy_contention`` (~1-2 % measured).
@@ -19,10 +21,20 @@ reference/peers.md §8 and §C):
   released by the block ``depth + 1`` streamed blocks earlier. With slack to spare this gives the textbook
   ``max(Σ compute, streamed bytes / B) + overheads``; when resident blocks bunch together, it shows the copy
   engine idling because no slot is free.
-- **Activations.** A DiT call holds about ``4 · T · N · (d + d_ffn) · itemsize`` bytes (fits the H100
-  anchors: Flux 1024² 0.57 GB predicted vs 0.53 GB measured; Wan 480p×81 4.96 GB vs 3.84 GB).
-  A VAE decode holds ``8 · H · W · frames_per_chunk · base_channels · itemsize`` (an estimate: a handful of
-  full-resolution tensors of the decoder's top width). A text encoder holds ``256 MiB + 2 %`` of its weights.
+- **Activations.** A DiT call holds about ``4 · T · N · (d + d_ffn) · itemsize`` bytes; a 2D VAE decode
+  ``10 · H · W · C · itemsize`` (``C``: the decoder's top width), a causal video VAE (Wan, Qwen-Image)
+  ``(10 + 13.5·f) · H · W · C · itemsize`` for ``f`` frames decoded at once (1 for an image, 4 for video); a
+  text encoder ``256 MiB + 1 %`` of its weights.
+
+Calibration (H100 80GB HBM3, torch 2.11, diffusers 0.42.1, random bf16 weights; per-block times with CUDA
+events): Flux.1-dev blocks 3.31 / 3.03 ms (double / single) at 1024², 7.9 / 7.3 at 1536², 15.8 / 15.0 at
+2048²; Qwen-Image 5.94 ms at 1328², 10.2 at 1664²; Wan2.1-14B 13.2 / 35.0 / 83.6 ms at 480×832 with 17 / 41 /
+81 frames. The fit (``F`` = 465, ``F_attn`` = 632 TFLOP/s, 12 passes at 3.0 TB/s) is within ±10 % of each,
+5.5 % rms. Below ~2k tokens the host sets the pace: Flux's blocks took 1.3-2.0 ms at 512², Qwen-Image's 3.3 ms
+at 768² and 1024² (``block_floor_s`` = 1.5 ms). Activations measured: Flux 1024² 0.49 GB, Qwen-Image 1328²
+0.65 GB, Wan 81 frames 3.73 GB (the formula gives 15-35 % more). VAE decodes: Flux 1024² 2.55 GB, Qwen-Image
+1328² 7.46 GB, Wan 480×832×81 4.70 GB. Text encoders: T5-XXL and UMT5-XXL at 512 tokens 0.24 GB, Qwen2.5-VL
+at 256 tokens 0.16 GB.
 """
 
 from __future__ import annotations
@@ -53,11 +65,11 @@ class DeviceProfile:
         name: a preset name or ``"custom"``.
         memory_bytes: device memory in bytes.
         h2d_bytes_per_s: achieved host→device bandwidth from pinned memory, bytes per second.
-        flops_per_s: achieved dense bf16 FLOP/s on a DiT's matmuls (an effective figure: it absorbs what the
-            simple ``2·P·T`` count gets wrong, see :func:`block_flops`).
+        flops_per_s: achieved bf16 FLOP/s of a DiT's linear layers.
         per_block_overhead_s: compute-stream time lost per streamed block and call (event wait, hand-over).
-        block_fixed_s: time per block and call that does not scale with FLOPs (launches, norms, elementwise).
-        attention_efficiency: attention kernels' throughput as a fraction of ``flops_per_s``.
+        attention_flops_per_s: achieved FLOP/s of attention; ``None``: ``flops_per_s`` × 1.36, the H100 ratio.
+        memory_bytes_per_s: achieved device-memory bandwidth (for elementwise work).
+        block_floor_s: the least time a block takes, set by the host launching its kernels.
         copy_contention: fractional compute slowdown while weight copies run beside it.
     """
 
@@ -66,16 +78,25 @@ class DeviceProfile:
     h2d_bytes_per_s: float
     flops_per_s: float
     per_block_overhead_s: float = 2.0e-4
-    block_fixed_s: float = 3.0e-4
-    attention_efficiency: float = 0.6
+    attention_flops_per_s: float | None = None
+    memory_bytes_per_s: float = 3.0e12
+    block_floor_s: float = 1.5e-3
     copy_contention: float = 0.015
 
     def __post_init__(self) -> None:
-        for name in ("memory_bytes", "h2d_bytes_per_s", "flops_per_s", "attention_efficiency"):
+        if self.attention_flops_per_s is None:
+            object.__setattr__(self, "attention_flops_per_s", _ATTENTION_RATIO * self.flops_per_s)
+        for name in (
+            "memory_bytes",
+            "h2d_bytes_per_s",
+            "flops_per_s",
+            "attention_flops_per_s",
+            "memory_bytes_per_s",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f"{name}: must be a positive number, got {value!r}")
-        for name in ("per_block_overhead_s", "block_fixed_s", "copy_contention"):
+        for name in ("per_block_overhead_s", "block_floor_s", "copy_contention"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise ValueError(f"{name}: must be a number ≥ 0, got {value!r}")
@@ -86,32 +107,30 @@ class DeviceProfile:
         return self.flops_per_s / self.h2d_bytes_per_s
 
 
-# Achieved bf16 FLOP/s relative to the dense tensor-core peak, fitted on the H100 anchors
-# (anchor_flux_h100.json: 0.182 s at 4608 tokens and 0.069 s at 1536 tokens; anchor_wan_h100.json: 2.977 s at
-# 32 760 tokens) with the formula of block_flops; other devices use the same fraction of their peak.
-_EFFICIENCY = 0.86
-_PEAK_BF16 = {
-    "h100": 989e12,
-    "h200": 989e12,
-    "a100": 312e12,
-    "l40s": 362e12,
-    "rtx4090": 165e12,
-    "rtx3090": 71e12,
-}
+# Achieved linear-layer and attention FLOP/s as fractions of the dense bf16 tensor-core peak, fitted on the
+# H100 (see the module docstring: 465 and 632 TFLOP/s of 989); other devices are assumed to reach the same
+# fractions of their peak, and ~90 % of their memory bandwidth.
+_LINEAR_FRACTION, _ATTENTION_RATIO = 0.47, 1.36
+
+
+def _preset(name: str, memory: int, h2d: float, peak_flops: float, memory_bandwidth: float) -> DeviceProfile:
+    flops = _LINEAR_FRACTION * peak_flops
+    return DeviceProfile(name, memory, h2d, flops, memory_bytes_per_s=0.9 * memory_bandwidth)
+
 
 PRESETS: dict[str, DeviceProfile] = {
-    # H100 80GB HBM3, PCIe Gen5 x16: pinned H2D 55.2 GB/s measured (anchor_flux_h100.json).
-    "h100": DeviceProfile("h100", 80 * GiB, 55.2e9, _EFFICIENCY * _PEAK_BF16["h100"]),
-    # H200 141 GB, PCIe Gen5 x16: same compute die as H100; ~55 GB/s pinned assumed (line rate ~64 GB/s).
-    "h200": DeviceProfile("h200", 140 * GiB, 55.0e9, _EFFICIENCY * _PEAK_BF16["h200"]),
+    # H100 80GB HBM3 (SXM), PCIe Gen5 x16: pinned H2D 55.2 GB/s measured (anchor_flux_h100.json).
+    "h100": _preset("h100", 80 * GiB, 55.2e9, 989e12, 3.35e12),
+    # H200 141 GB, PCIe Gen5 x16: the H100's compute die; ~55 GB/s pinned assumed (line rate ~64 GB/s).
+    "h200": _preset("h200", 140 * GiB, 55.0e9, 989e12, 4.8e12),
     # A100 80GB, PCIe Gen4 x16: ~25 GB/s pinned.
-    "a100": DeviceProfile("a100", 80 * GiB, 25.0e9, _EFFICIENCY * _PEAK_BF16["a100"]),
+    "a100": _preset("a100", 80 * GiB, 25.0e9, 312e12, 2.0e12),
     # L40S 48 GB, PCIe Gen4 x16: ~25 GB/s pinned.
-    "l40s": DeviceProfile("l40s", 46068 * 2**20, 25.0e9, _EFFICIENCY * _PEAK_BF16["l40s"]),
+    "l40s": _preset("l40s", 46068 * 2**20, 25.0e9, 362e12, 0.864e12),
     # RTX 4090 24 GB, PCIe Gen4 x16: 24.7 GB/s pinned (third-party measurement, peers.md §C).
-    "rtx4090": DeviceProfile("rtx4090", 24 * GiB, 24.7e9, _EFFICIENCY * _PEAK_BF16["rtx4090"]),
+    "rtx4090": _preset("rtx4090", 24 * GiB, 24.7e9, 165e12, 1.008e12),
     # RTX 3090 24 GB, PCIe Gen4 x16: ~24 GB/s pinned assumed.
-    "rtx3090": DeviceProfile("rtx3090", 24 * GiB, 24.0e9, _EFFICIENCY * _PEAK_BF16["rtx3090"]),
+    "rtx3090": _preset("rtx3090", 24 * GiB, 24.0e9, 71e12, 0.936e12),
 }
 DEFAULT_PROFILE = "h100"
 # Substrings of a device name (``torch.cuda.get_device_name()``) that select a preset, most specific first.
@@ -164,6 +183,7 @@ def profile_from(
         if isinstance(tflops, bool) or not isinstance(tflops, (int, float)) or tflops <= 0:
             raise ValueError(f"tflops: must be a positive number of TFLOP/s, got {tflops!r}")
         changes["flops_per_s"] = float(tflops) * 1e12
+        changes["attention_flops_per_s"] = None  # follows flops_per_s
     if memory is not None:
         changes["memory_bytes"] = parse_bytes(memory, what="memory")
         if changes["memory_bytes"] <= 0:
@@ -184,6 +204,8 @@ class DitShape:
         spatial_factor, patch: pixels per latent (VAE downsampling) and latents per token side.
         temporal_factor, temporal_patch: frames per latent frame and latent frames per token (video).
         joint_text: text tokens join the image sequence (Flux, Qwen-Image) rather than cross-attention (Wan).
+        text_bytes, mod_bytes: per block, the weight bytes that see only the text tokens (a dual-stream block's
+            text stream, cross-attention K/V) and only the timestep (adaLN modulation); empty when unknown.
     """
 
     hidden_size: int
@@ -193,6 +215,8 @@ class DitShape:
     temporal_factor: int = 1
     temporal_patch: int = 1
     joint_text: bool = True
+    text_bytes: tuple[int, ...] = ()
+    mod_bytes: tuple[int, ...] = ()
 
     @property
     def ffn(self) -> int:
@@ -201,10 +225,12 @@ class DitShape:
 
 @dataclass(frozen=True)
 class VaeShape:
-    """What a VAE decode's workspace depends on: its top-level width and how many frames it decodes at once."""
+    """What a VAE decode's workspace depends on: its top-level width, and for a causal video VAE (Wan's,
+    Qwen-Image's) how many frames it decodes at once."""
 
     base_channels: int = 128
     frames_per_chunk: int = 1
+    video: bool = False
 
 
 @dataclass(frozen=True)
@@ -325,7 +351,30 @@ def vae_shape_from_config(cfg: Mapping[str, Any]) -> VaeShape:
     """A VAE's decoder width (``base_dim`` or ``block_out_channels[0]``) and, for video VAEs, 4 frames a chunk."""
     base = cfg.get("base_dim") or (list(cfg.get("block_out_channels") or [128]) or [128])[0]
     video = "temperal_downsample" in cfg or "temporal_compression_ratio" in cfg
-    return VaeShape(int(base), 4 if video else 1)
+    return VaeShape(int(base), 4 if video else 1, video)
+
+
+# Parameter names of weights that see only the text tokens, and only the timestep (adaLN modulation).
+_TEXT_ONLY = re.compile(
+    r"(^|\.)(\w*context\w*|txt_\w+|add_[qkv]_proj|to_add_out|norm_added_\w+|attn2\.to_[kv])\."
+)
+_MODULATION = re.compile(r"(^|\.)(norm\w*\.linear|\w*_mod|adaLN\w*|scale_shift_table)(\.|$)")
+
+
+def token_split(blocks: Sequence[torch.nn.Module]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Per block, the bytes of text-only weights and of modulation weights, told apart by name."""
+    text, mod = [], []
+    for block in blocks:
+        t = m = 0
+        for name, p in block.named_parameters():
+            nbytes = p.numel() * p.element_size()
+            if _MODULATION.search(name):
+                m += nbytes
+            elif _TEXT_ONLY.search(name):
+                t += nbytes
+        text.append(t)
+        mod.append(m)
+    return tuple(text), tuple(mod)
 
 
 def size_classes(sizes: Sequence[int]) -> list[int]:
@@ -364,31 +413,61 @@ def spread_evenly(eligible: Sequence[int], m: int, weights: Sequence[float]) -> 
     return tuple(chosen)
 
 
-def block_flops(params: int, shape: DitShape, workload: Workload) -> tuple[float, float]:
+def spread_by_bytes(
+    eligible: Sequence[int], sizes: Sequence[int], weights: Sequence[float], target: float
+) -> tuple[int, ...]:
+    """Eligible blocks chosen in order so that the streamed bytes track the compute done so far.
+
+    Block ``i`` is streamed while the bytes streamed up to it stay within ``target × (compute up to i) / (all
+    compute)`` (half a block of slack): copies then need about as long as the compute around them, everywhere
+    in the call, which is what a few slots can sustain.
+    """
+    total = float(sum(weights)) or 1.0
+    allowed = set(eligible)
+    chosen, streamed, done = [], 0, 0.0
+    for i, (nbytes, weight) in enumerate(zip(sizes, weights, strict=True)):
+        done += weight
+        if i in allowed and streamed + nbytes / 2 <= target * done / total:
+            chosen.append(i)
+            streamed += nbytes
+    return tuple(chosen)
+
+
+def block_flops(
+    params: int, shape: DitShape, workload: Workload, text_params: int = 0, mod_params: int = 0
+) -> tuple[float, float]:
     """(linear FLOPs, attention FLOPs) of one block in one DiT call.
 
-    Linear: ``2·P·T·N``, as if every parameter met every token. That over-counts Flux's dual-stream blocks
-    (image and text weights each see only their own tokens) and Wan's cross-attention K/V (text tokens only);
-    the fitted ``flops_per_s`` absorbs it. Attention: ``4·T²·d·N`` for self-attention, plus ``4·T·T_text·d·N``
-    for cross-attention.
+    Linear: ``2·N·(P_main·T_main + P_text·T_text)``. Modulation weights (adaLN, ``mod_params``) see one token
+    and are left out; text-only weights (``text_params``) see the text tokens; the rest sees the image tokens
+    in a block that has text-only weights (dual-stream, cross-attention), else the whole sequence. With no
+    split known, every weight meets every token. Attention: ``4·T²·d·N`` for self-attention, plus
+    ``4·T·T_text·d·N`` for cross-attention.
     """
     seq = workload.sequence_of(shape)
     n = workload.batch
-    linear = 2.0 * params * seq * n
+    text = workload.text_tokens
+    main_tokens = seq - (text if shape.joint_text else 0) if text_params else seq
+    linear = 2.0 * n * ((params - text_params - mod_params) * main_tokens + text_params * text)
     attention = 4.0 * seq * seq * shape.hidden_size * n
     if not shape.joint_text:
-        attention += 4.0 * seq * workload.text_tokens * shape.hidden_size * n
+        attention += 4.0 * seq * text * shape.hidden_size * n
     return linear, attention
 
 
-def block_compute_s(params: int, shape: DitShape, workload: Workload, device: DeviceProfile) -> float:
+def block_compute_s(
+    params: int,
+    shape: DitShape,
+    workload: Workload,
+    device: DeviceProfile,
+    text_params: int = 0,
+    mod_params: int = 0,
+) -> float:
     """Estimated seconds of one block in one DiT call (see the module docstring)."""
-    linear, attention = block_flops(params, shape, workload)
-    return (
-        linear / device.flops_per_s
-        + attention / (device.flops_per_s * device.attention_efficiency)
-        + (device.block_fixed_s)
-    )
+    linear, attention = block_flops(params, shape, workload, text_params, mod_params)
+    elementwise = 12 * workload.sequence_of(shape) * workload.batch * (shape.hidden_size + shape.ffn) * 2
+    gpu = linear / device.flops_per_s + attention / device.attention_flops_per_s
+    return max(device.block_floor_s, gpu + elementwise / device.memory_bytes_per_s)
 
 
 def linear_compute_s(params: int, tokens: int, device: DeviceProfile) -> float:
@@ -403,16 +482,17 @@ def dit_activation_bytes(shape: DitShape, workload: Workload, itemsize: int = 2)
 
 
 def vae_workspace_bytes(shape: VaeShape, workload: Workload, itemsize: int = 2) -> int:
-    """Decode workspace of a VAE: ``8 · H · W · frames_per_chunk · base_channels · itemsize · batch``."""
+    """Decode workspace of a VAE: ``10·H·W·C·s`` (2D), ``(10 + 13.5·f)·H·W·C·s`` (causal video), times batch."""
+    pixels = workload.height * workload.width * shape.base_channels * itemsize * workload.batch
+    if not shape.video:
+        return int(10 * pixels)
     frames = shape.frames_per_chunk if workload.num_frames > 1 else 1
-    return int(
-        8 * workload.height * workload.width * frames * shape.base_channels * itemsize * workload.batch
-    )
+    return int((10 + 13.5 * frames) * pixels)
 
 
 def encoder_workspace_bytes(weight_bytes: int) -> int:
-    """Activation memory of a text encoder's forward: 256 MiB plus 2 % of its weights."""
-    return 256 * 2**20 + weight_bytes // 50
+    """Activation memory of a text encoder's forward: 256 MiB plus 1 % of its weights."""
+    return 256 * 2**20 + weight_bytes // 100
 
 
 def simulate_dit_calls(
@@ -539,7 +619,13 @@ def _dit_part(size: ComponentSize, calls: int, device: DeviceProfile, workload: 
     elif measured is not None:
         block_s = (float(measured),) * len(size.block_bytes)
     else:
-        block_s = tuple(block_compute_s(b // itemsize, shape, workload, device) for b in size.block_bytes)
+        n = len(size.block_bytes)
+        text = shape.text_bytes if len(shape.text_bytes) == n else (0,) * n
+        mod = shape.mod_bytes if len(shape.mod_bytes) == n else (0,) * n
+        block_s = tuple(
+            block_compute_s(b // itemsize, shape, workload, device, t // itemsize, m // itemsize)
+            for b, t, m in zip(size.block_bytes, text, mod, strict=True)
+        )
     tokens = workload.sequence_of(shape) * workload.batch
     rest = size.rest_bytes if size.block_bytes else size.bytes
     act = dit_activation_bytes(shape, workload, itemsize)

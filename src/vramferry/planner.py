@@ -14,6 +14,7 @@ less what cross-component prefetch hides) subject to that peak fitting the budge
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -44,6 +45,7 @@ from .costmodel import (
     size_classes,
     spread_by_bytes,
     spread_evenly,
+    token_split,
     vae_shape_from_config,
 )
 from .errors import BudgetError, PlanError
@@ -209,10 +211,12 @@ def _config_of(module: nn.Module) -> dict[str, Any]:
 
 
 def _shape_of(
-    role: str, module: nn.Module, block_bytes: Sequence[int], dtype: str
+    role: str, module: nn.Module, blocks: Sequence[nn.Module], block_bytes: Sequence[int], dtype: str
 ) -> DitShape | VaeShape | None:
     if role == "dit":
-        return dit_shape_from_config(_config_of(module), block_bytes, itemsize_of(dtype))
+        shape = dit_shape_from_config(_config_of(module), block_bytes, itemsize_of(dtype))
+        text, mod = token_split(blocks)
+        return dataclasses.replace(shape, text_bytes=text, mod_bytes=mod) if blocks else shape
     return vae_shape_from_config(_config_of(module)) if role == "vae" else None
 
 
@@ -239,7 +243,7 @@ def inventory_of(modules: PipelineModules, order: Sequence[str] | None = None) -
         total = sum(block_bytes) + _count([component.module], seen, by_dtype)
         dtype = max(by_dtype, key=by_dtype.get) if by_dtype else "torch.float32"
         role = str(getattr(component.role, "value", component.role))
-        shape = _shape_of(role, component.module, block_bytes, dtype)
+        shape = _shape_of(role, component.module, blocks, block_bytes, dtype)
         names = tuple(blockset.names) if blockset is not None else ()
         sizes.append(ComponentSize(component.name, role, total, dtype, names, block_bytes, shape))
     if order is None:
@@ -354,14 +358,14 @@ def _depths(ctx: _Ctx, streamed: int) -> tuple[int, ...]:
 
 
 def _best_depth(ctx: _Ctx, choices: dict[str, Choice], name: str) -> Choice:
-    """The fastest depth that fits (the smallest on ties); depth 1 when none fits, for the budget check to report."""
+    """The fastest depth that fits (the fewest slots on ties); depth 1 when none fits, for the error to report."""
     choice = choices[name]
     best: tuple | None = None
     for depth in _depths(ctx, sum(p is _T for p in choice.blocks)):
         trial = Choice(choice.placement, choice.blocks, depth)
         outcome = ctx.evaluate({**choices, name: trial})
         if ctx.fits(outcome.peak):
-            key = (round(outcome.request_s, 9), depth, depth)
+            key = (round(outcome.request_s, 9), depth)
             if best is None or key < best[0]:
                 best = (key, trial)
     if best is None:
@@ -456,7 +460,7 @@ def _best_for_dit(
         choice = _fill(part, cand, cap)
         outcome = ctx.evaluate({**choices, name: choice})
         if ctx.fits(outcome.peak):
-            key = (round(outcome.request_s, 9), cand.depth, cand.depth)
+            key = (round(outcome.request_s, 9), cand.depth)
             if best is None or key < best[0]:
                 best = (key, choice)
     return best[1] if best is not None else None
@@ -519,10 +523,7 @@ def _place_pair(
         if pick is not None:
             trial[second] = pick
             outcome = ctx.evaluate(trial)
-            key = (
-                round(outcome.request_s, 9),
-                sum(abs(c.depth - 2) for c in (trial[first], pick) if c.depth),
-            )
+            key = (round(outcome.request_s, 9), trial[first].depth + pick.depth)
             if best is None or key < best[0]:
                 best = (key, trial)
     if best is not None:
@@ -551,7 +552,7 @@ def _plan_auto(ctx: _Ctx) -> dict[str, Choice]:
         choices.update({d: _leanest(ctx, d, tables[d]) for d in dits})
         if _place_dits(ctx, choices, dits, tables):
             outcome = ctx.evaluate(choices)
-            key = (round(outcome.request_s, 9), sum(c.depth for c in choices.values() if c.depth))
+            key = (round(outcome.request_s, 9), sum(c.depth for c in choices.values()))
             if best is None or key < best[0]:
                 best = (key, choices)
     if best is None:
@@ -645,6 +646,15 @@ def _notes(
     return notes
 
 
+def default_workload(inventory: Inventory) -> Workload:
+    """The request to plan for when none is given: 480×832, 81 frames, 50 steps with two CFG calls for a video
+    DiT (Wan's defaults); 1024², 28 steps, one call per step otherwise (Flux.1-dev's)."""
+    video = any(isinstance(c.shape, DitShape) and c.shape.temporal_factor > 1 for c in inventory.components)
+    if video:
+        return Workload(height=480, width=832, num_frames=81, cfg=2, steps=50)
+    return Workload()
+
+
 def plan(
     inventory: Inventory,
     config: OffloadConfig,
@@ -661,7 +671,7 @@ def plan(
             ``prefetch_components`` are read.
         device: the device's speeds and memory (:func:`~vramferry.costmodel.profile_from`); default: the h100
             preset for timings, and no memory limit of its own.
-        workload: the request the plan is sized for; default ``Workload()`` (1024², 28 steps).
+        workload: the request the plan is sized for; default :func:`default_workload`.
         free_bytes: free device memory now; the base of ``"80%"`` and of an unset budget.
 
     Returns:
@@ -672,7 +682,7 @@ def plan(
         PlanError: a relative budget without a known memory, or measured block times that do not match.
     """
     profile = device if device is not None else PRESETS[DEFAULT_PROFILE]
-    work = workload if workload is not None else Workload()
+    work = workload if workload is not None else default_workload(inventory)
     budget, budget_text = resolve_budget(config, device=device, free_bytes=free_bytes)
     ctx = _Ctx(inventory, config, profile, work, budget)
     choices = _plan_auto(ctx) if config.mode is OffloadMode.AUTO else _plan_fixed(ctx)

@@ -75,7 +75,9 @@ class Runtime:
                 raise PlanError(
                     f"{name}: the plan places {len(cplan.blocks)} blocks but discovery found {len(blockset.blocks)}"
                 )
-            for block_name, block, placement in zip(blockset.names, blockset.blocks, cplan.blocks, strict=True):
+            for block_name, block, placement in zip(
+                blockset.names, blockset.blocks, cplan.blocks, strict=True
+            ):
                 pieces.exclude.add(id(block))
                 if placement is Placement.STREAMED:
                     pieces.streamed.append((block_name, block))

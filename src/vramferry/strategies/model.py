@@ -178,7 +178,9 @@ class SwapScheduler:
         nxt = self.by_name[self.order[(index + 1) % len(self.order)]]
         if nxt is comp or nxt.swap is None or nxt.swap.on_device:
             return
-        if not self.prefetch_conflicting and any(c.loaded and c.swap is not None for c in self.conflicts(nxt)):
+        if not self.prefetch_conflicting and any(
+            c.loaded and c.swap is not None for c in self.conflicts(nxt)
+        ):
             # Without an explicit budget the mode's promise holds: exclusive groups never share the device.
             return
         if self.budget is not None and self.loaded_bytes() + nxt.swap_bytes + nxt.stream_bytes > self.budget:

@@ -1,0 +1,726 @@
+"""The ``vramferry`` command: ``plan``, ``generate``, ``bench`` and ``serve``.
+
+Every offload flag maps to one :class:`~vramferry.config.OffloadConfig` field through :data:`OFFLOAD_FLAGS`, the
+single option group that all commands share; ``--config FILE.json`` loads a saved config and flags override it.
+Library errors become one ``error: ...`` line on stderr and exit code 2 (tracebacks with ``--debug``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from .config import OffloadConfig, OffloadMode
+from .errors import OffloadError
+
+logger = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    """A bad command line: reported as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argparse parser whose errors are one line (``error: ...``), without the usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+# -- the shared offload option group --------------------------------------------------------------------------
+
+
+def _comma_list(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _block_attrs(text: str) -> tuple[str, tuple[str, ...]]:
+    dit, sep, attrs = text.partition("=")
+    if not sep or not dit.strip() or not _comma_list(attrs):
+        raise argparse.ArgumentTypeError(f"expected DIT=ATTR[,ATTR...], got {text!r}")
+    return dit.strip(), _comma_list(attrs)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number ≥ 1, got {value}")
+    return value
+
+
+_BOOL = argparse.BooleanOptionalAction
+
+OFFLOAD_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "mode": (
+        "--offload",
+        {"choices": [m.value for m in OffloadMode], "help": "placement strategy (default: auto)"},
+    ),
+    "vram_budget": (
+        "--vram-budget",
+        {"metavar": "SIZE", "help": "device memory the pipeline may use: 24GiB, 16GB, 80%% of free memory"},
+    ),
+    "onload_device": (
+        "--onload-device",
+        {"metavar": "DEVICE", "help": "execution device (default: cuda; cpu when CUDA is unavailable)"},
+    ),
+    "pin_memory": ("--pin-memory", {"action": _BOOL, "help": "page-locked host copies (default: on)"}),
+    "host_memory_limit": (
+        "--host-memory-limit",
+        {
+            "metavar": "SIZE",
+            "help": "most host bytes to page-lock; beyond it copies go through pageable memory",
+        },
+    ),
+    "prefetch_components": (
+        "--prefetch-components",
+        {"action": _BOOL, "help": "load the next component while the current one computes (default: on)"},
+    ),
+    "prefetch_depth": (
+        "--prefetch-depth",
+        {
+            "type": _positive_int,
+            "metavar": "N",
+            "help": "layerwise look-ahead in blocks (default: automatic)",
+        },
+    ),
+    "keep_resident": (
+        "--keep-resident",
+        {"type": _comma_list, "metavar": "NAMES", "help": "comma-separated components kept on the device"},
+    ),
+    "block_attrs": (
+        "--block-attrs",
+        {
+            "type": _block_attrs,
+            "action": "append",
+            "metavar": "DIT=ATTR[,ATTR]",
+            "help": "a DiT's block lists in execution order, overriding discovery (repeatable)",
+        },
+    ),
+    "safety_margin": (
+        "--safety-margin",
+        {"metavar": "SIZE", "help": "memory left free when no budget is given (default: 1GiB)"},
+    ),
+    "verify": (
+        "--verify",
+        {"action": _BOOL, "help": "check every module's weights are on the device before it runs"},
+    ),
+    "strict": ("--strict", {"action": _BOOL, "help": "turn discovery warnings into errors"}),
+}
+"""OffloadConfig field → (flag, argparse options). The only place where offload flags are spelled."""
+
+_DEST = "offload__"
+
+
+def add_offload_options(parser: argparse.ArgumentParser) -> None:
+    """Add ``--config`` and one flag per :class:`OffloadConfig` field (see :data:`OFFLOAD_FLAGS`)."""
+    group = parser.add_argument_group("offload (OffloadConfig fields; flags override --config)")
+    group.add_argument("--config", metavar="FILE.json", help="load an OffloadConfig saved as JSON")
+    for field_name, (flag, options) in OFFLOAD_FLAGS.items():
+        group.add_argument(flag, dest=_DEST + field_name, default=argparse.SUPPRESS, **options)
+
+
+def given_offload_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The offload fields set on the command line (not those from ``--config`` or defaults)."""
+    given = {name[len(_DEST) :]: value for name, value in vars(args).items() if name.startswith(_DEST)}
+    if "block_attrs" in given:
+        given["block_attrs"] = dict(given["block_attrs"])
+    return given
+
+
+def offload_config(args: argparse.Namespace) -> OffloadConfig:
+    """``--config`` (if any) with the flags on top, validated by :class:`OffloadConfig`."""
+    data: dict[str, Any] = {}
+    if getattr(args, "config", None):
+        path = Path(args.config)
+        try:
+            data = json.loads(path.read_text())
+        except OSError as exc:
+            raise UsageError(f"--config: cannot read {str(path)!r}: {exc.strerror}") from None
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"--config: {str(path)!r} is not JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise UsageError(f"--config: {str(path)!r} must hold a JSON object")
+    data.update(given_offload_options(args))
+    return OffloadConfig.from_dict(data)
+
+
+def fit_to_machine(config: OffloadConfig) -> OffloadConfig:
+    """Run on the CPU, with a one-line note, when the config targets CUDA and there is none."""
+    import torch
+
+    if config.device.type == "cuda" and not torch.cuda.is_available():
+        print("note: CUDA is not available; running on the CPU (onload_device='cpu')", file=sys.stderr)
+        return config.replace(onload_device="cpu")
+    return config
+
+
+# -- shared helpers ------------------------------------------------------------------------------------------
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        metavar="PATH_OR_ID",
+        help="diffusers pipeline folder or Hub id (default: the built-in demo)",
+    )
+    parser.add_argument(
+        "--dtype", help="weights' dtype: float32, float16 or bfloat16 (default: the model's own)"
+    )
+
+
+def load(args: argparse.Namespace) -> Any:
+    """The pipeline named by ``--model`` (the demo when absent), on the CPU."""
+    from .pipelines.loading import load_pipeline
+
+    if getattr(args, "verbose", False) or getattr(args, "debug", False):
+        return load_pipeline(args.model, dtype=args.dtype)
+    try:
+        from transformers.utils import logging as transformers_logging
+    except ImportError:
+        return load_pipeline(args.model, dtype=args.dtype)
+    # transformers warns on import about optional backends (torchvision) that pipelines here never use.
+    previous = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        return load_pipeline(args.model, dtype=args.dtype)
+    finally:
+        transformers_logging.set_verbosity(previous)
+
+
+def demo_defaults(args: argparse.Namespace) -> dict[str, Any]:
+    """The demo's prompt, size, steps and guidance when ``--model`` is absent, else nothing.
+
+    Keys are ``GenerationParams`` fields; the demo's other call arguments are under ``"extra"``.
+    """
+    if getattr(args, "model", None) is not None:
+        return {}
+    from .pipelines.demo import DEMO_DEFAULTS
+
+    names = {"num_inference_steps": "steps", "guidance_scale": "guidance", "num_frames": "frames"}
+    known = {"prompt", "negative_prompt", "height", "width", *names.values()}
+    defaults: dict[str, Any] = {"extra": {}}
+    for key, value in DEMO_DEFAULTS.items():
+        key = names.get(key, key)
+        if key in known:
+            defaults[key] = value
+        else:
+            defaults["extra"][key] = value
+    return defaults
+
+
+def apply_offload(pipeline: Any, config: OffloadConfig, params: Any = None) -> Any:
+    """``vramferry.api.apply(pipeline, config)``, sized for ``params`` (a ``GenerationParams``) when given.
+
+    Without the offload runtime, mode ``none`` falls back to a plain ``pipeline.to(device)`` (returns ``None``).
+    """
+    from . import api
+
+    apply = getattr(api, "apply", None)
+    if apply is None:
+        if config.mode is OffloadMode.NONE:
+            pipeline.to(config.onload_device)
+            return None
+        raise OffloadError(
+            f"--offload {config.mode.value}: the offload runtime is not available in this build"
+        )
+    workload = _request_workload(params) if params is not None else None
+    return apply(pipeline, config) if workload is None else apply(pipeline, config, workload=workload)
+
+
+def _request_workload(params: Any) -> Any:
+    """The cost model's ``Workload`` for one request, from what the request fixes."""
+    shape = {
+        "height": params.height,
+        "width": params.width,
+        "num_frames": params.frames,
+        "steps": params.steps,
+    }
+    shape = {key: value for key, value in shape.items() if value is not None}
+    if not shape:
+        return None
+    from .costmodel import Workload
+
+    return Workload(batch=params.n, **shape)
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``"1024x768"`` → ``(1024, 768)`` (width, height)."""
+    width, sep, height = text.lower().replace("×", "x").partition("x")
+    try:
+        size = (int(width), int(height)) if sep else None
+    except ValueError:
+        size = None
+    if size is None or min(size) < 1:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 1024x1024, got {text!r}")
+    return size
+
+
+# -- plan ----------------------------------------------------------------------------------------------------
+
+
+def _plan_source(args: argparse.Namespace, config: OffloadConfig) -> tuple[Any, Any, Any]:
+    """``(modules, inventory, workload)`` for ``--arch`` or ``--model`` (or the demo)."""
+    shape = {"height": args.height, "width": args.width, "num_frames": args.frames, "steps": args.steps}
+    shape = {key: value for key, value in shape.items() if value is not None}
+    if args.arch:
+        from .archs import get_arch
+
+        spec = get_arch(args.arch)
+        return spec.modules(), spec.inventory(), spec.with_workload(**shape)
+    from .api import pipeline_order
+    from .costmodel import Workload
+    from .discovery import discover
+    from .planner import inventory_of
+
+    pipeline = load(args)
+    modules = discover(pipeline, strict=config.strict, block_attrs=dict(config.block_attrs) or None)
+    inventory = inventory_of(modules, pipeline_order(pipeline, modules))
+    defaults = demo_defaults(args)
+    base = {key: defaults[key] for key in ("height", "width", "steps") if key in defaults}
+    return modules, inventory, Workload(**{**base, **shape})
+
+
+def _device_profile(args: argparse.Namespace) -> Any:
+    if not (args.gpu or args.bandwidth or args.tflops or args.gpu_memory):
+        return None
+    from .costmodel import profile_from
+
+    return profile_from(gpu=args.gpu, bandwidth=args.bandwidth, tflops=args.tflops, memory=args.gpu_memory)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .report import discovery_report, format_discovery
+
+    if args.arch == "list":
+        from .archs import ARCHS
+
+        width = max(len(name) for name in ARCHS)
+        print("\n".join(f"{name.ljust(width)}  {spec.description}" for name, spec in ARCHS.items()))
+        return EXIT_OK
+    config = offload_config(args)
+    modules, inventory, workload = _plan_source(args, config)
+    data = discovery_report(modules, inventory)
+    wants_plan = bool(given_offload_options(args) or args.config or _device_profile(args))
+    text = format_discovery(data)
+    if wants_plan:
+        from .planner import format_plan, plan, plan_to_dict
+
+        result = plan(inventory, config, device=_device_profile(args), workload=workload)
+        data["config"] = config.to_dict()
+        data["workload"] = dataclasses.asdict(workload)
+        data["plan"] = plan_to_dict(result)
+        text += "\n\n" + format_plan(result, inventory)
+    print(json.dumps(data, indent=2, default=str) if args.json else text)
+    return EXIT_OK
+
+
+# -- generate ------------------------------------------------------------------------------------------------
+
+
+def _params(args: argparse.Namespace, defaults: dict[str, Any]) -> Any:
+    from .server.generation import GenerationParams
+
+    size = args.size or (defaults.get("width"), defaults.get("height"))
+    prompt = args.prompt if args.prompt is not None else defaults.get("prompt")
+    if not prompt:
+        raise UsageError("--prompt is required with --model")
+    return GenerationParams(
+        prompt=prompt,
+        negative_prompt=args.negative_prompt
+        if args.negative_prompt is not None
+        else defaults.get("negative_prompt"),
+        steps=args.steps if args.steps is not None else defaults.get("steps"),
+        width=size[0],
+        height=size[1],
+        guidance=args.guidance if args.guidance is not None else defaults.get("guidance"),
+        seed=args.seed,
+        frames=args.frames if args.frames is not None else defaults.get("frames"),
+        extra=defaults.get("extra", {}),
+    )
+
+
+class _Progress:
+    """A tqdm bar over denoising steps, fed by the pipeline's ``callback_on_step_end``."""
+
+    def __init__(self, pipeline: Any, enabled: bool, total: int | None = None) -> None:
+        from tqdm.auto import tqdm
+
+        from .server.generation import call_parameters, disable_progress_bar
+
+        self.bar = None
+        if enabled and "callback_on_step_end" in call_parameters(pipeline):
+            disable_progress_bar(pipeline)  # ours replaces the pipeline's own bar
+            self.bar = tqdm(desc="denoising", total=total, unit="step", file=sys.stderr, leave=True)
+        elif not enabled:
+            disable_progress_bar(pipeline)
+
+    def __call__(self, step: int, total: int) -> None:
+        if self.bar is not None:
+            self.bar.total = total
+            self.bar.update(step - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .report import PeakMemory, RunRecord, format_table
+    from .server.generation import generate, is_video_pipeline, save_outputs
+
+    config = fit_to_machine(offload_config(args))
+    pipeline = load(args)
+    params = _params(args, demo_defaults(args))
+    video = is_video_pipeline(pipeline)
+    out = Path(args.out or ("vramferry.gif" if video else "vramferry.png"))
+    handle = apply_offload(pipeline, config, params)
+    progress = _Progress(pipeline, enabled=not args.quiet, total=params.steps)
+    try:
+        with PeakMemory(config.device) as peak:
+            start = time.perf_counter()
+            outputs = generate(pipeline, params, on_step=progress)
+            seconds = time.perf_counter() - start
+    finally:
+        progress.close()
+    record = RunRecord(
+        label=config.mode.value,
+        device=str(config.device),
+        seconds=seconds,
+        peak_allocated=peak.allocated,
+        peak_reserved=peak.reserved,
+    )
+    if handle is not None:
+        record.apply_stats(handle.stats())
+    written = save_outputs(outputs, out)
+    shown = str(written[0]) if len(written) == 1 else f"{len(written)} files, {written[0]} ... {written[-1]}"
+    print(f"wrote {shown}")
+    print(format_table([record]))
+    return EXIT_OK
+
+
+# -- serve ---------------------------------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .server import ServerSettings, create_app
+
+    config = fit_to_machine(offload_config(args))
+    defaults = demo_defaults(args)
+    pipeline = load(args)
+    handle = apply_offload(pipeline, config)
+    has_size = "width" in defaults and "height" in defaults
+    settings = ServerSettings(
+        model_name=args.served_model_name or args.model or "vramferry-demo",
+        api_key=args.api_key or os.environ.get("VRAMFERRY_API_KEY") or None,
+        max_queue=args.max_queue,
+        timeout=args.timeout,
+        max_size=args.max_size,
+        default_size=(min(defaults["width"], args.max_size), min(defaults["height"], args.max_size))
+        if has_size
+        else None,
+        default_steps=defaults.get("steps"),
+        default_guidance=defaults.get("guidance"),
+        call_defaults=defaults.get("extra", {}),
+    )
+    app = create_app(pipeline, handle, settings)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and settings.api_key is None:
+        print(f"note: listening on {args.host} without an API key (--api-key)", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="debug" if args.debug else "info")
+    return EXIT_OK
+
+
+# -- bench ---------------------------------------------------------------------------------------------------
+
+
+def _runner(pipeline: Any, params: Any) -> Any:
+    from .server.generation import generate
+
+    return lambda: generate(pipeline, params)
+
+
+def _release_memory(pipeline: Any) -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def _bench_mode(pipeline: Any, params: Any, config: OffloadConfig, repeats: int) -> tuple[Any, list]:
+    from .report import measure
+
+    handle = apply_offload(pipeline, config, params)
+    try:
+        stats = handle.stats if handle is not None else None
+        record, trace = measure(config.mode.value, _runner(pipeline, params), config.device, repeats, stats)
+        if handle is not None and getattr(handle, "plan", None) is not None:
+            plan = handle.plan
+            record.extra["predicted_peak_bytes"] = plan.predicted_peak_bytes
+            record.extra["predicted_request_s"] = plan.predicted_request_s
+        return record, trace
+    finally:
+        if handle is not None:
+            handle.remove()
+        else:
+            pipeline.to("cpu")
+        _release_memory(pipeline)
+
+
+def _bench_diffusers(pipeline: Any, params: Any, device: Any, repeats: int) -> list[tuple[Any, list]]:
+    """diffusers' model offload, then its block-level group offload (left installed: it cannot be undone)."""
+    from .report import measure
+
+    results = []
+    if callable(getattr(pipeline, "enable_model_cpu_offload", None)):
+        pipeline.enable_model_cpu_offload(device=device)
+        results.append(measure("diffusers model offload", _runner(pipeline, params), device, repeats))
+        pipeline.remove_all_hooks()
+        pipeline.to("cpu")
+        _release_memory(pipeline)
+    if callable(getattr(pipeline, "enable_group_offload", None)):
+        pipeline.enable_group_offload(
+            onload_device=device, offload_type="block_level", num_blocks_per_group=1, use_stream=True
+        )
+        results.append(measure("diffusers group offload", _runner(pipeline, params), device, repeats))
+    return results
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from .report import format_table, plot_memory, write_json, write_markdown
+    from .server.generation import disable_progress_bar
+
+    if not torch.cuda.is_available():
+        print(
+            "error: vramferry bench needs a CUDA GPU, and none is visible (torch.cuda.is_available() is False)",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
+    if "mode" in given_offload_options(args):
+        raise UsageError("bench: choose the modes with --modes, not --offload")
+    modes = [OffloadMode(m) for m in _comma_list(args.modes)]
+    config = offload_config(args)
+    pipeline = load(args)
+    disable_progress_bar(pipeline)
+    params = _params(args, demo_defaults(args))
+    results = [_bench_mode(pipeline, params, config.replace(mode=mode), args.repeats) for mode in modes]
+    if args.diffusers:
+        results += _bench_diffusers(pipeline, params, config.device, args.repeats)
+    records = [record for record, _ in results]
+    out_dir = Path(args.out_dir)
+    command = "vramferry " + " ".join(sys.argv[1:]) if sys.argv[1:] else "vramferry bench"
+    meta = {
+        "command": command,
+        "model": args.model or "demo",
+        "config": config.to_dict(),
+        "params": vars(params),
+    }
+    title = f"vramferry bench: {type(pipeline).__name__}"
+    paths = [
+        write_json(out_dir / "bench.json", records, meta),
+        write_markdown(out_dir / "bench.md", records, title=title, command=command),
+        plot_memory(out_dir / "memory.png", {r.label: t for r, t in results}, title=title),
+    ]
+    print(format_table(records, detailed=True))
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return EXIT_OK if all(r.error is None for r in records) else EXIT_FAILURE
+
+
+# -- the parser and main -------------------------------------------------------------------------------------
+
+
+def _common() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    common.add_argument(
+        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log progress"
+    )
+    return common
+
+
+def _add_generation_options(parser: argparse.ArgumentParser, *, seed: int | None) -> None:
+    parser.add_argument("--prompt", help="what to generate (default with the demo: its prompt)")
+    parser.add_argument("--negative-prompt", help="what to steer away from")
+    parser.add_argument("--steps", type=_positive_int, help="denoising steps")
+    parser.add_argument(
+        "--size", type=parse_size, metavar="WxH", help="width x height in pixels, e.g. 1024x1024"
+    )
+    parser.add_argument("--seed", type=int, default=seed, help=f"random seed (default: {seed})")
+    parser.add_argument("--guidance", type=float, help="guidance scale")
+    parser.add_argument("--frames", type=_positive_int, help="frames, for video pipelines")
+
+
+def _add_plan(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "plan",
+        parents=[common],
+        help="show discovery and the placement plan (no GPU needed)",
+        description="Without a budget, GPU or mode: what discovery finds. With --vram-budget, --gpu, "
+        "--bandwidth/--tflops or --offload: also the plan, its predicted peak memory and time.",
+    )
+    source = p.add_mutually_exclusive_group()
+    source.add_argument(
+        "--model",
+        metavar="PATH_OR_ID",
+        help="diffusers pipeline folder or Hub id (default: the built-in demo)",
+    )
+    source.add_argument(
+        "--arch", metavar="NAME", help="a full-size architecture on the meta device; 'list' lists them"
+    )
+    p.add_argument("--dtype", help="weights' dtype: float32, float16 or bfloat16")
+    p.add_argument("--json", action="store_true", help="print the same as JSON")
+    p.add_argument("--gpu", help="a known GPU for the cost model (e.g. h100)")
+    p.add_argument("--bandwidth", metavar="RATE", help="host-to-device bandwidth, e.g. 55GB/s")
+    p.add_argument("--tflops", type=float, help="dense bf16 TFLOP/s of the GPU")
+    p.add_argument("--gpu-memory", metavar="SIZE", help="the GPU's memory, e.g. 80GiB")
+    p.add_argument("--height", type=_positive_int, help="image height in pixels")
+    p.add_argument("--width", type=_positive_int, help="image width in pixels")
+    p.add_argument("--frames", type=_positive_int, help="video frames")
+    p.add_argument("--steps", type=_positive_int, help="denoising steps per request")
+    add_offload_options(p)
+    p.set_defaults(handler=cmd_plan)
+
+
+def _add_generate(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "generate",
+        parents=[common],
+        help="prompt to image (or video) file, with the memory/time table",
+        description="Generate one image, or one video, and print mode, peak memory, time and bytes moved.",
+    )
+    _add_model_options(p)
+    _add_generation_options(p, seed=0)
+    p.add_argument(
+        "--out",
+        metavar="FILE",
+        help="output file (default vramferry.png). Images: any format Pillow writes, by suffix. Videos: "
+        "a .gif suffix writes an animated GIF (the default, vramferry.gif); any other suffix writes one PNG "
+        "per frame, FILE_0000.png, FILE_0001.png, ...",
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    add_offload_options(p)
+    p.set_defaults(handler=cmd_generate)
+
+
+def _add_bench(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "bench",
+        parents=[common],
+        help="the memory/time table across modes (needs a CUDA GPU)",
+        description="Run the same request under each mode in one process; write bench.json, bench.md "
+        "and memory.png (allocated GPU memory over time per mode) to --out-dir.",
+    )
+    _add_model_options(p)
+    _add_generation_options(p, seed=0)
+    p.add_argument("--modes", default="none,model,layerwise,auto", help="comma-separated offload modes")
+    p.add_argument("--diffusers", action="store_true", help="add diffusers' model and group offload rows")
+    p.add_argument("--repeats", type=_positive_int, default=2, help="steady runs per mode (median reported)")
+    p.add_argument("--out-dir", default="vramferry-bench", help="where the JSON, Markdown and plot go")
+    add_offload_options(p)
+    p.set_defaults(handler=cmd_bench)
+
+
+def _add_serve(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "serve",
+        parents=[common],
+        help="OpenAI-style image generation server",
+        description="Serve POST /v1/images/generations, GET /v1/models, /health and /metrics.",
+    )
+    _add_model_options(p)
+    p.add_argument("--served-model-name", help="the id in /v1/models (default: --model, or vramferry-demo)")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)"
+    )
+    p.add_argument("--port", type=int, default=8091, help="port (default: 8091)")
+    p.add_argument(
+        "--api-key", help="require 'Authorization: Bearer KEY' (default: $VRAMFERRY_API_KEY, if set)"
+    )
+    p.add_argument(
+        "--max-queue", type=_positive_int, default=8, help="waiting requests before 429 (default: 8)"
+    )
+    p.add_argument(
+        "--timeout", type=float, default=300.0, help="seconds per request before 504 (default: 300)"
+    )
+    p.add_argument("--max-size", type=_positive_int, default=2048, help="largest image side (default: 2048)")
+    add_offload_options(p)
+    p.set_defaults(handler=cmd_serve)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``vramferry`` parser with its four commands."""
+    from . import __version__
+
+    parser = _Parser(prog="vramferry", description="Run diffusion pipelines larger than the GPU.")
+    parser.add_argument("--version", action="version", version=f"vramferry {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+    common = _common()
+    for add in (_add_plan, _add_generate, _add_bench, _add_serve):
+        add(sub, common)
+    return parser
+
+
+def _configure_logging(verbose: bool, debug: bool) -> None:
+    level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
+    root = logging.getLogger("vramferry")
+    root.setLevel(level)
+    if not any(getattr(h, "_vramferry", False) for h in root.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        handler._vramferry = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line ``argv`` (default: ``sys.argv[1:]``); returns the exit code."""
+    args = build_parser().parse_args(argv)
+    _configure_logging(args.verbose, args.debug)
+    try:
+        return args.handler(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if args.debug:
+            raise
+        return _report(exc)
+
+
+def _report(exc: Exception) -> int:
+    """One line on stderr for an error; the exit code."""
+    import torch
+
+    if isinstance(exc, torch.OutOfMemoryError):
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(
+            f"error: out of device memory ({first}); try a smaller --vram-budget or --offload layerwise",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
+    if isinstance(exc, (OffloadError, ValueError, UsageError)):
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if isinstance(exc, ImportError):
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(f"error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", file=sys.stderr)
+    return EXIT_FAILURE

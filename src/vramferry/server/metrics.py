@@ -1,0 +1,90 @@
+"""Prometheus metrics of one server, in a registry of its own (so several apps can live in one process)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+
+
+class ServerMetrics:
+    """Requests by status, latency, queue depth, device memory peaks and weight bytes moved."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "vramferry_requests",
+            "Image generation requests answered, by HTTP status.",
+            ["status"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "vramferry_request_latency_seconds",
+            "Time from receiving an image generation request to answering it.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.generation = Histogram(
+            "vramferry_generation_seconds",
+            "Time the worker spent running the pipeline for one request.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.images = Counter("vramferry_images_generated", "Images generated.", registry=r)
+        self.queue_depth = Gauge("vramferry_queue_depth", "Requests waiting for the worker.", registry=r)
+        self.in_progress = Gauge(
+            "vramferry_requests_running", "Requests the worker is running (0 or 1).", registry=r
+        )
+        self.peak_memory = Gauge(
+            "vramferry_peak_memory_bytes",
+            "Device memory peak since the server started.",
+            ["kind"],
+            registry=r,
+        )
+        self.bytes_moved = Counter(
+            "vramferry_weight_bytes_moved",
+            "Weight bytes copied host to device by the offload runtime.",
+            registry=r,
+        )
+        self.h2d_gbps = Gauge("vramferry_h2d_gbps", "Achieved host-to-device bandwidth, GB/s.", registry=r)
+        self._peaks = {"allocated": 0, "reserved": 0}
+        for kind in self._peaks:
+            self.peak_memory.labels(kind=kind).set(0)
+        self._last_bytes = 0
+
+    def observe_request(self, status: int, seconds: float) -> None:
+        self.requests.labels(status=str(status)).inc()
+        self.latency.observe(seconds)
+
+    def observe_memory(self, allocated: int, reserved: int) -> None:
+        """Raise the peaks to these values where they are higher."""
+        for kind, value in (("allocated", allocated), ("reserved", reserved)):
+            self._peaks[kind] = max(self._peaks[kind], int(value))
+            self.peak_memory.labels(kind=kind).set(self._peaks[kind])
+
+    def observe_stats(self, stats: Any) -> None:
+        """Take the offload runtime's cumulative counters (an ``OffloadStats``)."""
+        data = stats.to_dict() if hasattr(stats, "to_dict") else dict(stats)
+        moved = int(data.get("bytes_h2d", 0))
+        # The runtime's counter is cumulative and may be reset; count only what is new.
+        delta = moved - self._last_bytes if moved >= self._last_bytes else moved
+        if delta > 0:
+            self.bytes_moved.inc(delta)
+        self._last_bytes = moved
+        self.h2d_gbps.set(float(data.get("h2d_gbps", 0.0)))
+        self.observe_memory(int(data.get("peak_allocated", 0)), int(data.get("peak_reserved", 0)))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

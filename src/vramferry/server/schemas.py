@@ -1,0 +1,174 @@
+"""Request and response bodies of the HTTP API (OpenAI images API, with vLLM-Omni's extensions)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model
+from pydantic_core import PydanticCustomError
+
+MAX_IMAGES_PER_REQUEST = 10
+MAX_STEPS = 200
+MAX_GUIDANCE = 20.0
+MAX_SEED = 2**32 - 1
+
+# "Not blank": a character outside JSON Schema's (ECMAScript's) \s. Python's \s also matches \x1c-\x1f and \x85, so
+# the class is spelled out; the server checks prompts with this same pattern.
+NOT_BLANK = r"[^\t\n\v\f\r \u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff]"
+
+
+def _json_integer(value: Any) -> Any:
+    # JSON Schema's "integer" is any number without a fractional part (108.0 too), but never a boolean or a string.
+    if isinstance(value, (bool, str)):
+        raise PydanticCustomError("int_type", "Input should be a valid integer")
+    return value
+
+
+def json_int(**bounds: int) -> Any:
+    """An integer as JSON Schema defines it (the rest of the request is parsed strictly), within ``bounds``.
+
+    The bounds come before the validator so that pydantic writes them into the schema as minimum/maximum.
+    """
+    return Annotated[int, Field(strict=False, **bounds), BeforeValidator(_json_integer)]
+
+
+class ImageGenerationRequest(BaseModel):
+    """``POST /v1/images/generations``.
+
+    Limits that depend on the served pipeline or the server's settings (prompt length, the size's bounds and the
+    multiple it must be of, the model name) are checked by the route, which names the field in its 400 answer.
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    prompt: str = Field(description="What to generate.")
+    model: str | None = Field(default=None, description="Must name the served model when given.")
+    n: json_int(ge=1, le=MAX_IMAGES_PER_REQUEST) = Field(default=1, description="Number of images.")
+    size: str | None = Field(
+        default=None,
+        description="'WIDTHxHEIGHT' in pixels, or 'auto' (the server's default size).",
+        examples=["512x512"],
+    )
+    response_format: Literal["b64_json"] = Field(default="b64_json", description="Only 'b64_json' is served.")
+    user: str | None = Field(default=None, description="Accepted for compatibility; ignored.")
+    negative_prompt: str | None = Field(default=None, description="What to steer away from.")
+    # Bounds go inside Annotated: on an optional field pydantic would not write them into the JSON schema.
+    num_inference_steps: json_int(ge=1, le=MAX_STEPS) | None = Field(
+        default=None, description="Denoising steps."
+    )
+    guidance_scale: Annotated[float, Field(ge=0.0, le=MAX_GUIDANCE, allow_inf_nan=False)] | None = Field(
+        default=None, description="Guidance scale."
+    )
+    seed: json_int(ge=0, le=MAX_SEED) | None = Field(
+        default=None,
+        description="Seed of the first image; image i uses seed + i. Random when omitted.",
+    )
+
+
+def request_model(
+    model_name: str, max_prompt_chars: int, sides: Sequence[int]
+) -> type[ImageGenerationRequest]:
+    """:class:`ImageGenerationRequest` with one server's limits written into its JSON schema.
+
+    The schema then says exactly what the server accepts (the served model's name, the prompt's length, the image
+    sides allowed), so schema-driven clients and fuzzers generate valid requests. The route still checks these
+    itself, with messages that name the field.
+    """
+    side = "|".join(str(value) for value in sides)
+    size_pattern = f"^(auto|({side})x({side}))$"
+    sizes = (
+        f"{sides[0]} to {sides[-1]} in steps of {sides[1] - sides[0]}" if len(sides) > 1 else str(sides[0])
+    )
+    return create_model(
+        "ImageGenerationRequest",
+        __base__=ImageGenerationRequest,
+        prompt=(
+            str,
+            Field(
+                min_length=1,
+                max_length=max_prompt_chars,
+                description="What to generate; not blank.",
+                json_schema_extra={"pattern": NOT_BLANK},
+            ),
+        ),
+        negative_prompt=(
+            str | None,
+            Field(default=None, max_length=max_prompt_chars, description="What to steer away from."),
+        ),
+        size=(
+            str | None,
+            Field(
+                default=None,
+                description=f"'WIDTHxHEIGHT' in pixels, each side {sizes}; or 'auto' (the server's default).",
+                json_schema_extra={"pattern": size_pattern},
+            ),
+        ),
+        model=(
+            str | None,
+            Field(
+                default=None,
+                description="Must name the served model when given.",
+                json_schema_extra={"enum": [model_name, None]},
+            ),
+        ),
+    )
+
+
+class ImageData(BaseModel):
+    b64_json: str = Field(description="The image, PNG, base64-encoded.")
+    revised_prompt: str | None = None
+
+
+class ImageGenerationResponse(BaseModel):
+    created: int = Field(description="Unix time of the answer.")
+    data: list[ImageData]
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "vramferry"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error body."""
+
+    error: ErrorDetail
+
+
+ERROR_RESPONSES: dict[int | str, dict] = {
+    400: {"model": ErrorResponse, "description": "Invalid request (the message names the field)."},
+    401: {"model": ErrorResponse, "description": "Missing or wrong API key."},
+    413: {"model": ErrorResponse, "description": "Request body too large."},
+    429: {
+        "model": ErrorResponse,
+        "description": "The queue is full; retry later.",
+        "headers": {
+            "Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "string"}}
+        },
+    },
+    500: {"model": ErrorResponse, "description": "The pipeline failed on this request."},
+    503: {
+        "model": ErrorResponse,
+        "description": "Out of device memory on this request, or the worker stopped.",
+    },
+    504: {"model": ErrorResponse, "description": "The request did not finish within the server's timeout."},
+}

@@ -1,0 +1,87 @@
+"""Fakes for the server tests: a pipeline that can be slow, blocked, or fail on purpose, and an offload handle."""
+
+from __future__ import annotations
+
+import inspect
+import threading
+from types import SimpleNamespace
+
+from PIL import Image
+
+
+class FakePipeline:
+    """A diffusers-shaped pipeline: one solid-colour image per generator, coloured by its seed.
+
+    ``gate``: when given, every call waits for it (after setting ``entered``); while it waits it calls the step
+    callback (so a cancelled job aborts) when ``abortable``.
+    """
+
+    vae_scale_factor = 8
+
+    def __init__(self, gate: threading.Event | None = None, abortable: bool = True) -> None:
+        self.gate = gate
+        self.abortable = abortable
+        self.finished = 0
+        self.entered = threading.Event()
+        self.calls = 0
+        self.progress_disabled = False
+
+    def set_progress_bar_config(self, **kwargs) -> None:
+        self.progress_disabled = kwargs.get("disable", False)
+
+    def __call__(
+        self,
+        prompt,
+        negative_prompt=None,
+        num_inference_steps=2,
+        width=64,
+        height=64,
+        guidance_scale=3.5,
+        num_images_per_prompt=1,
+        generator=None,
+        output_type="pil",
+        callback_on_step_end=None,
+    ):
+        self.calls += 1
+        self.entered.set()
+        for step in range(num_inference_steps):
+            while self.gate is not None and not self.gate.wait(0.01):
+                if callback_on_step_end is not None and self.abortable:
+                    callback_on_step_end(self, step, 0, {})
+            if callback_on_step_end is not None:
+                callback_on_step_end(self, step, 0, {})
+        seeds = [g.initial_seed() for g in generator] if generator else [0] * num_images_per_prompt
+        self.finished += 1
+        colours = [(s % 251, (s * 7) % 253, (s * 13) % 255) for s in seeds]
+        return SimpleNamespace(images=[Image.new("RGB", (width, height), c) for c in colours])
+
+
+class FailingOnce:
+    """Wraps a pipeline; its first call raises ``error``, later calls run the pipeline."""
+
+    def __init__(self, inner, error: BaseException) -> None:
+        self.inner = inner
+        self.error = error
+        self.failures = 0
+        self.__signature__ = inspect.signature(inner)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __call__(self, **kwargs):
+        if self.failures == 0:
+            self.failures += 1
+            raise self.error
+        return self.inner(**kwargs)
+
+
+class FakeHandle:
+    def __init__(self) -> None:
+        from vramferry.api import OffloadStats
+
+        self.value = OffloadStats(mode="layerwise", bytes_h2d=0, h2d_gbps=0.0)
+
+    def stats(self):
+        self.value.bytes_h2d += 1000
+        self.value.h2d_gbps = 42.0
+        return self.value
