@@ -122,6 +122,16 @@ class Mover:
         unit.device_buffer = None
         unit.ready_event = None
 
+    def release_cached(self) -> None:
+        """Return the caching allocator's free segments to the device.
+
+        Called only at component switches (once or twice a request, never per block): the segment that held
+        an evicted component is otherwise kept for allocations of its size and cannot serve the next, larger
+        component, so reserved memory would grow to the sum of both. ``empty_cache`` synchronises the device.
+        """
+        if self.cuda:
+            torch.cuda.empty_cache()
+
     def record_done(self) -> object | None:
         """An event on the compute stream marking that work issued so far is done (to guard slot reuse)."""
         if not self.cuda:

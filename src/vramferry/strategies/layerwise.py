@@ -1,8 +1,10 @@
 """Layerwise offload: a DiT's blocks streamed through fixed device slots, ahead of the block that runs.
 
-``depth + 1`` slots of the largest block's size are allocated when the DiT starts running. Before block ``i``
-runs, blocks ``i+1 … i+depth`` (wrapping into the next step or CFG branch) are already being copied on the copy
-stream; when block ``i`` ends, its slot is handed to block ``i+depth+1``. Ordering is done with events only:
+At most ``depth + 1`` slots exist at a time. Before block ``i`` runs, blocks ``i+1 … i+depth`` (wrapping into
+the next step or CFG branch) are already being copied on the copy stream; when block ``i`` ends, its slot is
+handed to block ``i+depth+1``. Slots are sized exactly to their blocks and reused block after block; when the
+block size changes (Flux's double-stream blocks, then its smaller single-stream blocks), free slots of the old
+size are released first, so device memory never holds more than ``depth + 1`` blocks of the current kind. Ordering is done with events only:
 the compute stream waits for a block's copy, and the copy stream waits for the slot's previous occupant to
 finish. A block that runs out of the expected order, or after skipped blocks, is loaded on demand (counted as a
 ``sync_load``), and the ring restarts from it.
@@ -42,25 +44,24 @@ class BlockStreamer:
         self.depth = max(1, min(depth, len(units) - 1)) if len(units) > 1 else 0
         self.slot_size = max(u.nbytes for u in units)
         self.slots: list[Slot] = []
+        self.streaming = False
         self.load_order: list[int] = []  # block indices in the order copies were issued (tests)
         self.keep_trace = False
 
     @property
     def slot_bytes(self) -> int:
+        """The most device memory the slots can take (for budgets)."""
         return self.slot_size * (self.depth + 1)
 
     @property
     def active(self) -> bool:
-        return bool(self.slots)
+        return self.streaming
 
     def start(self) -> None:
-        """Allocate the slots and start copying the first blocks."""
-        if self.slots:
+        """Start copying the first blocks."""
+        if self.streaming:
             return
-        device = self.mover.device
-        self.slots = [
-            Slot(torch.empty(self.slot_size, dtype=torch.uint8, device=device)) for _ in range(self.depth + 1)
-        ]
+        self.streaming = True
         for i in range(self.depth + 1):
             self._load(i)
 
@@ -71,11 +72,12 @@ class BlockStreamer:
                 self.mover.drop(slot.unit)
                 slot.unit.slot = None
         self.slots = []
+        self.streaming = False
 
     # -- hooks --------------------------------------------------------------------------------------------
     def before_block(self, unit: Unit) -> None:
         """Called before a block runs: make it ready and keep the ring full."""
-        if not self.slots:
+        if not self.streaming:
             self.start()
         i = self.index[id(unit)]
         wanted = {(i + k) % len(self.units) for k in range(self.depth + 1)}
@@ -120,7 +122,7 @@ class BlockStreamer:
         unit = self.units[i]
         if unit.slot is not None or unit.on_device:
             return
-        slot = next((s for s in self.slots if s.unit is None), None)
+        slot = self._slot_for(unit.nbytes)
         if slot is None:
             if force:  # every slot is busy (a block running inside another): use a temporary buffer
                 self.mover.onload_async(unit)
@@ -132,3 +134,24 @@ class BlockStreamer:
         self.mover.counters.blocks_streamed += 1
         if self.keep_trace:
             self.load_order.append(i)
+
+    def _slot_for(self, nbytes: int) -> Slot | None:
+        """A free slot of exactly ``nbytes``, else a new one if fewer than ``depth + 1`` are occupied."""
+        free = [s for s in self.slots if s.unit is None]
+        for slot in free:
+            if slot.buffer.numel() == nbytes:
+                return slot
+        if len(self.slots) - len(free) >= self.depth + 1:
+            return None
+        # The block size changed: give the free slots of the old size back before allocating.
+        self.slots = [s for s in self.slots if s.unit is not None]
+        buffer = torch.empty(nbytes, dtype=torch.uint8, device=self.mover.device)
+        slot = Slot(buffer)
+        if self.mover.cuda:
+            # Allocated from the compute stream's pool and written by the copy stream: the allocator must not
+            # reuse it before the copy lands, and the copy must not start before the compute stream is done
+            # with memory this buffer may reuse.
+            buffer.record_stream(self.mover.copy_stream)
+            slot.free_event = self.mover.record_done()
+        self.slots.append(slot)
+        return slot

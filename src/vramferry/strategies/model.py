@@ -101,9 +101,11 @@ class SwapScheduler:
     def _engage(self, comp: ComponentState) -> None:
         if self.learning and comp.name not in self.order:
             self.order.append(comp.name)
-        self._evict_conflicts(comp)
+        evicted = self._evict_conflicts(comp)
         if comp.swap is not None and not comp.swap.on_device:
-            self._make_room(comp, comp.swap_bytes + comp.stream_bytes)
+            evicted |= self._make_room(comp, comp.swap_bytes + comp.stream_bytes)
+            if evicted:
+                self.mover.release_cached()
             self._onload(comp)
         if comp.swap is not None:
             self.mover.wait_ready(comp.swap)
@@ -121,22 +123,26 @@ class SwapScheduler:
             return [c for c in self.components if c.role == "dit"]
         return []
 
-    def _evict_conflicts(self, comp: ComponentState) -> None:
+    def _evict_conflicts(self, comp: ComponentState) -> bool:
+        evicted = False
         for other in self.conflicts(comp):
             if other.running:
                 logger.debug("%s runs inside %s; not evicting it", comp.name, other.name)
                 continue
-            self.evict(other)
+            evicted |= self.evict(other)
+        return evicted
 
-    def _make_room(self, comp: ComponentState, need: int) -> None:
+    def _make_room(self, comp: ComponentState, need: int) -> bool:
         if self.budget is None:
-            return
+            return False
         candidates = sorted(
             (c for c in self.components if c is not comp and not c.running and self._device_bytes(c)),
             key=lambda c: c.last_used,
         )
+        evicted = False
         while self.loaded_bytes() + need > self.budget and candidates:
-            self.evict(candidates.pop(0))
+            evicted |= self.evict(candidates.pop(0))
+        return evicted
 
     def loaded_bytes(self) -> int:
         """Weight bytes on the device now (resident parts, loaded swap parts and streaming slots)."""
@@ -153,7 +159,7 @@ class SwapScheduler:
             total += c.streamer.slot_bytes
         return total
 
-    def evict(self, comp: ComponentState) -> None:
+    def evict(self, comp: ComponentState) -> bool:
         """Drop ``comp``'s swapped and streamed device copies (zero bytes move)."""
         changed = False
         if comp.swap is not None and comp.swap.on_device:
@@ -165,6 +171,7 @@ class SwapScheduler:
         comp.engaged = False
         if changed:
             self._note("evict", comp.name)
+        return changed
 
     def _onload(self, comp: ComponentState) -> None:
         self.mover.onload_async(comp.swap)
