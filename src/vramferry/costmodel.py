@@ -44,6 +44,7 @@ import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -377,62 +378,6 @@ def token_split(blocks: Sequence[torch.nn.Module]) -> tuple[tuple[int, ...], tup
     return tuple(text), tuple(mod)
 
 
-def size_classes(sizes: Sequence[int]) -> list[int]:
-    """Block sizes grouped within 5 %, largest class first; each class's largest size (at most 4 classes)."""
-    classes: list[int] = []
-    for size in sorted(set(sizes), reverse=True):
-        if not classes or size < 0.95 * classes[-1]:
-            classes.append(size)
-    return classes[:4]
-
-
-def spread_evenly(eligible: Sequence[int], m: int, weights: Sequence[float]) -> tuple[int, ...]:
-    """``m`` of the ``eligible`` block indices spread evenly over a call's compute time (``weights``: per block).
-
-    Spread out, streamed blocks have kept blocks computing between them that hide their copies with a few
-    slots; bunched together, the copy engine would wait for a free slot.
-    """
-    if m >= len(eligible):
-        return tuple(eligible)
-    total = float(sum(weights))
-    if total <= 0:
-        weights, total = [1.0] * len(weights), float(len(weights))
-    starts = list(itertools.accumulate(weights, initial=0.0))
-
-    def mid(i: int) -> float:
-        return starts[i] + weights[i] / 2
-
-    chosen, j = [], 0
-    for q in range(m):
-        target = (q + 0.5) * total / m
-        last = len(eligible) - (m - q)  # leave room for the picks still to come
-        while j < last and abs(mid(eligible[j + 1]) - target) <= abs(mid(eligible[j]) - target):
-            j += 1
-        chosen.append(eligible[j])
-        j += 1
-    return tuple(chosen)
-
-
-def spread_by_bytes(
-    eligible: Sequence[int], sizes: Sequence[int], weights: Sequence[float], target: float
-) -> tuple[int, ...]:
-    """Eligible blocks chosen in order so that the streamed bytes track the compute done so far.
-
-    Block ``i`` is streamed while the bytes streamed up to it stay within ``target × (compute up to i) / (all
-    compute)`` (half a block of slack): copies then need about as long as the compute around them, everywhere
-    in the call, which is what a few slots can sustain.
-    """
-    total = float(sum(weights)) or 1.0
-    allowed = set(eligible)
-    chosen, streamed, done = [], 0, 0.0
-    for i, (nbytes, weight) in enumerate(zip(sizes, weights, strict=True)):
-        done += weight
-        if i in allowed and streamed + nbytes / 2 <= target * done / total:
-            chosen.append(i)
-            streamed += nbytes
-    return tuple(chosen)
-
-
 def block_flops(
     params: int, shape: DitShape, workload: Workload, text_params: int = 0, mod_params: int = 0
 ) -> tuple[float, float]:
@@ -543,15 +488,34 @@ def simulate_dit_calls(
 # -- the cost of a whole placement -----------------------------------------------------------------------------
 
 ENCODER_PHASE, VAE_PHASE = "encoders", "vaes"
-RESIDENT, SWAPPED, STREAMED = "resident", "swapped", "streamed"  # the values of planner.Placement
+
+
+class Placement(str, Enum):
+    """Where a unit of weights lives.
+
+    RESIDENT: on the device from ``apply`` until ``remove``.
+    SWAPPED: on the device while its component runs; dropped (zero bytes moved) when evicted.
+    STREAMED: a block (of a DiT or a text encoder) copied in just before it runs, into a fixed device slot,
+    and dropped after.
+    """
+
+    RESIDENT = "resident"
+    SWAPPED = "swapped"
+    STREAMED = "streamed"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+RESIDENT, SWAPPED, STREAMED = Placement.RESIDENT, Placement.SWAPPED, Placement.STREAMED
 
 
 @dataclass(frozen=True)
 class Choice:
     """One component's placement: its non-block part, its blocks (``Placement`` values), the prefetch depth."""
 
-    placement: str
-    blocks: tuple[str, ...] = ()
+    placement: Placement
+    blocks: tuple[Placement, ...] = ()
     depth: int = 0
 
 
@@ -564,8 +528,8 @@ class PartCost:
         phase: the phase whose swap group it joins: ``"encoders"``, the DiT's own name, ``"vaes"``; ``None`` for
             a component tied to no phase (counted in every phase).
         act: activation/workspace bytes while it runs.
-        calls: DiT calls per request.
-        block_s, rest_s: compute seconds per DiT call of each block and of the rest.
+        calls: DiT calls per request; 1 for an encoder with blocks (one forward per request).
+        block_s, rest_s: compute seconds per call of each block and of the rest (DiTs, encoders with blocks).
         compute_s: an encoder's forward seconds (what prefetch of the next phase can hide behind).
     """
 
@@ -584,7 +548,8 @@ class PartCost:
 
 @dataclass(frozen=True)
 class Outcome:
-    """What a placement costs: peaks per phase (``raw_peaks`` before prefetch overlap) and times."""
+    """What a placement costs: peaks per phase (``raw_peaks`` before prefetch overlap) and times
+    (``encoder_stall_s``: what streamed encoder blocks add to the request)."""
 
     peak: int
     phase_peaks: dict[str, int]
@@ -593,6 +558,7 @@ class Outcome:
     load_bytes: int
     hidden_s: float
     raw_peaks: dict[str, int]
+    encoder_stall_s: float = 0.0
 
 
 def pieces(part: PartCost, choice: Choice) -> Iterable[tuple[int, str]]:
@@ -637,8 +603,19 @@ def _part(size: ComponentSize, calls: int, device: DeviceProfile, workload: Work
     if size.role == "dit":
         return _dit_part(size, calls, device, workload)
     if size.role == "encoder":
-        compute = linear_compute_s(size.bytes // itemsize, workload.text_tokens * workload.batch, device)
-        return PartCost(size, ENCODER_PHASE, encoder_workspace_bytes(size.bytes), compute_s=compute)
+        tokens = workload.text_tokens * workload.batch
+        act = encoder_workspace_bytes(size.bytes)
+        if not size.block_bytes:
+            return PartCost(
+                size, ENCODER_PHASE, act, compute_s=linear_compute_s(size.bytes // itemsize, tokens, device)
+            )
+        # Few tokens: each layer is quick, and the host launching its kernels sets a floor, as for DiT blocks.
+        block_s = tuple(
+            max(device.block_floor_s, linear_compute_s(b // itemsize, tokens, device))
+            for b in size.block_bytes
+        )
+        rest_s = linear_compute_s(size.rest_bytes // itemsize, tokens, device)
+        return PartCost(size, ENCODER_PHASE, act, 1, block_s, rest_s, rest_s + sum(block_s))
     if size.role == "vae":
         shape = size.shape if isinstance(size.shape, VaeShape) else VaeShape()
         return PartCost(size, VAE_PHASE, vae_workspace_bytes(shape, workload, itemsize))
@@ -681,7 +658,11 @@ class PipelineCost:
         return self.budget is None or nbytes <= self.budget
 
     def dit_time(self, name: str, choice: Choice) -> tuple[float, float]:
-        """(seconds of all this DiT's calls in a request, seconds of one steady-state call)."""
+        """(seconds of all this component's calls in a request, seconds of one steady-state call).
+
+        For a DiT: its denoising calls. For an encoder with blocks: its one forward, the ring of slots starting
+        cold (the first blocks' copies start when it does).
+        """
         part = self.parts[name]
         if not part.size.block_bytes:
             return part.calls * part.rest_s, part.rest_s
@@ -694,10 +675,17 @@ class PipelineCost:
         first, steady = self._sims[key]
         return first + (part.calls - 1) * steady, steady
 
+    def encoder_stall_s(self, name: str, choice: Choice) -> float:
+        """Seconds an encoder's streamed blocks add to its forward: copies that its compute does not hide."""
+        if STREAMED not in choice.blocks:
+            return 0.0
+        whole = Choice(choice.placement, tuple(SWAPPED for _ in choice.blocks))
+        return max(0.0, self.dit_time(name, choice)[0] - self.dit_time(name, whole)[0])
+
     def evaluate(self, choices: Mapping[str, Choice]) -> Outcome:
         """The peak memory and predicted times of a complete placement."""
         always, loads = 0, 0
-        swapped, slots, act = (dict.fromkeys(self.phases, 0) for _ in range(3))
+        swapped, slots, act, streamed = (dict.fromkeys(self.phases, 0) for _ in range(4))
         for name, choice in choices.items():
             part = self.parts[name]
             widest = 0
@@ -708,6 +696,7 @@ class PipelineCost:
                     swapped[part.phase] += nbytes
                 else:
                     widest = max(widest, nbytes)
+                    streamed[part.phase] += nbytes
                 loads += nbytes if where == SWAPPED else 0
             if part.phase is not None:
                 slots[part.phase] += (choice.depth + 1) * widest
@@ -715,21 +704,28 @@ class PipelineCost:
         raw = {p: always + swapped[p] + slots[p] + act[p] for p in self.phases} or {"weights": always}
         peaks = dict(raw)
         compute = dict.fromkeys(self.phases, 0.0)
-        dit_s = call_s = 0.0
+        dit_s = call_s = stall = 0.0
         for name, part in self.parts.items():
             if part.phase == ENCODER_PHASE:
+                stall += self.encoder_stall_s(name, choices[name])
                 compute[ENCODER_PHASE] += part.compute_s
             elif part.size.role == "dit":
                 total, steady = self.dit_time(name, choices[name])
                 compute[name] = total
                 dit_s, call_s = dit_s + total, call_s + part.calls * steady
+        bandwidth = self.device.h2d_bytes_per_s
+        if ENCODER_PHASE in compute:
+            # Streamed encoder blocks keep the copy engine busy: only its idle time can hide the next load.
+            busy = streamed[ENCODER_PHASE] / bandwidth
+            compute[ENCODER_PHASE] = max(0.0, compute[ENCODER_PHASE] + stall - busy)
         hidden = 0.0
         if self.prefetch_components:
             # The next phase's swap group loads while this phase computes, when both fit at once.
             for here, nxt in itertools.pairwise(self.phases):
                 extra = swapped[nxt] + slots[nxt]
                 if swapped[nxt] and self.fits(peaks[here] + extra):
-                    hidden += min(swapped[nxt] / self.device.h2d_bytes_per_s, compute[here])
+                    hidden += min(swapped[nxt] / bandwidth, compute[here])
                     peaks[here] += extra
-        request = dit_s + loads / self.device.h2d_bytes_per_s - hidden
-        return Outcome(max(peaks.values()), peaks, call_s / self.workload.steps, request, loads, hidden, raw)
+        request = dit_s + stall + loads / bandwidth - hidden
+        steps = self.workload.steps
+        return Outcome(max(peaks.values()), peaks, call_s / steps, request, loads, hidden, raw, stall)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -17,6 +17,10 @@ from torch import nn
 
 from .errors import DiscoveryError
 from .protocol import declares_offload
+from .sizes import dominant_dtype as dominant_dtype  # re-exported: part of discovery's API
+from .sizes import has_tensors as _has_tensors
+from .sizes import own_tensor_bytes as _own_tensor_bytes
+from .sizes import param_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -86,17 +90,18 @@ class Component:
 
 @dataclass(frozen=True)
 class BlockSet:
-    """A DiT's repeated blocks, in execution order.
+    """A component's repeated blocks (a DiT's, or a text encoder's layers), in execution order.
 
     Attributes:
-        dit: the owning DiT's component name.
-        attrs: the attributes of the DiT that hold the blocks, in order (``("transformer_blocks",
+        dit: the owning component's name (a DiT, or an encoder for :attr:`PipelineModules.encoder_blocks`).
+        attrs: the attributes of the component that hold the blocks, in order (``("transformer_blocks",
             "single_transformer_blocks")``). A name given through a property is replaced by the registered
-            module path it resolves to; ``""`` means the DiT itself is the list.
-        names: each block's path inside the DiT (``"transformer_blocks.0"``), as ``named_modules`` spells it.
+            module path it resolves to; ``""`` means the component itself is the list.
+        names: each block's path inside the component (``"transformer_blocks.0"``), as ``named_modules`` spells
+            it.
         blocks: the block modules.
-        found_by: ``"declared"`` (a class attribute on the DiT), ``"config"`` (``OffloadConfig.block_attrs``),
-            or ``"heuristic"``.
+        found_by: ``"declared"`` (a class attribute on the component), ``"config"``
+            (``OffloadConfig.block_attrs``, DiTs only), or ``"heuristic"``.
     """
 
     dit: str
@@ -115,6 +120,9 @@ class PipelineModules:
         source: ``"protocol"``, ``"diffusers"`` or ``"scan"``.
         dits, encoders, vaes, resident, others: the components by role, in declaration/pipeline order.
         blocks: per DiT name, its blocks (absent for a DiT without repeated blocks).
+        encoder_blocks: per encoder name, its repeated layers (T5's ``encoder.block``, CLIP's
+            ``encoder.layers``, a VLM's ``visual.blocks`` and ``language_model.layers``); absent for an encoder
+            without them. The planner may stream them when an encoder does not fit whole.
         warnings: every warning discovery emitted, in order.
     """
 
@@ -126,6 +134,7 @@ class PipelineModules:
     resident: list[Component] = field(default_factory=list)
     others: list[Component] = field(default_factory=list)
     blocks: dict[str, BlockSet] = field(default_factory=dict)
+    encoder_blocks: dict[str, BlockSet] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
     def components(self) -> list[Component]:
@@ -143,52 +152,20 @@ class PipelineModules:
         role = Role(role)
         return [c for c in self.components() if c.role is role]
 
+    def blocks_of(self, name: str) -> BlockSet | None:
+        """The blocks of the component called ``name``: a DiT's from :attr:`blocks`, an encoder's from
+        :attr:`encoder_blocks`.
 
-# --------------------------------------------------------------------------------------------------- sizes
-
-
-def param_bytes(module: nn.Module) -> int:
-    """Bytes of ``module``'s parameters and buffers, each tensor counted once (tied weights share one).
-
-    Works on meta tensors (the size is computed from shape and dtype, nothing is read).
-    """
-    seen: set[int] = set()
-    total = 0
-    for tensor in (*module.parameters(), *module.buffers()):
-        if tensor is None or id(tensor) in seen:
-            continue
-        seen.add(id(tensor))
-        total += tensor.numel() * tensor.element_size()
-    return total
-
-
-def dominant_dtype(module: nn.Module) -> str:
-    """The dtype holding most of ``module``'s parameter bytes, as ``str(dtype)`` (``"torch.bfloat16"``).
-
-    Buffers decide only when there are no parameters; ``"torch.float32"`` for a module without tensors.
-    """
-    for tensors in (module.parameters(), module.buffers()):
-        by_dtype: dict[str, int] = {}
-        seen: set[int] = set()
-        for tensor in tensors:
-            if id(tensor) in seen:
-                continue
-            seen.add(id(tensor))
-            key = str(tensor.dtype)
-            by_dtype[key] = by_dtype.get(key, 0) + tensor.numel() * tensor.element_size()
-        if by_dtype:
-            # max() keeps the first of equal sizes, so a tie goes to the dtype met first.
-            return max(by_dtype, key=lambda k: by_dtype[k])
-    return "torch.float32"
-
-
-def _has_tensors(module: nn.Module) -> bool:
-    return next(module.parameters(), None) is not None or next(module.buffers(), None) is not None
-
-
-def _own_tensor_bytes(module: nn.Module) -> int:
-    tensors = [t for t in (*module._parameters.values(), *module._buffers.values()) if t is not None]
-    return sum(t.numel() * t.element_size() for t in tensors)
+        An encoder absent from :attr:`encoder_blocks` gets the blocks :func:`find_encoder_blocks` finds, so a
+        ``PipelineModules`` assembled without :func:`discover` (the built-in architectures') plans and runs
+        like a discovered one; for a discovered pipeline that finds what discovery found.
+        """
+        if name in self.blocks:
+            return self.blocks[name]
+        if name in self.encoder_blocks:
+            return self.encoder_blocks[name]
+        component = next((c for c in self.encoders if c.name == name), None)
+        return find_encoder_blocks(name, component.module) if component is not None else None
 
 
 # ------------------------------------------------------------------------------------------ attribute paths
@@ -646,31 +623,46 @@ def _heuristic_blocks(dit: nn.Module) -> tuple[tuple[str, ...], list[tuple[str, 
     return _blocks_from_attrs(dit, tuple(c[1] for c in chosen))
 
 
+def _blockset(name: str, module: nn.Module, attrs: tuple[str, ...], found_by: str) -> BlockSet:
+    paths, blocks = _blocks_from_attrs(module, attrs)
+    return BlockSet(name, paths, tuple(p for p, _ in blocks), tuple(b for _, b in blocks), found_by)
+
+
+def _structural_blocks(
+    name: str, module: nn.Module, kind: str, warn: Callable[[str], None] | None
+) -> BlockSet | None:
+    """Blocks named by a class attribute of ``module``, else found by the heuristic; ``None`` if neither."""
+    declared = _declared_block_attrs(module)
+    if declared is not None:
+        attr, attrs = declared
+        try:
+            return _blockset(name, module, attrs, "declared")
+        except _BlockError as exc:
+            if warn is not None:
+                warn(
+                    f"{kind} '{name}' declares {type(module).__name__}.{attr} = {list(attrs)!r}, but {exc}; looking "
+                    f"for its blocks by structure instead. Its ModuleLists: {_describe_lists(module)}."
+                )
+    try:
+        found = _heuristic_blocks(module)
+    except _BlockError:  # nothing usable: the lists found are not registered the way named_modules says
+        return None
+    if found is None:
+        return None
+    return BlockSet(name, found[0], tuple(p for p, _ in found[1]), tuple(b for _, b in found[1]), "heuristic")
+
+
 def _find_blocks(c: _Collector, entry: _Entry, override: tuple[str, ...] | None) -> BlockSet | None:
     dit = entry.module
     if override is not None:
         try:
-            attrs, blocks = _blocks_from_attrs(dit, override)
+            return _blockset(entry.name, dit, override, "config")
         except _BlockError as exc:
             raise DiscoveryError(
                 f"{c.cls}: block_attrs for DiT '{entry.name}' ({type(dit).__name__}): {exc}. Its ModuleLists: "
                 f"{_describe_lists(dit)}."
             ) from None
-        return BlockSet(entry.name, attrs, tuple(p for p, _ in blocks), tuple(b for _, b in blocks), "config")
-    declared = _declared_block_attrs(dit)
-    if declared is not None:
-        attr, names = declared
-        try:
-            attrs, blocks = _blocks_from_attrs(dit, names)
-            return BlockSet(
-                entry.name, attrs, tuple(p for p, _ in blocks), tuple(b for _, b in blocks), "declared"
-            )
-        except _BlockError as exc:
-            c.warn(
-                f"{c.cls}: DiT '{entry.name}' declares {type(dit).__name__}.{attr} = {list(names)!r}, but {exc}; "
-                f"looking for its blocks by structure instead. Its ModuleLists: {_describe_lists(dit)}."
-            )
-    found = _heuristic_blocks(dit)
+    found = _structural_blocks(entry.name, dit, "DiT", lambda message: c.warn(f"{c.cls}: {message}"))
     if found is None:
         c.warn(
             f"{c.cls}: DiT '{entry.name}' ({type(dit).__name__}) shows no repeated blocks (no nn.ModuleList of one "
@@ -678,9 +670,26 @@ def _find_blocks(c: _Collector, entry: _Entry, override: tuple[str, ...] | None)
             f"will move it as one unit. Name them with {type(dit).__name__}._offload_block_attrs = [...] or "
             f"OffloadConfig(block_attrs={{{entry.name!r}: (...)}})."
         )
-        return None
-    attrs, blocks = found
-    return BlockSet(entry.name, attrs, tuple(p for p, _ in blocks), tuple(b for _, b in blocks), "heuristic")
+    return found
+
+
+def find_encoder_blocks(
+    name: str, encoder: nn.Module, warn: Callable[[str], None] | None = None
+) -> BlockSet | None:
+    """An encoder's repeated layers in execution order, or ``None`` when it shows none (no warning then).
+
+    A class attribute names them as for a DiT (``_offload_block_attrs``); otherwise the DiT heuristic finds
+    them: the outermost same-class ``nn.ModuleList``s of the model's ``_no_split_modules`` classes (T5's and
+    UMT5's ``encoder.block``, CLIP's ``encoder.layers``, Gemma's and Qwen2's ``layers``, Qwen2.5-VL's
+    ``visual.blocks`` then ``language_model.layers``), else the lists holding most of its weights. Pure and
+    quick: it walks the module tree and moves nothing.
+
+    Args:
+        name: the encoder's component name, recorded in the :class:`BlockSet`.
+        encoder: the encoder module.
+        warn: called with a message when a class declaration names blocks that do not exist.
+    """
+    return _structural_blocks(name, encoder, "encoder", warn)
 
 
 def _block_overrides(c: _Collector, block_attrs: Mapping | None) -> dict[int, tuple[str, ...]]:
@@ -710,7 +719,7 @@ def _block_overrides(c: _Collector, block_attrs: Mapping | None) -> dict[int, tu
 def discover(
     pipeline: object, *, strict: bool = False, block_attrs: Mapping | None = None
 ) -> PipelineModules:
-    """Collect ``pipeline``'s modules by role, and each DiT's repeated blocks.
+    """Collect ``pipeline``'s modules by role, each DiT's repeated blocks and each encoder's repeated layers.
 
     Sources, first that applies: the :class:`~vramferry.protocol.SupportsModuleOffload` declaration (all or
     nothing), a diffusers pipeline's ``components`` classified by class, a scan of well-known attribute names.
@@ -749,7 +758,18 @@ def discover(
         found = _find_blocks(c, entry, overrides.get(id(entry)))
         if found is not None:
             blocks[entry.name] = found
-    result = PipelineModules(pipeline_class=c.cls, source=c.source, blocks=blocks, warnings=c.warnings)
+    encoder_blocks = {}
+    for entry in c.of_role(Role.ENCODER):
+        found = find_encoder_blocks(entry.name, entry.module, lambda m: c.warn(f"{c.cls}: {m}"))
+        if found is not None:
+            encoder_blocks[entry.name] = found
+    result = PipelineModules(
+        pipeline_class=c.cls,
+        source=c.source,
+        blocks=blocks,
+        encoder_blocks=encoder_blocks,
+        warnings=c.warnings,
+    )
     lists = {Role.DIT: result.dits, Role.ENCODER: result.encoders, Role.VAE: result.vaes}
     lists.update({Role.RESIDENT: result.resident, Role.OTHER: result.others})
     for entry in c.entries:

@@ -2,14 +2,15 @@
 
 A request runs in phases: the text encoders, each DiT (all its denoising calls), the VAE. A component is
 RESIDENT (on the device in every phase), SWAPPED (on the device only in its own phase: encoders together, each
-DiT alone, VAEs together) or, for a DiT's blocks, STREAMED through ``prefetch_depth + 1`` device slots that
-exist while the DiT runs. The peak of a phase is
+DiT alone, VAEs together) or, for the blocks of a DiT or (in ``auto``) of a text encoder, STREAMED through
+``prefetch_depth + 1`` device slots that exist while the component runs. The peak of a phase is
 
     resident bytes + the phase's swapped bytes + its streaming slots + its activations
 
 and the plan's peak is the largest phase peak. ``auto`` minimises the predicted request time (DiT calls
 simulated by :func:`~vramferry.costmodel.simulate_dit_calls`, plus swap loads at the host→device bandwidth,
-less what cross-component prefetch hides) subject to that peak fitting the budget.
+plus what streamed encoder blocks stall, less what cross-component prefetch hides) subject to that peak
+fitting the budget; the search lives in :mod:`vramferry.planner_search`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import itertools
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -35,40 +35,22 @@ from .costmodel import (
     DeviceProfile,
     DitShape,
     Outcome,
-    PartCost,
     PipelineCost,
+    Placement,
     VaeShape,
     Workload,
     dit_shape_from_config,
     itemsize_of,
     pieces,
-    size_classes,
-    spread_by_bytes,
-    spread_evenly,
     token_split,
     vae_shape_from_config,
 )
 from .errors import BudgetError, PlanError
+from .planner_search import depths, forced, plan_auto, uniform
 from .units import format_bytes, parse_bytes
 
 if TYPE_CHECKING:
     from .discovery import PipelineModules
-
-
-class Placement(str, Enum):
-    """Where a unit of weights lives.
-
-    RESIDENT: on the device from ``apply`` until ``remove``.
-    SWAPPED: on the device while its component runs; dropped (zero bytes moved) when evicted.
-    STREAMED: a DiT block copied in just before it runs, into a fixed device slot, and dropped after.
-    """
-
-    RESIDENT = "resident"
-    SWAPPED = "swapped"
-    STREAMED = "streamed"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 @dataclass(frozen=True)
@@ -79,7 +61,7 @@ class ComponentSize:
         name, role: as discovered.
         bytes: all parameter and buffer bytes of the component, blocks included.
         dtype: the dominant parameter dtype (``"torch.bfloat16"``).
-        block_names, block_bytes: a DiT's repeated blocks in execution order, and their bytes.
+        block_names, block_bytes: the repeated blocks of a DiT or an encoder in execution order, and their bytes.
         shape: what the cost model needs beyond bytes: a :class:`DitShape` for a DiT, a :class:`VaeShape` for a
             VAE; ``None`` when unknown (the planner then estimates from the bytes).
     """
@@ -123,10 +105,11 @@ class ComponentPlan:
 
     Attributes:
         name, role, bytes: as in the inventory.
-        placement: for a component without blocks, where it lives; for a DiT with blocks, where its non-block
+        placement: for a component without blocks, where it lives; for one with blocks, where its non-block
             part lives.
-        blocks: for a DiT with blocks, one placement per block: ``RESIDENT``, ``SWAPPED`` (loaded together with the
-            DiT when it runs) or ``STREAMED``.
+        blocks: for a DiT with blocks, and for an encoder whose blocks are streamed, one placement per block:
+            ``RESIDENT``, ``SWAPPED`` (loaded together with the component when it runs) or ``STREAMED``. Empty for
+            an encoder kept whole (its blocks go where ``placement`` says).
         prefetch_depth: for streamed blocks, how many blocks are in flight ahead of the running one (the number
             of device slots is ``prefetch_depth + 1``).
     """
@@ -153,8 +136,9 @@ class Plan:
         budget_bytes: the device-memory budget the plan was made for (``None``: unlimited).
         predicted_peak_bytes: weights, streaming slots and activations at the fullest phase of a request.
         predicted_step_s: DiT seconds per denoising step (all calls of the step).
-        predicted_request_s: DiT compute plus weight loads per request, less what overlaps compute; text
-            encoder and VAE compute are left out (the same for every plan).
+        predicted_request_s: DiT compute plus weight loads per request, plus the copies of streamed encoder
+            blocks that their compute does not hide, less what overlaps compute; text encoder and VAE compute are
+            left out (the same for every plan).
         notes: how the budget was found, the phase peaks, what was assumed.
         activation_bytes: the largest activation/workspace estimate of any phase.
     """
@@ -221,13 +205,14 @@ def _shape_of(
 
 
 def inventory_of(modules: PipelineModules, order: Sequence[str] | None = None) -> Inventory:
-    """Byte sizes of every discovered component and DiT block; works on meta tensors.
+    """Byte sizes of every discovered component and of the blocks of DiTs and encoders; works on meta tensors.
 
     Bytes are parameters plus buffers, each tensor counted once across the whole pipeline (in the first
     component, and the first block, that reaches it).
 
     Args:
-        modules: what discovery found; ``modules.blocks`` gives each DiT's blocks.
+        modules: what discovery found; :meth:`~vramferry.discovery.PipelineModules.blocks_of` gives each DiT's
+            and encoder's blocks.
         order: component names in the order a request runs them; default: encoders, DiTs, VAEs.
 
     Returns:
@@ -237,7 +222,7 @@ def inventory_of(modules: PipelineModules, order: Sequence[str] | None = None) -
     sizes = []
     for component in modules.components():
         by_dtype: dict[str, int] = {}
-        blockset = modules.blocks.get(component.name)
+        blockset = modules.blocks_of(component.name)
         blocks = tuple(blockset.blocks) if blockset is not None else ()
         block_bytes = tuple(_count([block], seen, by_dtype) for block in blocks)
         total = sum(block_bytes) + _count([component.module], seen, by_dtype)
@@ -298,7 +283,6 @@ def resolve_budget(
 # -- planning --------------------------------------------------------------------------------------------------
 
 _R, _S, _T = Placement.RESIDENT, Placement.SWAPPED, Placement.STREAMED
-_DEPTHS = (1, 2, 3, 4, 6, 8, 12, 16)  # prefetch depths tried; the smallest wins ties (fewest slots)
 
 
 class _Ctx(PipelineCost):
@@ -322,28 +306,18 @@ class _Ctx(PipelineCost):
 # -- fixed-shape modes -----------------------------------------------------------------------------------------
 
 
-def _uniform(part: PartCost, where: Placement) -> Choice:
-    return Choice(where, (where,) * len(part.size.block_bytes))
-
-
-def _forced(ctx: _Ctx) -> set[str]:
-    """Components that stay resident in every mode: role ``resident`` and ``keep_resident``."""
-    keep = set(ctx.config.keep_resident)
-    return {n for n, p in ctx.parts.items() if p.size.role == "resident" or n in keep}
-
-
 def _plan_fixed(ctx: _Ctx) -> dict[str, Choice]:
     """``none``, ``model`` and ``layerwise``: shapes fixed by the mode; only the prefetch depth is chosen."""
     mode = ctx.config.mode
-    forced = _forced(ctx)
+    kept = forced(ctx)
     choices: dict[str, Choice] = {}
     for name, part in ctx.parts.items():
-        if mode is OffloadMode.NONE or name in forced:
-            choices[name] = _uniform(part, _R)
+        if mode is OffloadMode.NONE or name in kept:
+            choices[name] = uniform(part, _R)
         elif mode is OffloadMode.LAYERWISE and part.size.role == "dit" and part.size.block_bytes:
             choices[name] = Choice(_R, (_T,) * len(part.size.block_bytes), 2)
         else:
-            choices[name] = _uniform(part, _S)
+            choices[name] = uniform(part, _S)
     if mode is OffloadMode.LAYERWISE:
         for name, choice in list(choices.items()):
             if _T in choice.blocks:
@@ -351,17 +325,11 @@ def _plan_fixed(ctx: _Ctx) -> dict[str, Choice]:
     return choices
 
 
-def _depths(ctx: _Ctx, streamed: int) -> tuple[int, ...]:
-    if ctx.config.prefetch_depth is not None:
-        return (ctx.config.prefetch_depth,)
-    return tuple(d for d in _DEPTHS if d <= 2 or d + 1 <= streamed)
-
-
 def _best_depth(ctx: _Ctx, choices: dict[str, Choice], name: str) -> Choice:
     """The fastest depth that fits (the fewest slots on ties); depth 1 when none fits, for the error to report."""
     choice = choices[name]
     best: tuple | None = None
-    for depth in _depths(ctx, sum(p is _T for p in choice.blocks)):
+    for depth in depths(ctx, sum(p is _T for p in choice.blocks)):
         trial = Choice(choice.placement, choice.blocks, depth)
         outcome = ctx.evaluate({**choices, name: trial})
         if ctx.fits(outcome.peak):
@@ -369,197 +337,7 @@ def _best_depth(ctx: _Ctx, choices: dict[str, Choice], name: str) -> Choice:
             if best is None or key < best[0]:
                 best = (key, trial)
     if best is None:
-        return Choice(choice.placement, choice.blocks, min(_depths(ctx, 1)))
-    return best[1]
-
-
-# -- auto ------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Cand:
-    """One way to stream a DiT's blocks: which are streamed, the depth, and what that costs."""
-
-    flags: tuple[bool, ...]
-    depth: int
-    streamed_bytes: int
-    slot_bytes: int  # all slots: (depth + 1) × the widest streamed block
-    dit_s: float  # this DiT's seconds per request
-
-
-def _dit_candidates(ctx: _Ctx, name: str) -> list[_Cand]:
-    """Streamed sets × prefetch depths, with their times.
-
-    A streamed set holds only blocks up to a size class (streaming only small blocks keeps the slots small), and
-    is spread over the call two ways: evenly by count, and with its bytes tracking the compute.
-    """
-    part = ctx.parts[name]
-    sizes = part.size.block_bytes
-    n = len(sizes)
-    sets = {(False,) * n}
-    for threshold in size_classes(sizes):
-        eligible = [i for i, b in enumerate(sizes) if b <= threshold]
-        mean = sum(sizes[i] for i in eligible) / len(eligible)
-        for m in range(1, len(eligible) + 1):
-            for chosen in (
-                spread_evenly(eligible, m, part.block_s),
-                spread_by_bytes(eligible, sizes, part.block_s, m * mean),
-            ):
-                sets.add(tuple(i in set(chosen) for i in range(n)))
-    cands = []
-    for flags in sorted(sets):
-        streamed = [b for b, f in zip(sizes, flags, strict=True) if f]
-        blocks = tuple(_T if f else _S for f in flags)
-        if not streamed:
-            cands.append(_Cand(flags, 0, 0, 0, ctx.dit_time(name, Choice(_S, blocks))[0]))
-            continue
-        fastest = math.inf
-        for depth in _depths(ctx, len(streamed)):
-            total = ctx.dit_time(name, Choice(_S, blocks, depth))[0]
-            if depth > 2 and total >= fastest * (1 - 1e-4):
-                continue  # more slots that buy nothing
-            fastest = min(fastest, total)
-            cands.append(_Cand(flags, depth, sum(streamed), (depth + 1) * max(streamed), total))
-    return cands
-
-
-def _fill(part: PartCost, cand: _Cand, cap: float) -> Choice:
-    """Make the kept (not streamed) pieces resident, largest first, while ``cap`` bytes allow; swap the rest."""
-    kept = [(part.rest_bytes, -1)] + [
-        (b, i) for i, (b, f) in enumerate(zip(part.size.block_bytes, cand.flags, strict=True)) if not f
-    ]
-    resident, used = set(), 0
-    for nbytes, index in sorted(kept, key=lambda item: (-item[0], item[1])):
-        if used + nbytes <= cap:
-            resident.add(index)
-            used += nbytes
-    blocks = tuple(_T if f else (_R if i in resident else _S) for i, f in enumerate(cand.flags))
-    return Choice(_R if -1 in resident else _S, blocks, cand.depth)
-
-
-def _best_for_dit(
-    ctx: _Ctx, choices: dict[str, Choice], name: str, table: list[_Cand], resident: bool = True
-) -> Choice | None:
-    """The fastest feasible candidate for one DiT, the other components fixed; ``None`` if none fits.
-
-    With ``resident``, kept pieces become resident as far as the other phases leave room; else all swapped.
-    """
-    part = ctx.parts[name]
-    raw = ctx.evaluate({**choices, name: _uniform(part, _S)}).raw_peaks
-    others = max((v for p, v in raw.items() if p != name), default=0)
-    cap = 0 if not resident else math.inf if ctx.budget is None else ctx.budget - others
-    const = sum(
-        ctx.dit_time(d, choices[d])[0] for d, p in ctx.parts.items() if p.size.role == "dit" and d != name
-    )
-    best: tuple | None = None
-    for cand in sorted(table, key=lambda c: c.dit_s):
-        if best is not None and cand.dit_s + const > best[0][0] + 1e-9:
-            break  # loads only add time: nothing later can win
-        if not ctx.fits(raw[name] - cand.streamed_bytes + cand.slot_bytes):
-            continue
-        choice = _fill(part, cand, cap)
-        outcome = ctx.evaluate({**choices, name: choice})
-        if ctx.fits(outcome.peak):
-            key = (round(outcome.request_s, 9), cand.depth)
-            if best is None or key < best[0]:
-                best = (key, choice)
-    return best[1] if best is not None else None
-
-
-def _leanest(ctx: _Ctx, name: str, table: list[_Cand]) -> Choice:
-    """The candidate with the smallest DiT phase, everything kept swapped."""
-    cand = min(table, key=lambda c: (c.slot_bytes - c.streamed_bytes, c.dit_s))
-    return _fill(ctx.parts[name], cand, 0)
-
-
-def _combos(free: Sequence[str]) -> Iterable[frozenset[str]]:
-    """Which of the free components to keep resident: all subsets (most resident first), or for many
-    components the smallest-first prefixes."""
-    if len(free) <= 6:
-        for r in range(len(free), -1, -1):
-            yield from (frozenset(c) for c in itertools.combinations(free, r))
-    else:
-        for r in range(len(free), -1, -1):
-            yield frozenset(free[:r])
-
-
-def _place_dits(
-    ctx: _Ctx, choices: dict[str, Choice], dits: list[str], tables: dict[str, list[_Cand]]
-) -> bool:
-    """Choose every DiT's candidate in ``choices`` (in place); False when some DiT cannot fit.
-
-    One DiT: exact over its candidates. Two DiTs (Wan 2.2's experts): exact over pairs, their kept pieces
-    swapped (a resident piece of one would sit in the other's phase too, and DiTs are exclusive anyway).
-    More: coordinate descent, swapped likewise.
-    """
-    if len(dits) == 1:
-        pick = _best_for_dit(ctx, choices, dits[0], tables[dits[0]])
-        choices.update({dits[0]: pick} if pick is not None else {})
-        return pick is not None
-    if len(dits) == 2:
-        return _place_pair(ctx, choices, dits[0], dits[1], tables)
-    for _ in range(2):
-        for d in dits:
-            pick = _best_for_dit(ctx, choices, d, tables[d], resident=False)
-            if pick is None:
-                return False
-            choices[d] = pick
-    return True
-
-
-def _place_pair(
-    ctx: _Ctx, choices: dict[str, Choice], first: str, second: str, tables: dict[str, list[_Cand]]
-) -> bool:
-    raw = ctx.evaluate({**choices, first: _uniform(ctx.parts[first], _S)}).raw_peaks[first]
-    floor = min(c.dit_s for c in tables[second])
-    best: tuple | None = None
-    for cand in sorted(tables[first], key=lambda c: c.dit_s):
-        if best is not None and cand.dit_s + floor > best[0][0] + 1e-9:
-            break  # loads only add time: nothing later can win
-        if not ctx.fits(raw - cand.streamed_bytes + cand.slot_bytes):
-            continue
-        trial = {**choices, first: _fill(ctx.parts[first], cand, 0)}
-        pick = _best_for_dit(ctx, trial, second, tables[second], resident=False)
-        if pick is not None:
-            trial[second] = pick
-            outcome = ctx.evaluate(trial)
-            key = (round(outcome.request_s, 9), trial[first].depth + pick.depth)
-            if best is None or key < best[0]:
-                best = (key, trial)
-    if best is not None:
-        choices.update(best[1])
-    return best is not None
-
-
-def _plan_auto(ctx: _Ctx) -> dict[str, Choice]:
-    """The fastest placement within the budget (see the module docstring)."""
-    everything = {n: _uniform(p, _R) for n, p in ctx.parts.items()}
-    if ctx.fits(ctx.evaluate(everything).peak):
-        return everything
-    forced = _forced(ctx)
-    # Encoders, VAEs and DiTs without blocks: resident or swapped, tried in combination. Role "other" stays
-    # resident: it is tied to no phase, so swapping it would save no memory.
-    dits = [
-        n for n, p in ctx.parts.items() if n not in forced and p.size.role == "dit" and p.size.block_bytes
-    ]
-    free = [n for n, p in ctx.parts.items() if n not in forced and n not in dits and p.phase is not None]
-    free.sort(key=lambda n: (ctx.parts[n].size.bytes, n))
-    tables = {d: _dit_candidates(ctx, d) for d in dits}
-    best: tuple | None = None
-    for combo in _combos(free):
-        choices = dict(everything)
-        choices.update({n: _uniform(ctx.parts[n], _R if n in combo else _S) for n in free})
-        choices.update({d: _leanest(ctx, d, tables[d]) for d in dits})
-        if _place_dits(ctx, choices, dits, tables):
-            outcome = ctx.evaluate(choices)
-            key = (round(outcome.request_s, 9), sum(c.depth for c in choices.values()))
-            if best is None or key < best[0]:
-                best = (key, choices)
-    if best is None:
-        lean = dict(everything)
-        lean.update({n: _uniform(ctx.parts[n], _S) for n in free})
-        lean.update({d: _leanest(ctx, d, tables[d]) for d in dits})
-        raise _budget_error(ctx, lean)
+        return Choice(choice.placement, choice.blocks, min(depths(ctx, 1)))
     return best[1]
 
 
@@ -600,9 +378,8 @@ def _budget_error(ctx: _Ctx, choices: Mapping[str, Choice]) -> BudgetError:
     if mode is not OffloadMode.AUTO:
         fixes.append("use mode='auto', which streams and swaps to fit the budget")
     if phase == ENCODER_PHASE:
-        fixes.append(
-            "encode prompts elsewhere or use a smaller (quantised) text encoder: an encoder must fit whole"
-        )
+        whole = "" if mode is OffloadMode.AUTO else f": in mode '{mode}' an encoder must fit whole"
+        fixes.append(f"encode prompts elsewhere or use a smaller (quantised) text encoder{whole}")
     elif phase == VAE_PHASE:
         fixes.append(
             "lower the resolution or decode in tiles (vae.enable_tiling()) to shrink the decode workspace"
@@ -639,6 +416,12 @@ def _notes(
         notes.append(
             f"swapped in per request: {_gib(out.load_bytes)} ({out.load_bytes / dev.h2d_bytes_per_s:.2f} s, "
             f"{out.hidden_s:.2f} s of it behind compute); encoder and VAE compute are not in the request time"
+        )
+    streamed = [n for n, c in choices.items() if ctx.parts[n].size.role == "encoder" and _T in c.blocks]
+    if streamed:
+        notes.append(
+            f"encoder blocks streamed: {', '.join(streamed)} (their copies add {out.encoder_stall_s:.2f} s "
+            "per request beyond the encoders' compute)"
         )
     missing = sorted(set(ctx.config.keep_resident) - set(ctx.parts))
     if missing:
@@ -685,7 +468,7 @@ def plan(
     work = workload if workload is not None else default_workload(inventory)
     budget, budget_text = resolve_budget(config, device=device, free_bytes=free_bytes)
     ctx = _Ctx(inventory, config, profile, work, budget)
-    choices = _plan_auto(ctx) if config.mode is OffloadMode.AUTO else _plan_fixed(ctx)
+    choices = plan_auto(ctx) if config.mode is OffloadMode.AUTO else _plan_fixed(ctx)
     outcome = ctx.evaluate(choices)
     if not ctx.fits(outcome.peak):
         raise _budget_error(ctx, choices)
@@ -693,9 +476,9 @@ def plan(
     for size in inventory.components:
         choice = choices[size.name]
         depth = choice.depth if _T in choice.blocks else 0
-        components.append(
-            ComponentPlan(size.name, size.role, size.bytes, choice.placement, choice.blocks, depth)
-        )
+        # An encoder kept whole is planned as one unit, as before encoders had blocks.
+        blocks = () if size.role == "encoder" and not depth else choice.blocks
+        components.append(ComponentPlan(size.name, size.role, size.bytes, choice.placement, blocks, depth))
     return Plan(
         mode=config.mode,
         components=tuple(components),

@@ -69,7 +69,7 @@ class Runtime:
         component = self.modules.get(name)
         cplan = self.plan.get(name)
         pieces = _Pieces()
-        blockset = self.modules.blocks.get(name)
+        blockset = self.modules.blocks_of(name)  # a DiT's blocks, or an encoder's layers
         if blockset is not None and cplan.blocks:
             if len(cplan.blocks) != len(blockset.blocks):
                 raise PlanError(
@@ -85,8 +85,8 @@ class Runtime:
                     pieces.resident.append(block)
                 else:
                     pieces.swap.append(block)
-        elif cplan.placement is Placement.STREAMED:
-            raise PlanError(f"{name}: only DiT blocks can be streamed, and {name} has no blocks")
+        elif cplan.placement is Placement.STREAMED or cplan.streamed_blocks:
+            raise PlanError(f"{name}: only blocks can be streamed, and discovery found none in {name}")
         rest = pieces.resident if cplan.placement is Placement.RESIDENT else pieces.swap
         rest.insert(0, component.module)
         return pieces

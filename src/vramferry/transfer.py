@@ -122,14 +122,18 @@ class Mover:
         unit.device_buffer = None
         unit.ready_event = None
 
-    def release_cached(self) -> None:
-        """Return the caching allocator's free segments to the device.
+    def release_cached(self, need: int) -> None:
+        """Before allocating ``need`` bytes for a component: if the allocator's cached free memory cannot hold
+        it, return that cached memory to the device first.
 
-        Called only at component switches (once or twice a request, never per block): the segment that held
-        an evicted component is otherwise kept for allocations of its size and cannot serve the next, larger
-        component, so reserved memory would grow to the sum of both. ``empty_cache`` synchronises the device.
+        Otherwise the segment of an evicted, smaller component stays cached beside the new, larger one and
+        reserved memory grows to the sum of both. Called only at component switches, never per block, and
+        only when it helps: ``empty_cache`` synchronises the device.
         """
-        if self.cuda:
+        if not self.cuda:
+            return
+        cached_free = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        if 0 < cached_free < need:
             torch.cuda.empty_cache()
 
     def record_done(self) -> object | None:

@@ -29,6 +29,7 @@ class Slot:
     unit: Unit | None = None
     running: bool = False
     free_event: object | None = None  # compute-stream event: the previous occupant has finished
+    copied: object | None = None  # copy-stream event: the last copy into this slot has landed
 
 
 class BlockStreamer:
@@ -131,6 +132,7 @@ class BlockStreamer:
         slot.unit = unit
         unit.slot = slot
         self.mover.onload_async(unit, slot=slot.buffer, after=slot.free_event)
+        slot.copied = unit.ready_event
         self.mover.counters.blocks_streamed += 1
         if self.keep_trace:
             self.load_order.append(i)
@@ -144,14 +146,19 @@ class BlockStreamer:
         if len(self.slots) - len(free) >= self.depth + 1:
             return None
         # The block size changed: give the free slots of the old size back before allocating.
-        self.slots = [s for s in self.slots if s.unit is not None]
+        for old in free:
+            self._release(old)
         buffer = torch.empty(nbytes, dtype=torch.uint8, device=self.mover.device)
         slot = Slot(buffer)
-        if self.mover.cuda:
-            # Allocated from the compute stream's pool and written by the copy stream: the allocator must not
-            # reuse it before the copy lands, and the copy must not start before the compute stream is done
-            # with memory this buffer may reuse.
-            buffer.record_stream(self.mover.copy_stream)
-            slot.free_event = self.mover.record_done()
+        # The buffer may reuse memory the compute stream used until now: copy into it only after that work.
+        slot.free_event = self.mover.record_done()
         self.slots.append(slot)
         return slot
+
+    def _release(self, slot: Slot) -> None:
+        """Free a slot's memory at once. No record_stream: the compute stream first waits for the last copy
+        into it (a GPU-side wait), so the allocator may hand the memory to the compute stream right away
+        instead of counting it as in use until the copy stream's events are polled."""
+        if slot.copied is not None:
+            self.mover.compute_stream().wait_event(slot.copied)
+        self.slots.remove(slot)

@@ -105,7 +105,7 @@ class SwapScheduler:
         if comp.swap is not None and not comp.swap.on_device:
             evicted |= self._make_room(comp, comp.swap_bytes + comp.stream_bytes)
             if evicted:
-                self.mover.release_cached()
+                self.mover.release_cached(comp.swap_bytes)
             self._onload(comp)
         if comp.swap is not None:
             self.mover.wait_ready(comp.swap)
