@@ -11,7 +11,7 @@ import torch
 
 from .config import OffloadConfig
 from .discovery import PipelineModules
-from .errors import ConflictError, DeviceError
+from .errors import ConflictError, DeviceError, PlanError
 from .planner import Plan
 from .runtime import Runtime
 from .transfer import TransferCounters
@@ -149,7 +149,12 @@ class OffloadHandle:
 
 
 def apply(
-    pipeline: object, config: OffloadConfig | None = None, *, workload: Any = None, **changes: Any
+    pipeline: object,
+    config: OffloadConfig | None = None,
+    *,
+    workload: Any = None,
+    plan: Plan | None = None,
+    **changes: Any,
 ) -> OffloadHandle:
     """Offload ``pipeline``'s weights as ``config`` says, and return the handle that undoes it.
 
@@ -159,6 +164,10 @@ def apply(
         config: what to do; defaults to ``OffloadConfig()`` (auto mode, free memory as the budget).
         workload: the request shape (:class:`~vramferry.costmodel.Workload`) the auto planner sizes
             activations and compute for; defaults to the pipeline's usual shape.
+        plan: a ready :class:`~vramferry.planner.Plan` to carry out instead of planning (one made by
+            :func:`~vramferry.planner.plan` for this pipeline, read back with ``plan_from_dict``, or edited). It
+            must name exactly the components discovery finds, and give each component with blocks one placement
+            per block (or none). The config still sets the device, pinning and the other runtime options.
         **changes: field overrides applied to a copy of ``config`` (``mode="model"``).
 
     Returns:
@@ -167,10 +176,12 @@ def apply(
     Raises:
         ConflictError: the pipeline (or one of its modules) is already offloaded, by vramferry or a peer.
         DeviceError: the execution device is not usable.
-        DiscoveryError, PlanError, BudgetError: see their messages.
+        DiscoveryError, PlanError, BudgetError: see their messages; a ``plan`` that does not match the
+            pipeline, or one given together with a ``workload``, raises :class:`~vramferry.errors.PlanError`.
     """
     from .discovery import discover
-    from .planner import inventory_of, plan
+    from .planner import inventory_of
+    from .planner import plan as make_plan
     from .runtime import check_weights_materialised
     from .units import parse_bytes
 
@@ -183,9 +194,15 @@ def apply(
     _check_modules(modules)
     check_weights_materialised(modules)
     inventory = inventory_of(modules, pipeline_order(pipeline, modules))
-    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
-    profile = _device_profile(device, config) if device.type == "cuda" else None
-    the_plan = plan(inventory, config, device=profile, workload=workload, free_bytes=free)
+    if plan is not None:
+        if workload is not None:
+            raise PlanError("apply: give either plan= or workload= (the plan was sized for its own workload)")
+        _check_plan(plan, modules)
+        the_plan = plan
+    else:
+        free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+        profile = _device_profile(device, config) if device.type == "cuda" else None
+        the_plan = make_plan(inventory, config, device=profile, workload=workload, free_bytes=free)
     pin_limit = parse_bytes(config.host_memory_limit) if config.host_memory_limit is not None else None
     runtime = Runtime(
         modules,
@@ -277,6 +294,30 @@ def _check_modules(modules: PipelineModules) -> None:
                     f"{where} carries diffusers hooks ({', '.join(registry.hooks)}), e.g. group offloading; "
                     "remove them before applying vramferry"
                 )
+
+
+def _check_plan(the_plan: Plan, modules: PipelineModules) -> None:
+    """A given plan must place exactly the discovered components, blocks one by one where it places them."""
+    if not isinstance(the_plan, Plan):
+        raise PlanError(f"apply: plan must be a vramferry Plan, got {type(the_plan).__name__}")
+    planned = [c.name for c in the_plan.components]
+    found = [c.name for c in modules.components()]
+    missing, extra = [n for n in found if n not in planned], [n for n in planned if n not in found]
+    if missing or extra or len(set(planned)) != len(planned):
+        raise PlanError(
+            f"apply: the plan does not match {modules.pipeline_class}: it places {', '.join(planned) or 'nothing'}, "
+            f"discovery found {', '.join(found) or 'nothing'}"
+            + (f"; missing: {', '.join(missing)}" if missing else "")
+            + (f"; unknown: {', '.join(extra)}" if extra else "")
+            + ". Make the plan for this pipeline (vramferry.planner.plan on its inventory)."
+        )
+    for cplan in the_plan.components:
+        blockset = modules.blocks_of(cplan.name)
+        count = len(blockset.blocks) if blockset is not None else 0
+        if cplan.blocks and len(cplan.blocks) != count:
+            raise PlanError(
+                f"apply: the plan places {len(cplan.blocks)} blocks of {cplan.name}, but discovery found {count}"
+            )
 
 
 def _weights_budget(the_plan: Plan) -> int | None:

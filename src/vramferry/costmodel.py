@@ -21,6 +21,9 @@ reference/peers.md §8 and §C):
   released by the block ``depth + 1`` streamed blocks earlier. With slack to spare this gives the textbook
   ``max(Σ compute, streamed bytes / B) + overheads``; when resident blocks bunch together, it shows the copy
   engine idling because no slot is free.
+- **Text encoders.** One forward per request over ``text_tokens`` tokens: ``2·P·T / F`` per layer (at least
+  ``block_floor_s``). Streamed, its layers go through the same ring of slots as a DiT's, starting cold; what the
+  copies add beyond that compute (about streamed bytes / ``B`` for T5-XXL) is added to the request.
 - **Activations.** A DiT call holds about ``4 · T · N · (d + d_ffn) · itemsize`` bytes; a 2D VAE decode
   ``10 · H · W · C · itemsize`` (``C``: the decoder's top width), a causal video VAE (Wan, Qwen-Image)
   ``(10 + 13.5·f) · H · W · C · itemsize`` for ``f`` frames decoded at once (1 for an image, 4 for video); a
@@ -627,8 +630,9 @@ class PipelineCost:
 
     Phases run in ``order`` (default: encoders, DiTs, VAEs). A phase's peak is the resident bytes plus its
     swap group, its streaming slots and its activations. A request's time is every DiT call (simulated) plus
-    the swap loads at the host→device bandwidth, less the loads that overlap the previous phase's compute
-    (``prefetch_components``, when both fit in the budget at once).
+    the swap loads at the host→device bandwidth, plus what streamed encoder blocks stall, less the loads that
+    overlap the previous phase's compute (``prefetch_components``, when both fit in the budget at once; behind a
+    phase that streams, only the copy engine's idle time counts).
     """
 
     def __init__(

@@ -476,7 +476,7 @@ def plan(
     for size in inventory.components:
         choice = choices[size.name]
         depth = choice.depth if _T in choice.blocks else 0
-        # An encoder kept whole is planned as one unit, as before encoders had blocks.
+        # An encoder kept whole is one unit: its blocks go where its placement says.
         blocks = () if size.role == "encoder" and not depth else choice.blocks
         components.append(ComponentPlan(size.name, size.role, size.bytes, choice.placement, blocks, depth))
     return Plan(

@@ -17,13 +17,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .costmodel import Choice, PartCost, PipelineCost, Placement
+from .costmodel import Choice, PartCost, Placement
 
 if TYPE_CHECKING:
-    from .config import OffloadConfig
-
-    class _Ctx(PipelineCost):
-        config: OffloadConfig
+    from .planner import _Ctx  # the cost model with the configuration it plans for
 
 
 _R, _S, _T = Placement.RESIDENT, Placement.SWAPPED, Placement.STREAMED

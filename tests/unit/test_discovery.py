@@ -704,6 +704,18 @@ DIFFUSERS_EXPECTED = {
     ),
 }
 DIFFUSERS_EXPECTED["flux_production"] = DIFFUSERS_EXPECTED["flux"]
+CLIP, T5 = blocks("heuristic", **{"encoder.layers": 2}), blocks("heuristic", **{"encoder.block": 2})
+CLIP_PROJ = blocks("heuristic", **{"text_model.encoder.layers": 2})
+ENCODER_BLOCKS_EXPECTED = {  # each encoder's layers, in execution order (a VLM's vision blocks first)
+    "flux": {"text_encoder": CLIP, "text_encoder_2": T5},
+    "sd3": {"text_encoder": CLIP_PROJ, "text_encoder_2": CLIP_PROJ, "text_encoder_3": T5},
+    "wan": {"text_encoder": T5},
+    "ltx2": {"text_encoder": blocks("heuristic", **{"model.language_model.layers": 2})},
+    "qwenimage": {
+        "text_encoder": blocks("heuristic", **{"model.visual.blocks": 2, "model.language_model.layers": 2})
+    },
+}
+ENCODER_BLOCKS_EXPECTED["flux_production"] = ENCODER_BLOCKS_EXPECTED["flux"]
 
 
 def test_diffusers_pipeline_discovery(diffusers_pipeline):
@@ -718,6 +730,13 @@ def test_diffusers_pipeline_discovery(diffusers_pipeline):
     if name not in DIFFUSERS_EXPECTED:
         pytest.skip(f"no exact expectations written for the diffusers fixture {name!r} (invariants checked)")
     assert got == DIFFUSERS_EXPECTED[name]
+    found = {k: (b.attrs, b.names, b.found_by) for k, b in result.encoder_blocks.items()}
+    assert found == ENCODER_BLOCKS_EXPECTED[name]
+    for enc, blockset in result.encoder_blocks.items():
+        modules = dict(result.get(enc).module.named_modules())
+        assert [modules[n] for n in blockset.names] == list(blockset.blocks) and result.blocks_of(
+            enc
+        ) is blockset
     for dit_name, blocks in result.blocks.items():
         dit_class = type(result.get(dit_name).module)
         preferred = set(dit_class._repeated_blocks or ()) | set(dit_class._no_split_modules or ())
