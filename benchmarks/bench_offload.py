@@ -72,16 +72,31 @@ def free_all() -> None:
 
 # -- sections -------------------------------------------------------------------------------------------------
 def bandwidth() -> float:
-    n = 2 << 30
-    pinned = torch.empty(n, dtype=torch.uint8, pin_memory=True)
-    pageable = torch.empty(n, dtype=torch.uint8)
-    pageable.fill_(1)
-    pinned.fill_(1)
-    dev = torch.empty(n, dtype=torch.uint8, device="cuda")
-    for name, src in (("pinned", pinned), ("pageable", pageable)):
-        dev.copy_(src, non_blocking=True)
-        t = min(timed(lambda s=src: dev.copy_(s, non_blocking=True), 4))
-        log("bandwidth", f"h2d_{name}_GBps", round(n / t / GB, 2))
+    """Host->device GB/s from 2 GiB buffers: pinned (cudaHostAlloc), pageable, and registered in place the way
+    the host store does it (with and without transparent huge pages); then the same over 8 GiB, where page
+    tables stop fitting in the IOMMU's caches."""
+    from vramferry.store import host_buffer
+
+    def registered(n: int, huge: bool) -> torch.Tensor:
+        buf = host_buffer(n) if huge else torch.empty(n, dtype=torch.uint8)
+        buf.fill_(1)
+        torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), n, 0)
+        return buf
+
+    for n, tag in ((2 << 30, ""), (8 << 30, "_8GiB")):
+        dev = torch.empty(n, dtype=torch.uint8, device="cuda")
+        sources = [("pinned", torch.empty(n, dtype=torch.uint8, pin_memory=True).fill_(1))]
+        if not tag:
+            sources.append(("pageable", torch.empty(n, dtype=torch.uint8).fill_(1)))
+        sources += [("registered", registered(n, False)), ("registered_hugepages", registered(n, True))]
+        for name, src in sources:
+            dev.copy_(src, non_blocking=True)
+            t = min(timed(lambda s=src, d=dev: d.copy_(s, non_blocking=True), 3))
+            log("bandwidth", f"h2d_{name}{tag}_GBps", round(n / t / GB, 2))
+            if name.startswith("registered"):
+                torch.cuda.cudart().cudaHostUnregister(src.data_ptr())
+        sources.clear()
+        free_all()
     return RESULTS["bandwidth"]["h2d_pinned_GBps"] * GB
 
 

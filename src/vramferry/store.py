@@ -11,6 +11,8 @@ power-of-two rounding of the caching host allocator, and ~0.08 s/GB instead of ~
 from __future__ import annotations
 
 import logging
+import mmap
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -151,6 +153,26 @@ def _add_ref(new, seen, claimed, module, name, tensor, *, is_param: bool) -> Non
     new.append(ref)
 
 
+def host_buffer(nbytes: int) -> torch.Tensor:
+    """``nbytes`` of page-aligned host memory, backed by transparent huge pages where the kernel offers them.
+
+    Huge pages mean 512x fewer page-table (and IOMMU) entries for the copy engine to walk when it streams tens
+    of GB; where ``madvise`` is unsupported, ordinary pages are used.
+    """
+    try:
+        region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    except (OSError, ValueError, AttributeError):
+        return torch.empty(nbytes, dtype=torch.uint8)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            region.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:
+            pass
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # frombuffer keeps a reference to the region; no copy is made
+        return torch.frombuffer(region, dtype=torch.uint8)
+
+
 class HostStore:
     """Owns the host arenas: one contiguous buffer per group of units (usually per component).
 
@@ -174,7 +196,7 @@ class HostStore:
         total = sum(unit.nbytes for unit in units)
         if total == 0:
             return
-        arena = torch.empty(total, dtype=torch.uint8)
+        arena = host_buffer(total)
         pinned = self._register(arena, name)
         offset = 0
         for unit in units:

@@ -136,6 +136,16 @@ class Mover:
         if 0 < cached_free < need:
             torch.cuda.empty_cache()
 
+    def trim_cache(self, threshold: int = 256 * 2**20) -> None:
+        """Return cached free memory to the device when more than ``threshold`` bytes sit unused.
+
+        Synchronises the device (``empty_cache``): called at phase changes only.
+        """
+        if not self.cuda:
+            return
+        if torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device) > threshold:
+            torch.cuda.empty_cache()
+
     def record_done(self) -> object | None:
         """An event on the compute stream marking that work issued so far is done (to guard slot reuse)."""
         if not self.cuda:

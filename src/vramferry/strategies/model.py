@@ -18,6 +18,8 @@ from ..transfer import Mover
 
 logger = logging.getLogger(__name__)
 
+_PHASE_ROLES = ("dit", "encoder", "vae")
+
 
 @dataclass(eq=False)
 class ComponentState:
@@ -86,6 +88,7 @@ class SwapScheduler:
         self.prefetch = prefetch
         self.prefetch_conflicting = prefetch_conflicting
         self.clock = 0
+        self.phase = ""
         self.trace: list[tuple[str, str]] = []  # (event, component) for tests and debugging
         self.keep_trace = False
 
@@ -94,9 +97,19 @@ class SwapScheduler:
         """Make ``comp``'s weights usable by the next kernel on the compute stream."""
         self.clock += 1
         comp.last_used = self.clock
+        if comp.role != self.phase and comp.role in _PHASE_ROLES and not comp.running:
+            self._new_phase(comp.role)
         if comp.engaged:
             return
         self._engage(comp)
+
+    def _new_phase(self, role: str) -> None:
+        # A few times per request (encode, denoise, decode), never per block. Under a budget, memory cached
+        # for the previous phase's activations and weights is given back so the next phase can use it:
+        # reserved memory then stays close to what the plan counts.
+        self.phase = role
+        if self.budget is not None:
+            self.mover.trim_cache()
 
     def _engage(self, comp: ComponentState) -> None:
         if self.learning and comp.name not in self.order:
