@@ -214,6 +214,7 @@ def apply(
         order=list(inventory.order),
         prefetch=config.prefetch_components,
         prefetch_conflicting=config.vram_budget is not None,
+        uniform_slots=config.vram_budget is not None,
         verify=config.verify,
     )
     patched = _patch_execution_device(pipeline, device)

@@ -39,9 +39,11 @@ from .costmodel import (
     Placement,
     VaeShape,
     Workload,
+    allocatable_bytes,
     dit_shape_from_config,
     itemsize_of,
     pieces,
+    reserved_bytes,
     token_split,
     vae_shape_from_config,
 )
@@ -365,16 +367,22 @@ def _phase_items(ctx: _Ctx, choices: Mapping[str, Choice], phase: str) -> list[t
     acts = [p.act for p in ctx.parts.values() if p.phase == phase]
     items.append(("activations", max(acts, default=0)))
     items.sort(key=lambda item: -item[1])
-    return [("resident weights", resident), *items]
+    allocated = resident + sum(n for _label, n in items)
+    return [
+        ("resident weights", resident),
+        *items,
+        ("allocator cache", reserved_bytes(allocated) - allocated),
+    ]
 
 
-def _budget_error(ctx: _Ctx, choices: Mapping[str, Choice]) -> BudgetError:
+def _budget_error(ctx: _Ctx, choices: Mapping[str, Choice], budget: int | None) -> BudgetError:
     """A :class:`BudgetError` for the leanest placement the mode allows, naming its fullest phase."""
     outcome = ctx.evaluate(choices)
     phase = max(outcome.raw_peaks, key=outcome.raw_peaks.__getitem__)
     held = " + ".join(f"{label} {_gib(n)}" for label, n in _phase_items(ctx, choices, phase) if n)
     mode = ctx.config.mode
-    fixes = [f"raise vram_budget to at least {_gib(outcome.peak, up=True)}", "free device memory"]
+    least = reserved_bytes(outcome.peak)
+    fixes = [f"raise vram_budget to at least {_gib(least, up=True)}", "free device memory"]
     if mode is not OffloadMode.AUTO:
         fixes.append("use mode='auto', which streams and swaps to fit the budget")
     if phase == ENCODER_PHASE:
@@ -388,7 +396,7 @@ def _budget_error(ctx: _Ctx, choices: Mapping[str, Choice]) -> BudgetError:
         fixes.append("lower the resolution or batch to shrink the activations")
     phase_name = "text-encoder" if phase == ENCODER_PHASE else "VAE" if phase == VAE_PHASE else f"{phase!r}"
     return BudgetError(
-        f"{ctx.inventory.pipeline_class}: vram_budget {_gib(ctx.budget or 0)} is below the {_gib(outcome.peak, up=True)} "
+        f"{ctx.inventory.pipeline_class}: vram_budget {_gib(budget or 0)} is below the {_gib(least, up=True)} "
         f"that mode '{mode}' needs at the least; its {phase_name} phase holds {held}. "
         f"Fix: {'; or '.join(fixes)}."
     )
@@ -467,11 +475,12 @@ def plan(
     profile = device if device is not None else PRESETS[DEFAULT_PROFILE]
     work = workload if workload is not None else default_workload(inventory)
     budget, budget_text = resolve_budget(config, device=device, free_bytes=free_bytes)
-    ctx = _Ctx(inventory, config, profile, work, budget)
+    # Plans place allocations; the caching allocator reserves a little more (see reserved_bytes).
+    ctx = _Ctx(inventory, config, profile, work, None if budget is None else allocatable_bytes(budget))
     choices = plan_auto(ctx) if config.mode is OffloadMode.AUTO else _plan_fixed(ctx)
     outcome = ctx.evaluate(choices)
     if not ctx.fits(outcome.peak):
-        raise _budget_error(ctx, choices)
+        raise _budget_error(ctx, choices, budget)
     components = []
     for size in inventory.components:
         choice = choices[size.name]
@@ -483,7 +492,7 @@ def plan(
         mode=config.mode,
         components=tuple(components),
         budget_bytes=budget,
-        predicted_peak_bytes=outcome.peak,
+        predicted_peak_bytes=reserved_bytes(outcome.peak),
         predicted_step_s=outcome.step_s,
         predicted_request_s=outcome.request_s,
         notes=tuple(_notes(ctx, choices, outcome, budget_text, device is None)),

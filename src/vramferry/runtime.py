@@ -49,6 +49,7 @@ class Runtime:
         prefetch: bool,
         verify: bool,
         prefetch_conflicting: bool = False,
+        uniform_slots: bool = False,
     ) -> None:
         self.modules = modules
         self.plan = plan
@@ -59,6 +60,7 @@ class Runtime:
         self.states: list[ComponentState] = []
         self.shared: Unit | None = None
         self.verify = verify
+        self.uniform_slots = uniform_slots
         self._build_units()
         self.scheduler = SwapScheduler(self.mover, self.states, order, budget, prefetch, prefetch_conflicting)
         self._load_resident()
@@ -136,7 +138,9 @@ class Runtime:
             arenas.append((component.name, units))
             if block_units:
                 depth = self.plan.get(component.name).prefetch_depth or 2
-                state.streamer = BlockStreamer(self.mover, component.name, block_units, depth)
+                state.streamer = BlockStreamer(
+                    self.mover, component.name, block_units, depth, uniform=self.uniform_slots
+                )
             self.states.append(state)
         if shared:
             self.shared = Unit("shared", list(shared.values()))

@@ -24,6 +24,7 @@ from vramferry.costmodel import (
     dit_activation_bytes,
     encoder_workspace_bytes,
     profile_from,
+    reserved_bytes,
     simulate_dit_calls,
 )
 from vramferry.discovery import BlockSet, Component, PipelineModules, Role
@@ -149,7 +150,7 @@ def _dit_only(blocks=(100 * MiB,) * 10, rest=10 * MiB) -> Inventory:
 
 def test_auto_at_the_minimum_streams_every_block_through_two_slots():
     inventory = _dit_only()
-    minimum = 10 * MiB + 2 * 100 * MiB + dit_activation_bytes(DitShape(1024), SMALL)
+    minimum = reserved_bytes(10 * MiB + 2 * 100 * MiB + dit_activation_bytes(DitShape(1024), SMALL))
     result = auto(inventory, minimum)
     dit = result.get("transformer")
     assert set(dit.blocks) == {T} and dit.prefetch_depth == 1
@@ -165,7 +166,7 @@ def test_auto_streams_only_small_blocks_when_that_saves_slot_memory():
     # One huge block among small ones: streaming the small ones needs small slots.
     inventory = _dit_only(blocks=(400 * MiB,) + (50 * MiB,) * 12, rest=1 * MiB)
     act = dit_activation_bytes(DitShape(1024), SMALL)
-    result = auto(inventory, 1 * MiB + 400 * MiB + 3 * 50 * MiB + act)
+    result = auto(inventory, reserved_bytes(1 * MiB + 400 * MiB + 3 * 50 * MiB + act))
     dit = result.get("transformer")
     assert dit.blocks[0] is not T and dit.streamed_blocks >= 1
 
@@ -216,7 +217,7 @@ def test_auto_keeps_an_encoder_whole_when_it_fits_and_streams_it_when_it_does_no
 def test_auto_least_budget_streams_the_encoder_through_two_slots():
     inventory = _layered(blocks=(10 * MiB,) * 4)
     encoder = inventory.get("text_encoder")
-    minimum = 20 * MiB + 2 * 80 * MiB + encoder_workspace_bytes(encoder.bytes)
+    minimum = reserved_bytes(20 * MiB + 2 * 80 * MiB + encoder_workspace_bytes(encoder.bytes))
     result = auto(inventory, minimum)
     planned = result.get("text_encoder")
     assert planned.streamed_blocks == 12 and planned.prefetch_depth == 1

@@ -35,7 +35,9 @@ class Slot:
 class BlockStreamer:
     """Streams ``units`` (one per block, in execution order) through ``depth + 1`` device slots."""
 
-    def __init__(self, mover: Mover, name: str, units: list[Unit], depth: int) -> None:
+    def __init__(
+        self, mover: Mover, name: str, units: list[Unit], depth: int, *, uniform: bool = False
+    ) -> None:
         if not units:
             raise ValueError(f"{name}: no blocks to stream")
         self.mover = mover
@@ -44,6 +46,10 @@ class BlockStreamer:
         self.index = {id(u): i for i, u in enumerate(units)}
         self.depth = max(1, min(depth, len(units) - 1)) if len(units) > 1 else 0
         self.slot_size = max(u.nbytes for u in units)
+        # uniform: every slot has the largest block's size and is kept while streaming. Allocated memory is
+        # then (depth + 1) x the largest block throughout, but the allocator never has to find room for a
+        # block of the other size between activations, so reserved memory stays flat (used under a budget).
+        self.uniform = uniform
         self.slots: list[Slot] = []
         self.streaming = False
         self.load_order: list[int] = []  # block indices in the order copies were issued (tests)
@@ -141,14 +147,15 @@ class BlockStreamer:
         """A free slot of exactly ``nbytes``, else a new one if fewer than ``depth + 1`` are occupied."""
         free = [s for s in self.slots if s.unit is None]
         for slot in free:
-            if slot.buffer.numel() == nbytes:
+            if slot.buffer.numel() == nbytes or self.uniform:
                 return slot
         if len(self.slots) - len(free) >= self.depth + 1:
             return None
         # The block size changed: give the free slots of the old size back before allocating.
         for old in free:
             self._release(old)
-        buffer = torch.empty(nbytes, dtype=torch.uint8, device=self.mover.device)
+        size = self.slot_size if self.uniform else nbytes
+        buffer = torch.empty(size, dtype=torch.uint8, device=self.mover.device)
         slot = Slot(buffer)
         # The buffer may reuse memory the compute stream used until now: copy into it only after that work.
         slot.free_event = self.mover.record_done()
