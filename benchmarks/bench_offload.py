@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -30,11 +31,14 @@ from vramferry.api import apply
 
 GB = 1e9
 RESULTS: dict = {}
+OUT_PATH: Path | None = None  # rewritten after every figure, so a run cut short keeps what it measured
 
 
 def log(section: str, key: str, value) -> None:
     RESULTS.setdefault(section, {})[key] = value
     print(f"{section}.{key}: {value}", flush=True)
+    if OUT_PATH is not None:
+        OUT_PATH.write_text(json.dumps(RESULTS, indent=1))
 
 
 def host_rss_gb() -> float:
@@ -276,6 +280,9 @@ def wan_layerwise(bw: float, frames: int) -> None:
     handle.remove()
 
 
+AUTO_BUDGETS = (8, 12, 16, 20, 24)
+
+
 def auto(bw: float) -> None:
     """FLUX.1-dev-sized pipeline under VRAM budgets: the step time comes from two request lengths (no sync)."""
     from fullsize import flux_pipeline
@@ -295,7 +302,7 @@ def auto(bw: float) -> None:
 
     log(s, "resident_step_s", round(step_time(), 4))
     pipe.to("cpu")
-    for budget in (8, 12, 16, 20, 24):
+    for budget in AUTO_BUDGETS:
         free_all()
         torch.cuda.reset_peak_memory_stats()
         try:
@@ -333,13 +340,18 @@ def main() -> None:
     parser.add_argument("--sections", default="bandwidth,flux_layerwise,flux_model,omnigen2,wan_layerwise")
     parser.add_argument("--frames", type=int, default=81)
     parser.add_argument("--out", default="bench.json")
+    parser.add_argument("--budgets", default="8,12,16,20,24", help="auto section: VRAM budgets in GB")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("these benchmarks need a CUDA GPU")
+    global AUTO_BUDGETS, OUT_PATH
+    OUT_PATH = Path(args.out)
+    AUTO_BUDGETS = tuple(int(b) for b in args.budgets.split(","))
     RESULTS["device"] = torch.cuda.get_device_name()
     RESULTS["torch"] = torch.__version__
     RESULTS["command"] = "python benchmarks/bench_offload.py --sections " + args.sections
-    bw = bandwidth()
+    RESULTS["allocator"] = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "default")
+    bw = bandwidth() if set(args.sections.split(",")) - {"auto"} else 55e9
     for name in args.sections.split(","):
         if name == "bandwidth":
             continue

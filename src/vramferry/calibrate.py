@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
+import os
 import time
 
 import torch
@@ -43,4 +45,14 @@ def device_profile(device: torch.device):
             break
     bandwidth = measure_h2d_bandwidth(device)
     logger.info("calibrated %s: %.1f GB/s host->device", name, bandwidth / 1e9)
-    return profile_from(gpu=preset, bandwidth=bandwidth, memory=total)
+    profile = profile_from(gpu=preset, bandwidth=bandwidth, memory=total)
+    return dataclasses.replace(profile, expandable_segments=expandable_segments())
+
+
+def expandable_segments() -> bool:
+    """Whether the CUDA caching allocator was configured with expandable segments."""
+    for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+        setting = os.environ.get(name, "").replace(" ", "").lower()
+        if "expandable_segments:true" in setting:
+            return True
+    return False

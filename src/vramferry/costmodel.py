@@ -73,6 +73,8 @@ class DeviceProfile:
         per_block_overhead_s: compute-stream time lost per streamed block and call (event wait, hand-over).
         attention_flops_per_s: achieved FLOP/s of attention; ``None``: ``flops_per_s`` × 1.36, the H100 ratio.
         memory_bytes_per_s: achieved device-memory bandwidth (for elementwise work).
+        expandable_segments: the CUDA caching allocator grows segments in place
+            (``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True``), so less memory sits reserved but unused.
         block_floor_s: the least time a block takes, set by the host launching its kernels.
         copy_contention: fractional compute slowdown while weight copies run beside it.
     """
@@ -86,6 +88,7 @@ class DeviceProfile:
     memory_bytes_per_s: float = 3.0e12
     block_floor_s: float = 1.5e-3
     copy_contention: float = 0.015
+    expandable_segments: bool = False
 
     def __post_init__(self) -> None:
         if self.attention_flops_per_s is None:
@@ -325,28 +328,27 @@ class Workload:
 
 # The caching allocator reserves more than it hands out: blocks freed by one phase (activations of other
 # shapes, slots of another block size) stay cached beside the next phase's. Measured on an H100 for FLUX.1 under
-# budgets of 8-24 GB: reserved exceeded allocated by 0.85-1.0 GB. Plans count it, so reserved stays in budget.
-ALLOCATOR_SLACK_FRACTION = 0.10
-ALLOCATOR_SLACK_CAP = 3 * 2**30 // 4  # 0.75 GiB
+# budgets of 8-24 GB with the default allocator: reserved exceeded allocated by 0.8-1.1 GB. With
+# PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True segments grow in place and the gap nearly vanishes.
+# Plans count the gap, so that reserved memory stays within the budget.
+ALLOCATOR_SLACK = {False: (0.15, 9 * 2**30 // 8), True: (0.03, 2**30 // 4)}  # expandable -> (fraction, cap)
 
 
-def reserved_bytes(allocated: int) -> int:
+def reserved_bytes(allocated: int, expandable: bool = False) -> int:
     """The device memory the caching allocator reserves to serve ``allocated`` bytes at a phase's peak."""
-    return allocated + min(ALLOCATOR_SLACK_CAP, int(ALLOCATOR_SLACK_FRACTION * allocated))
+    fraction, cap = ALLOCATOR_SLACK[expandable]
+    return allocated + min(cap, int(fraction * allocated))
 
 
-def allocatable_bytes(budget: int) -> int:
+def allocatable_bytes(budget: int, expandable: bool = False) -> int:
     """The most bytes a plan may allocate so that :func:`reserved_bytes` stays within ``budget``."""
-    proportional = int(budget / (1 + ALLOCATOR_SLACK_FRACTION))
-    allocated = (
-        proportional
-        if ALLOCATOR_SLACK_FRACTION * proportional <= ALLOCATOR_SLACK_CAP
-        else budget - ALLOCATOR_SLACK_CAP
-    )
+    fraction, cap = ALLOCATOR_SLACK[expandable]
+    proportional = int(budget / (1 + fraction))
+    allocated = proportional if fraction * proportional <= cap else budget - cap
     # Exact inverse despite float rounding: the largest value whose reserved size fits.
-    while reserved_bytes(allocated + 1) <= budget:
+    while reserved_bytes(allocated + 1, expandable) <= budget:
         allocated += 1
-    while allocated > 0 and reserved_bytes(allocated) > budget:
+    while allocated > 0 and reserved_bytes(allocated, expandable) > budget:
         allocated -= 1
     return allocated
 

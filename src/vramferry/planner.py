@@ -371,7 +371,7 @@ def _phase_items(ctx: _Ctx, choices: Mapping[str, Choice], phase: str) -> list[t
     return [
         ("resident weights", resident),
         *items,
-        ("allocator cache", reserved_bytes(allocated) - allocated),
+        ("allocator cache", reserved_bytes(allocated, ctx.device.expandable_segments) - allocated),
     ]
 
 
@@ -381,7 +381,7 @@ def _budget_error(ctx: _Ctx, choices: Mapping[str, Choice], budget: int | None) 
     phase = max(outcome.raw_peaks, key=outcome.raw_peaks.__getitem__)
     held = " + ".join(f"{label} {_gib(n)}" for label, n in _phase_items(ctx, choices, phase) if n)
     mode = ctx.config.mode
-    least = reserved_bytes(outcome.peak)
+    least = reserved_bytes(outcome.peak, ctx.device.expandable_segments)
     fixes = [f"raise vram_budget to at least {_gib(least, up=True)}", "free device memory"]
     if mode is not OffloadMode.AUTO:
         fixes.append("use mode='auto', which streams and swaps to fit the budget")
@@ -476,7 +476,10 @@ def plan(
     work = workload if workload is not None else default_workload(inventory)
     budget, budget_text = resolve_budget(config, device=device, free_bytes=free_bytes)
     # Plans place allocations; the caching allocator reserves a little more (see reserved_bytes).
-    ctx = _Ctx(inventory, config, profile, work, None if budget is None else allocatable_bytes(budget))
+    expandable = profile.expandable_segments
+    ctx = _Ctx(
+        inventory, config, profile, work, None if budget is None else allocatable_bytes(budget, expandable)
+    )
     choices = plan_auto(ctx) if config.mode is OffloadMode.AUTO else _plan_fixed(ctx)
     outcome = ctx.evaluate(choices)
     if not ctx.fits(outcome.peak):
@@ -492,7 +495,7 @@ def plan(
         mode=config.mode,
         components=tuple(components),
         budget_bytes=budget,
-        predicted_peak_bytes=reserved_bytes(outcome.peak),
+        predicted_peak_bytes=reserved_bytes(outcome.peak, expandable),
         predicted_step_s=outcome.step_s,
         predicted_request_s=outcome.request_s,
         notes=tuple(_notes(ctx, choices, outcome, budget_text, device is None)),

@@ -350,10 +350,15 @@ def test_flux_budgets_never_over_and_monotone(flux):
 
 
 def test_flux_at_16_decimal_gigabytes_is_near_resident_speed(flux):
-    resident = plan(flux, OffloadConfig(mode="none"), device=H100, workload=FLUX_1024)
-    result = auto(flux, "16GB", FLUX_1024)
+    """With expandable segments the allocator wastes little, so 16 GB keeps enough resident."""
+    device = dataclasses.replace(H100, expandable_segments=True)
+    resident = plan(flux, OffloadConfig(mode="none"), device=device, workload=FLUX_1024)
+    result = plan(flux, OffloadConfig(mode="auto", vram_budget="16GB"), device=device, workload=FLUX_1024)
     assert result.predicted_peak_bytes <= 16 * 10**9
     assert result.predicted_step_s <= 1.10 * resident.predicted_step_s
+    # The default allocator's cached blocks are counted too: less stays resident, the step is slower.
+    default = auto(flux, "16GB", FLUX_1024)
+    assert result.predicted_step_s < default.predicted_step_s <= 1.20 * resident.predicted_step_s
 
 
 @pytest.mark.parametrize("budget", ["8GB", "8GiB"])
