@@ -34,6 +34,8 @@ class OffloadStats:
         sync_loads: loads that were not prefetched (out-of-order or skipped blocks, first use).
         peak_allocated, peak_reserved: device memory peaks in bytes (``torch.cuda``), 0 on CPU.
         host_pinned_bytes, host_pageable_bytes: where the canonical host copies live.
+        dit_calls, dit_call_seconds: DiT forwards run, and their mean duration (GPU time on CUDA).
+        predicted_step_seconds: the plan's predicted denoising step, to compare with the measured calls.
     """
 
     mode: str = "none"
@@ -49,6 +51,9 @@ class OffloadStats:
     peak_reserved: int = 0
     host_pinned_bytes: int = 0
     host_pageable_bytes: int = 0
+    dit_calls: int = 0
+    dit_call_seconds: float = 0.0
+    predicted_step_seconds: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -106,6 +111,10 @@ class OffloadHandle:
             sync_loads=c.sync_loads,
             host_pinned_bytes=runtime.store.pinned_bytes,
             host_pageable_bytes=runtime.store.pageable_bytes,
+            dit_calls=c.dit_calls,
+            dit_call_seconds=round(c.dit_seconds / c.dit_calls, 6) if c.dit_calls else 0.0,
+            # On the CPU the plan's times describe a GPU preset, not this run: leave them out.
+            predicted_step_seconds=self.plan.predicted_step_s if runtime.device.type == "cuda" else None,
         )
         if runtime.device.type == "cuda":
             stats.peak_allocated = torch.cuda.max_memory_allocated(runtime.device)

@@ -112,6 +112,9 @@ def install_component_hooks(runtime: Runtime, state: ComponentState) -> None:
     for module in entry_modules(state.module, skip, _entry_depth()):
         runtime.hooks.add(module, enter, leave)
 
+    if state.role == "dit":
+        _install_timing_hooks(runtime, state)
+
     for unit in block_units:
         _install_block_hooks(runtime, state, unit)
 
@@ -120,6 +123,24 @@ def install_component_hooks(runtime: Runtime, state: ComponentState) -> None:
         for path, module in state.module.named_modules():
             units = owners.get(id(module), ())
             runtime.hooks.add(module, _verify_hook(f"{state.name}.{path}".rstrip("."), device, units))
+
+
+def _install_timing_hooks(runtime: Runtime, state: ComponentState) -> None:
+    """Time each outermost forward of a DiT (registered after the entry hooks: the load is inside)."""
+    mover = runtime.mover
+    starts: list = []
+
+    @torch.compiler.disable
+    def start(module, args, kwargs):
+        starts.append(mover.call_started())
+        return None
+
+    @torch.compiler.disable
+    def end(module, args, output):
+        if starts:
+            mover.call_ended(starts.pop())
+
+    runtime.hooks.add(state.module, start, end)
 
 
 def _install_block_hooks(runtime: Runtime, state: ComponentState, unit) -> None:

@@ -28,6 +28,10 @@ class TransferCounters:
     pending_copies: list = field(default_factory=list)
     # (before, after) compute-stream events around waits on copies
     pending_waits: list = field(default_factory=list)
+    dit_calls: int = 0
+    dit_seconds: float = 0.0
+    # (start, end) compute-stream events around DiT forwards
+    pending_calls: list = field(default_factory=list)
 
 
 class Mover:
@@ -180,6 +184,34 @@ class Mover:
             else:
                 keep_waits.append((before, after))
         c.pending_waits = keep_waits
+        keep_calls = []
+        for start, end in c.pending_calls:
+            if block or end.query():
+                c.dit_seconds += start.elapsed_time(end) / 1e3
+            else:
+                keep_calls.append((start, end))
+        c.pending_calls = keep_calls
+
+    def call_started(self) -> object:
+        """A marker for the start of a DiT forward: a compute-stream event, or a clock reading on the CPU."""
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(self.compute_stream())
+        return event
+
+    def call_ended(self, start: object) -> None:
+        """Count a DiT forward that began at ``start``; its GPU time is read later (no synchronisation now)."""
+        c = self.counters
+        c.dit_calls += 1
+        if not self.cuda:
+            c.dit_seconds += time.perf_counter() - start
+            return
+        end = torch.cuda.Event(enable_timing=True)
+        end.record(self.compute_stream())
+        c.pending_calls.append((start, end))
+        if len(c.pending_calls) > 512:
+            self.fold(block=False)
 
     def synchronize(self) -> None:
         if self.cuda:

@@ -222,3 +222,20 @@ def test_host_copies_are_canonical_and_counted():
     assert stats.host_pinned_bytes == 0
     assert stats.host_pageable_bytes >= weight_bytes
     handle.remove()
+
+
+@pytest.mark.parametrize("mode", ["model", "layerwise"])
+def test_stats_count_and_time_every_dit_call(mode):
+    pipe, kwargs = DIFFUSERS_PIPELINES["wan"]()
+    calls = []
+    for name in ("transformer", "transformer_2"):
+        getattr(pipe, name).register_forward_hook(lambda m, a, o: calls.append(1))
+    handle = apply(pipe, _cfg(mode))
+    run(pipe, kwargs)
+    stats = handle.stats()
+    assert stats.dit_calls == len(calls) > 0
+    assert stats.dit_call_seconds > 0
+    assert stats.predicted_step_seconds is None  # the plan's times are for a GPU, not this CPU run
+    handle.reset_stats()
+    assert handle.stats().dit_calls == 0
+    handle.remove()
