@@ -348,7 +348,7 @@ def discovery_report(modules: Any, inventory: Any) -> dict[str, Any]:
             "found_by": bs.found_by,
             "bytes": list(inventory.get(dit).block_bytes) if _has(inventory, dit) else [],
         }
-        for dit, bs in modules.blocks.items()
+        for dit, bs in [*modules.blocks.items(), *getattr(modules, "encoder_blocks", {}).items()]
     }
     return {
         "pipeline_class": modules.pipeline_class,
@@ -369,7 +369,7 @@ def _has(inventory: Any, name: str) -> bool:
 
 
 _FOUND_BY = {
-    "declared": "declared by the DiT class",
+    "declared": "declared by the model class",
     "config": "given by block_attrs",
     "heuristic": "found by heuristic",
 }
@@ -392,6 +392,8 @@ def format_discovery(data: dict[str, Any]) -> str:
         attrs = " + ".join(blocks["attrs"])
         how = _FOUND_BY.get(blocks["found_by"], f"found by {blocks['found_by']}")
         lines.append(f"blocks of {dit}: {blocks['count']} in {attrs} ({how}{each})")
+    if data["blocks"]:
+        lines.append("(DiT blocks stream in layerwise and auto modes; encoder blocks only in auto, when needed)")
     if not data["blocks"]:
         lines.append("blocks: none found (layerwise streaming will swap whole DiTs)")
     for warning in data["warnings"]:
