@@ -393,7 +393,9 @@ def format_discovery(data: dict[str, Any]) -> str:
         how = _FOUND_BY.get(blocks["found_by"], f"found by {blocks['found_by']}")
         lines.append(f"blocks of {dit}: {blocks['count']} in {attrs} ({how}{each})")
     if data["blocks"]:
-        lines.append("(DiT blocks stream in layerwise and auto modes; encoder blocks only in auto, when needed)")
+        lines.append(
+            "(DiT blocks stream in layerwise and auto modes; encoder blocks only in auto, when needed)"
+        )
     if not data["blocks"]:
         lines.append("blocks: none found (layerwise streaming will swap whole DiTs)")
     for warning in data["warnings"]:

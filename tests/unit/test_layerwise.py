@@ -110,3 +110,71 @@ def test_slots_are_fixed_and_reused(depth):
     assert len(seen) == 3 and seen[0] == seen[1] == seen[2]
     assert len(seen[0]) == min(depth, len(streamer.units) - 1) + 1
     handle.remove()
+
+
+class _Big(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(64, 64)
+
+    def forward(self, x):
+        return x + self.linear(x)
+
+
+class _Small(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.shift = torch.nn.Parameter(torch.zeros(64))
+
+    def forward(self, x):
+        return x + self.shift
+
+
+class _TwoKindsDiT(torch.nn.Module):
+    """Like Flux: big blocks, then small ones."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.big = torch.nn.ModuleList([_Big() for _ in range(3)])
+        self.small = torch.nn.ModuleList([_Small() for _ in range(3)])
+
+    def forward(self, x):
+        for block in [*self.big, *self.small]:
+            x = block(x)
+        return x
+
+
+class _Holder:
+    def __init__(self) -> None:
+        self.transformer = _TwoKindsDiT()
+
+
+def test_slot_memory_never_exceeds_depth_plus_one_largest_blocks(monkeypatch):
+    """At a change of block size the old slot is freed before the new one is allocated."""
+    import weakref
+
+    pipe = _Holder()
+    x = torch.randn(2, 64)
+    expected = pipe.transformer(x)
+    cfg = vramferry.OffloadConfig(
+        mode="layerwise", onload_device="cpu", prefetch_depth=1, block_attrs={"transformer": ("big", "small")}
+    )
+    handle = apply(pipe, cfg)
+    sizes = {u.nbytes for u in _streamer(handle, "transformer").units}
+    assert len(sizes) == 2
+    live, peak, empty = [], [0], torch.empty
+
+    def tracking_empty(*args, **kwargs):
+        tensor = empty(*args, **kwargs)
+        if kwargs.get("dtype") is torch.uint8 and args and args[0] in sizes:
+            alive = sum(t.numel() for ref in live if (t := ref()) is not None)
+            peak[0] = max(peak[0], alive + tensor.numel())
+            live.append(weakref.ref(tensor))
+        return tensor
+
+    monkeypatch.setattr(torch, "empty", tracking_empty)
+    for _ in range(3):
+        assert torch.equal(pipe.transformer(x), expected)
+    monkeypatch.undo()
+    assert 0 < peak[0] <= 2 * max(sizes)
+    handle.remove()

@@ -112,6 +112,9 @@ class BlockStreamer:
         self.mover.drop(unit)
         unit.slot = None
         slot.unit = None
+        # No local reference may outlive this point: if the next block needs a slot of another size, this
+        # one is released, and its memory must be free before the new one is allocated.
+        del slot
         i = self.index[id(unit)]
         self._load((i + self.depth + 1) % len(self.units))
 
@@ -146,14 +149,15 @@ class BlockStreamer:
     def _slot_for(self, nbytes: int) -> Slot | None:
         """A free slot of exactly ``nbytes``, else a new one if fewer than ``depth + 1`` are occupied."""
         free = [s for s in self.slots if s.unit is None]
-        for slot in free:
-            if slot.buffer.numel() == nbytes or self.uniform:
-                return slot
+        reusable = next((s for s in free if s.buffer.numel() == nbytes or self.uniform), None)
+        if reusable is not None:
+            return reusable
         if len(self.slots) - len(free) >= self.depth + 1:
             return None
-        # The block size changed: give the free slots of the old size back before allocating.
-        for old in free:
-            self._release(old)
+        # The block size changed: give the free slots of the old size back before allocating (and hold no
+        # reference to them, so that their memory is free when the new buffer is allocated).
+        while free:
+            self._release(free.pop())
         size = self.slot_size if self.uniform else nbytes
         buffer = torch.empty(size, dtype=torch.uint8, device=self.mover.device)
         slot = Slot(buffer)
