@@ -140,7 +140,7 @@ class Mover:
         if 0 < cached_free < need:
             torch.cuda.empty_cache()
 
-    def trim_cache(self, threshold: int = 256 * 2**20) -> None:
+    def trim_cache(self, threshold: int = 512 * 2**20) -> None:
         """Return cached free memory to the device when more than ``threshold`` bytes sit unused.
 
         Synchronises the device (``empty_cache``): called at phase changes only.

@@ -104,12 +104,11 @@ class SwapScheduler:
         self._engage(comp)
 
     def _new_phase(self, role: str) -> None:
-        # A few times per request (encode, denoise, decode), never per block. Under a budget, memory cached
-        # for the previous phase's activations and weights is given back so the next phase can use it:
-        # reserved memory then stays close to what the plan counts.
+        # A few times per request (encode, denoise, decode), never per block: memory cached for the previous
+        # phase's activations is given back so that the next phase's differently shaped activations reuse it
+        # instead of growing reserved memory beside it (the VAE decode after the DiT, above all).
         self.phase = role
-        if self.budget is not None:
-            self.mover.trim_cache()
+        self.mover.trim_cache()
 
     def _engage(self, comp: ComponentState) -> None:
         if self.learning and comp.name not in self.order:
