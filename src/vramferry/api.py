@@ -11,7 +11,7 @@ import torch
 
 from .config import OffloadConfig
 from .discovery import PipelineModules
-from .errors import ConflictError, DeviceError, PlanError
+from .errors import ConflictError, DeviceError, OffloadError, PlanError
 from .planner import Plan
 from .runtime import Runtime
 from .transfer import TransferCounters
@@ -146,6 +146,43 @@ class OffloadHandle:
             del _LIVE[key]
         self._removed = True
 
+    def replan(self, workload: Any) -> bool:
+        """Plan again for another request shape (resolution, frames, batch, steps); re-place the weights only
+        when the placement changes.
+
+        Call it when requests change shape (the CLI and the server do): activations grow with the resolution,
+        and what the budget leaves for weights shrinks. Re-placing rebuilds the host store (seconds for a
+        large pipeline), so the handle keeps its plan whenever the new one places everything alike.
+
+        Args:
+            workload: the new request's :class:`~vramferry.costmodel.Workload`.
+
+        Returns:
+            True if the weights were re-placed, False if only the plan's predictions changed.
+
+        Raises:
+            BudgetError: the new shape does not fit the budget; the handle is left as it was.
+        """
+        from .planner import plan as make_plan
+
+        if self._removed:
+            raise OffloadError(f"{self!r} was removed; apply again instead of replanning")
+        inventory, profile, free = self._planning
+        new = make_plan(inventory, self.config, device=profile, workload=workload, free_bytes=free)
+        if _placements(new) == _placements(self.plan):
+            self.plan = new
+            return False
+        pipeline, config = self.pipeline, self.config
+        self.remove()
+        fresh = apply(pipeline, config, plan=new)
+        # Adopt the fresh handle's state so that callers keep using this object.
+        self.__dict__.update(fresh.__dict__)
+        self._planning = (self._planning[0], profile, free)  # keep measuring against the same device
+        for key in [k for k, v in list(_LIVE.items()) if v is fresh]:
+            _LIVE[key] = self
+        logger.info("vramferry: re-placed %s for a new request shape", type(pipeline).__name__)
+        return True
+
     def __enter__(self) -> OffloadHandle:
         return self
 
@@ -208,6 +245,7 @@ def apply(
             raise PlanError("apply: give either plan= or workload= (the plan was sized for its own workload)")
         _check_plan(plan, modules)
         the_plan = plan
+        free = profile = None
     else:
         free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
         profile = _device_profile(device, config) if device.type == "cuda" else None
@@ -228,11 +266,16 @@ def apply(
     )
     patched = _patch_execution_device(pipeline, device)
     handle = OffloadHandle(pipeline, config, modules, the_plan, runtime, patched)
+    handle._planning = (inventory, profile if plan is None else None, free if plan is None else None)
     _LIVE[pipeline] = handle
     for component in modules.components():
         _LIVE[component.module] = handle
     logger.info("vramferry: %s applied to %s", the_plan.mode.value, type(pipeline).__name__)
     return handle
+
+
+def _placements(the_plan: Plan) -> tuple:
+    return tuple((c.name, c.placement, c.blocks, c.prefetch_depth) for c in the_plan.components)
 
 
 def resolve_device(config: OffloadConfig) -> torch.device:

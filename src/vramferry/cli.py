@@ -236,24 +236,10 @@ def apply_offload(pipeline: Any, config: OffloadConfig, params: Any = None) -> A
         raise OffloadError(
             f"--offload {config.mode.value}: the offload runtime is not available in this build"
         )
-    workload = _request_workload(params) if params is not None else None
+    from .server.generation import request_workload
+
+    workload = request_workload(params) if params is not None else None
     return apply(pipeline, config) if workload is None else apply(pipeline, config, workload=workload)
-
-
-def _request_workload(params: Any) -> Any:
-    """The cost model's ``Workload`` for one request, from what the request fixes."""
-    shape = {
-        "height": params.height,
-        "width": params.width,
-        "num_frames": params.frames,
-        "steps": params.steps,
-    }
-    shape = {key: value for key, value in shape.items() if value is not None}
-    if not shape:
-        return None
-    from .costmodel import Workload
-
-    return Workload(batch=params.n, **shape)
 
 
 def parse_size(text: str) -> tuple[int, int]:

@@ -187,3 +187,35 @@ def test_steps_reach_the_pipeline(steps):
     assert kwargs["negative_prompt"] == "n"
     assert kwargs["guidance_scale"] == 2.5
     assert len(kwargs["generator"]) == 1
+
+
+class _ReplanningHandle(FakeHandle):
+    """An auto-mode handle that records the request shapes it is re-planned for."""
+
+    def __init__(self, refuse_above: int = 10**9) -> None:
+        super().__init__()
+        import vramferry
+
+        self.config = vramferry.OffloadConfig(mode="auto", onload_device="cpu")
+        self.shapes = []
+        self.refuse_above = refuse_above
+
+    def replan(self, workload):
+        import vramferry
+
+        if workload.height > self.refuse_above:
+            raise vramferry.BudgetError(f"{workload.height}px does not fit")
+        self.shapes.append((workload.height, workload.width, workload.steps))
+        return True
+
+
+def test_auto_mode_replans_when_the_request_shape_changes(fake_pipeline):
+    handle = _ReplanningHandle(refuse_above=128)
+    with TestClient(create_app(fake_pipeline, handle)) as client:
+        for size in ("64x64", "64x64", "128x64"):
+            assert client.post("/v1/images/generations", json={**BODY, "size": size}).status_code == 200
+        r = client.post("/v1/images/generations", json={**BODY, "size": "256x256"})
+        assert r.status_code == 503 and "does not fit the VRAM budget" in r.json()["error"]["message"]
+        assert client.post("/v1/images/generations", json=BODY).status_code == 200
+    # Once per new shape; the refused one is not remembered, so the next 64x64 re-plans again.
+    assert handle.shapes == [(64, 64, 2), (64, 128, 2), (64, 64, 2)]

@@ -239,3 +239,32 @@ def test_stats_count_and_time_every_dit_call(mode):
     handle.reset_stats()
     assert handle.stats().dit_calls == 0
     handle.remove()
+
+
+def test_replan_replaces_weights_only_when_the_placement_changes(monkeypatch):
+    import vramferry.planner as planner
+    from vramferry.costmodel import Workload
+
+    pipe, kwargs = DIFFUSERS_PIPELINES["flux_production"]()
+    expected = run(pipe, kwargs)
+    handle = apply(pipe, _cfg("model"))
+    first = handle.plan
+    # The same shape places everything alike: the plan's predictions are refreshed, nothing moves.
+    assert handle.replan(Workload(height=64, width=64, steps=2)) is False
+    assert [c.placement for c in handle.plan.components] == [c.placement for c in first.components]
+    # A shape for which the planner streams the transformer's blocks: the weights are re-placed.
+    inventory = handle._planning[0]
+    streaming = planner.plan(inventory, _cfg("layerwise"))
+    monkeypatch.setattr(planner, "plan", lambda *args, **kw: streaming)
+    assert handle.replan(Workload(height=2048, width=2048, steps=2)) is True
+    assert handle.plan is streaming and handle.active
+    handle.reset_stats()
+    for key, value in run(pipe, kwargs).items():
+        np.testing.assert_array_equal(value, expected[key])
+    assert handle.stats().blocks_streamed > 0
+    with pytest.raises(ConflictError):  # the pipeline is still owned by this (live) handle
+        apply(pipe, _cfg("model"))
+    handle.remove()
+    assert not handle.active
+    for key, value in run(pipe, kwargs).items():
+        np.testing.assert_array_equal(value, expected[key])

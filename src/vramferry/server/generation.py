@@ -202,3 +202,19 @@ def _save_video(frames: list[Any], target: Path) -> list[Path]:
     for frame, path in zip(frames, paths, strict=True):
         frame.save(path)
     return paths
+
+
+def request_workload(params: GenerationParams) -> Any:
+    """The cost model's ``Workload`` for one request, from what the request fixes."""
+    shape = {
+        "height": params.height,
+        "width": params.width,
+        "num_frames": params.frames,
+        "steps": params.steps,
+    }
+    shape = {key: value for key, value in shape.items() if value is not None}
+    if not shape:
+        return None
+    from ..costmodel import Workload
+
+    return Workload(batch=params.n, **shape)

@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from .generation import GenerationParams, generate, png_bytes
+from ..errors import BudgetError
+from .generation import GenerationParams, generate, png_bytes, request_workload
 from .metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ class GenerationWorker:
     def __init__(self, pipeline: Any, handle: Any, max_queue: int, metrics: ServerMetrics) -> None:
         self.pipeline = pipeline
         self.handle = handle
+        self._workload: Any = None  # the request shape the offload plan was last fitted to
         self.metrics = metrics
         self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
         self._thread: threading.Thread | None = None
@@ -151,9 +153,10 @@ class GenerationWorker:
         error: Exception | None = None
         out_of_memory = False
         try:
+            self._fit_offload(job.params)
             images = generate(self.pipeline, job.params, on_step=lambda step, total: _check(job))
             result = [png_bytes(image if not isinstance(image, list) else image[0]) for image in images]
-        except JobCancelled as exc:
+        except (JobCancelled, GenerationOutOfMemory) as exc:
             error = exc
         except torch.OutOfMemoryError as exc:
             logger.warning(
@@ -176,6 +179,20 @@ class GenerationWorker:
         else:
             self.metrics.images.inc(len(result))
             job.future.set_result(result)
+
+    def _fit_offload(self, params: GenerationParams) -> None:
+        """In auto mode, re-plan when a request's shape differs from the last one (it changes what fits)."""
+        handle = self.handle
+        if handle is None or not hasattr(handle, "replan") or str(handle.config.mode) != "auto":
+            return
+        workload = request_workload(params)
+        if workload is None or workload == self._workload:
+            return
+        try:
+            handle.replan(workload)
+        except BudgetError as exc:
+            raise GenerationOutOfMemory(f"this request does not fit the VRAM budget: {exc}") from None
+        self._workload = workload
 
     def _observe_runtime(self) -> None:
         if torch.cuda.is_available() and torch.cuda.is_initialized():
