@@ -374,12 +374,17 @@ def _check_plan(the_plan: Plan, modules: PipelineModules) -> None:
 
 
 def _weights_budget(the_plan: Plan) -> int | None:
+    """Device bytes the scheduler may fill with weights: the budget less the allocator's cache (as the planner
+    counts it) and the largest phase's activations, so that prefetching never takes what the plan left free."""
     if the_plan.budget_bytes is None:
         return None
+    from .calibrate import expandable_segments
+    from .costmodel import allocatable_bytes
+
     reserve = getattr(the_plan, "activation_bytes", None)
     if reserve is None:
         reserve = the_plan.budget_bytes // 10
-    return max(0, the_plan.budget_bytes - reserve)
+    return max(0, allocatable_bytes(the_plan.budget_bytes, expandable_segments()) - reserve)
 
 
 def _device_profile(device: torch.device, config: OffloadConfig):
