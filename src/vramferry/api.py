@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from .calibrate import device_profile, expandable_segments
 from .config import OffloadConfig
 from .discovery import PipelineModules
 from .errors import ConflictError, DeviceError, OffloadError, PlanError
@@ -248,7 +249,7 @@ def apply(
         free = profile = None
     else:
         free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
-        profile = _device_profile(device, config) if device.type == "cuda" else None
+        profile = device_profile(device) if device.type == "cuda" else None
         the_plan = make_plan(inventory, config, device=profile, workload=workload, free_bytes=free)
     pin_limit = parse_bytes(config.host_memory_limit) if config.host_memory_limit is not None else None
     runtime = Runtime(
@@ -378,19 +379,12 @@ def _weights_budget(the_plan: Plan) -> int | None:
     counts it) and the largest phase's activations, so that prefetching never takes what the plan left free."""
     if the_plan.budget_bytes is None:
         return None
-    from .calibrate import expandable_segments
     from .costmodel import allocatable_bytes
 
     reserve = getattr(the_plan, "activation_bytes", None)
     if reserve is None:
         reserve = the_plan.budget_bytes // 10
     return max(0, allocatable_bytes(the_plan.budget_bytes, expandable_segments()) - reserve)
-
-
-def _device_profile(device: torch.device, config: OffloadConfig):
-    from .calibrate import device_profile
-
-    return device_profile(device)
 
 
 def _patch_execution_device(pipeline: object, device: torch.device) -> type | None:

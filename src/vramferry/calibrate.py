@@ -36,16 +36,16 @@ def device_profile(device: torch.device):
     bandwidth measured here."""
     from .costmodel import profile_from
 
-    name = torch.cuda.get_device_name(device).lower()
+    name = torch.cuda.get_device_name(device)
     total = torch.cuda.get_device_properties(device).total_memory
-    preset = None
-    for key in ("h200", "h100", "a100", "l40s", "4090", "3090"):
-        if key in name.replace(" ", ""):
-            preset = "rtx" + key if key.isdigit() else key
-            break
     bandwidth = measure_h2d_bandwidth(device)
     logger.info("calibrated %s: %.1f GB/s host->device", name, bandwidth / 1e9)
-    profile = profile_from(gpu=preset, bandwidth=bandwidth, memory=total)
+    try:
+        profile = profile_from(gpu=name, bandwidth=bandwidth, memory=total)
+    except (
+        ValueError
+    ):  # no preset for this GPU: the default's compute figures, this one's bandwidth and memory
+        profile = profile_from(bandwidth=bandwidth, memory=total)
     return dataclasses.replace(profile, expandable_segments=expandable_segments())
 
 

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from .strategies.model import ComponentState
 
 _CONTAINERS = (nn.ModuleList, nn.ModuleDict)
+ENTRY_DEPTH = 2  # entry hooks on a component's root, children and grandchildren (containers not counted)
 
 
 class HookSet:
@@ -109,7 +110,7 @@ def install_component_hooks(runtime: Runtime, state: ComponentState) -> None:
     def leave(module, args, output):
         state.running -= 1
 
-    for module in entry_modules(state.module, skip, _entry_depth()):
+    for module in entry_modules(state.module, skip, ENTRY_DEPTH):
         runtime.hooks.add(module, enter, leave)
 
     if state.role == "dit":
@@ -161,12 +162,6 @@ def _install_block_hooks(runtime: Runtime, state: ComponentState, unit) -> None:
         state.running -= 1
 
     runtime.hooks.add(unit.extra["module"], enter_block, leave_block)
-
-
-def _entry_depth() -> int:
-    from .runtime import ENTRY_DEPTH
-
-    return ENTRY_DEPTH
 
 
 def _verify_hook(path: str, device: torch.device, units):

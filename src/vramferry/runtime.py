@@ -19,9 +19,6 @@ from .transfer import Mover
 
 logger = logging.getLogger(__name__)
 
-ENTRY_DEPTH = 2  # entry hooks on a component's root, children and grandchildren (containers not counted)
-_CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)
-
 
 @dataclass
 class _Pieces:

@@ -18,13 +18,12 @@ from .store import Unit
 class TransferCounters:
     bytes_h2d: int = 0
     bytes_d2h: int = 0
-    copies: int = 0
     swaps: int = 0
     blocks_streamed: int = 0
     sync_loads: int = 0
     copy_seconds: float = 0.0
     wait_seconds: float = 0.0
-    # (start, end, nbytes) CUDA events of copies not yet folded into copy_seconds
+    # (start, end) CUDA events of copies not yet folded into copy_seconds
     pending_copies: list = field(default_factory=list)
     # (before, after) compute-stream events around waits on copies
     pending_waits: list = field(default_factory=list)
@@ -91,7 +90,7 @@ class Mover:
             ready = torch.cuda.Event(enable_timing=self.timing)
             ready.record(self.copy_stream)
         if start is not None:
-            self.counters.pending_copies.append((start, ready, unit.nbytes))
+            self.counters.pending_copies.append((start, ready))
             self._fold_if_long()
         unit.ready_event = ready
         self._finish(unit, buffer)
@@ -101,7 +100,6 @@ class Mover:
         unit.bind_buffer(buffer)
         unit.on_device = True
         self.counters.bytes_h2d += unit.nbytes
-        self.counters.copies += 1
 
     def wait_ready(self, unit: Unit) -> None:
         """Make the compute stream wait (on the GPU, not the host) until ``unit``'s copy has landed."""
@@ -117,6 +115,7 @@ class Mover:
             compute.wait_event(event)
             after.record(compute)
             self.counters.pending_waits.append((before, after))
+            self._fold_if_long()
         else:
             compute.wait_event(event)
 
@@ -160,37 +159,23 @@ class Mover:
 
     def _fold_if_long(self) -> None:
         # Keep the pending lists short without synchronising: fold only events that have completed.
-        if len(self.counters.pending_copies) > 512:
+        c = self.counters
+        if len(c.pending_copies) + len(c.pending_waits) + len(c.pending_calls) > 1024:
             self.fold(block=False)
 
     def fold(self, *, block: bool) -> None:
         """Turn completed timing events into seconds. ``block=True`` synchronises first (stats only)."""
-        c = self.counters
         if not self.cuda:
             return
         if block:
             torch.cuda.synchronize(self.device)  # stats() only: the caller asked for exact numbers now
-        keep = []
-        for start, end, nbytes in c.pending_copies:
-            if block or end.query():
-                c.copy_seconds += start.elapsed_time(end) / 1e3
-            else:
-                keep.append((start, end, nbytes))
-        c.pending_copies = keep
-        keep_waits = []
-        for before, after in c.pending_waits:
-            if block or after.query():
-                c.wait_seconds += before.elapsed_time(after) / 1e3
-            else:
-                keep_waits.append((before, after))
-        c.pending_waits = keep_waits
-        keep_calls = []
-        for start, end in c.pending_calls:
-            if block or end.query():
-                c.dit_seconds += start.elapsed_time(end) / 1e3
-            else:
-                keep_calls.append((start, end))
-        c.pending_calls = keep_calls
+        c = self.counters
+        c.pending_copies, seconds = _elapsed(c.pending_copies, block)
+        c.copy_seconds += seconds
+        c.pending_waits, seconds = _elapsed(c.pending_waits, block)
+        c.wait_seconds += seconds
+        c.pending_calls, seconds = _elapsed(c.pending_calls, block)
+        c.dit_seconds += seconds
 
     def call_started(self) -> object:
         """A marker for the start of a DiT forward: a compute-stream event, or a clock reading on the CPU."""
@@ -210,9 +195,19 @@ class Mover:
         end = torch.cuda.Event(enable_timing=True)
         end.record(self.compute_stream())
         c.pending_calls.append((start, end))
-        if len(c.pending_calls) > 512:
-            self.fold(block=False)
+        self._fold_if_long()
 
     def synchronize(self) -> None:
         if self.cuda:
             torch.cuda.synchronize(self.device)
+
+
+def _elapsed(pairs: list, block: bool) -> tuple[list, float]:
+    """``(still pending, seconds)`` for ``(start, end)`` event pairs; ``block``: all have completed."""
+    pending, seconds = [], 0.0
+    for start, end in pairs:
+        if block or end.query():
+            seconds += start.elapsed_time(end) / 1e3
+        else:
+            pending.append((start, end))
+    return pending, seconds

@@ -268,3 +268,18 @@ def test_replan_replaces_weights_only_when_the_placement_changes(monkeypatch):
     assert not handle.active
     for key, value in run(pipe, kwargs).items():
         np.testing.assert_array_equal(value, expected[key])
+
+
+def test_order_is_learned_from_the_first_request_without_a_declared_sequence():
+    pipe, kwargs = CUSTOM_PIPELINES["omnigen2"]()
+    handle = apply(pipe, _cfg("model", vram_budget="64GiB"))
+    scheduler = handle._runtime.scheduler
+    scheduler.keep_trace = True
+    assert scheduler.learning and scheduler.order == []
+    pipe(**kwargs)
+    assert scheduler.order == ["mllm", "transformer", "vae"]
+    assert ("prefetch", "transformer") not in scheduler.trace  # nothing known to prefetch yet
+    pipe(**kwargs)
+    assert not scheduler.learning
+    assert ("prefetch", "transformer") in scheduler.trace
+    handle.remove()

@@ -9,7 +9,7 @@ While one component runs, the next one in pipeline order is loaded if the budget
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from torch import nn
 
@@ -42,7 +42,6 @@ class ComponentState:
     running: int = 0
     engaged: bool = False
     last_used: int = 0
-    extra: dict = field(default_factory=dict)
 
     @property
     def swap_bytes(self) -> int:
@@ -111,8 +110,11 @@ class SwapScheduler:
         self.mover.trim_cache()
 
     def _engage(self, comp: ComponentState) -> None:
-        if self.learning and comp.name not in self.order:
-            self.order.append(comp.name)
+        if self.learning:
+            if comp.name not in self.order:
+                self.order.append(comp.name)
+            elif comp.name != self.order[-1]:
+                self.learning = False  # a component runs again after others: one request's order is known
         evicted = self._evict_conflicts(comp)
         if comp.swap is not None and not comp.swap.on_device:
             evicted |= self._make_room(comp, comp.swap_bytes + comp.stream_bytes)
@@ -207,10 +209,6 @@ class SwapScheduler:
         self.mover.onload_async(nxt.swap)
         self.mover.counters.swaps += 1
         self._note("prefetch", nxt.name)
-
-    def finish_learning(self) -> None:
-        """Stop learning the order (called after the first full request)."""
-        self.learning = False
 
     def _note(self, event: str, name: str) -> None:
         if self.keep_trace:
