@@ -17,6 +17,7 @@ Sections:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -72,6 +73,16 @@ def peaks(section: str, tag: str) -> None:
 def free_all() -> None:
     gc.collect()
     torch.cuda.empty_cache()
+    empty_host_cache()
+
+
+def empty_host_cache() -> None:
+    """Give back pinned buffers cached by PyTorch's host allocator (``pin_memory``, diffusers' offloads)."""
+    for name in ("_accelerator_emptyHostCache", "_host_emptyCache"):
+        fn = getattr(torch._C, name, None)
+        if fn is not None:
+            fn()
+            return
 
 
 # -- sections -------------------------------------------------------------------------------------------------
@@ -101,6 +112,9 @@ def bandwidth() -> float:
                 torch.cuda.cudart().cudaHostUnregister(src.data_ptr())
         sources.clear()
         free_all()
+    # pin_memory buffers return to the caching host allocator, which keeps them: give them back (free_all), so
+    # that the host-RSS figures of later sections count the pipeline's weights only.
+    log("bandwidth", "host_rss_after_GB", round(host_rss_gb(), 2))
     return RESULTS["bandwidth"]["h2d_pinned_GBps"] * GB
 
 
@@ -137,6 +151,10 @@ def flux_model(bw: float) -> None:
     log(s, "apply_s", round(time.perf_counter() - t, 2))
     log(s, "host_rss_after_apply_GB", round(host_rss_gb(), 2))
     log(s, "host_rss_before_apply_GB", round(rss0, 2))
+    rss_bound = 1.05 * weights / GB + 2
+    log(s, "host_rss_bound_GB", round(rss_bound, 2))  # 1.05 x weight bytes + 2 GB
+    log(s, "host_rss_within_bound", host_rss_gb() <= rss_bound)
+    log(s, "host_rss_growth_over_weights", round((host_rss_gb() - rss0) * GB / weights, 3))
     free_all()
     with torch.inference_mode():
         timed(run, 1)  # first request: learns nothing new (diffusers declares the order), loads everything
@@ -259,6 +277,13 @@ def omnigen2(bw: float) -> None:
     log(s, "model_bytes_per_request_GB", round(st.bytes_h2d / 3 / GB, 2))
     sizes = {c.name: c.bytes for c in handle.plan.components}
     log(s, "component_GB", {k: round(v / GB, 2) for k, v in sizes.items()})
+    # The bound: 1.1 x (largest swap group + the activations), the activations being what the resident run
+    # allocated beyond all the weights.
+    activations = RESULTS[s]["no_offload_peak_alloc_GB"] - sum(sizes.values()) / GB
+    bound = 1.1 * (max(sizes.values()) / GB + activations)
+    log(s, "activations_GB", round(activations, 2))
+    log(s, "reserved_bound_GB", round(bound, 2))
+    log(s, "model_reserved_within_bound", RESULTS[s]["model_peak_reserved_GB"] <= bound)
     handle.remove()
 
 
@@ -329,8 +354,63 @@ def auto(bw: float) -> None:
         peaks(s, f"{budget}GB")
         log(s, f"{budget}GB_within_budget", torch.cuda.max_memory_reserved() <= budget * GB)
         log(s, f"{budget}GB_prefetch_depth", dit.prefetch_depth)
+        log(s, f"{budget}GB_block_times", [n for n in plan.notes if "block compute" in n] or "estimated")
+        log(s, f"{budget}GB_estimate_only_predicted_step_s", round(_estimate_only_step(handle), 4))
+        calibrate_and_remeasure(s, f"{budget}GB", handle, step_time, budget)
         handle.remove()
         pipe.to("cpu")
+
+
+def _estimate_only_step(handle) -> float:
+    """The step the cost model alone (no measured block times) predicts for the placement ``handle`` runs."""
+    from vramferry.costmodel import Choice, PipelineCost, allocatable_bytes
+
+    p, plan = handle._planning, handle.plan
+    work = dataclasses.replace(p.workload, block_compute_s={})
+    budget = (
+        allocatable_bytes(plan.budget_bytes, p.profile.expandable_segments) if plan.budget_bytes else None
+    )
+    cost = PipelineCost(p.inventory.components, p.inventory.order, p.profile, work, budget)
+    choices = {}
+    for c in plan.components:
+        size = p.inventory.get(c.name)
+        blocks = c.blocks or (c.placement,) * len(size.block_bytes)
+        choices[c.name] = Choice(c.placement, blocks, c.prefetch_depth)
+    return cost.evaluate(choices).step_s
+
+
+def calibrate_and_remeasure(s: str, tag: str, handle, step_time, budget: float) -> None:
+    """Re-plan with the block times measured during the requests just run; measure again if it re-placed."""
+    times = handle.block_times().get("transformer")
+    if times is None:
+        log(s, f"{tag}_calibration", "no block times measured")
+        return
+    log(s, f"{tag}_measured_block_ms", round(1e3 * sum(times.seconds) / len(times.seconds), 3))
+    replaced = handle.replan()
+    plan = handle.plan
+    log(s, f"{tag}_calibrated_replaced", replaced)
+    log(s, f"{tag}_calibrated_predicted_step_s", round(plan.predicted_step_s or 0, 4))
+    if not replaced:
+        log(
+            s,
+            f"{tag}_calibrated_predicted_over_measured",
+            round((plan.predicted_step_s or 0) / RESULTS[s][f"{tag}_step_s"], 3),
+        )
+        return
+    dit = plan.get("transformer")
+    log(
+        s,
+        f"{tag}_calibrated_plan",
+        f"{dit.streamed_blocks}/{len(dit.blocks)} streamed, depth {dit.prefetch_depth}",
+    )
+    free_all()
+    torch.cuda.reset_peak_memory_stats()
+    t = step_time()
+    log(s, f"{tag}_calibrated_step_s", round(t, 4))
+    log(s, f"{tag}_calibrated_step_over_resident", round(t / RESULTS[s]["resident_step_s"], 3))
+    log(s, f"{tag}_calibrated_predicted_over_measured", round((plan.predicted_step_s or 0) / t, 3))
+    peaks(s, f"{tag}_calibrated")
+    log(s, f"{tag}_calibrated_within_budget", torch.cuda.max_memory_reserved() <= budget * GB)
 
 
 def main() -> None:

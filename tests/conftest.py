@@ -88,3 +88,13 @@ def saved_flux_dir(tmp_path_factory: pytest.TempPathFactory, tiny_flux):
     folder = tmp_path_factory.mktemp("saved_flux")
     pipe.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(autouse=True)
+def _fresh_block_time_measurements():
+    """Each test starts without block times measured by another test (they are kept per process)."""
+    from vramferry.calibrate import forget_block_times
+
+    forget_block_times()
+    yield
+    forget_block_times()

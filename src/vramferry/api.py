@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import logging
 import weakref
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
 
-from .calibrate import device_profile, expandable_segments
+from .calibrate import (
+    BlockTimes,
+    device_profile,
+    expandable_segments,
+    record_block_times,
+    with_measured_times,
+)
 from .config import OffloadConfig
 from .discovery import PipelineModules
 from .errors import ConflictError, DeviceError, OffloadError, PlanError
@@ -37,6 +43,8 @@ class OffloadStats:
         host_pinned_bytes, host_pageable_bytes: where the canonical host copies live.
         dit_calls, dit_call_seconds: DiT forwards run, and their mean duration (GPU time on CUDA).
         predicted_step_seconds: the plan's predicted denoising step, to compare with the measured calls.
+        block_seconds: per DiT, the measured compute seconds of all its blocks in one call (the sum of the
+            per-block times measured during its first calls; see :meth:`OffloadHandle.block_times`).
     """
 
     mode: str = "none"
@@ -55,6 +63,7 @@ class OffloadStats:
     dit_calls: int = 0
     dit_call_seconds: float = 0.0
     predicted_step_seconds: float | None = None
+    block_seconds: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -120,7 +129,36 @@ class OffloadHandle:
         if runtime.device.type == "cuda":
             stats.peak_allocated = torch.cuda.max_memory_allocated(runtime.device)
             stats.peak_reserved = torch.cuda.max_memory_reserved(runtime.device)
+        stats.block_seconds = {name: round(sum(t.seconds), 6) for name, t in self.block_times().items()}
         return stats
+
+    def block_times(self) -> dict[str, BlockTimes]:
+        """Per DiT, the compute seconds of each block in one call, measured during its first calls (the first
+        is left out, the next two are measured), once they have run. Measurements are kept per device and
+        request shape, and :meth:`replan` plans with them. Synchronises the device once to read the timers."""
+        found = {}
+        for state in self._runtime.states:
+            clock = state.clock
+            times = clock.times(block=True) if clock is not None else None
+            if times is None:
+                continue
+            found[state.name] = times
+            if state.name not in self._planning.recorded:
+                size = self._planning.inventory.get(state.name)
+                record_block_times(self._planning.device_name, size, self._planning.workload, times)
+                self._planning.recorded.add(state.name)
+        return found
+
+    @property
+    def has_new_measurements(self) -> bool:
+        """Block times were measured that the current plan does not use yet (:meth:`replan` would use them)."""
+        for state in self._runtime.states:
+            clock = state.clock
+            if clock is None or self._planning.sources.get(state.name) == "measured":
+                continue
+            if clock.times(block=False) is not None:
+                return True
+        return False
 
     def reset_stats(self) -> None:
         """Zero the counters and the device's peak-memory statistics."""
@@ -147,16 +185,18 @@ class OffloadHandle:
             del _LIVE[key]
         self._removed = True
 
-    def replan(self, workload: Any) -> bool:
-        """Plan again for another request shape (resolution, frames, batch, steps); re-place the weights only
-        when the placement changes.
+    def replan(self, workload: Any = None) -> bool:
+        """Plan again, for another request shape (resolution, frames, batch, steps) or with the block times
+        measured since the last plan; re-place the weights only when the placement changes.
 
-        Call it when requests change shape (the CLI and the server do): activations grow with the resolution,
-        and what the budget leaves for weights shrinks. Re-placing rebuilds the host store (seconds for a
-        large pipeline), so the handle keeps its plan whenever the new one places everything alike.
+        Call it when requests change shape (the server does): activations grow with the resolution, and what
+        the budget leaves for weights shrinks. Call it without a workload after the first request to plan with
+        the block times measured on this device instead of the cost model's estimates. Re-placing rebuilds the
+        host store (seconds for a large pipeline), so the handle keeps its plan whenever the new one places
+        everything alike.
 
         Args:
-            workload: the new request's :class:`~vramferry.costmodel.Workload`.
+            workload: the new request's :class:`~vramferry.costmodel.Workload`; ``None``: the current one.
 
         Returns:
             True if the weights were re-placed, False if only the plan's predictions changed.
@@ -164,21 +204,24 @@ class OffloadHandle:
         Raises:
             BudgetError: the new shape does not fit the budget; the handle is left as it was.
         """
-        from .planner import plan as make_plan
 
         if self._removed:
             raise OffloadError(f"{self!r} was removed; apply again instead of replanning")
-        inventory, profile, free = self._planning
-        new = make_plan(inventory, self.config, device=profile, workload=workload, free_bytes=free)
+        self.block_times()  # keep what was measured under the current shape before planning another
+        planning = self._planning
+        work = workload if workload is not None else planning.workload
+        new, sources = _make_plan(planning, self.config, work)
         if _placements(new) == _placements(self.plan):
             self.plan = new
+            self._planning = replace(planning, workload=work, sources=sources, recorded=set())
             return False
         pipeline, config = self.pipeline, self.config
         self.remove()
         fresh = apply(pipeline, config, plan=new)
         # Adopt the fresh handle's state so that callers keep using this object.
         self.__dict__.update(fresh.__dict__)
-        self._planning = (self._planning[0], profile, free)  # keep measuring against the same device
+        # Keep measuring against the same device, for the shape the new plan was made for.
+        self._planning = replace(planning, workload=work, sources=sources, recorded=set())
         for key in [k for k, v in list(_LIVE.items()) if v is fresh]:
             _LIVE[key] = self
         logger.info("vramferry: re-placed %s for a new request shape", type(pipeline).__name__)
@@ -227,8 +270,7 @@ def apply(
             pipeline, or one given together with a ``workload``, raises :class:`~vramferry.errors.PlanError`.
     """
     from .discovery import discover
-    from .planner import inventory_of
-    from .planner import plan as make_plan
+    from .planner import default_workload, inventory_of
     from .runtime import check_weights_materialised
     from .units import parse_bytes
 
@@ -241,16 +283,18 @@ def apply(
     _check_modules(modules)
     check_weights_materialised(modules)
     inventory = inventory_of(modules, pipeline_order(pipeline, modules))
+    if plan is not None and workload is not None:
+        raise PlanError("apply: give either plan= or workload= (the plan was sized for its own workload)")
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+    profile = device_profile(device) if device.type == "cuda" else None
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    work = workload if workload is not None else default_workload(inventory)
+    planning = _Planning(inventory, profile, free, work, name)
     if plan is not None:
-        if workload is not None:
-            raise PlanError("apply: give either plan= or workload= (the plan was sized for its own workload)")
         _check_plan(plan, modules)
         the_plan = plan
-        free = profile = None
     else:
-        free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
-        profile = device_profile(device) if device.type == "cuda" else None
-        the_plan = make_plan(inventory, config, device=profile, workload=workload, free_bytes=free)
+        the_plan, planning.sources = _make_plan(planning, config, work)
     pin_limit = parse_bytes(config.host_memory_limit) if config.host_memory_limit is not None else None
     runtime = Runtime(
         modules,
@@ -267,12 +311,51 @@ def apply(
     )
     patched = _patch_execution_device(pipeline, device)
     handle = OffloadHandle(pipeline, config, modules, the_plan, runtime, patched)
-    handle._planning = (inventory, profile if plan is None else None, free if plan is None else None)
+    handle._planning = planning
     _LIVE[pipeline] = handle
     for component in modules.components():
         _LIVE[component.module] = handle
     logger.info("vramferry: %s applied to %s", the_plan.mode.value, type(pipeline).__name__)
     return handle
+
+
+@dataclass
+class _Planning:
+    """What a handle plans with: the pipeline's sizes, the device, and the request shape of the current plan.
+
+    Attributes:
+        sources: per DiT, where the current plan's block times came from (``"measured"``, ``"scaled from ..."``);
+            DiTs planned on the cost model's estimates are absent.
+        recorded: DiTs whose measured times under ``workload`` were kept (see ``calibrate.record_block_times``).
+    """
+
+    inventory: Any
+    profile: Any
+    free: int | None
+    workload: Any
+    device_name: str
+    sources: dict[str, str] = field(default_factory=dict)
+    recorded: set[str] = field(default_factory=set)
+
+
+def _make_plan(planning: _Planning, config: OffloadConfig, workload: Any) -> tuple[Plan, dict[str, str]]:
+    """A plan for ``workload`` with the block times measured on this device where there are any."""
+    from .planner import plan as make_plan
+
+    measured, sources = with_measured_times(
+        workload, planning.inventory, planning.device_name, planning.profile or _default_profile()
+    )
+    the_plan = make_plan(
+        planning.inventory, config, device=planning.profile, workload=measured, free_bytes=planning.free
+    )
+    notes = [f"{name}: block compute {source} on {planning.device_name}" for name, source in sources.items()]
+    return (replace(the_plan, notes=the_plan.notes + tuple(notes)) if notes else the_plan), sources
+
+
+def _default_profile() -> Any:
+    from .costmodel import DEFAULT_PROFILE, PRESETS
+
+    return PRESETS[DEFAULT_PROFILE]
 
 
 def _placements(the_plan: Plan) -> tuple:

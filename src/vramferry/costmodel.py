@@ -600,13 +600,29 @@ def pieces(part: PartCost, choice: Choice) -> Iterable[tuple[int, str]]:
     yield from zip(part.size.block_bytes, choice.blocks, strict=True)
 
 
+def dit_shape_of(size: ComponentSize) -> DitShape:
+    """A DiT's :class:`DitShape`, guessed from its block sizes when the inventory has none."""
+    if isinstance(size.shape, DitShape):
+        return size.shape
+    return dit_shape_from_config({}, size.block_bytes, itemsize_of(size.dtype))
+
+
+def estimated_block_times(size: ComponentSize, workload: Workload, device: DeviceProfile) -> tuple[float, ...]:
+    """The cost model's compute seconds of each of a DiT's blocks in one call (no measurement used)."""
+    itemsize = itemsize_of(size.dtype)
+    shape = dit_shape_of(size)
+    n = len(size.block_bytes)
+    text = shape.text_bytes if len(shape.text_bytes) == n else (0,) * n
+    mod = shape.mod_bytes if len(shape.mod_bytes) == n else (0,) * n
+    return tuple(
+        block_compute_s(b // itemsize, shape, workload, device, t // itemsize, m // itemsize)
+        for b, t, m in zip(size.block_bytes, text, mod, strict=True)
+    )
+
+
 def _dit_part(size: ComponentSize, calls: int, device: DeviceProfile, workload: Workload) -> PartCost:
     itemsize = itemsize_of(size.dtype)
-    shape = (
-        size.shape
-        if isinstance(size.shape, DitShape)
-        else dit_shape_from_config({}, size.block_bytes, itemsize)
-    )
+    shape = dit_shape_of(size)
     measured = workload.block_compute_s.get(size.name)
     if isinstance(measured, tuple):
         if len(measured) != len(size.block_bytes):
@@ -618,13 +634,7 @@ def _dit_part(size: ComponentSize, calls: int, device: DeviceProfile, workload: 
     elif measured is not None:
         block_s = (float(measured),) * len(size.block_bytes)
     else:
-        n = len(size.block_bytes)
-        text = shape.text_bytes if len(shape.text_bytes) == n else (0,) * n
-        mod = shape.mod_bytes if len(shape.mod_bytes) == n else (0,) * n
-        block_s = tuple(
-            block_compute_s(b // itemsize, shape, workload, device, t // itemsize, m // itemsize)
-            for b, t, m in zip(size.block_bytes, text, mod, strict=True)
-        )
+        block_s = estimated_block_times(size, workload, device)
     tokens = workload.sequence_of(shape) * workload.batch
     rest = size.rest_bytes if size.block_bytes else size.bytes
     act = dit_activation_bytes(shape, workload, itemsize)

@@ -113,11 +113,12 @@ def install_component_hooks(runtime: Runtime, state: ComponentState) -> None:
     for module in entry_modules(state.module, skip, ENTRY_DEPTH):
         runtime.hooks.add(module, enter, leave)
 
-    if state.role == "dit":
-        _install_timing_hooks(runtime, state)
-
     for unit in block_units:
         _install_block_hooks(runtime, state, unit)
+
+    if state.role == "dit":
+        # After the block hooks: a block's clock starts once its weights are ready.
+        _install_timing_hooks(runtime, state)
 
     if runtime.verify:
         owners = runtime.units_by_module()
@@ -127,21 +128,50 @@ def install_component_hooks(runtime: Runtime, state: ComponentState) -> None:
 
 
 def _install_timing_hooks(runtime: Runtime, state: ComponentState) -> None:
-    """Time each outermost forward of a DiT (registered after the entry hooks: the load is inside)."""
+    """Time each outermost forward of a DiT (registered after the entry hooks: the load is inside), and each
+    of its blocks during the first calls (:class:`~vramferry.blockclock.BlockClock`)."""
+    from .blockclock import BlockClock, call_signature
+
     mover = runtime.mover
     starts: list = []
+    blockset = runtime.modules.blocks_of(state.name)
+    clock = BlockClock(mover, len(blockset.blocks)) if blockset is not None and blockset.blocks else None
+    state.clock = clock
 
     @torch.compiler.disable
     def start(module, args, kwargs):
         starts.append(mover.call_started())
+        if clock is not None and not clock.finished:
+            clock.call_started(call_signature(args, kwargs))
         return None
 
     @torch.compiler.disable
     def end(module, args, output):
         if starts:
             mover.call_ended(starts.pop())
+        if clock is not None and not clock.finished:
+            clock.call_ended()
 
     runtime.hooks.add(state.module, start, end)
+    if clock is None:
+        return
+    for index, block in enumerate(blockset.blocks):
+        runtime.hooks.add(block, *_block_clock_hooks(clock, index))
+
+
+def _block_clock_hooks(clock, index: int):
+    @torch.compiler.disable
+    def block_start(module, args, kwargs):
+        if clock.measuring:
+            clock.block_started(index)
+        return None
+
+    @torch.compiler.disable
+    def block_end(module, args, output):
+        if clock.measuring:
+            clock.block_ended(index)
+
+    return block_start, block_end
 
 
 def _install_block_hooks(runtime: Runtime, state: ComponentState, unit) -> None:

@@ -71,10 +71,12 @@ class Mover:
             return
         if slot is None:
             # Allocated from the compute stream's pool, so that once dropped its memory serves activations
-            # too (a copy-stream pool would sit beside it and inflate reserved memory). record_stream tells
-            # the caching allocator that the copy stream writes it, so it is not reused before the copy lands.
+            # too (a copy-stream pool would sit beside it and inflate reserved memory). No record_stream: the
+            # compute stream waits for the copy before the buffer is used or dropped (wait_ready, drop), so
+            # the allocator may reuse the memory the moment it is freed. With record_stream the freed block
+            # stays pending until the allocator polls the copy's event, and an allocation made just after an
+            # eviction (the next component's) can miss it and reserve a second segment beside it.
             buffer = torch.empty(unit.nbytes, dtype=torch.uint8, device=self.device)
-            buffer.record_stream(self.copy_stream)
             # The buffer may reuse memory the compute stream just released: copy only after that work.
             self.copy_stream.wait_stream(self.compute_stream())
         else:
@@ -121,6 +123,10 @@ class Mover:
 
     def drop(self, unit: Unit) -> None:
         """Point the unit back at its host copy; the device copy is released (zero bytes move)."""
+        if unit.ready_event is not None and self.cuda:
+            # Loaded but never waited for (a prefetch evicted unused): order the copy before whatever the
+            # compute stream does next with the freed memory. A GPU-side wait, not a host one.
+            self.compute_stream().wait_event(unit.ready_event)
         unit.bind_host()
         unit.device_buffer = None
         unit.ready_event = None
@@ -177,13 +183,26 @@ class Mover:
         c.pending_calls, seconds = _elapsed(c.pending_calls, block)
         c.dit_seconds += seconds
 
-    def call_started(self) -> object:
-        """A marker for the start of a DiT forward: a compute-stream event, or a clock reading on the CPU."""
+    def marker(self) -> object:
+        """A point in the compute stream's work: a timing event recorded now, or a clock reading on the CPU."""
         if not self.cuda:
             return time.perf_counter()
         event = torch.cuda.Event(enable_timing=True)
         event.record(self.compute_stream())
         return event
+
+    def seconds_between(self, start: object, end: object, *, block: bool) -> float | None:
+        """Seconds between two :meth:`marker` results; ``None`` if ``end`` has not completed and not ``block``."""
+        if not self.cuda:
+            return end - start  # type: ignore[operator]
+        if not block and not end.query():  # type: ignore[attr-defined]
+            return None
+        end.synchronize()  # type: ignore[attr-defined]  # only when the caller asked to block (stats, replan)
+        return start.elapsed_time(end) / 1e3  # type: ignore[attr-defined]
+
+    def call_started(self) -> object:
+        """A marker for the start of a DiT forward (see :meth:`marker`)."""
+        return self.marker()
 
     def call_ended(self, start: object) -> None:
         """Count a DiT forward that began at ``start``; its GPU time is read later (no synchronisation now)."""

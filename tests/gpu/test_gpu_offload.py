@@ -72,3 +72,62 @@ def test_layerwise_memory_is_flat_over_100_steps():
             readings.append(torch.cuda.memory_allocated())
     handle.remove()
     assert max(readings[5:]) == min(readings[5:]), (min(readings), max(readings))
+
+
+class _TwoGroups:
+    """A DiT of 2 GiB and an encoder of 1 GiB (linear stacks): model-level swaps at a size where the caching
+    allocator's reuse of an evicted component's memory shows in reserved memory."""
+
+    _dit_modules = ["transformer"]
+    _encoder_modules = ["text_encoder"]
+    _vae_modules: list = []
+
+    def __init__(self) -> None:
+        def stack(n: int) -> torch.nn.Module:
+            layers = [torch.nn.Linear(8192, 8192, bias=False) for _ in range(n)]
+            return torch.nn.Sequential(*layers).to(torch.bfloat16).eval()
+
+        self.transformer, self.text_encoder = stack(16), stack(8)
+
+    @torch.inference_mode()
+    def __call__(self) -> torch.Tensor:
+        x = torch.randn(64, 8192, device="cuda", dtype=torch.bfloat16)
+        h = self.text_encoder(x)
+        for _ in range(3):
+            h = self.transformer(h) / 64
+        return h
+
+
+def test_model_swaps_reuse_the_evicted_components_memory():
+    pipe = _TwoGroups()
+    handle = apply(pipe, vramferry.OffloadConfig(mode="model"))
+    try:
+        pipe()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        for _ in range(5):
+            pipe()
+        torch.cuda.synchronize()
+        allocated, reserved = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
+    finally:
+        handle.remove()
+    dit = 16 * 8192 * 8192 * 2
+    assert allocated < 1.05 * dit
+    # The encoder is loaded into the memory the DiT left and the DiT back into it: one segment, not two.
+    assert reserved < 1.1 * dit, (allocated / 2**30, reserved / 2**30)
+
+
+def test_block_times_are_measured_on_the_gpu():
+    pipe, kwargs = DIFFUSERS_PIPELINES["flux_production"]()
+    pipe.to("cuda")
+    handle = apply(pipe, vramferry.OffloadConfig(mode="layerwise"))
+    try:
+        for _ in range(2):
+            run(pipe, kwargs)
+        times = handle.block_times()["transformer"]
+    finally:
+        handle.remove()
+    assert len(times.seconds) == len(pipe.transformer.transformer_blocks) + len(
+        pipe.transformer.single_transformer_blocks
+    )
+    assert all(0 < s < 1 for s in times.seconds)

@@ -219,3 +219,14 @@ def test_auto_mode_replans_when_the_request_shape_changes(fake_pipeline):
         assert client.post("/v1/images/generations", json=BODY).status_code == 200
     # Once per new shape; the refused one is not remembered, so the next 64x64 re-plans again.
     assert handle.shapes == [(64, 64, 2), (64, 128, 2), (64, 64, 2)]
+
+
+def test_auto_mode_replans_once_block_times_are_measured(fake_pipeline):
+    handle = _ReplanningHandle()
+    handle.has_new_measurements = False
+    with TestClient(create_app(fake_pipeline, handle)) as client:
+        for measured in (False, False, True, False):
+            handle.has_new_measurements = measured
+            assert client.post("/v1/images/generations", json=BODY).status_code == 200
+    # The first request plans its shape; the same shape plans again only when measurements came in.
+    assert handle.shapes == [(64, 64, 2), (64, 64, 2)]

@@ -253,7 +253,7 @@ def test_replan_replaces_weights_only_when_the_placement_changes(monkeypatch):
     assert handle.replan(Workload(height=64, width=64, steps=2)) is False
     assert [c.placement for c in handle.plan.components] == [c.placement for c in first.components]
     # A shape for which the planner streams the transformer's blocks: the weights are re-placed.
-    inventory = handle._planning[0]
+    inventory = handle._planning.inventory
     streaming = planner.plan(inventory, _cfg("layerwise"))
     monkeypatch.setattr(planner, "plan", lambda *args, **kw: streaming)
     assert handle.replan(Workload(height=2048, width=2048, steps=2)) is True

@@ -181,12 +181,14 @@ class GenerationWorker:
             job.future.set_result(result)
 
     def _fit_offload(self, params: GenerationParams) -> None:
-        """In auto mode, re-plan when a request's shape differs from the last one (it changes what fits)."""
+        """In auto mode, re-plan when a request's shape differs from the last one (it changes what fits), or
+        when block times measured during earlier requests are not in the plan yet."""
         handle = self.handle
         if handle is None or not hasattr(handle, "replan") or str(handle.config.mode) != "auto":
             return
         workload = request_workload(params)
-        if workload is None or workload == self._workload:
+        fresh = bool(getattr(handle, "has_new_measurements", False))
+        if workload is None or workload == self._workload and not fresh:
             return
         try:
             handle.replan(workload)

@@ -29,6 +29,7 @@ class ComponentState:
         resident: the part that stays on the device from apply to remove (may be None).
         swap: the part loaded when the component runs (may be None).
         streamer: the streamed blocks of a DiT (layerwise), or None.
+        clock: measures a DiT's block times during its first calls, or None.
         running: how many of its entry modules are executing now (never evicted while > 0).
         engaged: the component has run since its swap part was loaded (exclusion already applied).
     """
@@ -39,6 +40,7 @@ class ComponentState:
     resident: Unit | None = None
     swap: Unit | None = None
     streamer: object | None = None
+    clock: object | None = None  # a DiT's BlockClock (its blocks' measured compute times)
     running: int = 0
     engaged: bool = False
     last_used: int = 0
