@@ -431,7 +431,13 @@ def main() -> None:
     RESULTS["torch"] = torch.__version__
     RESULTS["command"] = "python benchmarks/bench_offload.py --sections " + args.sections
     RESULTS["allocator"] = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "default")
-    bw = bandwidth() if set(args.sections.split(",")) - {"auto"} else 55e9
+    if "bandwidth" in args.sections.split(","):
+        bw = bandwidth()
+    else:  # the library's own short probe (256 MiB pinned), enough for the floors of a partial run
+        from vramferry.calibrate import measure_h2d_bandwidth
+
+        bw = measure_h2d_bandwidth(torch.device("cuda"))
+        log("bandwidth", "probe_h2d_pinned_GBps", round(bw / GB, 2))
     for name in args.sections.split(","):
         if name == "bandwidth":
             continue

@@ -98,3 +98,18 @@ def _fresh_block_time_measurements():
     forget_block_times()
     yield
     forget_block_times()
+
+
+_ALLOCATOR_VARS = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
+
+
+@pytest.fixture(autouse=True)
+def _allocator_settings_restored():
+    """The CLI sets the allocator's settings for its process; in tests, each test gets the settings back."""
+    saved = {name: os.environ.get(name) for name in _ALLOCATOR_VARS}
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value

@@ -680,6 +680,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line ``argv`` (default: ``sys.argv[1:]``); returns the exit code."""
     args = build_parser().parse_args(argv)
     _configure_logging(args.verbose, args.debug)
+    use_expandable_segments()
     try:
         return args.handler(args)
     except KeyboardInterrupt:
@@ -689,6 +690,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         return _report(exc)
+
+
+def use_expandable_segments() -> bool:
+    """Have the CUDA caching allocator grow segments in place, unless the user configured it already.
+
+    Weights swapped in and out, and activations of changing shapes, fragment a plain caching allocator: with
+    expandable segments far less memory sits reserved but unused, and the planner (which detects the
+    setting) keeps more weights resident within a budget. The CLI owns its process, so it sets this before CUDA
+    starts; library users set ``PYTORCH_CUDA_ALLOC_CONF`` themselves. Returns whether it was set here.
+    """
+    if any(os.environ.get(name) for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")):
+        return False
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        return False  # too late: the allocator read its settings when CUDA started
+    os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+    return True
 
 
 def _report(exc: Exception) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 
@@ -225,3 +226,16 @@ def test_serve_builds_the_app_from_flags(monkeypatch, capsys):
         metrics = client.get("/metrics", headers=auth).text
     moved = [line for line in metrics.splitlines() if line.startswith("vramferry_weight_bytes_moved_total")]
     assert float(moved[0].split()[-1]) > 0  # the model-offload handle reported its copies
+
+
+def test_the_cli_turns_on_expandable_segments_unless_configured(monkeypatch, capsys):
+    from vramferry.calibrate import expandable_segments
+
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
+    assert not expandable_segments()
+    assert main(["plan"]) == 0
+    assert expandable_segments()  # the planner sees it, as the allocator will
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:512")
+    assert main(["plan"]) == 0
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:512"  # the user's setting is kept
