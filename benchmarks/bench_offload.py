@@ -354,11 +354,25 @@ def auto(bw: float) -> None:
         peaks(s, f"{budget}GB")
         log(s, f"{budget}GB_within_budget", torch.cuda.max_memory_reserved() <= budget * GB)
         log(s, f"{budget}GB_prefetch_depth", dit.prefetch_depth)
+        decode_peak(s, f"{budget}GB", pipe, call, budget)
         log(s, f"{budget}GB_block_times", [n for n in plan.notes if "block compute" in n] or "estimated")
         log(s, f"{budget}GB_estimate_only_predicted_step_s", round(_estimate_only_step(handle), 4))
         calibrate_and_remeasure(s, f"{budget}GB", handle, step_time, budget)
         handle.remove()
         pipe.to("cpu")
+
+
+def decode_peak(s: str, tag: str, pipe, call: dict, budget: float) -> None:
+    """The step timings return latents; one whole request (VAE decode included) checks the decode phase."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    with torch.inference_mode():
+        pipe(
+            **{**call, "output_type": "pt"}, num_inference_steps=2, generator=torch.Generator().manual_seed(0)
+        )
+    torch.cuda.synchronize()
+    peaks(s, f"{tag}_with_decode")
+    log(s, f"{tag}_with_decode_within_budget", torch.cuda.max_memory_reserved() <= budget * GB)
 
 
 def _estimate_only_step(handle) -> float:
