@@ -127,6 +127,23 @@ def test_prefetch_loads_the_next_component_in_pipeline_order(budget):
     handle.remove()
 
 
+@pytest.mark.parametrize("budget", [None, "1GiB"])
+def test_under_a_budget_the_dit_leaves_the_device_before_the_decode(budget):
+    pipe, kwargs = DIFFUSERS_PIPELINES["flux"]()
+    handle = apply(pipe, _cfg("model", vram_budget=budget))
+    during_decode = []
+    pipe.vae.decoder.register_forward_pre_hook(
+        lambda m, a: during_decode.append(_unit_states(handle)["transformer:swap"])
+    )
+    expected = run(pipe, {**kwargs, "output_type": "np"})
+    got = run(pipe, {**kwargs, "output_type": "np"})  # the DiT is loaded again for the next request
+    handle.remove()
+    # The plan counts the DiT's swapped part in its own phase only when there is a budget to keep.
+    assert during_decode == (["host", "host"] if budget else ["device", "device"])
+    for key in expected:
+        np.testing.assert_array_equal(got[key], expected[key])
+
+
 def test_remove_restores_parameters_devices_and_forwards():
     pipe, kwargs = DIFFUSERS_PIPELINES["flux"]()
     modules = {"transformer": pipe.transformer, "vae": pipe.vae, "text_encoder": pipe.text_encoder}

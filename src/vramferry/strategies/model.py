@@ -109,6 +109,13 @@ class SwapScheduler:
         # phase's activations is given back so that the next phase's differently shaped activations reuse it
         # instead of growing reserved memory beside it (the VAE decode after the DiT, above all).
         self.phase = role
+        if self.budget is not None:
+            # Under a budget the plan counts a component's swapped part and streaming slots only in its own
+            # phase: the VAE decode's workspace takes the room the DiT's swapped blocks and slots had. Without
+            # one they stay until a conflicting component runs (no reload for the next request).
+            for other in self.components:
+                if other.role != role and other.role in _PHASE_ROLES and not other.running:
+                    self.evict(other)
         self.mover.trim_cache()
 
     def _engage(self, comp: ComponentState) -> None:
