@@ -14,6 +14,7 @@ from .calibrate import (
     device_profile,
     expandable_segments,
     record_block_times,
+    shape_key,
     with_measured_times,
 )
 from .config import OffloadConfig
@@ -213,7 +214,14 @@ class OffloadHandle:
         new, sources = _make_plan(planning, self.config, work)
         if _placements(new) == _placements(self.plan):
             self.plan = new
-            self._planning = replace(planning, workload=work, sources=sources, recorded=set())
+            recorded = planning.recorded
+            if shape_key(work) != shape_key(planning.workload):
+                # What the clocks measured belongs to the old shape (kept above): measure the new one afresh.
+                for state in self._runtime.states:
+                    if state.clock is not None:
+                        state.clock.restart()
+                recorded = set()
+            self._planning = replace(planning, workload=work, sources=sources, recorded=recorded)
             return False
         pipeline, config = self.pipeline, self.config
         self.remove()

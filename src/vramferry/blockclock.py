@@ -37,6 +37,10 @@ class BlockClock:
         self.mover = mover
         self.n_blocks = n_blocks
         self.skip, self.calls = skip, calls
+        self.restart()
+
+    def restart(self) -> None:
+        """Measure again from the next call (requests of another shape follow)."""
         self.seen_calls = 0
         self.measuring = False
         self._depth = 0  # nested calls of the same DiT count once

@@ -154,3 +154,23 @@ def test_skipped_blocks_or_changing_shapes_give_no_measurement():
     _call(clock, range(3), signature=("a",))
     _call(clock, range(3), signature=("b",))
     assert clock.finished and clock.times(block=True) is None
+
+
+def test_a_new_shape_is_measured_afresh_and_the_old_measurement_kept():
+    pipe, kwargs = DIFFUSERS_PIPELINES["flux_production"]()
+    first, second = Workload(height=64, width=64, steps=2), Workload(height=128, width=128, steps=2)
+    handle = apply(pipe, _cfg("model"), workload=first)
+    try:
+        size = handle._planning.inventory.get("transformer")
+        for _ in range(2):
+            run(pipe, kwargs)
+        assert handle.replan(second) is False  # model mode: the placement does not depend on the shape
+        assert measured_block_times("cpu", size, first, H100)[1] == "measured"
+        assert handle.block_times() == {}  # the clocks start again for the new shape
+        assert measured_block_times("cpu", size, second, H100)[1].startswith("scaled")
+        for _ in range(2):
+            run(pipe, kwargs, height=128, width=128)
+        assert "transformer" in handle.block_times()
+        assert measured_block_times("cpu", size, second, H100)[1] == "measured"
+    finally:
+        handle.remove()
