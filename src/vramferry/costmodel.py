@@ -614,7 +614,9 @@ def dit_shape_of(size: ComponentSize) -> DitShape:
     return dit_shape_from_config({}, size.block_bytes, itemsize_of(size.dtype))
 
 
-def estimated_block_times(size: ComponentSize, workload: Workload, device: DeviceProfile) -> tuple[float, ...]:
+def estimated_block_times(
+    size: ComponentSize, workload: Workload, device: DeviceProfile
+) -> tuple[float, ...]:
     """The cost model's compute seconds of each of a DiT's blocks in one call (no measurement used)."""
     itemsize = itemsize_of(size.dtype)
     shape = dit_shape_of(size)
