@@ -9,50 +9,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from vramferry.archs import FLUX1_DEV_TRANSFORMER, FLUX1_VAE
+from vramferry.archs import T5_XXL as ARCH_T5_XXL
+
 BF16 = torch.bfloat16
 
-FLUX_DEV = dict(
-    patch_size=1,
-    in_channels=64,
-    num_layers=19,
-    num_single_layers=38,
-    attention_head_dim=128,
-    num_attention_heads=24,
-    joint_attention_dim=4096,
-    pooled_projection_dim=768,
-    guidance_embeds=True,
-    axes_dims_rope=(16, 56, 56),
-)
-T5_XXL = dict(
-    d_model=4096,
-    d_kv=64,
-    d_ff=10240,
-    num_layers=24,
-    num_decoder_layers=24,
-    num_heads=64,
-    relative_attention_num_buckets=32,
-    relative_attention_max_distance=128,
-    feed_forward_proj="gated-gelu",
-    dropout_rate=0.0,
-    vocab_size=32128,
-    pad_token_id=0,
-    eos_token_id=1,
-    decoder_start_token_id=0,
-)
-FLUX_VAE = dict(
-    in_channels=3,
-    out_channels=3,
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    block_out_channels=(128, 256, 512, 512),
-    layers_per_block=2,
-    latent_channels=16,
-    norm_num_groups=32,
-    use_quant_conv=False,
-    use_post_quant_conv=False,
-    shift_factor=0.1159,
-    scaling_factor=0.3611,
-)
+# The published configs (vramferry.archs holds them for `vramferry plan --arch` too). T5's remaining fields keep
+# T5Config's defaults, which are T5-XXL's (its dropout does not run in eval mode).
+FLUX_DEV = FLUX1_DEV_TRANSFORMER
+T5_XXL = {**ARCH_T5_XXL, "vocab_size": 32128}
+FLUX_VAE = FLUX1_VAE
 
 
 def materialise(build, device: str = "cuda", dtype: torch.dtype = BF16) -> nn.Module:

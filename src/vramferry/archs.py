@@ -83,15 +83,27 @@ def _finish(module: nn.Module, dtype: torch.dtype) -> nn.Module:
     return module.eval().requires_grad_(False)
 
 
+# The published configs, shared with the benchmarks' full-size builders.
+T5_XXL = dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, feed_forward_proj="gated-gelu")
+FLUX1_DEV_TRANSFORMER = dict(
+    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+    num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+    axes_dims_rope=(16, 56, 56),
+)  # fmt: skip
+FLUX1_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    layers_per_block=2, norm_num_groups=32, sample_size=1024, scaling_factor=0.3611, shift_factor=0.1159,
+    use_quant_conv=False, use_post_quant_conv=False,
+)  # fmt: skip
+
+
 def _t5_xxl(vocab_size: int, umt5: bool) -> nn.Module:
     from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
 
-    common = dict(
-        d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, feed_forward_proj="gated-gelu"
-    )
     if umt5:
-        return UMT5EncoderModel(UMT5Config(vocab_size=vocab_size, **common))
-    return T5EncoderModel(T5Config(vocab_size=vocab_size, **common))
+        return UMT5EncoderModel(UMT5Config(vocab_size=vocab_size, **T5_XXL))
+    return T5EncoderModel(T5Config(vocab_size=vocab_size, **T5_XXL))
 
 
 def build_flux1_dev(dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "meta") -> ArchPipeline:
@@ -104,11 +116,7 @@ def build_flux1_dev(dtype: torch.dtype = torch.bfloat16, device: str | torch.dev
     from transformers import CLIPTextConfig, CLIPTextModel
 
     with torch.device(device):
-        transformer = FluxTransformer2DModel(
-            patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-            num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
-            axes_dims_rope=(16, 56, 56),
-        )  # fmt: skip
+        transformer = FluxTransformer2DModel(**FLUX1_DEV_TRANSFORMER)
         clip = CLIPTextModel(
             CLIPTextConfig(
                 vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
@@ -116,12 +124,7 @@ def build_flux1_dev(dtype: torch.dtype = torch.bfloat16, device: str | torch.dev
             )
         )  # fmt: skip
         t5 = _t5_xxl(32128, umt5=False)
-        vae = AutoencoderKL(
-            in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
-            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-            layers_per_block=2, norm_num_groups=32, sample_size=1024, scaling_factor=0.3611, shift_factor=0.1159,
-            use_quant_conv=False, use_post_quant_conv=False,
-        )  # fmt: skip
+        vae = AutoencoderKL(**FLUX1_VAE)
     return FluxArchPipeline(
         text_encoder=_finish(clip, dtype),
         text_encoder_2=_finish(t5, dtype),
