@@ -329,9 +329,14 @@ class Workload:
 # The caching allocator reserves more than it hands out: blocks freed by one phase (activations of other
 # shapes, slots of another block size) stay cached beside the next phase's. Measured on an H100 for FLUX.1 under
 # budgets of 8-24 GB with the default allocator: reserved exceeded allocated by 0.8-1.1 GB. With
-# PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True segments grow in place and the gap nearly vanishes.
+# PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True segments grow in place and the gap nearly vanishes: measured
+# on an H200 for FLUX.1 under the same budgets, 0.09-0.11 GB through encoding and denoising (ten runs); the VAE
+# decode keeps more cached, which its workspace estimate counts (VAE_CACHE_FRACTION).
 # Plans count the gap, so that reserved memory stays within the budget.
-ALLOCATOR_SLACK = {False: (0.15, 9 * 2**30 // 8), True: (0.03, 2**30 // 4)}  # expandable -> (fraction, cap)
+ALLOCATOR_SLACK = {
+    False: (0.15, 9 * 2**30 // 8),
+    True: (0.015, 3 * 2**30 // 20),
+}  # expandable -> (fraction, cap)
 
 
 def reserved_bytes(allocated: int, expandable: bool = False) -> int:
