@@ -205,7 +205,6 @@ class OffloadHandle:
         Raises:
             BudgetError: the new shape does not fit the budget; the handle is left as it was.
         """
-
         if self._removed:
             raise OffloadError(f"{self!r} was removed; apply again instead of replanning")
         self.block_times()  # keep what was measured under the current shape before planning another
