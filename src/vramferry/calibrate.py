@@ -114,12 +114,18 @@ def forget_block_times() -> None:
     _MEASURED.clear()
 
 
-def _tokens(size: ComponentSize, key: tuple) -> float:
-    from .costmodel import Workload, dit_shape_of
-
+def _shaped(workload: Workload, key: tuple) -> Workload:
+    """``workload`` with the request shape ``key`` (see :func:`shape_key`)."""
     height, width, frames, batch, text = key
-    work = Workload(height=height, width=width, num_frames=frames, batch=batch, text_tokens=text)
-    return work.sequence_of(dit_shape_of(size)) * batch
+    return dataclasses.replace(
+        workload, height=height, width=width, num_frames=frames, batch=batch, text_tokens=text
+    )
+
+
+def _tokens(size: ComponentSize, work: Workload) -> float:
+    from .costmodel import dit_shape_of
+
+    return work.sequence_of(dit_shape_of(size)) * work.batch
 
 
 def measured_block_times(
@@ -140,13 +146,10 @@ def measured_block_times(
     wanted = shape_key(workload)
     if wanted in found:
         return found[wanted].seconds, "measured"
-    target = _tokens(size, wanted)
-    key = min(found, key=lambda k: abs(math.log(_tokens(size, k) / target)))
-    height, width, frames, batch, text = key
-    basis = dataclasses.replace(
-        workload, height=height, width=width, num_frames=frames, batch=batch, text_tokens=text
-    )
-    then = estimated_block_times(size, basis, device)
+    target = _tokens(size, workload)
+    key = min(found, key=lambda k: abs(math.log(_tokens(size, _shaped(workload, k)) / target)))
+    height, width, frames = key[:3]
+    then = estimated_block_times(size, _shaped(workload, key), device)
     now = estimated_block_times(size, workload, device)
     scaled = tuple(m * n / t if t > 0 else m for m, n, t in zip(found[key].seconds, now, then, strict=True))
     return scaled, f"scaled from the measurement at {width}×{height}" + (f"×{frames}" if frames > 1 else "")

@@ -140,7 +140,7 @@ def _install_timing_hooks(runtime: Runtime, state: ComponentState) -> None:
 
     @torch.compiler.disable
     def start(module, args, kwargs):
-        starts.append(mover.call_started())
+        starts.append(mover.marker())
         if clock is not None and not clock.finished:
             clock.call_started(call_signature(args, kwargs))
         return None

@@ -201,14 +201,7 @@ class Mover:
         """Seconds between two :meth:`marker` results; ``None`` if ``end`` has not completed and not ``block``."""
         if not self.cuda:
             return end - start  # type: ignore[operator]
-        if not block and not end.query():  # type: ignore[attr-defined]
-            return None
-        end.synchronize()  # type: ignore[attr-defined]  # only when the caller asked to block (stats, replan)
-        return start.elapsed_time(end) / 1e3  # type: ignore[attr-defined]
-
-    def call_started(self) -> object:
-        """A marker for the start of a DiT forward (see :meth:`marker`)."""
-        return self.marker()
+        return _event_seconds(start, end, block)
 
     def call_ended(self, start: object) -> None:
         """Count a DiT forward that began at ``start``; its GPU time is read later (no synchronisation now)."""
@@ -234,12 +227,22 @@ def _segment_size(nbytes: int) -> int:
     return -(-nbytes // _SEGMENT) * _SEGMENT
 
 
+def _event_seconds(start, end, block: bool) -> float | None:
+    """Seconds between two CUDA events; ``None`` if ``end`` has not completed and not ``block``."""
+    if not block and not end.query():
+        return None
+    if block:
+        end.synchronize()  # only when the caller asked to block (stats, replan)
+    return start.elapsed_time(end) / 1e3
+
+
 def _elapsed(pairs: list, block: bool) -> tuple[list, float]:
     """``(still pending, seconds)`` for ``(start, end)`` event pairs; ``block``: all have completed."""
-    pending, seconds = [], 0.0
+    pending, total = [], 0.0
     for start, end in pairs:
-        if block or end.query():
-            seconds += start.elapsed_time(end) / 1e3
-        else:
+        seconds = _event_seconds(start, end, block)
+        if seconds is None:
             pending.append((start, end))
-    return pending, seconds
+        else:
+            total += seconds
+    return pending, total
