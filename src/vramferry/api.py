@@ -312,7 +312,7 @@ def apply(
         budget=_weights_budget(the_plan),
         order=list(inventory.order),
         prefetch=config.prefetch_components,
-        prefetch_conflicting=config.vram_budget is not None,
+        explicit_budget=config.vram_budget is not None,
         uniform_slots=config.vram_budget is not None,
         verify=config.verify,
     )

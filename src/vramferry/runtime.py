@@ -45,7 +45,7 @@ class Runtime:
         order: list[str],
         prefetch: bool,
         verify: bool,
-        prefetch_conflicting: bool = False,
+        explicit_budget: bool = False,
         uniform_slots: bool = False,
     ) -> None:
         self.modules = modules
@@ -59,7 +59,7 @@ class Runtime:
         self.verify = verify
         self.uniform_slots = uniform_slots
         self._build_units()
-        self.scheduler = SwapScheduler(self.mover, self.states, order, budget, prefetch, prefetch_conflicting)
+        self.scheduler = SwapScheduler(self.mover, self.states, order, budget, prefetch, explicit_budget)
         self._load_resident()
         self._install_hooks()
 

@@ -92,7 +92,9 @@ def test_flux_swap_sequence():
     states = next(s for n, s in seen if n == "text_encoder_2")
     assert states["text_encoder_2:swap"] == "device" and states["transformer:swap"] == "host"
     after = _unit_states(handle)
-    assert after["vae:swap"] == "device" and after["transformer:swap"] == "device"
+    # The VAE stays; the transformer left before the decode, since the encoders that start the next request
+    # exclude it.
+    assert after["vae:swap"] == "device" and after["transformer:swap"] == "host"
     assert after["text_encoder:swap"] == "host"
     handle.remove()
 
@@ -128,7 +130,7 @@ def test_prefetch_loads_the_next_component_in_pipeline_order(budget):
 
 
 @pytest.mark.parametrize("budget", [None, "1GiB"])
-def test_under_a_budget_the_dit_leaves_the_device_before_the_decode(budget):
+def test_the_dit_leaves_the_device_before_the_decode_when_the_encoders_run_next(budget):
     pipe, kwargs = DIFFUSERS_PIPELINES["flux"]()
     handle = apply(pipe, _cfg("model", vram_budget=budget))
     during_decode = []
@@ -137,9 +139,42 @@ def test_under_a_budget_the_dit_leaves_the_device_before_the_decode(budget):
     )
     expected = run(pipe, {**kwargs, "output_type": "np"})
     got = run(pipe, {**kwargs, "output_type": "np"})  # the DiT is loaded again for the next request
+    after = _unit_states(handle)
     handle.remove()
-    # The plan counts the DiT's swapped part in its own phase only when there is a budget to keep.
-    assert during_decode == (["host", "host"] if budget else ["device", "device"])
+    # The text encoders start the next request and exclude the DiT: it leaves before the decode, not after,
+    # and the first encoder's copy starts while the VAE decodes (also when the VAE stayed loaded).
+    assert during_decode == ["host", "host"]
+    assert after["text_encoder:swap"] == "device" and after["transformer:swap"] == "host"
+    for key in expected:
+        np.testing.assert_array_equal(got[key], expected[key])
+
+
+@pytest.mark.parametrize("budget", [None, "1GiB"])
+def test_with_prompt_embeddings_the_dit_stays_unless_a_budget_counts_it_in_its_phase(budget):
+    pipe, kwargs = DIFFUSERS_PIPELINES["flux"]()
+    with torch.no_grad():
+        embeds, pooled, _ = pipe.encode_prompt(kwargs["prompt"], prompt_2=None, device="cpu")
+    call = {k: v for k, v in kwargs.items() if k != "prompt"}
+    call.update(prompt_embeds=embeds, pooled_prompt_embeds=pooled, output_type="np")
+    handle = apply(pipe, _cfg("model", vram_budget=budget))
+    during_decode = []
+    pipe.vae.decoder.register_forward_pre_hook(
+        lambda m, a: during_decode.append(_unit_states(handle)["transformer:swap"])
+    )
+    expected = run(pipe, call)
+    run(pipe, call)  # learns that the DiT, not an encoder, follows the decode
+    handle.reset_stats()
+    got = run(pipe, call)
+    moved = handle.stats().bytes_h2d
+    handle.remove()
+    if budget is None:
+        # Nothing excludes the DiT before its next use: it stays, and the third request moves no bytes.
+        assert during_decode[1:] == ["device", "device"]
+        assert moved == 0
+    else:
+        # The plan counts the DiT's swapped part in its own phase only: it leaves for the decode.
+        assert during_decode == ["host", "host", "host"]
+        assert moved >= handle.plan.get("transformer").bytes
     for key in expected:
         np.testing.assert_array_equal(got[key], expected[key])
 

@@ -67,8 +67,11 @@ class SwapScheduler:
         order: the order a request runs components in (for prefetch); empty = learn it from the first request.
         budget: device bytes available for weights; ``None`` = no limit besides the exclusion rules.
         prefetch: load the next component while the current one computes.
-        prefetch_conflicting: prefetch also a component that excludes one on the device now (it is evicted
-            when the prefetched one runs); only when the budget was given explicitly.
+        explicit_budget: the user gave the budget, and the plan counts each component's swapped part and
+            streaming slots in its own phase only. Then a new phase evicts the other phases' swapped parts, and
+            prefetch may load a component that excludes one on the device now (evicted when the prefetched one
+            runs). Otherwise the exclusion rules hold strictly and a component of another phase leaves at a phase
+            change only when the component expected to start the next phase excludes it.
     """
 
     def __init__(
@@ -78,7 +81,7 @@ class SwapScheduler:
         order: list[str],
         budget: int | None,
         prefetch: bool,
-        prefetch_conflicting: bool = False,
+        explicit_budget: bool = False,
     ) -> None:
         self.mover = mover
         self.components = components
@@ -87,9 +90,11 @@ class SwapScheduler:
         self.learning = not self.order
         self.budget = budget
         self.prefetch = prefetch
-        self.prefetch_conflicting = prefetch_conflicting
+        self.explicit_budget = explicit_budget
         self.clock = 0
         self.phase = ""
+        self.phase_leader: ComponentState | None = None  # the component that started the current phase
+        self.next_leader: dict[str, str] = {}  # phase leader -> the leader of the phase that followed it last
         self.trace: list[tuple[str, str]] = []  # (event, component) for tests and debugging
         self.keep_trace = False
 
@@ -99,24 +104,47 @@ class SwapScheduler:
         self.clock += 1
         comp.last_used = self.clock
         if comp.role != self.phase and comp.role in _PHASE_ROLES and not comp.running:
-            self._new_phase(comp.role)
+            self._new_phase(comp)
+            if comp.engaged and self.prefetch:
+                self._prefetch_after(comp)  # a component that stayed loaded still starts the next one's copy
         if comp.engaged:
             return
         self._engage(comp)
 
-    def _new_phase(self, role: str) -> None:
+    def _new_phase(self, comp: ComponentState) -> None:
         # A few times per request (encode, denoise, decode), never per block: memory cached for the previous
         # phase's activations is given back so that the next phase's differently shaped activations reuse it
         # instead of growing reserved memory beside it (the VAE decode after the DiT, above all).
-        self.phase = role
-        if self.budget is not None:
-            # Under a budget the plan counts a component's swapped part and streaming slots only in its own
-            # phase: the VAE decode's workspace takes the room the DiT's swapped blocks and slots had. Without
-            # one they stay until a conflicting component runs (no reload for the next request).
-            for other in self.components:
-                if other.role != role and other.role in _PHASE_ROLES and not other.running:
-                    self.evict(other)
+        if self.phase_leader is not None:
+            self.next_leader[self.phase_leader.name] = comp.name
+        self.phase, self.phase_leader = comp.role, comp
+        upcoming = self._expected_next_leader(comp)
+        for other in self.components:
+            if other.role == comp.role or other.role not in _PHASE_ROLES or other.running:
+                continue
+            # Under an explicit budget the plan counts a component's swapped part and streaming slots only in
+            # its own phase: the VAE decode's workspace takes the room the DiT's swapped blocks and slots had.
+            # Otherwise a component leaves now only when it would be evicted before its next use anyway (the DiT
+            # during the decode, when the text encoder starts the next request): the decode gets its room and
+            # the encoder's prefetch can overlap the decode. A DiT whose next use follows the decode stays.
+            if self.explicit_budget or (upcoming is not None and other in self.conflicts(upcoming)):
+                self.evict(other)
         self.mover.trim_cache()
+
+    def _expected_next_leader(self, comp: ComponentState) -> ComponentState | None:
+        """The component expected to start the phase after ``comp``'s: the one that did last time, else the
+        next component of another role in the pipeline's order."""
+        name = self.next_leader.get(comp.name)
+        if name is not None:
+            return self.by_name[name]
+        if comp.name not in self.order:
+            return None
+        index = self.order.index(comp.name)
+        for step in range(1, len(self.order)):
+            candidate = self.by_name[self.order[(index + step) % len(self.order)]]
+            if candidate.role != comp.role and candidate.role in _PHASE_ROLES:
+                return candidate
+        return None
 
     def _engage(self, comp: ComponentState) -> None:
         if self.learning:
@@ -208,9 +236,7 @@ class SwapScheduler:
         nxt = self.by_name[self.order[(index + 1) % len(self.order)]]
         if nxt is comp or nxt.swap is None or nxt.swap.on_device:
             return
-        if not self.prefetch_conflicting and any(
-            c.loaded and c.swap is not None for c in self.conflicts(nxt)
-        ):
+        if not self.explicit_budget and any(c.loaded and c.swap is not None for c in self.conflicts(nxt)):
             # Without an explicit budget the mode's promise holds: exclusive groups never share the device.
             return
         if self.budget is not None and self.loaded_bytes() + nxt.swap_bytes + nxt.stream_bytes > self.budget:
