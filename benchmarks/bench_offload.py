@@ -266,7 +266,9 @@ def omnigen2(bw: float) -> None:
     handle = apply(pipe, vramferry.OffloadConfig(mode="model"))
     free_all()
     with torch.inference_mode():
-        timed(pipe, 2)  # the first request teaches the scheduler the order (no prefetch yet); then steady state
+        timed(
+            pipe, 2
+        )  # the first request teaches the scheduler the order (no prefetch yet); then steady state
         reset_peak()
         handle.reset_stats()
         t_model = statistics.median(timed(pipe, 3))

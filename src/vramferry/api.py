@@ -18,6 +18,7 @@ from .calibrate import (
     with_measured_times,
 )
 from .config import OffloadConfig
+from .costmodel import profile_from
 from .discovery import PipelineModules
 from .errors import ConflictError, DeviceError, OffloadError, PlanError
 from .planner import Plan
@@ -350,19 +351,13 @@ def _make_plan(planning: _Planning, config: OffloadConfig, workload: Any) -> tup
     from .planner import plan as make_plan
 
     measured, sources = with_measured_times(
-        workload, planning.inventory, planning.device_name, planning.profile or _default_profile()
+        workload, planning.inventory, planning.device_name, planning.profile or profile_from()
     )
     the_plan = make_plan(
         planning.inventory, config, device=planning.profile, workload=measured, free_bytes=planning.free
     )
     notes = [f"{name}: block compute {source} on {planning.device_name}" for name, source in sources.items()]
     return (replace(the_plan, notes=the_plan.notes + tuple(notes)) if notes else the_plan), sources
-
-
-def _default_profile() -> Any:
-    from .costmodel import DEFAULT_PROFILE, PRESETS
-
-    return PRESETS[DEFAULT_PROFILE]
 
 
 def _placements(the_plan: Plan) -> tuple:

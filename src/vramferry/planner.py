@@ -27,9 +27,7 @@ from torch import nn
 
 from .config import OffloadConfig, OffloadMode
 from .costmodel import (
-    DEFAULT_PROFILE,
     ENCODER_PHASE,
-    PRESETS,
     VAE_PHASE,
     Choice,
     DeviceProfile,
@@ -43,6 +41,7 @@ from .costmodel import (
     dit_shape_from_config,
     itemsize_of,
     pieces,
+    profile_from,
     reserved_bytes,
     token_split,
     vae_shape_from_config,
@@ -472,7 +471,7 @@ def plan(
         BudgetError: the budget is below the least the mode needs; the message gives that least in GiB.
         PlanError: a relative budget without a known memory, or measured block times that do not match.
     """
-    profile = device if device is not None else PRESETS[DEFAULT_PROFILE]
+    profile = device if device is not None else profile_from()
     work = workload if workload is not None else default_workload(inventory)
     budget, budget_text = resolve_budget(config, device=device, free_bytes=free_bytes)
     # Plans place allocations; the caching allocator reserves a little more (see reserved_bytes).
