@@ -156,7 +156,7 @@ class SwapScheduler:
         if comp.swap is not None and not comp.swap.on_device:
             evicted |= self._make_room(comp, comp.swap_bytes + comp.stream_bytes)
             if evicted:
-                self.mover.release_cached(comp.swap_bytes)
+                self.mover.trim_cache(0)  # the evicted memory goes back before the next allocation
             self._onload(comp)
         if comp.swap is not None:
             self.mover.wait_ready(comp.swap)
