@@ -131,3 +131,32 @@ def test_block_times_are_measured_on_the_gpu():
         pipe.transformer.single_transformer_blocks
     )
     assert all(0 < s < 1 for s in times.seconds)
+
+
+def test_model_mode_without_a_budget_keeps_what_is_used_next():
+    """With the free memory as the budget: the DiT leaves for the decode when the encoders run next, and stays
+    when prompt embeddings are passed in (no bytes move once the order is known)."""
+    pipe, kwargs = DIFFUSERS_PIPELINES["flux"]()
+    with torch.no_grad():
+        embeds, pooled, _ = pipe.encode_prompt(kwargs["prompt"], prompt_2=None, device="cpu")
+    handle = apply(pipe, vramferry.OffloadConfig(mode="model"))
+    during_decode = []
+    pipe.vae.decoder.register_forward_pre_hook(
+        lambda m, a: during_decode.append(handle._runtime.placement()["transformer:swap"])
+    )
+    try:
+        for _ in range(2):
+            run(pipe, kwargs)
+        with_prompt = during_decode[-1]
+        call = {k: v for k, v in kwargs.items() if k != "prompt"}
+        call.update(prompt_embeds=embeds.cuda(), pooled_prompt_embeds=pooled.cuda())
+        for _ in range(2):
+            run(pipe, call)
+        handle.reset_stats()
+        run(pipe, call)
+        moved = handle.stats().bytes_h2d
+    finally:
+        handle.remove()
+    assert handle.plan.budget_bytes is not None  # the free memory
+    assert with_prompt == "host"
+    assert during_decode[-1] == "device" and moved == 0

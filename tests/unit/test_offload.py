@@ -164,16 +164,23 @@ def test_with_prompt_embeddings_the_dit_stays_unless_a_budget_counts_it_in_its_p
     expected = run(pipe, call)
     run(pipe, call)  # learns that the DiT, not an encoder, follows the decode
     handle.reset_stats()
+    scheduler = handle._runtime.scheduler
+    scheduler.keep_trace = True
     got = run(pipe, call)
     moved = handle.stats().bytes_h2d
     handle.remove()
     if budget is None:
         # Nothing excludes the DiT before its next use: it stays, and the third request moves no bytes.
         assert during_decode[1:] == ["device", "device"]
-        assert moved == 0
+        assert moved == 0 and scheduler.trace == []
     else:
-        # The plan counts the DiT's swapped part in its own phase only: it leaves for the decode.
-        assert during_decode == ["host", "host", "host"]
+        # The plan counts the DiT's swapped part in its own phase only: it leaves for the decode, and its copy
+        # for the next request (not an encoder's, which never runs here) starts while the VAE decodes.
+        assert ("evict", "transformer") in scheduler.trace and ("prefetch", "transformer") in scheduler.trace
+        assert scheduler.trace.index(("evict", "transformer")) < scheduler.trace.index(
+            ("prefetch", "transformer")
+        )
+        assert not any(name.startswith("text_encoder") for event, name in scheduler.trace if event != "evict")
         assert moved >= handle.plan.get("transformer").bytes
     for key in expected:
         np.testing.assert_array_equal(got[key], expected[key])

@@ -234,6 +234,8 @@ class SwapScheduler:
             return
         index = self.order.index(comp.name)
         nxt = self.by_name[self.order[(index + 1) % len(self.order)]]
+        if nxt.role != comp.role:  # the next phase: whoever started it last time (the DiT, given embeddings)
+            nxt = self._expected_next_leader(comp) or nxt
         if nxt is comp or nxt.swap is None or nxt.swap.on_device:
             return
         if not self.explicit_budget and any(c.loaded and c.swap is not None for c in self.conflicts(nxt)):
