@@ -18,7 +18,7 @@ from .calibrate import (
     with_measured_times,
 )
 from .config import OffloadConfig
-from .costmodel import profile_from
+from .devices import profile_from
 from .discovery import PipelineModules
 from .errors import ConflictError, DeviceError, OffloadError, PlanError
 from .planner import Plan

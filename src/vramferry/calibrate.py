@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from .costmodel import DeviceProfile, Workload
+    from .costmodel import Workload
+    from .devices import DeviceProfile
     from .planner import ComponentSize, Inventory
 
 logger = logging.getLogger(__name__)
@@ -46,9 +47,9 @@ def measure_h2d_bandwidth(device: torch.device, nbytes: int = _PROBE_BYTES) -> f
 
 
 def device_profile(device: torch.device):
-    """A :class:`~vramferry.costmodel.DeviceProfile` for ``device``: the preset matching its name, with the
+    """A :class:`~vramferry.devices.DeviceProfile` for ``device``: the preset matching its name, with the
     bandwidth measured here."""
-    from .costmodel import profile_from
+    from .devices import profile_from
 
     name = torch.cuda.get_device_name(device)
     total = torch.cuda.get_device_properties(device).total_memory

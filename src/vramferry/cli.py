@@ -283,7 +283,7 @@ def _device_profile(args: argparse.Namespace) -> Any:
     if not (args.gpu or args.bandwidth or args.tflops or args.gpu_memory):
         return None
     from .calibrate import expandable_segments
-    from .costmodel import profile_from
+    from .devices import profile_from
 
     profile = profile_from(gpu=args.gpu, bandwidth=args.bandwidth, tflops=args.tflops, memory=args.gpu_memory)
     # The plan is for a run of this process's allocator settings (which main() sets, unless the user did).

@@ -21,6 +21,9 @@ reference/peers.md §8 and §C):
   released by the block ``depth + 1`` streamed blocks earlier. With slack to spare this gives the textbook
   ``max(Σ compute, streamed bytes / B) + overheads``; when resident blocks bunch together, it shows the copy
   engine idling because no slot is free.
+- **Staged swap loads.** A swapped DiT's load lands its non-block part first, then block by block; its first
+  call computes each block once the block has landed, so the copy hides all the blocks' compute up to the first
+  streamed block but the last one's (:meth:`PipelineCost.staged_overlap_s`, counted by bytes, not positions).
 - **Text encoders.** One forward per request over ``text_tokens`` tokens: ``2·P·T / F`` per layer (at least
   ``block_floor_s``). Streamed, its layers go through the same ring of slots as a DiT's, starting cold; what the
   copies add beyond that compute (about streamed bytes / ``B`` for T5-XXL) is added to the request.
@@ -46,159 +49,19 @@ import itertools
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .devices import DeviceProfile
 from .errors import PlanError
-from .units import parse_bandwidth, parse_bytes
 
 if TYPE_CHECKING:
     from .planner import ComponentSize
 
 GiB = 2**30
-
-
-@dataclass(frozen=True)
-class DeviceProfile:
-    """What the cost model needs to know about a device.
-
-    Attributes:
-        name: a preset name or ``"custom"``.
-        memory_bytes: device memory in bytes.
-        h2d_bytes_per_s: achieved host→device bandwidth from pinned memory, bytes per second.
-        flops_per_s: achieved bf16 FLOP/s of a DiT's linear layers.
-        per_block_overhead_s: compute-stream time lost per streamed block and call (event wait, hand-over).
-        attention_flops_per_s: achieved FLOP/s of attention; ``None``: ``flops_per_s`` × 1.36, the H100 ratio.
-        memory_bytes_per_s: achieved device-memory bandwidth (for elementwise work).
-        expandable_segments: the CUDA caching allocator grows segments in place
-            (``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True``), so less memory sits reserved but unused.
-        block_floor_s: the least time a block takes, set by the host launching its kernels.
-        copy_contention: fractional compute slowdown while weight copies run beside it.
-    """
-
-    name: str
-    memory_bytes: int
-    h2d_bytes_per_s: float
-    flops_per_s: float
-    per_block_overhead_s: float = 2.0e-4
-    attention_flops_per_s: float | None = None
-    memory_bytes_per_s: float = 3.0e12
-    block_floor_s: float = 1.5e-3
-    copy_contention: float = 0.015
-    expandable_segments: bool = False
-
-    def __post_init__(self) -> None:
-        if self.attention_flops_per_s is None:
-            object.__setattr__(self, "attention_flops_per_s", _ATTENTION_RATIO * self.flops_per_s)
-        for name in (
-            "memory_bytes",
-            "h2d_bytes_per_s",
-            "flops_per_s",
-            "attention_flops_per_s",
-            "memory_bytes_per_s",
-        ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"{name}: must be a positive number, got {value!r}")
-        for name in ("per_block_overhead_s", "block_floor_s", "copy_contention"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ValueError(f"{name}: must be a number ≥ 0, got {value!r}")
-
-    @property
-    def tokens_for_free_streaming(self) -> float:
-        """T* ≈ F / B: tokens per call above which a bf16 linear block hides its own copy (peers.md §C)."""
-        return self.flops_per_s / self.h2d_bytes_per_s
-
-
-# Achieved linear-layer and attention FLOP/s as fractions of the dense bf16 tensor-core peak, fitted on the
-# H100 (see the module docstring: 465 and 632 TFLOP/s of 989); other devices are assumed to reach the same
-# fractions of their peak, and ~90 % of their memory bandwidth.
-_LINEAR_FRACTION, _ATTENTION_RATIO = 0.47, 1.36
-
-
-def _preset(name: str, memory: int, h2d: float, peak_flops: float, memory_bandwidth: float) -> DeviceProfile:
-    flops = _LINEAR_FRACTION * peak_flops
-    return DeviceProfile(name, memory, h2d, flops, memory_bytes_per_s=0.9 * memory_bandwidth)
-
-
-PRESETS: dict[str, DeviceProfile] = {
-    # H100 80GB HBM3 (SXM), PCIe Gen5 x16: pinned H2D 55.2 GB/s measured (anchor_flux_h100.json).
-    "h100": _preset("h100", 80 * GiB, 55.2e9, 989e12, 3.35e12),
-    # H200 141 GB, PCIe Gen5 x16: the H100's compute die; ~55 GB/s pinned assumed (line rate ~64 GB/s).
-    "h200": _preset("h200", 140 * GiB, 55.0e9, 989e12, 4.8e12),
-    # A100 80GB, PCIe Gen4 x16: ~25 GB/s pinned.
-    "a100": _preset("a100", 80 * GiB, 25.0e9, 312e12, 2.0e12),
-    # L40S 48 GB, PCIe Gen4 x16: ~25 GB/s pinned.
-    "l40s": _preset("l40s", 46068 * 2**20, 25.0e9, 362e12, 0.864e12),
-    # RTX 4090 24 GB, PCIe Gen4 x16: 24.7 GB/s pinned (third-party measurement, peers.md §C).
-    "rtx4090": _preset("rtx4090", 24 * GiB, 24.7e9, 165e12, 1.008e12),
-    # RTX 3090 24 GB, PCIe Gen4 x16: ~24 GB/s pinned assumed.
-    "rtx3090": _preset("rtx3090", 24 * GiB, 24.0e9, 71e12, 0.936e12),
-}
-DEFAULT_PROFILE = "h100"
-# Substrings of a device name (``torch.cuda.get_device_name()``) that select a preset, most specific first.
-_NAME_HINTS = (
-    ("h200", "h200"),
-    ("h100", "h100"),
-    ("a100", "a100"),
-    ("l40s", "l40s"),
-    ("4090", "rtx4090"),
-    ("3090", "rtx3090"),
-)
-
-
-def _preset_for(gpu: str) -> DeviceProfile:
-    key = re.sub(r"[\s_-]+", "", gpu.strip().lower())
-    if key in PRESETS:
-        return PRESETS[key]
-    for hint, preset in _NAME_HINTS:
-        if hint in key:
-            return PRESETS[preset]
-    raise ValueError(
-        f"gpu: no preset matches {gpu!r}; valid presets: {', '.join(PRESETS)} (a device name such as "
-        f"'NVIDIA H100 80GB HBM3' also works), or give bandwidth=, tflops= and memory= for a custom profile"
-    )
-
-
-def profile_from(
-    gpu: str | None = None,
-    bandwidth: float | str | None = None,
-    tflops: float | None = None,
-    memory: int | str | None = None,
-) -> DeviceProfile:
-    """A :class:`DeviceProfile` from a preset or a device name, with measured figures overriding it.
-
-    Args:
-        gpu: a preset name (``"h100"``, ``"rtx4090"``, ...) or a device name (``"NVIDIA H100 80GB HBM3"``).
-            ``None`` starts from the ``h100`` preset.
-        bandwidth: achieved pinned host→device bandwidth, ``"25GB/s"`` or bytes per second.
-        tflops: achieved bf16 TFLOP/s.
-        memory: device memory, ``"24GiB"`` or bytes.
-
-    Raises:
-        ValueError: an unknown ``gpu`` (the message lists the presets) or a non-positive figure.
-    """
-    base = PRESETS[DEFAULT_PROFILE] if gpu is None else _preset_for(gpu)
-    changes: dict[str, object] = {}
-    if bandwidth is not None:
-        changes["h2d_bytes_per_s"] = parse_bandwidth(bandwidth, what="bandwidth")
-    if tflops is not None:
-        if isinstance(tflops, bool) or not isinstance(tflops, (int, float)) or tflops <= 0:
-            raise ValueError(f"tflops: must be a positive number of TFLOP/s, got {tflops!r}")
-        changes["flops_per_s"] = float(tflops) * 1e12
-        changes["attention_flops_per_s"] = None  # follows flops_per_s
-    if memory is not None:
-        changes["memory_bytes"] = parse_bytes(memory, what="memory")
-        if changes["memory_bytes"] <= 0:
-            raise ValueError(f"memory: must be positive, got {memory!r}")
-    if changes:
-        changes["name"] = f"{base.name} (custom)" if gpu is not None else "custom"
-        return replace(base, **changes)
-    return base
 
 
 @dataclass(frozen=True)
@@ -740,6 +603,29 @@ class PipelineCost:
         whole = Choice(choice.placement, tuple(SWAPPED for _ in choice.blocks))
         return max(0.0, self.dit_time(name, choice)[0] - self.dit_time(name, whole)[0])
 
+    def staged_overlap_s(self, part: PartCost, choice: Choice, prefetched_s: float) -> float:
+        """Seconds of a DiT's swap load that its first call hides. The load is staged at block boundaries: the
+        part outside the blocks lands first, then each block computes once its bytes have landed, so the blocks'
+        compute (up to the first streamed block, whose copy queues behind the load) overlaps the copy, all but
+        the block that runs after the last stage. Counted by bytes, not by which blocks are swapped, so that
+        swapping less never predicts slower. ``prefetched_s``: how long the load ran before the call began."""
+        if SWAPPED not in choice.blocks:
+            return 0.0
+        bandwidth = self.device.h2d_bytes_per_s
+        head = (part.rest_bytes if choice.placement == SWAPPED else 0) / bandwidth - prefetched_s
+        swapped = sum(
+            b for b, where in zip(part.size.block_bytes, choice.blocks, strict=True) if where == SWAPPED
+        )
+        load_end = head + swapped / bandwidth
+        if load_end <= 0:
+            return 0.0  # prefetch hid it all
+        prefix = [s for where, s in zip(choice.blocks, part.block_s, strict=True)][
+            : choice.blocks.index(STREAMED) if STREAMED in choice.blocks else None
+        ]
+        overlap = sum(prefix) - max(prefix, default=0.0)
+        stall = max(head, load_end - overlap, 0.0)
+        return load_end - stall
+
     def evaluate(self, choices: Mapping[str, Choice]) -> Outcome:
         """The peak memory and predicted times of a complete placement."""
         always, loads = 0, 0
@@ -777,13 +663,18 @@ class PipelineCost:
             busy = streamed[ENCODER_PHASE] / bandwidth
             compute[ENCODER_PHASE] = max(0.0, compute[ENCODER_PHASE] + stall - busy)
         hidden = 0.0
+        hidden_into = dict.fromkeys(self.phases, 0.0)
         if self.prefetch_components:
             # The next phase's swap group loads while this phase computes, when both fit at once.
             for here, nxt in itertools.pairwise(self.phases):
                 extra = swapped[nxt] + slots[nxt]
                 if swapped[nxt] and self.fits(peaks[here] + extra):
-                    hidden += min(swapped[nxt] / bandwidth, compute[here])
+                    hidden_into[nxt] = min(swapped[nxt] / bandwidth, compute[here])
+                    hidden += hidden_into[nxt]
                     peaks[here] += extra
+        for name, part in self.parts.items():
+            if part.size.role == "dit" and part.phase in hidden_into:
+                hidden += self.staged_overlap_s(part, choices[name], hidden_into[part.phase])
         request = dit_s + stall + loads / bandwidth - hidden
         steps = self.workload.steps
         return Outcome(max(peaks.values()), peaks, call_s / steps, request, loads, hidden, raw, stall)

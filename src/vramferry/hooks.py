@@ -116,15 +116,25 @@ def install_component_hooks(runtime: Runtime, state: ComponentState) -> None:
     for unit in block_units:
         _install_block_hooks(runtime, state, unit)
 
+    if state.swap is not None and state.swap.stages:
+        _install_stage_hooks(runtime, state.swap)
+
     if state.role == "dit":
         # After the block hooks: a block's clock starts once its weights are ready.
         _install_timing_hooks(runtime, state)
 
     if runtime.verify:
         owners = runtime.units_by_module()
+        staged = state.swap if state.swap is not None and state.swap.stages else None
+        block_of = (
+            {id(m): block for _end, blocks in staged.stages for block in blocks for m in block.modules()}
+            if staged is not None
+            else {}
+        )
         for path, module in state.module.named_modules():
             units = owners.get(id(module), ())
-            runtime.hooks.add(module, _verify_hook(f"{state.name}.{path}".rstrip("."), device, units))
+            stage = (staged, block_of[id(module)]) if id(module) in block_of else None
+            runtime.hooks.add(module, _verify_hook(f"{state.name}.{path}".rstrip("."), device, units, stage))
 
 
 def _install_timing_hooks(runtime: Runtime, state: ComponentState) -> None:
@@ -157,6 +167,22 @@ def _install_timing_hooks(runtime: Runtime, state: ComponentState) -> None:
         return
     for index, block in enumerate(blockset.blocks):
         runtime.hooks.add(block, *_block_clock_hooks(clock, index))
+
+
+def _install_stage_hooks(runtime: Runtime, unit) -> None:
+    """Before each block of a staged swap unit: wait for the block's stage of the copy, while one is pending
+    (the first call after a load). A flag check otherwise."""
+    mover = runtime.mover
+    for _end, blocks in unit.stages:
+        for block in blocks:
+
+            @torch.compiler.disable
+            def wait_stage(module, args, kwargs, block=block):
+                if unit.stage_events:
+                    mover.wait_stage(unit, block)
+                return None
+
+            runtime.hooks.add(block, wait_stage)
 
 
 def _block_clock_hooks(clock, index: int):
@@ -194,9 +220,15 @@ def _install_block_hooks(runtime: Runtime, state: ComponentState, unit) -> None:
     runtime.hooks.add(unit.extra["module"], enter_block, leave_block)
 
 
-def _verify_hook(path: str, device: torch.device, units):
+def _verify_hook(path: str, device: torch.device, units, stage=None):
     @torch.compiler.disable
     def verify(module, args, kwargs):
+        if stage is not None and id(stage[1]) in stage[0].stage_events:
+            raise OffloadError(
+                f"verify: {path} runs before its block's part of {stage[0].name} was waited for: the DiT uses "
+                "the block's weights outside the block's forward. Report the pipeline layout; mode='layerwise' "
+                "or a budget that keeps the DiT resident avoids staged loads."
+            )
         for unit in units:
             if not unit.on_device:
                 raise OffloadError(

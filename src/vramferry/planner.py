@@ -30,7 +30,6 @@ from .costmodel import (
     ENCODER_PHASE,
     VAE_PHASE,
     Choice,
-    DeviceProfile,
     DitShape,
     Outcome,
     PipelineCost,
@@ -41,11 +40,11 @@ from .costmodel import (
     dit_shape_from_config,
     itemsize_of,
     pieces,
-    profile_from,
     reserved_bytes,
     token_split,
     vae_shape_from_config,
 )
+from .devices import DeviceProfile, profile_from
 from .errors import BudgetError, PlanError
 from .planner_search import depths, forced, plan_auto, uniform
 from .units import format_bytes, parse_bytes
@@ -459,7 +458,7 @@ def plan(
         inventory: the pipeline's sizes (:func:`inventory_of`).
         config: the mode, ``vram_budget``, ``safety_margin``, ``keep_resident``, ``prefetch_depth`` and
             ``prefetch_components`` are read.
-        device: the device's speeds and memory (:func:`~vramferry.costmodel.profile_from`); default: the h100
+        device: the device's speeds and memory (:func:`~vramferry.devices.profile_from`); default: the h100
             preset for timings, and no memory limit of its own.
         workload: the request the plan is sized for; default :func:`default_workload`.
         free_bytes: free device memory now; the base of ``"80%"`` and of an unset budget.

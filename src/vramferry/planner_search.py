@@ -153,12 +153,13 @@ def _dit_candidates(ctx: _Ctx, name: str) -> list[_Cand]:
 
 
 def _fill(part: PartCost, cand: _Cand, cap: float) -> Choice:
-    """Make the kept (not streamed) pieces resident, largest first, while ``cap`` bytes allow; swap the rest."""
+    """Make the kept (not streamed) pieces resident while ``cap`` bytes allow, the non-block part first (a
+    staged load's first call cannot compute before it lands), then blocks largest first; swap the rest."""
     kept = [(part.rest_bytes, -1)] + [
         (b, i) for i, (b, f) in enumerate(zip(part.size.block_bytes, cand.flags, strict=True)) if not f
     ]
     resident, used = set(), 0
-    for nbytes, index in sorted(kept, key=lambda item: (-item[0], item[1])):
+    for nbytes, index in sorted(kept, key=lambda item: (item[1] >= 0, -item[0], item[1])):
         if used + nbytes <= cap:
             resident.add(index)
             used += nbytes

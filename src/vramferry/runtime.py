@@ -19,6 +19,10 @@ from .transfer import Mover
 
 logger = logging.getLogger(__name__)
 
+#: A staged load's stages hold at least this many bytes (consecutive blocks merged): copies of this size run
+#: at the link's full rate, and there are at most a few dozen events per load.
+STAGE_BYTES = 64 * 2**20
+
 
 @dataclass
 class _Pieces:
@@ -95,17 +99,19 @@ class Runtime:
         group_of: dict[int, str] = {}
         shared: dict[int, TensorRef] = {}
 
-        def collect(key: str, mods: list[nn.Module], exclude: set[int]) -> list[TensorRef]:
-            refs: list[TensorRef] = []
+        def collect(
+            key: str, mods: list[nn.Module], exclude: set[int]
+        ) -> list[tuple[nn.Module, list[TensorRef]]]:
+            per_module = []
             for module in mods:
                 new, seen = collect_refs(module, exclude - {id(module)}, claimed)
                 for ref in new:
                     group_of[id(ref)] = key
-                refs.extend(new)
+                per_module.append((module, new))
                 # A tensor reached from two units (tied weights across blocks or components) must be on the
                 # device whenever either runs: it goes to a shared resident unit.
                 shared.update((id(r), r) for r in seen if group_of[id(r)] != key)
-            return refs
+            return per_module
 
         plans = []
         for component in self.modules.components():
@@ -114,16 +120,23 @@ class Runtime:
                 kind: collect(f"{component.name}:{kind}", getattr(pieces, kind), pieces.exclude)
                 for kind in ("resident", "swap")
             }
-            streamed = [(n, b, collect(f"{component.name}.{n}", [b], set())) for n, b in pieces.streamed]
-            plans.append((component, groups, streamed))
+            streamed = [
+                (n, b, [r for _m, refs in collect(f"{component.name}.{n}", [b], set()) for r in refs])
+                for n, b in pieces.streamed
+            ]
+            plans.append((component, groups, streamed, pieces.exclude))
         arenas = []
-        for component, groups, streamed in plans:
+        for component, groups, streamed, blocks in plans:
             state = ComponentState(component.name, str(component.role), component.module)
             units = []
-            for kind, refs in groups.items():
-                refs = [r for r in refs if id(r) not in shared]
+            for kind, per_module in groups.items():
+                per_module = [(m, [r for r in refs if id(r) not in shared]) for m, refs in per_module]
+                refs = [r for _m, module_refs in per_module for r in module_refs]
                 if refs:
                     unit = Unit(f"{component.name}:{kind}", refs)
+                    if kind == "swap" and state.role == "dit":
+                        # The DiT's first call after a load computes block by block as the copy lands.
+                        unit.set_stages([(m, r) for m, r in per_module if id(m) in blocks], STAGE_BYTES)
                     setattr(state, kind, unit)
                     units.append(unit)
             block_units = []

@@ -74,6 +74,12 @@ class Unit:
     on_device: bool = False
     slot: object | None = None  # layerwise slot holding it
     extra: dict = field(default_factory=dict)
+    # Staged loading (a swapped DiT's blocks): the bytes before the first block, then per stage its end offset
+    # and the blocks it holds. Kernels outside the blocks wait for the head; each block waits for its stage.
+    head_bytes: int = 0
+    stages: list[tuple[int, tuple[nn.Module, ...]]] = field(default_factory=list)
+    head_event: object | None = None  # pending: the head landed
+    stage_events: dict[int, object] = field(default_factory=dict)  # pending: block id -> its stage landed
 
     def __post_init__(self) -> None:
         self.layout()
@@ -89,6 +95,24 @@ class Unit:
         """The typed view of ``ref`` inside a packed uint8 buffer laid out like this unit."""
         raw = buffer[ref.offset : ref.offset + ref.nbytes]
         return raw.view(ref.dtype).view(ref.shape)
+
+    def set_stages(self, blocks: list[tuple[nn.Module, list[TensorRef]]], min_bytes: int) -> None:
+        """Split the copy of this unit at block boundaries (``blocks``: each block with its refs, laid out in
+        this order after the head), merging consecutive blocks until a stage holds ``min_bytes``."""
+        firsts = [(block, refs[0].offset) for block, refs in blocks if refs]
+        if not firsts:
+            return
+        self.head_bytes = firsts[0][1]
+        starts = [offset for _block, offset in firsts[1:]] + [self.nbytes]
+        stages: list[tuple[int, tuple[nn.Module, ...]]] = []
+        group: list[nn.Module] = []
+        begin = self.head_bytes
+        for (block, _offset), end in zip(firsts, starts, strict=True):
+            group.append(block)
+            if end - begin >= min_bytes or end == self.nbytes:
+                stages.append((end, tuple(group)))
+                group, begin = [], end
+        self.stages = stages
 
     def bind_host(self) -> None:
         for ref in self.refs:

@@ -84,6 +84,7 @@ class Mover:
             self.copy_stream.wait_stream(self.compute_stream())
         else:
             buffer = slot
+        staged = slot is None and bool(unit.stages)
         with torch.cuda.stream(self.copy_stream):
             if after is not None:
                 # The slot is overwritten only once the compute stream is done with its previous occupant.
@@ -91,14 +92,34 @@ class Mover:
             start = torch.cuda.Event(enable_timing=True) if self.timing else None
             if start is not None:
                 start.record(self.copy_stream)
-            buffer[: unit.nbytes].copy_(unit.host, non_blocking=True)
-            ready = torch.cuda.Event(enable_timing=self.timing)
-            ready.record(self.copy_stream)
+            if staged:
+                ready = self._copy_staged(unit, buffer)
+            else:
+                buffer[: unit.nbytes].copy_(unit.host, non_blocking=True)
+                ready = torch.cuda.Event(enable_timing=self.timing)
+                ready.record(self.copy_stream)
         if start is not None:
             self.counters.pending_copies.append((start, ready))
             self._fold_if_long()
         unit.ready_event = ready
         self._finish(unit, buffer)
+
+    def _copy_staged(self, unit: Unit, buffer: torch.Tensor) -> object:
+        """Copy the head, then each stage, with an event after each (on the copy stream); the last is returned.
+        The copies run back to back at the link's rate; the events let each block start once its bytes landed.
+        """
+        begin = unit.head_bytes
+        buffer[:begin].copy_(unit.host[:begin], non_blocking=True)
+        unit.head_event = torch.cuda.Event()
+        unit.head_event.record(self.copy_stream)
+        event = unit.head_event
+        for end, blocks in unit.stages:
+            buffer[begin:end].copy_(unit.host[begin:end], non_blocking=True)
+            event = torch.cuda.Event(enable_timing=self.timing)
+            event.record(self.copy_stream)
+            unit.stage_events.update((id(block), event) for block in blocks)
+            begin = end
+        return event
 
     def _finish(self, unit: Unit, buffer: torch.Tensor) -> None:
         unit.device_buffer = buffer
@@ -109,9 +130,33 @@ class Mover:
     def wait_ready(self, unit: Unit) -> None:
         """Make the compute stream wait (on the GPU, not the host) until ``unit``'s copy has landed."""
         event = unit.ready_event
+        unit.head_event = None
+        unit.stage_events.clear()
         if event is None:
             return
         unit.ready_event = None
+        self._wait(event)
+
+    def wait_head(self, unit: Unit) -> None:
+        """Like :meth:`wait_ready`, but for a staged copy only until the part outside the blocks has landed;
+        each block then waits for its own stage (:meth:`wait_stage`)."""
+        if not unit.stage_events:
+            self.wait_ready(unit)
+            return
+        if unit.head_event is not None:
+            self._wait(unit.head_event)
+            unit.head_event = None
+
+    def wait_stage(self, unit: Unit, block: object) -> None:
+        """Before ``block`` runs: make the compute stream wait until its stage of ``unit``'s copy has landed."""
+        event = unit.stage_events.pop(id(block), None)
+        if event is None:
+            return
+        self._wait(event)
+        if not unit.stage_events:
+            unit.ready_event = None  # every stage waited for, the last one included
+
+    def _wait(self, event: object) -> None:
         compute = self.compute_stream()
         if self.timing:
             before = torch.cuda.Event(enable_timing=True)
@@ -133,6 +178,8 @@ class Mover:
         unit.bind_host()
         unit.device_buffer = None
         unit.ready_event = None
+        unit.head_event = None
+        unit.stage_events.clear()
 
     def trim_cache(self, threshold: int = 512 * 2**20) -> None:
         """Return cached free memory to the device when more than ``threshold`` bytes sit unused.

@@ -10,7 +10,8 @@ from pipelines.diffusers_pipes import DIFFUSERS_PIPELINES, run
 from vramferry.api import apply
 from vramferry.blockclock import BlockClock
 from vramferry.calibrate import BlockTimes, measured_block_times, record_block_times
-from vramferry.costmodel import PRESETS, Workload, estimated_block_times
+from vramferry.costmodel import Workload, estimated_block_times
+from vramferry.devices import PRESETS
 from vramferry.transfer import Mover
 
 pytest.importorskip("diffusers")

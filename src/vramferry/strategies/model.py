@@ -159,7 +159,7 @@ class SwapScheduler:
                 self.mover.trim_cache(0)  # the evicted memory goes back before the next allocation
             self._onload(comp)
         if comp.swap is not None:
-            self.mover.wait_ready(comp.swap)
+            self.mover.wait_head(comp.swap)  # a staged DiT's blocks each wait for their own part
         if comp.streamer is not None:
             comp.streamer.start()
         comp.engaged = True
