@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
 import vramferry
 from pipelines.custom import CUSTOM_PIPELINES
-from pipelines.diffusers_pipes import DIFFUSERS_PIPELINES, run
+from pipelines.diffusers_pipes import DIFFUSERS_PIPELINES, assert_runs_equal, run
 from vramferry.api import apply
 
 pytestmark = pytest.mark.gpu
@@ -27,10 +26,7 @@ def _resident_then_offloaded(name: str, mode: str):
 def test_output_bitwise_equal_to_resident(name, mode):
     pipe, kwargs, expected, handle = _resident_then_offloaded(name, mode)
     try:
-        for _ in range(2):
-            got = run(pipe, kwargs)
-            for key in expected:
-                np.testing.assert_array_equal(got[key], expected[key])
+        assert_runs_equal(pipe, kwargs, expected)
         stats = handle.stats()
         assert stats.bytes_d2h == 0 and stats.host_pinned_bytes > 0
     finally:
@@ -234,9 +230,6 @@ def test_one_stage_per_block_gives_the_resident_output(monkeypatch, name):
     try:
         units = [s.swap for s in handle._runtime.states if s.role == "dit"]
         assert units and all(len(u.stages) > 1 for u in units)
-        for _ in range(2):
-            got = run(pipe, kwargs)
-            for key in expected:
-                np.testing.assert_array_equal(got[key], expected[key])
+        assert_runs_equal(pipe, kwargs, expected)
     finally:
         handle.remove()

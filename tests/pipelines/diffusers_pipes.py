@@ -86,6 +86,16 @@ def run(pipe: Any, kwargs: dict[str, Any], seed: int = 0, **overrides: Any) -> d
     return call_outputs(pipe(**{**kwargs, **overrides}, generator=seeded(seed)))
 
 
+def assert_runs_equal(
+    pipe: Any, kwargs: dict[str, Any], expected: dict[str, np.ndarray], times: int = 2
+) -> None:
+    """Run ``pipe`` ``times`` times; every output must equal ``expected`` bit for bit."""
+    for _ in range(times):
+        got = run(pipe, kwargs)
+        for key in expected:
+            np.testing.assert_array_equal(got[key], expected[key])
+
+
 # --- shared text encoders -------------------------------------------------------------------------------------
 
 

@@ -17,7 +17,7 @@ from pipelines.custom import (
     TinyTextEncoder,
     _kwargs,
 )
-from pipelines.diffusers_pipes import DIFFUSERS_PIPELINES, run
+from pipelines.diffusers_pipes import DIFFUSERS_PIPELINES, assert_runs_equal, run
 from vramferry.api import apply, pipeline_order
 from vramferry.config import OffloadConfig
 from vramferry.costmodel import Workload
@@ -127,10 +127,8 @@ def test_flux_t5_streamed_block_by_block_equals_the_resident_run():
             "text_encoder_2.encoder.block.0",
             "text_encoder_2.encoder.block.1",
         ]
-        for _ in range(2):  # the second request streams again after the DiT evicted the encoder
-            got = run(pipe, kwargs)
-            for key in expected:
-                np.testing.assert_array_equal(got[key], expected[key])
+        # the second request streams again after the DiT evicted the encoder
+        assert_runs_equal(pipe, kwargs, expected)
         stats = handle.stats()
         assert stats.blocks_streamed > 0 and stats.bytes_d2h == 0
     finally:
@@ -147,10 +145,7 @@ def test_every_encoder_streamed_equals_the_resident_run(name):
     the_plan = _streaming_plan(pipe)
     with apply(pipe, _cfg("model"), plan=the_plan) as handle:
         assert set(_streamers(handle)) == set(handle.modules.encoder_blocks) != set()
-        for _ in range(2):
-            got = run(pipe, kwargs)
-            for key in expected:
-                np.testing.assert_array_equal(got[key], expected[key])
+        assert_runs_equal(pipe, kwargs, expected)
         assert handle.stats().blocks_streamed > 0
 
 

@@ -10,7 +10,7 @@ import torch
 
 import vramferry
 from pipelines.custom import CUSTOM_PIPELINES
-from pipelines.diffusers_pipes import DIFFUSERS_PIPELINES, run
+from pipelines.diffusers_pipes import DIFFUSERS_PIPELINES, assert_runs_equal, run
 from vramferry.api import apply
 from vramferry.errors import ConflictError, DeviceError
 
@@ -39,10 +39,8 @@ def test_diffusers_output_equals_resident(name, mode):
     expected = run(pipe, kwargs)
     handle = apply(pipe, _cfg(mode, verify=True))
     try:
-        for _ in range(2):  # the second request runs after evictions and the learned order
-            got = run(pipe, kwargs)
-            for key in expected:
-                np.testing.assert_array_equal(got[key], expected[key])
+        # the second request runs after evictions and the learned order
+        assert_runs_equal(pipe, kwargs, expected)
         stats = handle.stats()
         assert stats.bytes_d2h == 0
         if mode != "none":

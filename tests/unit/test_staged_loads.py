@@ -4,12 +4,11 @@ the overlap on the GPU (tests/gpu)."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 import vramferry
 import vramferry.runtime
-from pipelines.diffusers_pipes import DIFFUSERS_PIPELINES, run
+from pipelines.diffusers_pipes import DIFFUSERS_PIPELINES, assert_runs_equal, run
 from vramferry.api import apply
 from vramferry.errors import OffloadError
 
@@ -48,10 +47,7 @@ def test_staged_dit_gives_the_same_output(monkeypatch):
     monkeypatch.setattr(vramferry.runtime, "STAGE_BYTES", 1)
     handle = apply(pipe, _model(verify=True))
     try:
-        for _ in range(2):
-            got = run(pipe, kwargs)
-            for key in expected:
-                np.testing.assert_array_equal(got[key], expected[key])
+        assert_runs_equal(pipe, kwargs, expected)
     finally:
         handle.remove()
 
