@@ -109,7 +109,8 @@ class Mover:
         The copies run back to back at the link's rate; the events let each block start once its bytes landed.
         """
         begin = unit.head_bytes
-        buffer[:begin].copy_(unit.host[:begin], non_blocking=True)
+        if begin:  # none when the DiT's non-block part is resident and only blocks are swapped
+            buffer[:begin].copy_(unit.host[:begin], non_blocking=True)
         unit.head_event = torch.cuda.Event()
         unit.head_event.record(self.copy_stream)
         event = unit.head_event
