@@ -549,7 +549,8 @@ class PipelineCost:
     swap group, its streaming slots and its activations. A request's time is every DiT call (simulated) plus
     the swap loads at the host→device bandwidth, plus what streamed encoder blocks stall, less the loads that
     overlap the previous phase's compute (``prefetch_components``, when both fit in the budget at once; behind a
-    phase that streams, only the copy engine's idle time counts).
+    phase that streams, only the copy engine's idle time counts). With ``exclusive`` (no budget was given, so the
+    exclusion rules hold strictly at run time) a DiT's group is not prefetched behind the encoders or another DiT.
     """
 
     def __init__(
@@ -560,9 +561,11 @@ class PipelineCost:
         workload: Workload,
         budget: int | None,
         prefetch_components: bool = True,
+        exclusive: bool = False,
     ) -> None:
         self.device, self.workload, self.budget = device, workload, budget
         self.prefetch_components = prefetch_components
+        self.exclusive = exclusive
         dits = sum(c.role == "dit" for c in components)
         calls = max(1, round(workload.dit_calls() / max(dits, 1)))  # several DiTs share the steps evenly
         self.parts = {c.name: _part(c, calls, device, workload) for c in components}
@@ -667,6 +670,8 @@ class PipelineCost:
         if self.prefetch_components:
             # The next phase's swap group loads while this phase computes, when both fit at once.
             for here, nxt in itertools.pairwise(self.phases):
+                if self.exclusive and nxt not in (ENCODER_PHASE, VAE_PHASE) and here != VAE_PHASE:
+                    continue  # the next phase is a DiT's, which the encoders and the other DiTs exclude
                 extra = swapped[nxt] + slots[nxt]
                 if swapped[nxt] and self.fits(peaks[here] + extra):
                     hidden_into[nxt] = min(swapped[nxt] / bandwidth, compute[here])

@@ -297,7 +297,13 @@ class _Ctx(PipelineCost):
         budget: int | None,
     ) -> None:
         super().__init__(
-            inventory.components, inventory.order, device, workload, budget, config.prefetch_components
+            inventory.components,
+            inventory.order,
+            device,
+            workload,
+            budget,
+            config.prefetch_components,
+            exclusive=config.vram_budget is None,  # as the runtime: no explicit budget, strict exclusion
         )
         self.inventory = inventory
         self.config = config

@@ -441,6 +441,18 @@ def test_flux_model_mode_costs_the_swaps_once_per_request(flux):
     assert cost.staged_overlap_s(dit, first_streamed, 0.0) == 0.0  # the streamed block waits for the load
 
 
+def test_model_mode_prefetches_the_dit_behind_the_encoders_only_under_a_given_budget(flux):
+    """Without a budget the runtime keeps the DiT and the encoders apart, and so does the prediction: the peak is
+    the DiT's phase. A budget given explicitly lets the DiT's load overlap the encoders when both fit."""
+    strict = plan(flux, OffloadConfig(mode="model"), device=H100, workload=FLUX_1024)
+    given = plan(flux, OffloadConfig(mode="model", vram_budget="70GiB"), device=H100, workload=FLUX_1024)
+    dit = flux.get("transformer").bytes
+    t5 = flux.get("text_encoder_2").bytes
+    assert dit < strict.predicted_peak_bytes < dit + t5
+    assert given.predicted_peak_bytes > dit + t5
+    assert given.predicted_request_s < strict.predicted_request_s
+
+
 def test_default_workload_follows_the_dit():
     assert default_workload(ARCHS["wan2.1-t2v-14b"].inventory()).num_frames == 81
     assert default_workload(ARCHS["flux1-dev"].inventory()) == Workload()
