@@ -173,6 +173,7 @@ def flux_model(bw: float) -> None:
     log(s, "model_overhead_s", round(overhead, 3))
     log(s, "model_transfer_floor_s", round(floor, 3))
     log(s, "model_overhead_over_floor", round(overhead / floor, 3))
+    log_model_prediction(s, handle, overhead)
     handle.remove()
     pipe.to("cpu")
     free_all()
@@ -186,6 +187,18 @@ def flux_model(bw: float) -> None:
     log(s, "diffusers_overhead_s", round(t_diff - t_res, 3))
     log(s, "diffusers_overhead_over_ours", round((t_diff - t_res) / max(overhead, 1e-3), 1))
     pipe.remove_all_hooks()
+
+
+def log_model_prediction(s: str, handle, overhead: float) -> None:
+    """The planner's view of the same run: predicted peak, and predicted overhead over its resident plan."""
+    from vramferry.planner import plan
+
+    p = handle._planning
+    resident = plan(p.inventory, vramferry.OffloadConfig(mode="none"), device=p.profile, workload=p.workload)
+    predicted = handle.plan.predicted_request_s - resident.predicted_request_s
+    log(s, "model_predicted_peak_GB", round(handle.plan.predicted_peak_bytes / GB, 2))
+    log(s, "model_predicted_overhead_s", round(predicted, 3))
+    log(s, "model_predicted_over_measured_overhead", round(predicted / max(overhead, 1e-3), 3))
 
 
 class _Holder:
@@ -277,6 +290,7 @@ def omnigen2(bw: float) -> None:
     st = handle.stats()
     log(s, "model_overhead_s", round(t_model - t_res, 3))
     log(s, "model_bytes_per_request_GB", round(st.bytes_h2d / 3 / GB, 2))
+    log_model_prediction(s, handle, t_model - t_res)
     sizes = {c.name: c.bytes for c in handle.plan.components}
     log(s, "component_GB", {k: round(v / GB, 2) for k, v in sizes.items()})
     # The bound: 1.1 x (largest swap group + the activations), the activations being what the resident run
