@@ -3,7 +3,10 @@
 Rules (vLLM-Omni's, extended): a DiT and the encoders are mutually exclusive on the device, and so are DiTs
 with each other (Wan 2.2's experts); VAEs and other components are loaded when they run and stay until the
 budget needs their room. Evicting drops the device copy: the host copy is canonical, so nothing travels back.
-While one component runs, the next one in pipeline order is loaded if the budget allows.
+While one component runs, the next one is loaded if the budget allows: the next in pipeline order, or, across
+phases, the one that started the next phase last time. At a phase change a component of another phase leaves
+when the one expected next excludes it (or always, under an explicit budget). A DiT's load is staged: its blocks
+each wait only for their own part of the copy, so its first call computes while the copy lands.
 """
 
 from __future__ import annotations
