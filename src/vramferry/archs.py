@@ -56,6 +56,12 @@ class WanArchPipeline(ArchPipeline):
     _vae_modules = ["vae"]
 
 
+class Wan22ArchPipeline(ArchPipeline):
+    _dit_modules = ["transformer", "transformer_2"]  # the high-noise expert, then the low-noise one
+    _encoder_modules = ["text_encoder"]
+    _vae_modules = ["vae"]
+
+
 class QwenImageArchPipeline(ArchPipeline):
     _dit_modules = ["transformer"]
     _encoder_modules = ["text_encoder"]
@@ -133,6 +139,17 @@ def build_flux1_dev(dtype: torch.dtype = torch.bfloat16, device: str | torch.dev
     )
 
 
+WAN_14B_TRANSFORMER = dict(
+    patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16, out_channels=16,
+    text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024,
+)  # fmt: skip
+WAN_VAE = dict(
+    base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+    temperal_downsample=[False, True, True],
+)  # fmt: skip
+
+
 def build_wan21_t2v_14b(
     dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "meta"
 ) -> ArchPipeline:
@@ -140,18 +157,30 @@ def build_wan21_t2v_14b(
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
 
     with torch.device(device):
-        transformer = WanTransformer3DModel(
-            patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16, out_channels=16,
-            text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True,
-            qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024,
-        )  # fmt: skip
+        transformer = WanTransformer3DModel(**WAN_14B_TRANSFORMER)
         umt5 = _t5_xxl(256384, umt5=True)
-        vae = AutoencoderKLWan(
-            base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
-            temperal_downsample=[False, True, True],
-        )  # fmt: skip
+        vae = AutoencoderKLWan(**WAN_VAE)
     return WanArchPipeline(
         text_encoder=_finish(umt5, dtype), transformer=_finish(transformer, dtype), vae=_finish(vae, dtype)
+    )
+
+
+def build_wan22_t2v_a14b(
+    dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "meta"
+) -> ArchPipeline:
+    """Wan2.2-T2V-A14B: two 14B experts of Wan2.1's shape (high noise, then low noise), UMT5-XXL, the Wan2.1
+    VAE; diffusers' WanPipeline with ``transformer_2`` and ``boundary_ratio``."""
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+
+    with torch.device(device):
+        high, low = (WanTransformer3DModel(**WAN_14B_TRANSFORMER) for _ in range(2))
+        umt5 = _t5_xxl(256384, umt5=True)
+        vae = AutoencoderKLWan(**WAN_VAE)
+    return Wan22ArchPipeline(
+        text_encoder=_finish(umt5, dtype),
+        transformer=_finish(high, dtype),
+        transformer_2=_finish(low, dtype),
+        vae=_finish(vae, dtype),
     )
 
 
@@ -264,6 +293,14 @@ ARCHS: dict[str, ArchSpec] = {
             block_attrs={"transformer": ("blocks",)},
             workload=Workload(height=480, width=832, num_frames=81, cfg=2, steps=50, text_tokens=512),
             description="Wan2.1 T2V 14B: 40 blocks of width 5120, UMT5-XXL, causal 3D VAE",
+        ),
+        ArchSpec(
+            name="wan2.2-t2v-a14b",
+            pipeline_class="WanPipeline",
+            build=build_wan22_t2v_a14b,
+            block_attrs={"transformer": ("blocks",), "transformer_2": ("blocks",)},
+            workload=Workload(height=720, width=1280, num_frames=81, cfg=2, steps=40, text_tokens=512),
+            description="Wan2.2 T2V A14B: two 14B experts (high and low noise), UMT5-XXL, causal 3D VAE",
         ),
         ArchSpec(
             name="qwen-image",

@@ -75,6 +75,28 @@ def test_wan_sizes():
     assert spec.workload.sequence_of(transformer.shape) == 32760  # 480×832, 81 frames
 
 
+def test_wan22_has_two_experts_of_wan21s_size_that_exclude_each_other():
+    from vramferry.config import OffloadConfig
+    from vramferry.devices import PRESETS
+    from vramferry.planner import plan
+
+    spec = get_arch("wan2.2-t2v-a14b")
+    inventory = spec.inventory()
+    wan21 = get_arch("wan2.1-t2v-14b").inventory().get("transformer")
+    high, low = inventory.get("transformer"), inventory.get("transformer_2")
+    assert high.bytes == low.bytes == wan21.bytes and high.block_bytes == wan21.block_bytes
+    assert inventory.order == ("text_encoder", "transformer", "transformer_2", "vae")
+    assert [c.name for c in spec.modules().dits] == ["transformer", "transformer_2"]
+    h100, work = PRESETS["h100"], spec.workload
+    model = plan(inventory, OffloadConfig(mode="model"), device=h100, workload=work)
+    # One expert (and its activations) at a time: the other is neither resident nor prefetched beside it...
+    assert high.bytes < model.predicted_peak_bytes < 2 * high.bytes
+    # ...unless a budget is given that holds both: then the low-noise expert loads during the high-noise one.
+    given = plan(inventory, OffloadConfig(mode="model", vram_budget="78GiB"), device=h100, workload=work)
+    assert given.predicted_peak_bytes > 2 * high.bytes
+    assert spec.workload.sequence_of(high.shape) == 75600  # 1280×720, 81 frames
+
+
 def test_qwen_image_sizes():
     spec = get_arch("qwen-image")
     pipe = spec.build()
