@@ -340,3 +340,21 @@ def test_order_is_learned_from_the_first_request_without_a_declared_sequence():
     assert not scheduler.learning
     assert ("prefetch", "transformer") in scheduler.trace
     handle.remove()
+
+
+def test_an_adapter_loaded_while_the_handle_is_live_is_named_with_the_fix():
+    pipe, kwargs = DIFFUSERS_PIPELINES["flux"]()
+    handle = apply(pipe, _cfg("model"))
+    try:
+        run(pipe, kwargs)
+        to_q = pipe.transformer.transformer_blocks[0].attn.to_q
+        to_q.lora_A = torch.nn.Linear(to_q.in_features, 4, bias=False)  # what an adapter adds
+        with pytest.raises(vramferry.OffloadError, match=r"transformer: .*LoRA.*handle\.remove\(\)"):
+            run(pipe, kwargs)
+    finally:
+        handle.remove()
+    del to_q.lora_A
+    # Removed and applied again, the handle packs the weights as they are now.
+    handle = apply(pipe, _cfg("model"))
+    run(pipe, kwargs)
+    handle.remove()

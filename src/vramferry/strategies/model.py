@@ -16,12 +16,17 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from ..errors import OffloadError
 from ..store import Unit
 from ..transfer import Mover
 
 logger = logging.getLogger(__name__)
 
 _PHASE_ROLES = ("dit", "encoder", "vae")
+
+
+def count_tensors(module: nn.Module) -> int:
+    return sum(1 for _ in module.parameters()) + sum(1 for _ in module.buffers())
 
 
 @dataclass(eq=False)
@@ -35,6 +40,7 @@ class ComponentState:
         clock: measures a DiT's block times during its first calls, or None.
         running: how many of its entry modules are executing now (never evicted while > 0).
         engaged: the component has run since its swap part was loaded (exclusion already applied).
+        tensors: how many parameters and buffers the module held when its units were packed.
     """
 
     name: str
@@ -47,6 +53,21 @@ class ComponentState:
     running: int = 0
     engaged: bool = False
     last_used: int = 0
+    tensors: int = -1
+
+    def __post_init__(self) -> None:
+        self.tensors = count_tensors(self.module)
+
+    def check_unchanged(self) -> None:
+        """Raise if tensors were added to or removed from the module since apply (an adapter loaded, a layer
+        replaced): the host store packed the old ones, and the new ones would never reach the device."""
+        now = count_tensors(self.module)
+        if now != self.tensors:
+            raise OffloadError(
+                f"{self.name}: it holds {now} parameters and buffers, {self.tensors} when offload was applied "
+                "(an adapter such as LoRA loaded, fused or unloaded, or a layer replaced, while the handle was "
+                "live). Call handle.remove(), make the change, then apply again."
+            )
 
     @property
     def swap_bytes(self) -> int:
@@ -157,6 +178,7 @@ class SwapScheduler:
                 self.learning = False  # a component runs again after others: one request's order is known
         evicted = self._evict_conflicts(comp)
         if comp.swap is not None and not comp.swap.on_device:
+            comp.check_unchanged()  # once per load, not per call
             evicted |= self._make_room(comp, comp.swap_bytes + comp.stream_bytes)
             if evicted:
                 self.mover.trim_cache(0)  # the evicted memory goes back before the next allocation
