@@ -38,6 +38,11 @@ class ArchPipeline:
             setattr(self, name, module)
         self._names = tuple(modules)
 
+    @classmethod
+    def cast(cls, dtype: torch.dtype, **modules: nn.Module) -> ArchPipeline:
+        """The pipeline of ``modules``, each cast to ``dtype`` as a loader would (see :func:`_finish`)."""
+        return cls(**{name: _finish(module, dtype) for name, module in modules.items()})
+
     @property
     def components(self) -> dict[str, nn.Module]:
         """The modules by attribute name, like ``DiffusionPipeline.components``."""
@@ -131,11 +136,8 @@ def build_flux1_dev(dtype: torch.dtype = torch.bfloat16, device: str | torch.dev
         )  # fmt: skip
         t5 = _t5_xxl(32128, umt5=False)
         vae = AutoencoderKL(**FLUX1_VAE)
-    return FluxArchPipeline(
-        text_encoder=_finish(clip, dtype),
-        text_encoder_2=_finish(t5, dtype),
-        transformer=_finish(transformer, dtype),
-        vae=_finish(vae, dtype),
+    return FluxArchPipeline.cast(
+        dtype, text_encoder=clip, text_encoder_2=t5, transformer=transformer, vae=vae
     )
 
 
@@ -160,9 +162,7 @@ def build_wan21_t2v_14b(
         transformer = WanTransformer3DModel(**WAN_14B_TRANSFORMER)
         umt5 = _t5_xxl(256384, umt5=True)
         vae = AutoencoderKLWan(**WAN_VAE)
-    return WanArchPipeline(
-        text_encoder=_finish(umt5, dtype), transformer=_finish(transformer, dtype), vae=_finish(vae, dtype)
-    )
+    return WanArchPipeline.cast(dtype, text_encoder=umt5, transformer=transformer, vae=vae)
 
 
 def build_wan22_t2v_a14b(
@@ -176,12 +176,7 @@ def build_wan22_t2v_a14b(
         high, low = (WanTransformer3DModel(**WAN_14B_TRANSFORMER) for _ in range(2))
         umt5 = _t5_xxl(256384, umt5=True)
         vae = AutoencoderKLWan(**WAN_VAE)
-    return Wan22ArchPipeline(
-        text_encoder=_finish(umt5, dtype),
-        transformer=_finish(high, dtype),
-        transformer_2=_finish(low, dtype),
-        vae=_finish(vae, dtype),
-    )
+    return Wan22ArchPipeline.cast(dtype, text_encoder=umt5, transformer=high, transformer_2=low, vae=vae)
 
 
 def build_qwen_image(
@@ -213,9 +208,7 @@ def build_qwen_image(
             base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
             temperal_downsample=[False, True, True],
         )  # fmt: skip
-    return QwenImageArchPipeline(
-        text_encoder=_finish(qwen, dtype), transformer=_finish(transformer, dtype), vae=_finish(vae, dtype)
-    )
+    return QwenImageArchPipeline.cast(dtype, text_encoder=qwen, transformer=transformer, vae=vae)
 
 
 @dataclass(frozen=True)
