@@ -622,9 +622,7 @@ class PipelineCost:
         load_end = head + swapped / bandwidth
         if load_end <= 0:
             return 0.0  # prefetch hid it all
-        prefix = [s for where, s in zip(choice.blocks, part.block_s, strict=True)][
-            : choice.blocks.index(STREAMED) if STREAMED in choice.blocks else None
-        ]
+        prefix = part.block_s[: choice.blocks.index(STREAMED) if STREAMED in choice.blocks else None]
         overlap = sum(prefix) - max(prefix, default=0.0)
         stall = max(head, load_end - overlap, 0.0)
         return load_end - stall

@@ -116,9 +116,6 @@ def install_component_hooks(runtime: Runtime, state: ComponentState) -> None:
     for unit in block_units:
         _install_block_hooks(runtime, state, unit)
 
-    if state.swap is not None and state.swap.stages:
-        _install_stage_hooks(runtime, state.swap)
-
     if state.role == "dit":
         # After the block hooks: a block's clock starts once its weights are ready.
         _install_timing_hooks(runtime, state)
@@ -139,7 +136,8 @@ def install_component_hooks(runtime: Runtime, state: ComponentState) -> None:
 
 def _install_timing_hooks(runtime: Runtime, state: ComponentState) -> None:
     """Time each outermost forward of a DiT (registered after the entry hooks: the load is inside), and each
-    of its blocks during the first calls (:class:`~vramferry.blockclock.BlockClock`)."""
+    of its blocks during the first calls (:class:`~vramferry.blockclock.BlockClock`). The same block hooks make
+    a block of a staged swap unit wait for its stage of the copy first."""
     from .blockclock import BlockClock, call_signature
 
     mover = runtime.mover
@@ -165,29 +163,19 @@ def _install_timing_hooks(runtime: Runtime, state: ComponentState) -> None:
     runtime.hooks.add(state.module, start, end)
     if clock is None:
         return
+    staged = state.swap if state.swap is not None and state.swap.stages else None
     for index, block in enumerate(blockset.blocks):
-        runtime.hooks.add(block, *_block_clock_hooks(clock, index))
+        runtime.hooks.add(block, *_block_hooks(clock, index, mover, staged))
 
 
-def _install_stage_hooks(runtime: Runtime, unit) -> None:
-    """Before each block of a staged swap unit: wait for the block's stage of the copy, while one is pending
-    (the first call after a load). A flag check otherwise."""
-    mover = runtime.mover
-    for _end, blocks in unit.stages:
-        for block in blocks:
+def _block_hooks(clock, index: int, mover, staged):
+    """A DiT block's pre and post hooks: wait for its stage of a staged load while one is pending (the first
+    call after a load), then time it while its clock measures. Flag checks otherwise."""
 
-            @torch.compiler.disable
-            def wait_stage(module, args, kwargs, block=block):
-                if unit.stage_events:
-                    mover.wait_stage(unit, block)
-                return None
-
-            runtime.hooks.add(block, wait_stage)
-
-
-def _block_clock_hooks(clock, index: int):
     @torch.compiler.disable
     def block_start(module, args, kwargs):
+        if staged is not None and staged.stage_events:
+            mover.wait_stage(staged, module)
         if clock.measuring:
             clock.block_started(index)
         return None
