@@ -90,7 +90,7 @@ def bandwidth() -> float:
     """Host->device GB/s from 2 GiB buffers: pinned (cudaHostAlloc), pageable, and registered in place the way
     the host store does it (with and without transparent huge pages); then the same over 8 GiB, where page
     tables stop fitting in the IOMMU's caches."""
-    from vramferry.store import host_buffer
+    from vramferry.runtime.store import host_buffer
 
     def registered(n: int, huge: bool) -> torch.Tensor:
         buf = host_buffer(n) if huge else torch.empty(n, dtype=torch.uint8)
@@ -191,7 +191,7 @@ def flux_model(bw: float) -> None:
 
 def log_model_prediction(s: str, handle, overhead: float) -> None:
     """The planner's view of the same run: predicted peak, and predicted overhead over its resident plan."""
-    from vramferry.planner import plan
+    from vramferry.planning.planner import plan
 
     p = handle._planning
     resident = plan(p.inventory, vramferry.OffloadConfig(mode="none"), device=p.profile, workload=p.workload)
@@ -388,7 +388,7 @@ def decode_peak(s: str, tag: str, pipe, call: dict, budget: float) -> None:
 
 def _estimate_only_step(handle) -> float:
     """The step the cost model alone (no measured block times) predicts for the placement ``handle`` runs."""
-    from vramferry.costmodel import Choice, PipelineCost, allocatable_bytes
+    from vramferry.planning.costmodel import Choice, PipelineCost, allocatable_bytes
 
     p, plan = handle._planning, handle.plan
     work = dataclasses.replace(p.workload, block_compute_s={})
@@ -464,7 +464,7 @@ def main() -> None:
     if "bandwidth" in args.sections.split(","):
         bw = bandwidth()
     else:  # the library's own short probe (256 MiB pinned), enough for the floors of a partial run
-        from vramferry.calibrate import measure_h2d_bandwidth
+        from vramferry.runtime.probe import measure_h2d_bandwidth
 
         bw = measure_h2d_bandwidth(torch.device("cuda"))
         log("bandwidth", "probe_h2d_pinned_GBps", round(bw / GB, 2))

@@ -9,12 +9,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vramferry.archs import FLUX1_DEV_TRANSFORMER, FLUX1_VAE
-from vramferry.archs import T5_XXL as ARCH_T5_XXL
+from vramferry.planning.archs import FLUX1_DEV_TRANSFORMER, FLUX1_VAE
+from vramferry.planning.archs import T5_XXL as ARCH_T5_XXL
 
 BF16 = torch.bfloat16
 
-# The published configs (vramferry.archs holds them for `vramferry plan --arch` too). T5's remaining fields keep
+# The published configs (vramferry.planning.archs holds them for `vramferry plan --arch` too). T5's remaining fields keep
 # T5Config's defaults, which are T5-XXL's (its dropout does not run in eval mode).
 FLUX_DEV = FLUX1_DEV_TRANSFORMER
 T5_XXL = {**ARCH_T5_XXL, "vocab_size": 32128}

@@ -93,7 +93,7 @@ def saved_flux_dir(tmp_path_factory: pytest.TempPathFactory, tiny_flux):
 @pytest.fixture(autouse=True)
 def _fresh_block_time_measurements():
     """Each test starts without block times measured by another test (they are kept per process)."""
-    from vramferry.calibrate import forget_block_times
+    from vramferry.planning.calibrate import forget_block_times
 
     forget_block_times()
     yield

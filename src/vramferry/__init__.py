@@ -8,7 +8,7 @@ handle.remove()
 
 from .api import OffloadHandle, OffloadStats, apply
 from .config import OffloadConfig, OffloadMode
-from .discovery import discover
+from .discovery.roles import discover
 from .errors import (
     BudgetError,
     ConflictError,

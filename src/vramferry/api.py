@@ -9,21 +9,15 @@ from typing import Any
 
 import torch
 
-from .calibrate import (
-    BlockTimes,
-    device_profile,
-    expandable_segments,
-    record_block_times,
-    shape_key,
-    with_measured_times,
-)
 from .config import OffloadConfig
-from .devices import profile_from
-from .discovery import PipelineModules
+from .discovery.modules import PipelineModules
 from .errors import ConflictError, DeviceError, OffloadError, PlanError
-from .planner import Plan
-from .runtime import Runtime
-from .transfer import TransferCounters
+from .planning.calibrate import BlockTimes, record_block_times, shape_key, with_measured_times
+from .planning.devices import profile_from
+from .planning.plan import Plan
+from .runtime.install import Runtime
+from .runtime.probe import device_profile, expandable_segments
+from .runtime.transfer import TransferCounters
 
 logger = logging.getLogger(__name__)
 
@@ -198,7 +192,7 @@ class OffloadHandle:
         everything alike.
 
         Args:
-            workload: the new request's :class:`~vramferry.costmodel.Workload`; ``None``: the current one.
+            workload: the new request's :class:`~vramferry.planning.Workload`; ``None``: the current one.
 
         Returns:
             True if the weights were re-placed, False if only the plan's predictions changed.
@@ -260,10 +254,10 @@ def apply(
         pipeline: a diffusers pipeline, a pipeline declaring :class:`~vramferry.SupportsModuleOffload`, or any
             object whose modules sit under well-known attribute names.
         config: what to do; defaults to ``OffloadConfig()`` (auto mode, free memory as the budget).
-        workload: the request shape (:class:`~vramferry.costmodel.Workload`) the auto planner sizes
+        workload: the request shape (:class:`~vramferry.planning.Workload`) the auto planner sizes
             activations and compute for; defaults to the pipeline's usual shape.
-        plan: a ready :class:`~vramferry.planner.Plan` to carry out instead of planning (one made by
-            :func:`~vramferry.planner.plan` for this pipeline, read back with ``plan_from_dict``, or edited). It
+        plan: a ready :class:`~vramferry.planning.Plan` to carry out instead of planning (one made by
+            :func:`~vramferry.planning.plan` for this pipeline, read back with ``plan_from_dict``, or edited). It
             must name exactly the components discovery finds, and give each component with blocks one placement
             per block (or none). The config still sets the device, pinning and the other runtime options.
         **changes: field overrides applied to a copy of ``config`` (``mode="model"``).
@@ -277,9 +271,10 @@ def apply(
         DiscoveryError, PlanError, BudgetError: see their messages; a ``plan`` that does not match the
             pipeline, or one given together with a ``workload``, raises :class:`~vramferry.errors.PlanError`.
     """
-    from .discovery import discover
-    from .planner import default_workload, inventory_of
-    from .runtime import check_weights_materialised
+    from .discovery.inventory import inventory_of
+    from .discovery.roles import discover
+    from .planning.planner import default_workload
+    from .runtime.install import check_weights_materialised
     from .units import parse_bytes
 
     config = config if config is not None else OffloadConfig()
@@ -290,7 +285,7 @@ def apply(
     modules = discover(pipeline, strict=config.strict, block_attrs=dict(config.block_attrs) or None)
     _check_modules(modules)
     check_weights_materialised(modules)
-    inventory = inventory_of(modules, pipeline_order(pipeline, modules))
+    inventory = inventory_of(modules, _order(config, modules))
     if plan is not None and workload is not None:
         raise PlanError("apply: give either plan= or workload= (the plan was sized for its own workload)")
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
@@ -348,7 +343,7 @@ class _Planning:
 
 def _make_plan(planning: _Planning, config: OffloadConfig, workload: Any) -> tuple[Plan, dict[str, str]]:
     """A plan for ``workload`` with the block times measured on this device where there are any."""
-    from .planner import plan as make_plan
+    from .planning.planner import plan as make_plan
 
     measured, sources = with_measured_times(
         workload, planning.inventory, planning.device_name, planning.profile or profile_from()
@@ -385,20 +380,21 @@ def resolve_device(config: OffloadConfig) -> torch.device:
     return torch.device("cuda", index)
 
 
-def pipeline_order(pipeline: object, modules: PipelineModules) -> list[str]:
-    """Component names in the order a request runs them (diffusers' ``model_cpu_offload_seq``), else []."""
-    seq = getattr(type(pipeline), "model_cpu_offload_seq", None)
-    if not isinstance(seq, str):
-        return []
-    order = []
-    for name in seq.split("->"):
+def _order(config: OffloadConfig, modules: PipelineModules) -> tuple[str, ...]:
+    """The request order the schedule follows: ``config.order`` when given (every name a component), else
+    discovery's."""
+    if not config.order:
+        return modules.order
+    names = []
+    for name in config.order:
         try:
-            component = modules.get(name.strip())
+            names.append(modules.get(name).name)
         except KeyError:
-            continue
-        if component.name not in order:
-            order.append(component.name)
-    return order
+            found = ", ".join(c.name for c in modules.components())
+            raise PlanError(
+                f"order: {name!r} is not a component of {modules.pipeline_class}; its components: {found}"
+            ) from None
+    return tuple(names)
 
 
 def _check_live(pipeline: object) -> None:
@@ -448,7 +444,7 @@ def _check_plan(the_plan: Plan, modules: PipelineModules) -> None:
             f"discovery found {', '.join(found) or 'nothing'}"
             + (f"; missing: {', '.join(missing)}" if missing else "")
             + (f"; unknown: {', '.join(extra)}" if extra else "")
-            + ". Make the plan for this pipeline (vramferry.planner.plan on its inventory)."
+            + ". Make the plan for this pipeline (vramferry.planning.plan on its inventory)."
         )
     for cplan in the_plan.components:
         blockset = modules.blocks_of(cplan.name)
@@ -464,7 +460,7 @@ def _weights_budget(the_plan: Plan) -> int | None:
     counts it) and the largest phase's activations, so that prefetching never takes what the plan left free."""
     if the_plan.budget_bytes is None:
         return None
-    from .costmodel import allocatable_bytes
+    from .planning.costmodel import allocatable_bytes
 
     reserve = getattr(the_plan, "activation_bytes", None)
     if reserve is None:

@@ -59,6 +59,9 @@ class OffloadConfig:
         prefetch_components: start loading the next component while the current one computes.
         prefetch_depth: layerwise look-ahead, in blocks; ``None`` picks enough to keep the copy engine busy.
         keep_resident: component names kept on the device in every mode.
+        order: component names in the order a request runs them, overriding discovery's order (diffusers'
+            ``model_cpu_offload_seq``, the protocol's declaration). The schedule follows it: give
+            ``("transformer", "vae")`` when prompt embeddings are passed in and the text encoders never run.
         block_attrs: per DiT name, the attributes holding its repeated blocks in execution order, overriding
             discovery (``{"transformer": ("transformer_blocks", "single_transformer_blocks")}``).
         safety_margin: memory left free when ``vram_budget`` is ``None``.
@@ -74,6 +77,7 @@ class OffloadConfig:
     prefetch_components: bool = True
     prefetch_depth: int | None = None
     keep_resident: tuple[str, ...] = ()
+    order: tuple[str, ...] = ()
     block_attrs: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     safety_margin: int | str = "1GiB"
     verify: bool = False
@@ -110,12 +114,23 @@ class OffloadConfig:
                 f"keep_resident: give a list of component names, not the string {self.keep_resident!r}"
             )
         object.__setattr__(self, "keep_resident", tuple(self.keep_resident))
+        if isinstance(self.order, str):
+            raise ValueError(f"order: give a list of component names, not the string {self.order!r}")
+        object.__setattr__(self, "order", tuple(str(name) for name in self.order))
         attrs = {}
         for dit, names in dict(self.block_attrs).items():
             if isinstance(names, str):
                 names = (names,)
             attrs[str(dit)] = tuple(names)
         object.__setattr__(self, "block_attrs", attrs)
+
+    @property
+    def exclusive(self) -> bool:
+        """No ``vram_budget`` was given. The mode's exclusion rules then hold strictly (a DiT and the encoders
+        never share the device, nor do two DiTs), a phase change evicts only what the next phase excludes, and
+        streaming slots are sized per block. With a budget, the plan counts each phase's swapped parts and slots
+        in that phase alone: a phase change evicts the other phases', and slots are sized uniformly."""
+        return self.vram_budget is None
 
     @property
     def device(self) -> torch.device:
@@ -131,6 +146,7 @@ class OffloadConfig:
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         data["mode"] = self.mode.value
         data["keep_resident"] = list(self.keep_resident)
+        data["order"] = list(self.order)
         data["block_attrs"] = {k: list(v) for k, v in self.block_attrs.items()}
         return {"version": CONFIG_VERSION, **data}
 

@@ -223,9 +223,9 @@ def test_staged_dit_loads_give_the_resident_output():
 
 @pytest.mark.parametrize("name", ["flux", "wan"])
 def test_one_stage_per_block_gives_the_resident_output(monkeypatch, name):
-    import vramferry.runtime
+    import vramferry.runtime.install
 
-    monkeypatch.setattr(vramferry.runtime, "STAGE_BYTES", 1)
+    monkeypatch.setattr(vramferry.runtime.install, "STAGE_BYTES", 1)
     pipe, kwargs, expected, handle = _resident_then_offloaded(name, "model")
     try:
         units = [s.swap for s in handle._runtime.states if s.role == "dit"]

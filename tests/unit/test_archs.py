@@ -8,8 +8,8 @@ import time
 import pytest
 import torch
 
-from vramferry.archs import ARCHS, get_arch
-from vramferry.costmodel import DitShape, VaeShape
+from vramferry.discovery.shapes import DitShape, VaeShape
+from vramferry.planning.archs import ARCHS, get_arch
 
 GB = 10**9
 
@@ -77,8 +77,8 @@ def test_wan_sizes():
 
 def test_wan22_has_two_experts_of_wan21s_size_that_exclude_each_other():
     from vramferry.config import OffloadConfig
-    from vramferry.devices import PRESETS
-    from vramferry.planner import plan
+    from vramferry.planning.devices import PRESETS
+    from vramferry.planning.planner import plan
 
     spec = get_arch("wan2.2-t2v-a14b")
     inventory = spec.inventory()

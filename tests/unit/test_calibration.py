@@ -8,11 +8,12 @@ import torch
 import vramferry
 from pipelines.diffusers_pipes import DIFFUSERS_PIPELINES, run
 from vramferry.api import apply
-from vramferry.blockclock import BlockClock
-from vramferry.calibrate import BlockTimes, measured_block_times, record_block_times
-from vramferry.costmodel import Workload, estimated_block_times
-from vramferry.devices import PRESETS
-from vramferry.transfer import Mover
+from vramferry.planning.calibrate import BlockTimes, measured_block_times, record_block_times
+from vramferry.planning.costmodel import estimated_block_times
+from vramferry.planning.devices import PRESETS
+from vramferry.planning.workload import Workload
+from vramferry.runtime.blockclock import BlockClock
+from vramferry.runtime.transfer import Mover
 
 pytest.importorskip("diffusers")
 
@@ -89,7 +90,7 @@ def test_recorded_block_times_replace_the_estimate_when_replanning():
 
 
 def test_other_shapes_scale_the_nearest_measurement_by_the_cost_model():
-    from vramferry.archs import get_arch
+    from vramferry.planning.archs import get_arch
 
     size = get_arch("flux1-dev").inventory().get("transformer")  # full size, on the meta device
     small, large = Workload(height=512, width=512), Workload(height=2048, width=2048)

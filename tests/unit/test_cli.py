@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 
 from vramferry import OffloadConfig
-from vramferry.cli import OFFLOAD_FLAGS, build_parser, main, offload_config
+from vramferry.cli import build_parser, main
+from vramferry.cli_options import OFFLOAD_FLAGS, offload_config
 from vramferry.report import NOT_ON_CUDA, RunRecord, format_table
 from vramferry.server.generation import save_outputs
 
@@ -229,7 +230,7 @@ def test_serve_builds_the_app_from_flags(monkeypatch, capsys):
 
 
 def test_the_cli_turns_on_expandable_segments_unless_configured(monkeypatch, capsys):
-    from vramferry.calibrate import expandable_segments
+    from vramferry.runtime.probe import expandable_segments
 
     monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
     monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)

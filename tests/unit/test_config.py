@@ -100,8 +100,8 @@ def test_importing_vramferry_initialises_no_cuda_and_changes_no_torch_global():
     code = (
         "import torch\n"
         "dtype = torch.get_default_dtype()\n"
-        "import vramferry, vramferry.planner, vramferry.costmodel, vramferry.config\n"
-        "from vramferry.archs import ARCHS\n"
+        "import vramferry, vramferry.planning, vramferry.planning.costmodel, vramferry.config\n"
+        "from vramferry.planning.archs import ARCHS\n"
         "vramferry.OffloadConfig(onload_device='cuda')\n"
         "assert not torch.cuda.is_initialized(), 'CUDA initialised on import'\n"
         "assert torch.get_default_dtype() == dtype\n"

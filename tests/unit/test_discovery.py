@@ -14,7 +14,10 @@ import torch
 from torch import nn
 
 from pipelines.custom import CUSTOM_PIPELINES, TinyBlock, TinyDiT, TinyTextEncoder, TinyVAE
-from vramferry.discovery import BlockSet, PipelineModules, Role, discover, dominant_dtype, param_bytes
+from vramferry.discovery import discover
+from vramferry.discovery.blocks import BlockSet
+from vramferry.discovery.modules import PipelineModules, Role
+from vramferry.discovery.sizes import dominant_dtype, param_bytes
 from vramferry.errors import DiscoveryError, OffloadError
 
 LOGGER = "vramferry.discovery"
@@ -64,7 +67,9 @@ def assert_partition(result: PipelineModules, pipeline: object) -> None:
 
 
 def warnings_logged(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == LOGGER and r.levelno == logging.WARNING]
+    return [
+        r.getMessage() for r in caplog.records if r.name.startswith(LOGGER) and r.levelno == logging.WARNING
+    ]
 
 
 # ------------------------------------------------------------------------------------------ custom pipelines
@@ -755,7 +760,7 @@ def test_diffusers_order_follows_the_offload_sequence(tiny_flux):
 
 
 def test_diffusers_pretrained_postprocessor_is_not_an_encoder(tiny_flux):
-    from vramferry.discovery import _classify
+    from vramferry.discovery.roles import _classify
 
     pipe, _ = tiny_flux
     assert _classify(pipe, "text_encoder", pipe.text_encoder) is Role.ENCODER

@@ -18,12 +18,15 @@ from pipelines.custom import (
     _kwargs,
 )
 from pipelines.diffusers_pipes import DIFFUSERS_PIPELINES, assert_runs_equal, run
-from vramferry.api import apply, pipeline_order
+from vramferry.api import apply
 from vramferry.config import OffloadConfig
-from vramferry.costmodel import Workload
-from vramferry.discovery import Component, PipelineModules, Role, discover
+from vramferry.discovery.inventory import inventory_of
+from vramferry.discovery.modules import Component, PipelineModules, Role
+from vramferry.discovery.roles import discover
 from vramferry.errors import BudgetError, PlanError
-from vramferry.planner import Placement, Plan, inventory_of, plan
+from vramferry.planning.plan import Plan
+from vramferry.planning.planner import Placement, plan
+from vramferry.planning.workload import Workload
 
 T = Placement.STREAMED
 SMALL = Workload(height=32, width=32, steps=2, text_tokens=48)
@@ -93,7 +96,7 @@ def _cfg(mode: str, **kw) -> OffloadConfig:
 def _streaming_plan(pipe, names: tuple[str, ...] | None = None) -> Plan:
     """Model-level placement, with every block of the named encoders (default: all with blocks) streamed."""
     modules = discover(pipe)
-    inventory = inventory_of(modules, pipeline_order(pipe, modules))
+    inventory = inventory_of(modules)
     base = plan(inventory, OffloadConfig(mode="model"), workload=SMALL)
     names = tuple(modules.encoder_blocks) if names is None else names
     components = []

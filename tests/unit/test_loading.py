@@ -14,7 +14,7 @@ import torch
 from pipelines.diffusers_pipes import run
 from vramferry.errors import LoadError, OffloadError
 from vramferry.pipelines import DTYPES, load_pipeline, parse_dtype
-from vramferry.pipelines.loading import require_extra
+from vramferry.pipelines.extras import require_extra
 
 needs_diffusers = pytest.mark.skipif(
     importlib.util.find_spec("diffusers") is None,

@@ -299,8 +299,8 @@ def test_stats_count_and_time_every_dit_call(mode):
 
 
 def test_replan_replaces_weights_only_when_the_placement_changes(monkeypatch):
-    import vramferry.planner as planner
-    from vramferry.costmodel import Workload
+    import vramferry.planning.planner as planner
+    from vramferry.planning.workload import Workload
 
     pipe, kwargs = DIFFUSERS_PIPELINES["flux_production"]()
     expected = run(pipe, kwargs)
@@ -327,19 +327,10 @@ def test_replan_replaces_weights_only_when_the_placement_changes(monkeypatch):
         np.testing.assert_array_equal(value, expected[key])
 
 
-def test_order_is_learned_from_the_first_request_without_a_declared_sequence():
-    pipe, kwargs = CUSTOM_PIPELINES["omnigen2"]()
-    handle = apply(pipe, _cfg("model", vram_budget="64GiB"))
-    scheduler = handle._runtime.scheduler
-    scheduler.keep_trace = True
-    assert scheduler.learning and scheduler.order == []
-    pipe(**kwargs)
-    assert scheduler.order == ["mllm", "transformer", "vae"]
-    assert ("prefetch", "transformer") not in scheduler.trace  # nothing known to prefetch yet
-    pipe(**kwargs)
-    assert not scheduler.learning
-    assert ("prefetch", "transformer") in scheduler.trace
-    handle.remove()
+def test_request_order_comes_from_discovery_without_a_declared_sequence():
+    pipe, _kwargs = CUSTOM_PIPELINES["omnigen2"]()
+    # The protocol's declaration order: encoders, then DiTs, then VAEs.
+    assert vramferry.discover(pipe).order == ("mllm", "transformer", "vae")
 
 
 def test_an_adapter_loaded_while_the_handle_is_live_is_named_with_the_fix():

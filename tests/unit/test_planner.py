@@ -11,34 +11,27 @@ import pytest
 import torch
 from torch import nn
 
-from vramferry.archs import ARCHS
 from vramferry.config import OffloadConfig
-from vramferry.costmodel import (
+from vramferry.discovery.blocks import BlockSet
+from vramferry.discovery.inventory import ComponentSize, Inventory, inventory_of
+from vramferry.discovery.modules import Component, PipelineModules, Role
+from vramferry.discovery.shapes import DitShape
+from vramferry.errors import BudgetError, PlanError
+from vramferry.planning.archs import ARCHS
+from vramferry.planning.costmodel import (
     Choice,
-    DitShape,
     PipelineCost,
-    Workload,
     block_compute_s,
     dit_activation_bytes,
     encoder_workspace_bytes,
     reserved_bytes,
     simulate_dit_calls,
 )
-from vramferry.devices import PRESETS, DeviceProfile, profile_from
-from vramferry.discovery import BlockSet, Component, PipelineModules, Role
-from vramferry.errors import BudgetError, PlanError
-from vramferry.planner import (
-    ComponentSize,
-    Inventory,
-    Placement,
-    default_workload,
-    format_plan,
-    inventory_of,
-    plan,
-    plan_from_dict,
-    plan_to_dict,
-    resolve_budget,
-)
+from vramferry.planning.devices import PRESETS, DeviceProfile, profile_from
+from vramferry.planning.format import format_plan
+from vramferry.planning.plan import plan_from_dict, plan_to_dict
+from vramferry.planning.planner import Placement, default_workload, plan, resolve_budget
+from vramferry.planning.workload import Workload
 
 MiB, GiB = 2**20, 2**30
 R, S, T = Placement.RESIDENT, Placement.SWAPPED, Placement.STREAMED

@@ -10,7 +10,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 MAX_LINES = 800
+MAX_LIBRARY_LINES = 600
 MAX_FUNCTION_LINES = 80
+PACKAGE = ROOT / "src" / "vramferry"
 
 
 def _sources():
@@ -23,6 +25,77 @@ def test_no_source_file_exceeds_800_lines():
         str(p.relative_to(ROOT)): n for p in _sources() if (n := len(p.read_text().splitlines())) > MAX_LINES
     }
     assert not too_long, f"split these files (>{MAX_LINES} lines): {too_long}"
+
+
+def test_no_library_file_exceeds_600_lines():
+    too_long = {
+        str(p.relative_to(ROOT)): n
+        for p in sorted(PACKAGE.rglob("*.py"))
+        if (n := len(p.read_text().splitlines())) > MAX_LIBRARY_LINES
+    }
+    assert not too_long, f"split these library files (>{MAX_LIBRARY_LINES} lines): {too_long}"
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the package's modules it imports, counting imports inside functions and under
+    ``TYPE_CHECKING`` (every ``import`` statement anywhere in the file)."""
+    files = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in files.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        deps: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    target = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    target = node.module or ""
+                candidates = [target, *(f"{target}.{alias.name}" for alias in node.names)]
+            elif isinstance(node, ast.Import):
+                candidates = [alias.name for alias in node.names]
+            else:
+                continue
+            deps.update(c for c in candidates if c in files and c != name)
+        graph[name] = deps
+    return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for dep in sorted(graph[node]):
+            if state.get(dep) == 1:
+                return path[path.index(dep) :] + [dep]
+            if dep not in state and (found := visit(dep)):
+                return found
+        path.pop()
+        state[node] = 2
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (found := visit(start)):
+            return found
+    return None
+
+
+def test_the_package_has_no_import_cycle():
+    cycle = _cycle(import_graph())
+    assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+def test_the_cycle_check_finds_a_cycle():
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set()}) is None
 
 
 def test_no_library_function_exceeds_80_lines():
@@ -59,7 +132,7 @@ def test_import_initialises_no_cuda_and_changes_no_torch_global():
     code = (
         "import torch; before = (torch.get_default_dtype(), torch.backends.cudnn.benchmark, "
         "torch.backends.cuda.matmul.allow_tf32, torch.get_num_threads());"
-        "import vramferry, vramferry.api, vramferry.planner, vramferry.discovery;"
+        "import vramferry, vramferry.api, vramferry.planning, vramferry.discovery, vramferry.runtime.install;"
         "after = (torch.get_default_dtype(), torch.backends.cudnn.benchmark, "
         "torch.backends.cuda.matmul.allow_tf32, torch.get_num_threads());"
         "assert before == after, (before, after);"

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 import vramferry
-import vramferry.runtime
+import vramferry.runtime.install
 from pipelines.diffusers_pipes import DIFFUSERS_PIPELINES, assert_runs_equal, run
 from vramferry.api import apply
 from vramferry.errors import OffloadError
@@ -23,7 +23,7 @@ def _dit_blocks(pipe) -> list:
 
 @pytest.mark.parametrize("stage_bytes", [1, 2**40])
 def test_stages_cover_the_unit_block_by_block_in_order(monkeypatch, stage_bytes):
-    monkeypatch.setattr(vramferry.runtime, "STAGE_BYTES", stage_bytes)
+    monkeypatch.setattr(vramferry.runtime.install, "STAGE_BYTES", stage_bytes)
     pipe, kwargs = DIFFUSERS_PIPELINES["flux"]()
     handle = apply(pipe, _model())
     unit = handle._runtime.scheduler.by_name["transformer"].swap
@@ -44,7 +44,7 @@ def test_stages_cover_the_unit_block_by_block_in_order(monkeypatch, stage_bytes)
 def test_staged_dit_gives_the_same_output(monkeypatch):
     pipe, kwargs = DIFFUSERS_PIPELINES["flux"]()
     expected = run(pipe, kwargs)
-    monkeypatch.setattr(vramferry.runtime, "STAGE_BYTES", 1)
+    monkeypatch.setattr(vramferry.runtime.install, "STAGE_BYTES", 1)
     handle = apply(pipe, _model(verify=True))
     try:
         assert_runs_equal(pipe, kwargs, expected)
@@ -55,7 +55,7 @@ def test_staged_dit_gives_the_same_output(monkeypatch):
 def test_verify_catches_a_block_weight_used_before_its_stage(monkeypatch):
     """A DiT that reached into a block's submodules without calling the block would read weights whose part of
     the copy was not waited for; verify names it."""
-    monkeypatch.setattr(vramferry.runtime, "STAGE_BYTES", 1)
+    monkeypatch.setattr(vramferry.runtime.install, "STAGE_BYTES", 1)
     pipe, kwargs = DIFFUSERS_PIPELINES["flux"]()
     handle = apply(pipe, _model(verify=True))
     try:

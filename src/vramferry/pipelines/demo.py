@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .loading import require_extra
+from .extras import require_extra
 
 logger = logging.getLogger(__name__)
 

@@ -6,7 +6,6 @@ diffusers and transformers are optional extras, imported only when a pipeline is
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import re
@@ -17,16 +16,18 @@ from typing import Any
 import torch
 
 from ..errors import LoadError
+from .extras import require_extra
 
 logger = logging.getLogger(__name__)
 
-EXTRA_HINT = "pip install 'vramferry[diffusers]'"
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
 }
+
+
 _DTYPE_ALIASES = {
     "fp32": "float32",
     "float": "float32",
@@ -35,24 +36,12 @@ _DTYPE_ALIASES = {
     "bf16": "bfloat16",
 }
 
+
 # A Hub id: "name" or "owner/name", letters, digits, "-", "_", "." only.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
 _LISTED_ENTRIES = 8
-
-
-def require_extra(module: str) -> ModuleType:
-    """Import an optional dependency, or raise ImportError naming the extra that provides it.
-
-    Args:
-        module: the module to import (``"diffusers"``, ``"transformers"``).
-
-    Returns:
-        The imported module.
-    """
-    try:
-        return importlib.import_module(module)
-    except ImportError as exc:
-        raise ImportError(f"vramferry needs '{module}' for this; install it with: {EXTRA_HINT}") from exc
 
 
 def parse_dtype(value: str | torch.dtype) -> torch.dtype:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import string
 from typing import Any
 
-from .loading import require_extra
+from .extras import require_extra
 
 #: Sentences whose words the vocabularies know as whole tokens; tests and the demo prompt draw from them.
 SENTENCES: tuple[str, ...] = (

@@ -215,6 +215,6 @@ def request_workload(params: GenerationParams) -> Any:
     shape = {key: value for key, value in shape.items() if value is not None}
     if not shape:
         return None
-    from ..costmodel import Workload
+    from ..planning.workload import Workload
 
     return Workload(batch=params.n, **shape)

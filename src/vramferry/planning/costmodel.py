@@ -46,147 +46,21 @@ at 256 tokens 0.16 GB.
 from __future__ import annotations
 
 import itertools
-import math
-import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from enum import Enum
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-
+from ..discovery.shapes import DitShape, VaeShape, dit_shape_from_config, itemsize_of
+from ..errors import PlanError
 from .devices import DeviceProfile
-from .errors import PlanError
+from .plan import RESIDENT, STREAMED, SWAPPED, Placement
+from .workload import Workload
 
 if TYPE_CHECKING:
-    from .planner import ComponentSize
+    from ..discovery.inventory import ComponentSize
+
 
 GiB = 2**30
-
-
-@dataclass(frozen=True)
-class DitShape:
-    """The geometry of a DiT that its cost depends on.
-
-    Attributes:
-        hidden_size: model width ``d``.
-        ffn_size: widest feed-forward width (``4·d`` when unknown).
-        spatial_factor, patch: pixels per latent (VAE downsampling) and latents per token side.
-        temporal_factor, temporal_patch: frames per latent frame and latent frames per token (video).
-        joint_text: text tokens join the image sequence (Flux, Qwen-Image) rather than cross-attention (Wan).
-        text_bytes, mod_bytes: per block, the weight bytes that see only the text tokens (a dual-stream block's
-            text stream, cross-attention K/V) and only the timestep (adaLN modulation); empty when unknown.
-    """
-
-    hidden_size: int
-    ffn_size: int | None = None
-    spatial_factor: int = 8
-    patch: int = 2
-    temporal_factor: int = 1
-    temporal_patch: int = 1
-    joint_text: bool = True
-    text_bytes: tuple[int, ...] = ()
-    mod_bytes: tuple[int, ...] = ()
-
-    @property
-    def ffn(self) -> int:
-        return self.ffn_size or 4 * self.hidden_size
-
-
-@dataclass(frozen=True)
-class VaeShape:
-    """What a VAE decode's workspace depends on: its top-level width, and for a causal video VAE (Wan's,
-    Qwen-Image's) how many frames it decodes at once."""
-
-    base_channels: int = 128
-    frames_per_chunk: int = 1
-    video: bool = False
-
-
-@dataclass(frozen=True)
-class Workload:
-    """One request: the output size, the sampler and, optionally, measured block times.
-
-    Attributes:
-        height, width, num_frames: output size (``num_frames`` = 1 for images).
-        batch: samples per DiT call (images per prompt).
-        cfg: DiT calls per denoising step: 2 when the guided and unguided branches run as separate calls
-            (Wan, Qwen-Image with a negative prompt), 1 for guidance-distilled models (Flux.1-dev).
-        steps: denoising steps.
-        text_tokens: prompt tokens after padding (Flux's T5: 512).
-        block_compute_s: measured compute seconds per block and call, per DiT name: one number for every
-            block, or one per block in execution order. Replaces the FLOP estimate.
-    """
-
-    height: int = 1024
-    width: int = 1024
-    num_frames: int = 1
-    batch: int = 1
-    cfg: int = 1
-    steps: int = 28
-    text_tokens: int = 512
-    block_compute_s: Mapping[str, float | tuple[float, ...]] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        for name in ("height", "width", "num_frames", "batch", "steps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: must be a whole number ≥ 1, got {value!r}")
-        if self.cfg not in (1, 2):
-            raise ValueError(f"cfg: DiT calls per step must be 1 or 2, got {self.cfg!r}")
-        if (
-            isinstance(self.text_tokens, bool)
-            or not isinstance(self.text_tokens, int)
-            or self.text_tokens < 0
-        ):
-            raise ValueError(f"text_tokens: must be a whole number ≥ 0, got {self.text_tokens!r}")
-        times = {}
-        for dit, value in dict(self.block_compute_s).items():
-            values = (value,) if isinstance(value, (int, float)) else tuple(value)
-            if not values or any(isinstance(v, bool) or not v >= 0 for v in values):
-                raise ValueError(f"block_compute_s[{dit!r}]: must be seconds ≥ 0, got {value!r}")
-            times[str(dit)] = (
-                float(values[0]) if isinstance(value, (int, float)) else tuple(map(float, values))
-            )
-        object.__setattr__(self, "block_compute_s", times)
-
-    def sequence_length(
-        self,
-        spatial_factor: int = 8,
-        patch: int = 2,
-        *,
-        temporal_factor: int = 1,
-        temporal_patch: int = 1,
-        joint_text: bool = True,
-    ) -> int:
-        """Tokens in one sample's DiT sequence (image or video tokens, plus text when it joins the sequence)."""
-        side = spatial_factor * patch
-        image = math.ceil(self.height / side) * math.ceil(self.width / side)
-        frames = 1
-        if self.num_frames > 1:
-            latent_frames = (self.num_frames - 1) // max(temporal_factor, 1) + 1
-            frames = math.ceil(latent_frames / max(temporal_patch, 1))
-        return image * frames + (self.text_tokens if joint_text else 0)
-
-    def tokens_per_call(self, spatial_factor: int = 8, patch: int = 2, **video: int | bool) -> int:
-        """Tokens a DiT call pushes through its linear layers: the sequence length times ``batch``.
-
-        ``video`` takes ``temporal_factor``, ``temporal_patch`` and ``joint_text`` as in :meth:`sequence_length`.
-        """
-        return self.sequence_length(spatial_factor, patch, **video) * self.batch  # type: ignore[arg-type]
-
-    def sequence_of(self, shape: DitShape) -> int:
-        return self.sequence_length(
-            shape.spatial_factor,
-            shape.patch,
-            temporal_factor=shape.temporal_factor,
-            temporal_patch=shape.temporal_patch,
-            joint_text=shape.joint_text,
-        )
-
-    def dit_calls(self) -> int:
-        """DiT forward calls per request (all DiTs together)."""
-        return self.steps * self.cfg
 
 
 # The caching allocator reserves more than it hands out: blocks freed by one phase (activations of other
@@ -219,64 +93,6 @@ def allocatable_bytes(budget: int, expandable: bool = False) -> int:
     while allocated > 0 and reserved_bytes(allocated, expandable) > budget:
         allocated -= 1
     return allocated
-
-
-def itemsize_of(dtype: str) -> int:
-    """Bytes per element of a dtype written as ``"torch.bfloat16"`` (2 when unknown)."""
-    value = getattr(torch, dtype.rpartition(".")[2], None)
-    return value.itemsize if isinstance(value, torch.dtype) else 2
-
-
-def dit_shape_from_config(cfg: Mapping[str, Any], block_bytes: Sequence[int], itemsize: int = 2) -> DitShape:
-    """A DiT's geometry from its diffusers config; the width guessed from block size (≈ 12·d² params) otherwise."""
-    heads, head_dim = cfg.get("num_attention_heads"), cfg.get("attention_head_dim")
-    hidden = heads * head_dim if isinstance(heads, int) and isinstance(head_dim, int) else None
-    hidden = hidden or cfg.get("hidden_size") or cfg.get("inner_dim") or cfg.get("dim")
-    if not isinstance(hidden, int) or hidden <= 0:
-        hidden = round(math.sqrt(max(block_bytes) / itemsize / 12)) if block_bytes else 3072
-    ffn = cfg.get("ffn_dim") if isinstance(cfg.get("ffn_dim"), int) else None
-    patch = cfg.get("patch_size", 2)
-    if isinstance(patch, (list, tuple)) and len(patch) == 3:  # (t, h, w): a video DiT with cross-attention
-        return DitShape(
-            hidden,
-            ffn,
-            patch=int(patch[1]),
-            temporal_factor=4,
-            temporal_patch=int(patch[0]),
-            joint_text=False,
-        )
-    # Flux (patch_size 1) and Qwen-Image (2) both see 2×2 packed latents: 16 pixels per token side.
-    return DitShape(hidden, ffn, patch=max(int(patch), 2) if isinstance(patch, int) else 2)
-
-
-def vae_shape_from_config(cfg: Mapping[str, Any]) -> VaeShape:
-    """A VAE's decoder width (``base_dim`` or ``block_out_channels[0]``) and, for video VAEs, 4 frames a chunk."""
-    base = cfg.get("base_dim") or (list(cfg.get("block_out_channels") or [128]) or [128])[0]
-    video = "temperal_downsample" in cfg or "temporal_compression_ratio" in cfg
-    return VaeShape(int(base), 4 if video else 1, video)
-
-
-# Parameter names of weights that see only the text tokens, and only the timestep (adaLN modulation).
-_TEXT_ONLY = re.compile(
-    r"(^|\.)(\w*context\w*|txt_\w+|add_[qkv]_proj|to_add_out|norm_added_\w+|attn2\.to_[kv])\."
-)
-_MODULATION = re.compile(r"(^|\.)(norm\w*\.linear|\w*_mod|adaLN\w*|scale_shift_table)(\.|$)")
-
-
-def token_split(blocks: Sequence[torch.nn.Module]) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Per block, the bytes of text-only weights and of modulation weights, told apart by name."""
-    text, mod = [], []
-    for block in blocks:
-        t = m = 0
-        for name, p in block.named_parameters():
-            nbytes = p.numel() * p.element_size()
-            if _MODULATION.search(name):
-                m += nbytes
-            elif _TEXT_ONLY.search(name):
-                t += nbytes
-        text.append(t)
-        mod.append(m)
-    return tuple(text), tuple(mod)
 
 
 def block_flops(
@@ -393,29 +209,7 @@ def simulate_dit_calls(
     return durations[0], durations[-1]
 
 
-# -- the cost of a whole placement -----------------------------------------------------------------------------
-
 ENCODER_PHASE, VAE_PHASE = "encoders", "vaes"
-
-
-class Placement(str, Enum):
-    """Where a unit of weights lives.
-
-    RESIDENT: on the device from ``apply`` until ``remove``.
-    SWAPPED: on the device while its component runs; dropped (zero bytes moved) when evicted.
-    STREAMED: a block (of a DiT or a text encoder) copied in just before it runs, into a fixed device slot,
-    and dropped after.
-    """
-
-    RESIDENT = "resident"
-    SWAPPED = "swapped"
-    STREAMED = "streamed"
-
-    def __str__(self) -> str:
-        return self.value
-
-
-RESIDENT, SWAPPED, STREAMED = Placement.RESIDENT, Placement.SWAPPED, Placement.STREAMED
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, replace
 
-from .units import parse_bandwidth, parse_bytes
+from ..units import parse_bandwidth, parse_bytes
 
 GiB = 2**30
 

@@ -9,20 +9,22 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from enum import Enum
 
 from torch import nn
 
-from .errors import DiscoveryError
-from .protocol import declares_offload
-from .sizes import dominant_dtype as dominant_dtype  # re-exported: part of discovery's API
+from ..errors import DiscoveryError
+from ..protocol import declares_offload
+from .blocks import BlockSet, _BlockError, _blockset, _describe_lists, _structural_blocks, find_encoder_blocks
+from .modules import Component, PipelineModules, Role
+from .paths import _MISSING, _resolve
 from .sizes import has_tensors as _has_tensors
 from .sizes import own_tensor_bytes as _own_tensor_bytes
 from .sizes import param_bytes
 
 logger = logging.getLogger(__name__)
+
 
 #: Attribute names scanned when a pipeline neither declares the protocol nor is a diffusers pipeline.
 DIT_SCAN_NAMES = (
@@ -35,16 +37,13 @@ DIT_SCAN_NAMES = (
     "model",
     "unet",
 )
+
+
 ENCODER_SCAN_NAMES = ("text_encoder", "text_encoder_2", "text_encoder_3", "image_encoder", "mllm")
+
+
 VAE_SCAN_NAMES = ("vae", "audio_vae")
 
-#: Class attributes a DiT may define to name its block lists, in order of precedence. The last one is
-#: vLLM-Omni's deprecated single-string form.
-BLOCK_CLASS_ATTRS = (
-    "_offload_block_attrs",
-    "_layerwise_offload_blocks_attrs",
-    "_layerwise_offload_blocks_attr",
-)
 
 _DECLARED_LISTS = (
     ("_dit_modules", "dit"),
@@ -52,157 +51,10 @@ _DECLARED_LISTS = (
     ("_vae_modules", "vae"),
     ("_resident_modules", "resident"),
 )
+
+
 # Pretrained transformers models that run after decoding, not as encoders.
 _POSTPROCESSOR_NAMES = ("safety_checker", "watermark", "vocoder")
-
-
-class Role(str, Enum):
-    DIT = "dit"
-    ENCODER = "encoder"
-    VAE = "vae"
-    RESIDENT = "resident"
-    OTHER = "other"
-
-    def __str__(self) -> str:
-        return self.value
-
-
-@dataclass(frozen=True)
-class Component:
-    """One collected module.
-
-    Attributes:
-        name: the attribute path it was found under (``"transformer"``, ``"language_model.model"``).
-        module: the module itself.
-        role: its role.
-        source: how it was found: ``"declared"``, ``"components"`` (diffusers), ``"scan"`` or ``"others"``.
-        aliases: other paths that reach the same module (collected once).
-        absorbed: paths of collected-looking modules nested inside this one (the outermost owns them).
-    """
-
-    name: str
-    module: nn.Module = field(repr=False, compare=False)
-    role: Role
-    source: str
-    aliases: tuple[str, ...] = ()
-    absorbed: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class BlockSet:
-    """A component's repeated blocks (a DiT's, or a text encoder's layers), in execution order.
-
-    Attributes:
-        dit: the owning component's name (a DiT, or an encoder for :attr:`PipelineModules.encoder_blocks`).
-        attrs: the attributes of the component that hold the blocks, in order (``("transformer_blocks",
-            "single_transformer_blocks")``). A name given through a property is replaced by the registered
-            module path it resolves to; ``""`` means the component itself is the list.
-        names: each block's path inside the component (``"transformer_blocks.0"``), as ``named_modules`` spells
-            it.
-        blocks: the block modules.
-        found_by: ``"declared"`` (a class attribute on the component), ``"config"``
-            (``OffloadConfig.block_attrs``, DiTs only), or ``"heuristic"``.
-    """
-
-    dit: str
-    attrs: tuple[str, ...]
-    names: tuple[str, ...]
-    blocks: tuple[nn.Module, ...] = field(repr=False, compare=False)
-    found_by: str
-
-
-@dataclass
-class PipelineModules:
-    """What discovery found. Every module of the pipeline that owns weights sits in exactly one list.
-
-    Attributes:
-        pipeline_class: the pipeline's class name, for messages.
-        source: ``"protocol"``, ``"diffusers"`` or ``"scan"``.
-        dits, encoders, vaes, resident, others: the components by role, in declaration/pipeline order.
-        blocks: per DiT name, its blocks (absent for a DiT without repeated blocks).
-        encoder_blocks: per encoder name, its repeated layers (T5's ``encoder.block``, CLIP's
-            ``encoder.layers``, a VLM's ``visual.blocks`` and ``language_model.layers``); absent for an encoder
-            without them. The planner may stream them when an encoder does not fit whole.
-        warnings: every warning discovery emitted, in order.
-    """
-
-    pipeline_class: str
-    source: str
-    dits: list[Component] = field(default_factory=list)
-    encoders: list[Component] = field(default_factory=list)
-    vaes: list[Component] = field(default_factory=list)
-    resident: list[Component] = field(default_factory=list)
-    others: list[Component] = field(default_factory=list)
-    blocks: dict[str, BlockSet] = field(default_factory=dict)
-    encoder_blocks: dict[str, BlockSet] = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
-
-    def components(self) -> list[Component]:
-        """All components: dits, encoders, vaes, resident, others."""
-        return [*self.dits, *self.encoders, *self.vaes, *self.resident, *self.others]
-
-    def get(self, name: str) -> Component:
-        for component in self.components():
-            if component.name == name or name in component.aliases:
-                return component
-        raise KeyError(name)
-
-    def by_role(self, role: Role | str) -> list[Component]:
-        """The components of one role (``"dit"``, ``"encoder"``, ``"vae"``, ``"resident"``, ``"other"``)."""
-        role = Role(role)
-        return [c for c in self.components() if c.role is role]
-
-    def blocks_of(self, name: str) -> BlockSet | None:
-        """The blocks of the component called ``name``: a DiT's from :attr:`blocks`, an encoder's from
-        :attr:`encoder_blocks`.
-
-        An encoder absent from :attr:`encoder_blocks` gets the blocks :func:`find_encoder_blocks` finds, so a
-        ``PipelineModules`` assembled without :func:`discover` (the built-in architectures') plans and runs
-        like a discovered one; for a discovered pipeline that finds what discovery found.
-        """
-        if name in self.blocks:
-            return self.blocks[name]
-        if name in self.encoder_blocks:
-            return self.encoder_blocks[name]
-        component = next((c for c in self.encoders if c.name == name), None)
-        return find_encoder_blocks(name, component.module) if component is not None else None
-
-
-# ------------------------------------------------------------------------------------------ attribute paths
-
-
-class _Missing:
-    def __repr__(self) -> str:
-        return "<missing>"
-
-
-_MISSING = _Missing()
-
-
-def _resolve(root: object, path: str) -> tuple[object, str, list[tuple[str, object]]]:
-    """Read ``path`` (dotted) from ``root``, attribute by attribute, never raising.
-
-    Returns:
-        ``(value, problem, steps)``: ``value`` is ``_MISSING`` when the path cannot be read and ``problem`` then
-        says why (the exception text of an attribute access that raised); ``steps`` holds ``(prefix, object)``
-        for every intermediate object passed through.
-    """
-    parts = path.split(".") if isinstance(path, str) else []
-    if not parts or not all(parts):
-        return _MISSING, f"{path!r} is not an attribute path", []
-    obj, steps = root, []
-    for i, part in enumerate(parts):
-        if i:
-            prefix = ".".join(parts[:i])
-            if obj is None:
-                return _MISSING, f"'{prefix}' is None", steps
-            steps.append((prefix, obj))
-        try:
-            obj = getattr(obj, part)
-        except Exception as exc:  # a raising property counts as missing; the text goes into the warning
-            where = ".".join(parts[:i]) or type(root).__name__
-            return _MISSING, f"reading '{part}' of '{where}' raised {type(exc).__name__}: {exc}", steps
-    return obj, "", steps
 
 
 def _loaded_class(module_name: str, class_name: str) -> type | None:
@@ -228,9 +80,6 @@ def _attribute_items(obj: object) -> list[tuple[str, object]]:
     except TypeError:  # no __dict__ (__slots__ or a builtin)
         pass
     return items
-
-
-# ----------------------------------------------------------------------------------------------- collector
 
 
 @dataclass(eq=False)
@@ -287,9 +136,6 @@ class _Collector:
 
     def of_role(self, role: Role) -> list[_Entry]:
         return [e for e in self.entries if e.role is role]
-
-
-# ------------------------------------------------------------------------------------------------ sources
 
 
 def _declared_names(c: _Collector, attr: str) -> list[str]:
@@ -429,9 +275,6 @@ def _collect_scan(c: _Collector) -> None:
                 c.add(name, value, role, "scan")
 
 
-# --------------------------------------------------------------------------------------- nesting and others
-
-
 def _absorb_nested(c: _Collector) -> None:
     """Keep only the outermost of collected modules nested in one another; record the inner ones."""
     inside = {id(e): {id(m) for m in e.module.modules()} - {id(e.module)} for e in c.entries}
@@ -527,131 +370,6 @@ def _no_dit_error(c: _Collector) -> DiscoveryError:
     return DiscoveryError("\n".join(lines))
 
 
-# ------------------------------------------------------------------------------------------------- blocks
-
-
-class _BlockError(Exception):
-    pass
-
-
-def _module_lists(dit: nn.Module) -> list[tuple[str, nn.ModuleList]]:
-    return [(path, m) for path, m in dit.named_modules() if isinstance(m, nn.ModuleList)]
-
-
-def _describe_lists(dit: nn.Module) -> str:
-    """The outermost ``ModuleList``s of ``dit`` (the inner ones live inside blocks), for messages."""
-    described, outer = [], []
-    for path, lst in _module_lists(dit):  # parents come before their children
-        if any(o == "" or path.startswith(o + ".") for o in outer):
-            continue
-        outer.append(path)
-        classes = sorted({type(m).__name__ for m in lst.children()})
-        described.append(f"{path or '<the DiT itself>'} ({len(lst)} x {'/'.join(classes) or 'nothing'})")
-    return ", ".join(described[:12]) or "none"
-
-
-def _blocks_from_attrs(
-    dit: nn.Module, attrs: tuple[str, ...]
-) -> tuple[tuple[str, ...], list[tuple[str, nn.Module]]]:
-    """Blocks named by attribute paths of ``dit``; raises ``_BlockError`` saying what is wrong."""
-    paths = {id(m): p for p, m in dit.named_modules()}
-    real_attrs, blocks, seen = [], [], set()
-    for attr in attrs:
-        value, problem, _ = (dit, "", []) if attr == "" else _resolve(dit, attr)
-        if value is _MISSING or value is None:
-            raise _BlockError(
-                f"'{attr}' is {'None' if value is None else 'missing'}{f' ({problem})' if problem else ''}"
-            )
-        if not isinstance(value, nn.Module):
-            raise _BlockError(f"'{attr}' is a {type(value).__name__}, not an nn.ModuleList")
-        is_list = isinstance(value, (nn.ModuleList, nn.Sequential, nn.ModuleDict))
-        items = list(value.children()) if is_list else [value]
-        if not items:
-            raise _BlockError(f"'{attr}' holds no blocks")
-        real_attrs.append(paths.get(id(value), attr))
-        for block in items:
-            if id(block) not in paths:
-                raise _BlockError(
-                    f"a block of '{attr}' is not a registered submodule of {type(dit).__name__}"
-                )
-            if id(block) in seen:
-                raise _BlockError(f"a block of '{attr}' is listed twice")
-            seen.add(id(block))
-            blocks.append((paths[id(block)], block))
-    return tuple(real_attrs), blocks
-
-
-def _declared_block_attrs(dit: nn.Module) -> tuple[str, tuple[str, ...]] | None:
-    for attr in BLOCK_CLASS_ATTRS:
-        value = getattr(type(dit), attr, None)
-        if value:
-            return attr, ((value,) if isinstance(value, str) else tuple(value))
-    return None
-
-
-def _heuristic_blocks(dit: nn.Module) -> tuple[tuple[str, ...], list[tuple[str, nn.Module]]] | None:
-    """The same-class ``ModuleList``s that hold the DiT's repeated blocks, in definition order."""
-    candidates = []
-    for index, (path, lst) in enumerate(_module_lists(dit)):
-        children = list(lst.children())
-        if children and len({type(m) for m in children}) == 1 and _has_tensors(lst):
-            candidates.append((index, path, lst, type(children[0]).__name__))
-    if not candidates:
-        return None
-
-    def outermost(chosen: list) -> list:
-        return [
-            c
-            for c in chosen
-            if not any(c[1].startswith(o[1] + ".") or (o[1] == "" and c[1]) for o in chosen if o is not c)
-        ]
-
-    chosen = []
-    for attr in ("_repeated_blocks", "_no_split_modules"):
-        preferred = set(getattr(type(dit), attr, None) or ())
-        chosen = outermost([c for c in candidates if c[3] in preferred])
-        if chosen:
-            break
-    if not chosen:
-        chosen = outermost(candidates)
-        sizes = {id(c[2]): param_bytes(c[2]) for c in chosen}
-        largest = max(sizes.values())
-        chosen = [c for c in chosen if sizes[id(c[2])] >= largest / 10]  # drop small refiners and heads
-        if sum(sizes[id(c[2])] for c in chosen) * 2 < param_bytes(dit):
-            return None  # the lists do not hold most of the DiT: they are not its backbone
-    chosen.sort(key=lambda c: c[0])  # named_modules order = definition order = execution order
-    return _blocks_from_attrs(dit, tuple(c[1] for c in chosen))
-
-
-def _blockset(name: str, module: nn.Module, attrs: tuple[str, ...], found_by: str) -> BlockSet:
-    paths, blocks = _blocks_from_attrs(module, attrs)
-    return BlockSet(name, paths, tuple(p for p, _ in blocks), tuple(b for _, b in blocks), found_by)
-
-
-def _structural_blocks(
-    name: str, module: nn.Module, kind: str, warn: Callable[[str], None] | None
-) -> BlockSet | None:
-    """Blocks named by a class attribute of ``module``, else found by the heuristic; ``None`` if neither."""
-    declared = _declared_block_attrs(module)
-    if declared is not None:
-        attr, attrs = declared
-        try:
-            return _blockset(name, module, attrs, "declared")
-        except _BlockError as exc:
-            if warn is not None:
-                warn(
-                    f"{kind} '{name}' declares {type(module).__name__}.{attr} = {list(attrs)!r}, but {exc}; looking "
-                    f"for its blocks by structure instead. Its ModuleLists: {_describe_lists(module)}."
-                )
-    try:
-        found = _heuristic_blocks(module)
-    except _BlockError:  # nothing usable: the lists found are not registered the way named_modules says
-        return None
-    if found is None:
-        return None
-    return BlockSet(name, found[0], tuple(p for p, _ in found[1]), tuple(b for _, b in found[1]), "heuristic")
-
-
 def _find_blocks(c: _Collector, entry: _Entry, override: tuple[str, ...] | None) -> BlockSet | None:
     dit = entry.module
     if override is not None:
@@ -673,25 +391,6 @@ def _find_blocks(c: _Collector, entry: _Entry, override: tuple[str, ...] | None)
     return found
 
 
-def find_encoder_blocks(
-    name: str, encoder: nn.Module, warn: Callable[[str], None] | None = None
-) -> BlockSet | None:
-    """An encoder's repeated layers in execution order, or ``None`` when it shows none (no warning then).
-
-    A class attribute names them as for a DiT (``_offload_block_attrs``); otherwise the DiT heuristic finds
-    them: the outermost same-class ``nn.ModuleList``s of the model's ``_no_split_modules`` classes (T5's and
-    UMT5's ``encoder.block``, CLIP's ``encoder.layers``, Gemma's and Qwen2's ``layers``, Qwen2.5-VL's
-    ``visual.blocks`` then ``language_model.layers``), else the lists holding most of its weights. Pure and
-    quick: it walks the module tree and moves nothing.
-
-    Args:
-        name: the encoder's component name, recorded in the :class:`BlockSet`.
-        encoder: the encoder module.
-        warn: called with a message when a class declaration names blocks that do not exist.
-    """
-    return _structural_blocks(name, encoder, "encoder", warn)
-
-
 def _block_overrides(c: _Collector, block_attrs: Mapping | None) -> dict[int, tuple[str, ...]]:
     """``block_attrs`` keyed by DiT entry; an unknown DiT name is an error that lists the DiTs."""
     dits = c.of_role(Role.DIT)
@@ -711,9 +410,6 @@ def _block_overrides(c: _Collector, block_attrs: Mapping | None) -> dict[int, tu
             raise DiscoveryError(f"{c.cls}: block_attrs['{key}'] must be attribute names, got {attrs!r}.")
         overrides[id(entry)] = attrs
     return overrides
-
-
-# -------------------------------------------------------------------------------------------------- entry
 
 
 def discover(
@@ -774,4 +470,24 @@ def discover(
     lists.update({Role.RESIDENT: result.resident, Role.OTHER: result.others})
     for entry in c.entries:
         lists[entry.role].append(entry.freeze())
+    result.order = request_order(pipeline, result)
     return result
+
+
+def request_order(pipeline: object, modules: PipelineModules) -> tuple[str, ...]:
+    """The components a request runs, in order: diffusers' ``model_cpu_offload_seq`` first, then the
+    encoders, DiTs and VAEs it leaves out, each in declaration (or discovery) order. A protocol pipeline's
+    order is its declaration's: encoders, then DiTs, then VAEs."""
+    order: list[str] = []
+    seq = getattr(type(pipeline), "model_cpu_offload_seq", None)
+    for name in seq.split("->") if isinstance(seq, str) else ():
+        try:
+            component = modules.get(name.strip())
+        except KeyError:
+            continue
+        if component.name not in order and component.role in (Role.ENCODER, Role.DIT, Role.VAE):
+            order.append(component.name)
+    for component in [*modules.encoders, *modules.dits, *modules.vaes]:
+        if component.name not in order:
+            order.append(component.name)
+    return tuple(order)

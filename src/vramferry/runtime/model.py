@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..errors import OffloadError
-from ..store import Unit
-from ..transfer import Mover
+from .store import Unit
+from .transfer import Mover
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The search behind ``auto``: which pieces of each component are resident, swapped or streamed.
 
-:func:`plan_auto` minimises the predicted request time (:class:`~vramferry.costmodel.PipelineCost`) subject to
+:func:`plan_auto` minimises the predicted request time (:class:`~vramferry.planning.costmodel.PipelineCost`) subject to
 the peak fitting the budget. Components without blocks (VAEs, small encoders) are resident or swapped; an
 encoder with blocks may also stream them, all of them, through a ring of slots while it runs (a text encoder
 runs once per request over a few hundred tokens, so streaming costs about its bytes over the bandwidth, and
@@ -17,10 +17,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .costmodel import Choice, PartCost, Placement
+from .costmodel import Choice, PartCost
+from .plan import Placement
 
 if TYPE_CHECKING:
-    from .planner import _Ctx  # the cost model with the configuration it plans for
+    from .context import PlanContext
 
 
 _R, _S, _T = Placement.RESIDENT, Placement.SWAPPED, Placement.STREAMED
@@ -33,13 +34,13 @@ def uniform(part: PartCost, where: Placement) -> Choice:
     return Choice(where, (where,) * len(part.size.block_bytes))
 
 
-def forced(ctx: _Ctx) -> set[str]:
+def forced(ctx: PlanContext) -> set[str]:
     """Components that stay resident in every mode: role ``resident`` and ``keep_resident``."""
     keep = set(ctx.config.keep_resident)
     return {n for n, p in ctx.parts.items() if p.size.role == "resident" or n in keep}
 
 
-def depths(ctx: _Ctx, streamed: int) -> tuple[int, ...]:
+def depths(ctx: PlanContext, streamed: int) -> tuple[int, ...]:
     """The prefetch depths worth trying for ``streamed`` blocks (only the configured one, if set)."""
     if ctx.config.prefetch_depth is not None:
         return (ctx.config.prefetch_depth,)
@@ -116,7 +117,7 @@ class _Cand:
     dit_s: float  # this DiT's seconds per request
 
 
-def _dit_candidates(ctx: _Ctx, name: str) -> list[_Cand]:
+def _dit_candidates(ctx: PlanContext, name: str) -> list[_Cand]:
     """Streamed sets × prefetch depths, with their times.
 
     A streamed set holds only blocks up to a size class (streaming only small blocks keeps the slots small), and
@@ -168,7 +169,7 @@ def _fill(part: PartCost, cand: _Cand, cap: float) -> Choice:
 
 
 def _best_for_dit(
-    ctx: _Ctx, choices: dict[str, Choice], name: str, table: list[_Cand], resident: bool = True
+    ctx: PlanContext, choices: dict[str, Choice], name: str, table: list[_Cand], resident: bool = True
 ) -> Choice | None:
     """The fastest feasible candidate for one DiT, the other components fixed; ``None`` if none fits.
 
@@ -196,14 +197,14 @@ def _best_for_dit(
     return best[1] if best is not None else None
 
 
-def _leanest(ctx: _Ctx, name: str, table: list[_Cand]) -> Choice:
+def _leanest(ctx: PlanContext, name: str, table: list[_Cand]) -> Choice:
     """The candidate with the smallest DiT phase, everything kept swapped."""
     cand = min(table, key=lambda c: (c.slot_bytes - c.streamed_bytes, c.dit_s))
     return _fill(ctx.parts[name], cand, 0)
 
 
 def _place_dits(
-    ctx: _Ctx, choices: dict[str, Choice], dits: list[str], tables: dict[str, list[_Cand]]
+    ctx: PlanContext, choices: dict[str, Choice], dits: list[str], tables: dict[str, list[_Cand]]
 ) -> bool:
     """Choose every DiT's candidate in ``choices`` (in place); False when some DiT cannot fit.
 
@@ -227,7 +228,7 @@ def _place_dits(
 
 
 def _place_pair(
-    ctx: _Ctx, choices: dict[str, Choice], first: str, second: str, tables: dict[str, list[_Cand]]
+    ctx: PlanContext, choices: dict[str, Choice], first: str, second: str, tables: dict[str, list[_Cand]]
 ) -> bool:
     raw = ctx.evaluate({**choices, first: uniform(ctx.parts[first], _S)}).raw_peaks[first]
     floor = min(c.dit_s for c in tables[second])
@@ -253,7 +254,7 @@ def _place_pair(
 # -- encoders, VAEs and the whole search -----------------------------------------------------------------------
 
 
-def _options(ctx: _Ctx, name: str) -> list[Choice]:
+def _options(ctx: PlanContext, name: str) -> list[Choice]:
     """A free component's placements: resident, swapped, and for an encoder with blocks, all of them streamed
     (the rest swapped in) through the fastest ring of slots (the fewest on ties) and through the smallest."""
     part = ctx.parts[name]
@@ -274,7 +275,7 @@ def _footprint(part: PartCost, choice: Choice) -> int:
     return part.rest_bytes + held + (choice.depth + 1) * widest
 
 
-def _assignments(ctx: _Ctx, free: Sequence[str]) -> Iterable[dict[str, Choice]]:
+def _assignments(ctx: PlanContext, free: Sequence[str]) -> Iterable[dict[str, Choice]]:
     """Placements of the free components to try, most resident first (the first of equals wins).
 
     Every combination of their options when there are few; otherwise smallest-first prefixes resident, the rest
@@ -292,7 +293,7 @@ def _assignments(ctx: _Ctx, free: Sequence[str]) -> Iterable[dict[str, Choice]]:
             yield {n: o[0] if i < r else o[min(way, len(o) - 1)] for i, (n, o) in enumerate(options.items())}
 
 
-def _lean(ctx: _Ctx, free: Sequence[str], dits: Sequence[str], tables: dict[str, list[_Cand]]) -> dict:
+def _lean(ctx: PlanContext, free: Sequence[str], dits: Sequence[str], tables: dict[str, list[_Cand]]) -> dict:
     """The smallest placement: every free component in its least footprint, every DiT in its leanest."""
     choices = {n: uniform(p, _R) for n, p in ctx.parts.items()}
     for name in free:
@@ -302,7 +303,7 @@ def _lean(ctx: _Ctx, free: Sequence[str], dits: Sequence[str], tables: dict[str,
     return choices
 
 
-def plan_auto(ctx: _Ctx) -> dict[str, Choice]:
+def plan_auto(ctx: PlanContext) -> dict[str, Choice]:
     """The fastest placement within the budget, or when nothing fits the leanest one (for the error)."""
     everything = {n: uniform(p, _R) for n, p in ctx.parts.items()}
     if ctx.fits(ctx.evaluate(everything).peak):

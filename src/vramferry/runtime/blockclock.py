@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .calibrate import BlockTimes
+from ..planning.calibrate import BlockTimes
 from .transfer import Mover
 
 

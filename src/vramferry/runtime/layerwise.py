@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..store import Unit
-from ..transfer import Mover
+from .store import Unit
+from .transfer import Mover
 
 logger = logging.getLogger(__name__)
 

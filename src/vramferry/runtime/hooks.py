@@ -10,20 +10,32 @@ methods run submodules.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from .errors import OffloadError
+from ..errors import OffloadError
 
 if TYPE_CHECKING:
-    from .runtime import Runtime
-    from .strategies.model import ComponentState
+    from .model import ComponentState
 
 _CONTAINERS = (nn.ModuleList, nn.ModuleDict)
 ENTRY_DEPTH = 2  # entry hooks on a component's root, children and grandchildren (containers not counted)
+
+
+class Runtime(Protocol):
+    """What the hooks use of the runtime that installs them (:class:`~vramferry.runtime.install.Runtime`)."""
+
+    device: torch.device
+    hooks: HookSet
+    verify: bool
+    modules: Any
+    scheduler: Any
+    mover: Any
+
+    def units_by_module(self) -> dict[int, list]: ...
 
 
 class HookSet:
@@ -136,7 +148,7 @@ def install_component_hooks(runtime: Runtime, state: ComponentState) -> None:
 
 def _install_timing_hooks(runtime: Runtime, state: ComponentState) -> None:
     """Time each outermost forward of a DiT (registered after the entry hooks: the load is inside), and each
-    of its blocks during the first calls (:class:`~vramferry.blockclock.BlockClock`). The same block hooks make
+    of its blocks during the first calls (:class:`~vramferry.runtime.blockclock.BlockClock`). The same block hooks make
     a block of a staged swap unit wait for its stage of the copy first."""
     from .blockclock import BlockClock, call_signature
 

@@ -1,4 +1,4 @@
-"""Turns a :class:`~vramferry.planner.Plan` into units, host arenas, device copies and hooks."""
+"""Turns a :class:`~vramferry.planning.Plan` into units, host arenas, device copies and hooks."""
 
 from __future__ import annotations
 
@@ -8,13 +8,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .discovery import PipelineModules
-from .errors import OffloadError, PlanError
+from ..discovery.modules import PipelineModules
+from ..errors import OffloadError, PlanError
+from ..planning.plan import Plan
+from ..planning.planner import Placement
 from .hooks import HookSet
-from .planner import Placement, Plan
+from .layerwise import BlockStreamer
+from .model import ComponentState, SwapScheduler
 from .store import HostStore, TensorRef, Unit, collect_refs
-from .strategies.layerwise import BlockStreamer
-from .strategies.model import ComponentState, SwapScheduler
 from .transfer import Mover
 
 logger = logging.getLogger(__name__)

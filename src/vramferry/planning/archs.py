@@ -16,9 +16,10 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from .costmodel import Workload
-from .discovery import BlockSet, Component, PipelineModules, Role
-from .planner import Inventory, inventory_of
+from ..discovery.blocks import BlockSet
+from ..discovery.inventory import Inventory, inventory_of
+from ..discovery.modules import Component, PipelineModules, Role
+from .workload import Workload
 
 
 class ArchPipeline:

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .units import format_bytes
+from ..discovery.sizes import tensor_key
+from ..units import format_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +35,8 @@ class TensorRef:
     """One unique tensor (a parameter or a buffer) and every place that holds it.
 
     ``param`` is set for parameters (rebinding ``param.data`` keeps the Parameter object, so tied weights and
-    references elsewhere stay valid); buffers are rebound in each owner's ``_buffers``.
+    references elsewhere stay valid), and ``params`` holds every Parameter object over the same weights
+    (:func:`~vramferry.discovery.sizes.tensor_key`); buffers are rebound in each owner's ``_buffers``.
     """
 
     param: nn.Parameter | None
@@ -45,14 +47,15 @@ class TensorRef:
     original_device: torch.device
     offset: int = 0  # within the unit
     host: torch.Tensor | None = None  # view into the unit's host buffer
+    params: list[nn.Parameter] = field(default_factory=list)
 
     def bind(self, tensor: torch.Tensor) -> None:
         """Point every holder at ``tensor`` (a pointer swap; no bytes move)."""
-        if self.param is not None:
-            self.param.data = tensor
-            return
+        for param in self.params:
+            param.data = tensor
         for module, name in self.owners:
-            module._buffers[name] = tensor
+            if name in module._buffers:
+                module._buffers[name] = tensor
 
     def current(self) -> torch.Tensor:
         if self.param is not None:
@@ -125,7 +128,7 @@ class Unit:
 
 
 def collect_refs(
-    module: nn.Module, exclude: set[int], claimed: dict[int, TensorRef]
+    module: nn.Module, exclude: set[int], claimed: dict[tuple, TensorRef]
 ) -> tuple[list[TensorRef], list[TensorRef]]:
     """Tensors of ``module`` outside the excluded submodules (by id).
 
@@ -157,11 +160,13 @@ def _modules_outside(root: nn.Module, exclude: set[int]):
 
 
 def _add_ref(new, seen, claimed, module, name, tensor, *, is_param: bool) -> None:
-    key = id(tensor)
+    key = tensor_key(tensor)
     if key in claimed:
         ref = claimed[key]
         if not any(m is module and n == name for m, n in ref.owners):
             ref.owners.append((module, name))
+        if is_param and ref.param is not None and not any(p is tensor for p in ref.params):
+            ref.params.append(tensor)
         if ref not in new:
             seen.append(ref)
         return
@@ -172,6 +177,7 @@ def _add_ref(new, seen, claimed, module, name, tensor, *, is_param: bool) -> Non
         dtype=tensor.dtype,
         nbytes=tensor.numel() * tensor.element_size(),
         original_device=tensor.device,
+        params=[tensor] if is_param else [],
     )
     claimed[key] = ref
     new.append(ref)

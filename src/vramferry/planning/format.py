@@ -1,0 +1,64 @@
+"""A plan as a readable table."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+from ..discovery.inventory import ComponentSize, Inventory
+from ..units import format_bytes
+from .plan import ComponentPlan, Placement, Plan
+
+if TYPE_CHECKING:
+    pass
+
+
+def _gib(nbytes: float, up: bool = False) -> str:
+    value = math.ceil(nbytes / 2**30 * 100) / 100 if up else nbytes / 2**30
+    return f"{value:.2f} GiB"
+
+
+def _blocks_summary(cplan: ComponentPlan, size: ComponentSize | None) -> str:
+    if not cplan.blocks:
+        return ""
+    parts = [f"{sum(b is p for b in cplan.blocks)} {p}" for p in Placement if p in cplan.blocks]
+    text = " / ".join(parts)
+    if cplan.streamed_blocks:
+        text += f", depth {cplan.prefetch_depth}"
+        if size is not None and len(size.block_bytes) == len(cplan.blocks):
+            widest = max(
+                b for b, p in zip(size.block_bytes, cplan.blocks, strict=True) if p is Placement.STREAMED
+            )
+            text += f" ({cplan.prefetch_depth + 1} slots × {format_bytes(widest)})"
+    return text
+
+
+def format_plan(plan: Plan, inventory: Inventory | None = None) -> str:
+    """A readable table of the plan: one row per component, then the predictions and the notes."""
+    sizes = {c.name: c for c in inventory.components} if inventory is not None else {}
+    rows = [("component", "role", "size", "placement", "blocks")]
+    for c in plan.components:
+        where = f"{c.placement} (non-block part)" if c.blocks else str(c.placement)
+        rows.append((c.name, c.role, format_bytes(c.bytes), where, _blocks_summary(c, sizes.get(c.name))))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = [
+        f"plan: mode {plan.mode.value}, budget "
+        + (_gib(plan.budget_bytes) if plan.budget_bytes else "unlimited")
+    ]
+    for i, row in enumerate(rows):
+        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    predicted = [
+        f"{label} {fmt(value)}"
+        for label, value, fmt in (
+            ("peak", plan.predicted_peak_bytes, _gib),
+            ("step", plan.predicted_step_s, lambda v: f"{v:.3f} s"),
+            ("request", plan.predicted_request_s, lambda v: f"{v:.2f} s"),
+        )
+        if value is not None
+    ]
+    if predicted:
+        lines.append("predicted: " + ", ".join(predicted))
+    lines.extend(f"  - {note}" for note in plan.notes)
+    return "\n".join(lines)

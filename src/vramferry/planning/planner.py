@@ -1,0 +1,273 @@
+"""Pure placement planning: sizes, a budget and a cost model in; a :class:`Plan` out. No CUDA calls here.
+
+A request runs in phases: the text encoders, each DiT (all its denoising calls), the VAE. A component is
+RESIDENT (on the device in every phase), SWAPPED (on the device only in its own phase: encoders together, each
+DiT alone, VAEs together) or, for the blocks of a DiT or (in ``auto``) of a text encoder, STREAMED through
+``prefetch_depth + 1`` device slots that exist while the component runs. The peak of a phase is
+
+    resident bytes + the phase's swapped bytes + its streaming slots + its activations
+
+and the plan's peak is the largest phase peak. ``auto`` minimises the predicted request time (DiT calls
+simulated by :func:`~vramferry.planning.costmodel.simulate_dit_calls`, plus swap loads at the host→device bandwidth,
+plus what streamed encoder blocks stall, less what cross-component prefetch hides) subject to that peak
+fitting the budget; the search lives in :mod:`vramferry.planning.search`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+from ..config import OffloadConfig, OffloadMode
+from ..discovery.inventory import Inventory
+from ..discovery.shapes import DitShape
+from ..errors import BudgetError, PlanError
+from ..units import format_bytes, parse_bytes
+from .context import PlanContext
+from .costmodel import (
+    ENCODER_PHASE,
+    VAE_PHASE,
+    Choice,
+    Outcome,
+    allocatable_bytes,
+    pieces,
+    reserved_bytes,
+)
+from .devices import DeviceProfile, profile_from
+from .format import _gib
+from .plan import ComponentPlan, Placement, Plan
+from .search import depths, forced, plan_auto, uniform
+from .workload import Workload
+
+if TYPE_CHECKING:
+    pass
+
+
+def resolve_budget(
+    config: OffloadConfig, *, device: DeviceProfile | None = None, free_bytes: int | None = None
+) -> tuple[int | None, str]:
+    """The budget in bytes (``None``: unlimited) and a sentence saying where it came from.
+
+    ``vram_budget`` bytes or ``"16GiB"`` are taken as given (capped at the free or device memory when known);
+    ``"80%"`` is a share of ``free_bytes`` (else of ``device.memory_bytes``); ``None`` is that memory minus
+    ``safety_margin``, or unlimited when neither is known.
+    """
+    if free_bytes is not None:
+        total, basis = int(free_bytes), "free device memory"
+    elif device is not None:
+        total, basis = device.memory_bytes, f"{device.name} memory"
+    else:
+        total, basis = None, ""
+    value = config.vram_budget
+    if value is None:
+        if total is None:
+            return None, "unlimited: vram_budget is unset and the device memory is unknown"
+        margin = parse_bytes(config.safety_margin, what="safety_margin")
+        budget, text = (
+            total - margin,
+            f"{basis} {format_bytes(total)} minus safety_margin {format_bytes(margin)}",
+        )
+    elif isinstance(value, str) and value.endswith("%"):
+        if total is None:
+            raise PlanError(
+                f"vram_budget: {value!r} is a share of the free device memory, which is unknown here; "
+                "pass free_bytes= or device=, or give a size such as '16GiB'"
+            )
+        budget, text = int(total * float(value[:-1]) / 100), f"{value} of the {basis} {format_bytes(total)}"
+    else:
+        budget, text = parse_bytes(value, what="vram_budget"), f"vram_budget={value!r}"
+        if total is not None and budget > total:
+            budget, text = total, f"{text}, capped at the {basis} {format_bytes(total)}"
+    if budget <= 0:
+        raise BudgetError(f"vram_budget: nothing is left for the pipeline ({text}); free device memory first")
+    return budget, text
+
+
+_R, _S, _T = Placement.RESIDENT, Placement.SWAPPED, Placement.STREAMED
+
+
+def _plan_fixed(ctx: PlanContext) -> dict[str, Choice]:
+    """``none``, ``model`` and ``layerwise``: shapes fixed by the mode; only the prefetch depth is chosen."""
+    mode = ctx.config.mode
+    kept = forced(ctx)
+    choices: dict[str, Choice] = {}
+    for name, part in ctx.parts.items():
+        if mode is OffloadMode.NONE or name in kept:
+            choices[name] = uniform(part, _R)
+        elif mode is OffloadMode.LAYERWISE and part.size.role == "dit" and part.size.block_bytes:
+            choices[name] = Choice(_R, (_T,) * len(part.size.block_bytes), 2)
+        else:
+            choices[name] = uniform(part, _S)
+    if mode is OffloadMode.LAYERWISE:
+        for name, choice in list(choices.items()):
+            if _T in choice.blocks:
+                choices[name] = _best_depth(ctx, choices, name)
+    return choices
+
+
+def _best_depth(ctx: PlanContext, choices: dict[str, Choice], name: str) -> Choice:
+    """The fastest depth that fits (the fewest slots on ties); depth 1 when none fits, for the error to report."""
+    choice = choices[name]
+    best: tuple | None = None
+    for depth in depths(ctx, sum(p is _T for p in choice.blocks)):
+        trial = Choice(choice.placement, choice.blocks, depth)
+        outcome = ctx.evaluate({**choices, name: trial})
+        if ctx.fits(outcome.peak):
+            key = (round(outcome.request_s, 9), depth)
+            if best is None or key < best[0]:
+                best = (key, trial)
+    if best is None:
+        return Choice(choice.placement, choice.blocks, min(depths(ctx, 1)))
+    return best[1]
+
+
+def _phase_items(ctx: PlanContext, choices: Mapping[str, Choice], phase: str) -> list[tuple[str, int]]:
+    """What occupies the device in ``phase``: (label, bytes), largest first after the resident total."""
+    resident, items = 0, []
+    for name, choice in choices.items():
+        part = ctx.parts[name]
+        widest = max((b for b, w in pieces(part, choice) if w is _T), default=0)
+        swapped = sum(b for b, w in pieces(part, choice) if w is _S)
+        resident += sum(b for b, w in pieces(part, choice) if w is _R)
+        if part.phase is None:
+            resident += swapped
+        elif part.phase == phase:
+            items.append((f"{name} swapped in", swapped))
+            items.append((f"{name} streaming slots", (choice.depth + 1) * widest))
+    acts = [p.act for p in ctx.parts.values() if p.phase == phase]
+    items.append(("activations", max(acts, default=0)))
+    items.sort(key=lambda item: -item[1])
+    allocated = resident + sum(n for _label, n in items)
+    return [
+        ("resident weights", resident),
+        *items,
+        ("allocator cache", reserved_bytes(allocated, ctx.device.expandable_segments) - allocated),
+    ]
+
+
+def _budget_error(ctx: PlanContext, choices: Mapping[str, Choice], budget: int | None) -> BudgetError:
+    """A :class:`BudgetError` for the leanest placement the mode allows, naming its fullest phase."""
+    outcome = ctx.evaluate(choices)
+    phase = max(outcome.raw_peaks, key=outcome.raw_peaks.__getitem__)
+    held = " + ".join(f"{label} {_gib(n)}" for label, n in _phase_items(ctx, choices, phase) if n)
+    mode = ctx.config.mode
+    least = reserved_bytes(outcome.peak, ctx.device.expandable_segments)
+    fixes = [f"raise vram_budget to at least {_gib(least, up=True)}", "free device memory"]
+    if mode is not OffloadMode.AUTO:
+        fixes.append("use mode='auto', which streams and swaps to fit the budget")
+    if phase == ENCODER_PHASE:
+        whole = "" if mode is OffloadMode.AUTO else f": in mode '{mode}' an encoder must fit whole"
+        fixes.append(f"encode prompts elsewhere or use a smaller (quantised) text encoder{whole}")
+    elif phase == VAE_PHASE:
+        fixes.append(
+            "lower the resolution or decode in tiles (vae.enable_tiling()) to shrink the decode workspace"
+        )
+    elif phase in ctx.parts and ctx.parts[phase].size.block_bytes:
+        fixes.append("lower the resolution or batch to shrink the activations")
+    phase_name = "text-encoder" if phase == ENCODER_PHASE else "VAE" if phase == VAE_PHASE else f"{phase!r}"
+    return BudgetError(
+        f"{ctx.inventory.pipeline_class}: vram_budget {_gib(budget or 0)} is below the {_gib(least, up=True)} "
+        f"that mode '{mode}' needs at the least; its {phase_name} phase holds {held}. "
+        f"Fix: {'; or '.join(fixes)}."
+    )
+
+
+def _notes(
+    ctx: PlanContext, choices: Mapping[str, Choice], out: Outcome, budget_text: str, assumed: bool
+) -> list[str]:
+    dev, work = ctx.device, ctx.workload
+    frames = f"×{work.num_frames} frames" if work.num_frames > 1 else ""
+    notes = [
+        f"budget: {_gib(ctx.budget)} ({budget_text})" if ctx.budget is not None else f"budget: {budget_text}",
+        f"device: {dev.name}, {dev.h2d_bytes_per_s / 1e9:.1f} GB/s host→device, {dev.flops_per_s / 1e12:.0f} TFLOP/s"
+        + (" (assumed: pass device= for another GPU)" if assumed else ""),
+        f"workload: {work.width}×{work.height}{frames}, batch {work.batch}, {work.steps} steps × {work.cfg} call(s)",
+    ]
+    for name, part in ctx.parts.items():
+        if isinstance(part.size.shape, DitShape):
+            seq = work.sequence_of(part.size.shape) * work.batch
+            notes.append(
+                f"{name}: {seq} tokens per call (copies hide behind compute above ~{dev.tokens_for_free_streaming:,.0f})"
+            )
+    notes.append("peak by phase: " + ", ".join(f"{p} {_gib(v)}" for p, v in out.phase_peaks.items()))
+    if out.load_bytes:
+        notes.append(
+            f"swapped in per request: {_gib(out.load_bytes)} ({out.load_bytes / dev.h2d_bytes_per_s:.2f} s, "
+            f"{out.hidden_s:.2f} s of it behind compute); encoder and VAE compute are not in the request time"
+        )
+    streamed = [n for n, c in choices.items() if ctx.parts[n].size.role == "encoder" and _T in c.blocks]
+    if streamed:
+        notes.append(
+            f"encoder blocks streamed: {', '.join(streamed)} (their copies add {out.encoder_stall_s:.2f} s "
+            "per request beyond the encoders' compute)"
+        )
+    missing = sorted(set(ctx.config.keep_resident) - set(ctx.parts))
+    if missing:
+        notes.append(f"keep_resident names no component: {', '.join(missing)} (ignored)")
+    return notes
+
+
+def default_workload(inventory: Inventory) -> Workload:
+    """The request to plan for when none is given: 480×832, 81 frames, 50 steps with two CFG calls for a video
+    DiT (Wan's defaults); 1024², 28 steps, one call per step otherwise (Flux.1-dev's)."""
+    video = any(isinstance(c.shape, DitShape) and c.shape.temporal_factor > 1 for c in inventory.components)
+    if video:
+        return Workload(height=480, width=832, num_frames=81, cfg=2, steps=50)
+    return Workload()
+
+
+def plan(
+    inventory: Inventory,
+    config: OffloadConfig,
+    *,
+    device: DeviceProfile | None = None,
+    workload: Workload | None = None,
+    free_bytes: int | None = None,
+) -> Plan:
+    """Place every component and DiT block for ``config.mode`` within the budget.
+
+    Args:
+        inventory: the pipeline's sizes (:func:`inventory_of`).
+        config: the mode, ``vram_budget``, ``safety_margin``, ``keep_resident``, ``prefetch_depth`` and
+            ``prefetch_components`` are read.
+        device: the device's speeds and memory (:func:`~vramferry.planning.devices.profile_from`); default: the h100
+            preset for timings, and no memory limit of its own.
+        workload: the request the plan is sized for; default :func:`default_workload`.
+        free_bytes: free device memory now; the base of ``"80%"`` and of an unset budget.
+
+    Returns:
+        A :class:`Plan` with its predicted peak, step and request times.
+
+    Raises:
+        BudgetError: the budget is below the least the mode needs; the message gives that least in GiB.
+        PlanError: a relative budget without a known memory, or measured block times that do not match.
+    """
+    profile = device if device is not None else profile_from()
+    work = workload if workload is not None else default_workload(inventory)
+    budget, budget_text = resolve_budget(config, device=device, free_bytes=free_bytes)
+    # Plans place allocations; the caching allocator reserves a little more (see reserved_bytes).
+    expandable = profile.expandable_segments
+    ctx = PlanContext(
+        inventory, config, profile, work, None if budget is None else allocatable_bytes(budget, expandable)
+    )
+    choices = plan_auto(ctx) if config.mode is OffloadMode.AUTO else _plan_fixed(ctx)
+    outcome = ctx.evaluate(choices)
+    if not ctx.fits(outcome.peak):
+        raise _budget_error(ctx, choices, budget)
+    components = []
+    for size in inventory.components:
+        choice = choices[size.name]
+        depth = choice.depth if _T in choice.blocks else 0
+        # An encoder kept whole is one unit: its blocks go where its placement says.
+        blocks = () if size.role == "encoder" and not depth else choice.blocks
+        components.append(ComponentPlan(size.name, size.role, size.bytes, choice.placement, blocks, depth))
+    return Plan(
+        mode=config.mode,
+        components=tuple(components),
+        budget_bytes=budget,
+        predicted_peak_bytes=reserved_bytes(outcome.peak, expandable),
+        predicted_step_s=outcome.step_s,
+        predicted_request_s=outcome.request_s,
+        notes=tuple(_notes(ctx, choices, outcome, budget_text, device is None)),
+        activation_bytes=max((p.act for p in ctx.parts.values()), default=0),
+    )
