@@ -16,7 +16,7 @@ from .planning.calibrate import BlockTimes, record_block_times, shape_key, with_
 from .planning.devices import profile_from
 from .planning.plan import Plan
 from .runtime.install import Runtime
-from .runtime.probe import device_profile, expandable_segments
+from .runtime.probe import device_profile
 from .runtime.transfer import TransferCounters
 
 logger = logging.getLogger(__name__)
@@ -35,6 +35,8 @@ class OffloadStats:
         swaps: component onloads.
         blocks_streamed: block copies made by layerwise streaming.
         sync_loads: loads that were not prefetched (out-of-order or skipped blocks, first use).
+        unplanned_phases: phases that began out of the plan's order (their loads were synchronous; a warning
+            says how to give the order).
         peak_allocated, peak_reserved: device memory peaks in bytes (``torch.cuda``), 0 on CPU.
         host_pinned_bytes, host_pageable_bytes: where the canonical host copies live.
         dit_calls, dit_call_seconds: DiT forwards run, and their mean duration (GPU time on CUDA).
@@ -52,6 +54,7 @@ class OffloadStats:
     swaps: int = 0
     blocks_streamed: int = 0
     sync_loads: int = 0
+    unplanned_phases: int = 0
     peak_allocated: int = 0
     peak_reserved: int = 0
     host_pinned_bytes: int = 0
@@ -63,6 +66,24 @@ class OffloadStats:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class UnitInfo:
+    """One unit of the host store: what moves to the device as one copy.
+
+    Attributes:
+        name: ``"<component>:resident"``, ``"<component>:swap"``, ``"<component>.<block path>"`` (a streamed
+            block) or ``"shared"`` (tensors reached from several units, kept on the device).
+        component: the component it belongs to (``""`` for ``"shared"``).
+        nbytes: its packed size (each tensor aligned to 512 bytes): what one copy of it moves.
+        where: ``"device"`` or ``"host"``: where its weights are bound right now.
+    """
+
+    name: str
+    component: str
+    nbytes: int
+    where: str
 
 
 _LIVE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # pipeline or module -> live handle
@@ -115,6 +136,7 @@ class OffloadHandle:
             swaps=c.swaps,
             blocks_streamed=c.blocks_streamed,
             sync_loads=c.sync_loads,
+            unplanned_phases=c.unplanned_phases,
             host_pinned_bytes=runtime.store.pinned_bytes,
             host_pageable_bytes=runtime.store.pageable_bytes,
             dit_calls=c.dit_calls,
@@ -127,6 +149,15 @@ class OffloadHandle:
             stats.peak_reserved = torch.cuda.max_memory_reserved(runtime.device)
         stats.block_seconds = {name: round(sum(t.seconds), 6) for name, t in self.block_times().items()}
         return stats
+
+    def units(self) -> list[UnitInfo]:
+        """Every unit of the host store, with its size and where its weights are bound now."""
+        return [
+            UnitInfo(
+                u.name, u.name.partition(":")[0].partition(".")[0] if u.name != "shared" else "", u.nbytes, w
+            )
+            for u, w in ((u, "device" if u.on_device else "host") for u in self._runtime.all_units())
+        ]
 
     def block_times(self) -> dict[str, BlockTimes]:
         """Per DiT, the compute seconds of each block in one call, measured during its first calls (the first
@@ -300,17 +331,7 @@ def apply(
         the_plan, planning.sources = _make_plan(planning, config, work)
     pin_limit = parse_bytes(config.host_memory_limit) if config.host_memory_limit is not None else None
     runtime = Runtime(
-        modules,
-        the_plan,
-        device=device,
-        pin=config.pin_memory,
-        pin_limit=pin_limit,
-        budget=_weights_budget(the_plan),
-        order=list(inventory.order),
-        prefetch=config.prefetch_components,
-        explicit_budget=config.vram_budget is not None,
-        uniform_slots=config.vram_budget is not None,
-        verify=config.verify,
+        modules, the_plan, device=device, pin=config.pin_memory, pin_limit=pin_limit, verify=config.verify
     )
     patched = _patch_execution_device(pipeline, device)
     handle = OffloadHandle(pipeline, config, modules, the_plan, runtime, patched)
@@ -453,19 +474,6 @@ def _check_plan(the_plan: Plan, modules: PipelineModules) -> None:
             raise PlanError(
                 f"apply: the plan places {len(cplan.blocks)} blocks of {cplan.name}, but discovery found {count}"
             )
-
-
-def _weights_budget(the_plan: Plan) -> int | None:
-    """Device bytes the scheduler may fill with weights: the budget less the allocator's cache (as the planner
-    counts it) and the largest phase's activations, so that prefetching never takes what the plan left free."""
-    if the_plan.budget_bytes is None:
-        return None
-    from .planning.costmodel import allocatable_bytes
-
-    reserve = getattr(the_plan, "activation_bytes", None)
-    if reserve is None:
-        reserve = the_plan.budget_bytes // 10
-    return max(0, allocatable_bytes(the_plan.budget_bytes, expandable_segments()) - reserve)
 
 
 def _patch_execution_device(pipeline: object, device: torch.device) -> type | None:

@@ -131,31 +131,36 @@ def test_block_times_are_measured_on_the_gpu():
 
 def test_model_mode_without_a_budget_keeps_what_is_used_next():
     """With the free memory as the budget: the DiT leaves for the decode when the encoders run next, and stays
-    when prompt embeddings are passed in (no bytes move once the order is known)."""
+    when prompt embeddings are passed in and the order says so (no bytes move)."""
     pipe, kwargs = DIFFUSERS_PIPELINES["flux"]()
     with torch.no_grad():
         embeds, pooled, _ = pipe.encode_prompt(kwargs["prompt"], prompt_2=None, device="cpu")
-    handle = apply(pipe, vramferry.OffloadConfig(mode="model"))
+    call = {k: v for k, v in kwargs.items() if k != "prompt"}
+    call.update(prompt_embeds=embeds.cuda(), pooled_prompt_embeds=pooled.cuda())
     during_decode = []
-    pipe.vae.decoder.register_forward_pre_hook(
-        lambda m, a: during_decode.append(handle._runtime.placement()["transformer:swap"])
-    )
-    try:
-        for _ in range(2):
-            run(pipe, kwargs)
-        with_prompt = during_decode[-1]
-        call = {k: v for k, v in kwargs.items() if k != "prompt"}
-        call.update(prompt_embeds=embeds.cuda(), pooled_prompt_embeds=pooled.cuda())
-        for _ in range(2):
-            run(pipe, call)
-        handle.reset_stats()
-        run(pipe, call)
-        moved = handle.stats().bytes_h2d
-    finally:
-        handle.remove()
-    assert handle.plan.budget_bytes is not None  # the free memory
-    assert with_prompt == "host"
-    assert during_decode[-1] == "device" and moved == 0
+
+    def where(handle):
+        return {u.name: u.where for u in handle.units()}["transformer:swap"]
+
+    for order, request in (((), kwargs), (("transformer", "vae"), call)):
+        handle = apply(pipe, vramferry.OffloadConfig(mode="model", order=order))
+        hook = pipe.vae.decoder.register_forward_pre_hook(
+            lambda m, a, h=handle: during_decode.append(where(h))
+        )
+        try:
+            for _ in range(2):
+                run(pipe, request)
+            handle.reset_stats()
+            run(pipe, request)
+            moved = handle.stats().bytes_h2d
+        finally:
+            hook.remove()
+            handle.remove()
+        assert handle.plan.budget_bytes is not None  # the free memory
+        if order:
+            assert during_decode[-1] == "device" and moved == 0
+        else:
+            assert during_decode[-1] == "host" and moved > 0
 
 
 class _BigBlockDiT(torch.nn.Module):

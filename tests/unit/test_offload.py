@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import logging
 
 import numpy as np
 import pytest
@@ -66,7 +67,15 @@ def test_custom_output_equals_resident(name, mode):
 
 
 def _unit_states(handle):
-    return handle._runtime.placement()
+    return {unit.name: unit.where for unit in handle.units()}
+
+
+def _scheduled_bytes(handle) -> int:
+    """Bytes one steady-state request moves by the plan's schedule: every swapped part it loads or
+    prefetches, once."""
+    sizes = {unit.name: unit.nbytes for unit in handle.units()}
+    moved = {name for phase in handle.plan.schedule for name in (*phase.loads, *phase.prefetches)}
+    return sum(sizes[f"{name}:swap"] for name in moved)
 
 
 def test_flux_swap_sequence():
@@ -115,15 +124,27 @@ def test_wan_experts_exclude_each_other():
 
 
 @pytest.mark.parametrize("budget", [None, "1GiB"])
-def test_prefetch_loads_the_next_component_in_pipeline_order(budget):
+def test_the_schedule_prefetches_in_request_order_and_a_run_moves_its_bytes(budget):
     pipe, kwargs = DIFFUSERS_PIPELINES["flux"]()
     handle = apply(pipe, _cfg("model", vram_budget=budget))
-    scheduler = handle._runtime.scheduler
-    scheduler.keep_trace = True
-    run(pipe, kwargs)
-    assert ("prefetch", "text_encoder_2") in scheduler.trace
+    schedule = handle.plan.schedule
+    assert [phase.name for phase in schedule] == ["encoders", "transformer", "vaes"]
+    encoders, dit, vaes = schedule
+    assert encoders.components == ("text_encoder", "text_encoder_2")
+    assert encoders.steps[0].prefetch == ("text_encoder_2",)
     # The DiT excludes the encoders: it is loaded ahead of time only when a budget says there is room.
-    assert (("prefetch", "transformer") in scheduler.trace) == (budget is not None)
+    assert encoders.steps[1].prefetch == (("transformer",) if budget is not None else ())
+    assert set(dit.steps[0].evict) == ({"text_encoder", "text_encoder_2"} if budget is None else set())
+    # The encoders start the next request and exclude the DiT: it leaves as the decode begins, and the first
+    # encoder's copy starts while the VAE decodes.
+    assert "transformer" in vaes.evict and vaes.steps[0].prefetch == ("text_encoder",)
+    # Without a budget nothing excludes the VAE and it stays; with one, it leaves as the encoders begin.
+    assert ("vae" in encoders.evict) == (budget is not None)
+    run(pipe, kwargs)
+    handle.reset_stats()
+    run(pipe, kwargs)
+    stats = handle.stats()
+    assert stats.bytes_h2d == _scheduled_bytes(handle) and stats.unplanned_phases == 0
     handle.remove()
 
 
@@ -147,39 +168,58 @@ def test_the_dit_leaves_the_device_before_the_decode_when_the_encoders_run_next(
         np.testing.assert_array_equal(got[key], expected[key])
 
 
-@pytest.mark.parametrize("budget", [None, "1GiB"])
-def test_with_prompt_embeddings_the_dit_stays_unless_a_budget_counts_it_in_its_phase(budget):
-    pipe, kwargs = DIFFUSERS_PIPELINES["flux"]()
+def _embedded_call(pipe, kwargs):
     with torch.no_grad():
         embeds, pooled, _ = pipe.encode_prompt(kwargs["prompt"], prompt_2=None, device="cpu")
     call = {k: v for k, v in kwargs.items() if k != "prompt"}
-    call.update(prompt_embeds=embeds, pooled_prompt_embeds=pooled, output_type="np")
-    handle = apply(pipe, _cfg("model", vram_budget=budget))
+    return {**call, "prompt_embeds": embeds, "pooled_prompt_embeds": pooled, "output_type": "np"}
+
+
+@pytest.mark.parametrize("budget", [None, "1GiB"])
+def test_with_prompt_embeddings_and_that_order_the_dit_stays_unless_a_budget_counts_it_in_its_phase(budget):
+    pipe, kwargs = DIFFUSERS_PIPELINES["flux"]()
+    call = _embedded_call(pipe, kwargs)
+    expected = run(pipe, call)
+    handle = apply(pipe, _cfg("model", vram_budget=budget, order=("transformer", "vae")))
+    dit, vaes = handle.plan.schedule
+    assert (dit.name, vaes.name) == ("transformer", "vaes")
     during_decode = []
-    pipe.vae.decoder.register_forward_pre_hook(
+    hook = pipe.vae.decoder.register_forward_pre_hook(
         lambda m, a: during_decode.append(_unit_states(handle)["transformer:swap"])
     )
-    expected = run(pipe, call)
-    run(pipe, call)  # learns that the DiT, not an encoder, follows the decode
+    run(pipe, call)
     handle.reset_stats()
-    scheduler = handle._runtime.scheduler
-    scheduler.keep_trace = True
     got = run(pipe, call)
-    moved = handle.stats().bytes_h2d
+    stats = handle.stats()
+    hook.remove()
     handle.remove()
     if budget is None:
-        # Nothing excludes the DiT before its next use: it stays, and the third request moves no bytes.
-        assert during_decode[1:] == ["device", "device"]
-        assert moved == 0 and scheduler.trace == []
+        # Nothing excludes the DiT before its next use: it stays, and the second request moves no bytes.
+        assert vaes.evict == () and during_decode == ["device", "device"]
+        assert stats.bytes_h2d == 0
     else:
         # The plan counts the DiT's swapped part in its own phase only: it leaves for the decode, and its copy
         # for the next request (not an encoder's, which never runs here) starts while the VAE decodes.
-        assert ("evict", "transformer") in scheduler.trace and ("prefetch", "transformer") in scheduler.trace
-        assert scheduler.trace.index(("evict", "transformer")) < scheduler.trace.index(
-            ("prefetch", "transformer")
-        )
-        assert not any(name.startswith("text_encoder") for event, name in scheduler.trace if event != "evict")
-        assert moved >= handle.plan.get("transformer").bytes
+        assert vaes.evict == ("transformer",) and vaes.steps[0].prefetch == ("transformer",)
+        assert stats.bytes_h2d == _scheduled_bytes(handle) >= handle.plan.get("transformer").bytes
+    assert stats.unplanned_phases == 0
+    for key in expected:
+        np.testing.assert_array_equal(got[key], expected[key])
+
+
+def test_a_phase_out_of_the_plans_order_is_counted_warned_once_and_still_correct(caplog):
+    pipe, kwargs = DIFFUSERS_PIPELINES["flux"]()
+    call = _embedded_call(pipe, kwargs)
+    expected = run(pipe, call)
+    handle = apply(pipe, _cfg("model"))  # the plan expects the encoders before the DiT
+    with caplog.at_level(logging.WARNING, logger="vramferry"):
+        run(pipe, call)
+        got = run(pipe, call)
+    stats = handle.stats()
+    handle.remove()
+    warnings = [r.getMessage() for r in caplog.records if "OffloadConfig(order=" in r.getMessage()]
+    assert len(warnings) == 1 and "'transformer' began after 'vaes'" in warnings[0]
+    assert stats.unplanned_phases == 1  # the second request's DiT phase; the first had nothing before it
     for key in expected:
         np.testing.assert_array_equal(got[key], expected[key])
 

@@ -1,23 +1,18 @@
-""""""
+"""A plan: where every component and block lives, the schedule that moves them, and what it should cost.
+
+Plain, frozen data: made by :func:`~vramferry.planning.plan`, carried out by the runtime, written to JSON and read
+back (:func:`plan_to_dict`, :func:`plan_from_dict`).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import Enum
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    pass
-
-
-from dataclasses import fields
-from typing import TYPE_CHECKING
+from typing import Any
 
 from ..config import OffloadMode
-
-if TYPE_CHECKING:
-    pass
+from .schedule import Phase, Step
 
 
 class Placement(str, Enum):
@@ -82,6 +77,13 @@ class Plan:
             left out (the same for every plan).
         notes: how the budget was found, the phase peaks, what was assumed.
         activation_bytes: the largest activation/workspace estimate of any phase.
+        schedule: the phases of one request, in order, with what each loads, prefetches and evicts
+            (:mod:`~vramferry.planning.schedule`); the runtime carries it out.
+        weight_budget_bytes: device bytes the weights may take at any time (resident parts, swapped parts,
+            streaming slots): the budget less the allocator's share and the largest phase's activations, so that
+            a prefetch never takes what the plan left to activations. ``None``: no limit.
+        exclusive: no ``vram_budget`` was given (:attr:`~vramferry.config.OffloadConfig.exclusive`): streaming
+            slots are sized per block rather than uniformly.
     """
 
     mode: OffloadMode
@@ -92,12 +94,29 @@ class Plan:
     predicted_request_s: float | None = None
     notes: tuple[str, ...] = field(default=())
     activation_bytes: int | None = None
+    schedule: tuple[Phase, ...] = ()
+    weight_budget_bytes: int | None = None
+    exclusive: bool = True
 
     def get(self, name: str) -> ComponentPlan:
         for c in self.components:
             if c.name == name:
                 return c
         raise KeyError(name)
+
+    def phase(self, name: str) -> Phase:
+        """The phase called ``name`` (``"encoders"``, a DiT's name, ``"vaes"``)."""
+        for phase in self.schedule:
+            if phase.name == name:
+                return phase
+        raise KeyError(name)
+
+    @property
+    def placements(self) -> tuple:
+        """What decides where the weights are: each component's placement, blocks and depth, and the schedule.
+        Two plans with equal placements differ only in their predictions."""
+        where = tuple((c.name, c.placement, c.blocks, c.prefetch_depth) for c in self.components)
+        return where, self.schedule, self.exclusive
 
 
 def plan_to_dict(plan: Plan) -> dict[str, Any]:
@@ -108,6 +127,22 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
         {f.name: getattr(c, f.name) for f in fields(ComponentPlan)}
         | {"placement": c.placement.value, "blocks": [b.value for b in c.blocks]}
         for c in plan.components
+    ]
+    data["schedule"] = [
+        {
+            "name": phase.name,
+            "evict": list(phase.evict),
+            "steps": [
+                {
+                    "component": s.component,
+                    "evict": list(s.evict),
+                    "load": s.load,
+                    "prefetch": list(s.prefetch),
+                }
+                for s in phase.steps
+            ],
+        }
+        for phase in plan.schedule
     ]
     return data
 
@@ -120,6 +155,23 @@ def plan_from_dict(data: Mapping[str, Any]) -> Plan:
         )
         for c in data["components"]
     )
+    schedule = tuple(
+        Phase(
+            p["name"],
+            tuple(p["evict"]),
+            tuple(
+                Step(s["component"], tuple(s["evict"]), bool(s["load"]), tuple(s["prefetch"]))
+                for s in p["steps"]
+            ),
+        )
+        for p in data.get("schedule", ())
+    )
     return Plan(
-        **{**data, "mode": OffloadMode(data["mode"]), "components": components, "notes": tuple(data["notes"])}
+        **{
+            **data,
+            "mode": OffloadMode(data["mode"]),
+            "components": components,
+            "notes": tuple(data["notes"]),
+            "schedule": schedule,
+        }
     )

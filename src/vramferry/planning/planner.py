@@ -15,11 +15,12 @@ fitting the budget; the search lives in :mod:`vramferry.planning.search`.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from ..config import OffloadConfig, OffloadMode
-from ..discovery.inventory import Inventory
+from ..discovery.inventory import ComponentSize, Inventory
 from ..discovery.shapes import DitShape
 from ..errors import BudgetError, PlanError
 from ..units import format_bytes, parse_bytes
@@ -36,6 +37,8 @@ from .costmodel import (
 from .devices import DeviceProfile, profile_from
 from .format import _gib
 from .plan import ComponentPlan, Placement, Plan
+from .policy import phase_of
+from .schedule import Movable, build_schedule
 from .search import depths, forced, plan_auto, uniform
 from .workload import Workload
 
@@ -261,7 +264,8 @@ def plan(
         # An encoder kept whole is one unit: its blocks go where its placement says.
         blocks = () if size.role == "encoder" and not depth else choice.blocks
         components.append(ComponentPlan(size.name, size.role, size.bytes, choice.placement, blocks, depth))
-    return Plan(
+    activations = max((p.act for p in ctx.parts.values()), default=0)
+    the_plan = Plan(
         mode=config.mode,
         components=tuple(components),
         budget_bytes=budget,
@@ -269,5 +273,40 @@ def plan(
         predicted_step_s=outcome.step_s,
         predicted_request_s=outcome.request_s,
         notes=tuple(_notes(ctx, choices, outcome, budget_text, device is None)),
-        activation_bytes=max((p.act for p in ctx.parts.values()), default=0),
+        activation_bytes=activations,
+        weight_budget_bytes=None
+        if budget is None
+        else max(0, allocatable_bytes(budget, expandable) - activations),
+        exclusive=config.exclusive,
     )
+    return with_schedule(the_plan, inventory, config)
+
+
+def with_schedule(the_plan: Plan, inventory: Inventory, config: OffloadConfig) -> Plan:
+    """``the_plan`` with the schedule of its placements (:func:`~vramferry.planning.schedule.build_schedule`)
+    for the request order of ``inventory`` and the prefetch setting of ``config``."""
+    items = [_movable(size, the_plan.get(size.name)) for size in inventory.components]
+    schedule = build_schedule(
+        items,
+        inventory.order,
+        weight_budget=the_plan.weight_budget_bytes,
+        prefetch=config.prefetch_components,
+        exclusive=the_plan.exclusive,
+    )
+    return dataclasses.replace(the_plan, schedule=schedule)
+
+
+def _movable(size: ComponentSize, cplan: ComponentPlan) -> Movable:
+    """What the schedule needs of one placed component: its resident, swapped and slot bytes."""
+    if cplan.blocks:
+        placed = [(size.rest_bytes, cplan.placement), *zip(size.block_bytes, cplan.blocks, strict=True)]
+    else:
+        placed = [(size.bytes, cplan.placement)]
+    resident = sum(b for b, where in placed if where is _R)
+    swapped = sum(b for b, where in placed if where is _S)
+    widest = max((b for b, where in placed if where is _T), default=0)
+    if phase_of(size.name, size.role) is None:  # loaded at first use and kept, like the resident parts
+        return Movable(size.name, size.role, resident_bytes=resident + swapped)
+    depth = min(cplan.prefetch_depth, max(1, cplan.streamed_blocks - 1))
+    slots = (depth + 1) * widest if widest else 0
+    return Movable(size.name, size.role, swapped, slots, resident)

@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from ..errors import OffloadError
+from ..planning.policy import policy
 
 if TYPE_CHECKING:
     from .model import ComponentState
@@ -128,7 +129,7 @@ def install_component_hooks(runtime: Runtime, state: ComponentState) -> None:
     for unit in block_units:
         _install_block_hooks(runtime, state, unit)
 
-    if state.role == "dit":
+    if policy(state.role).timed:
         # After the block hooks: a block's clock starts once its weights are ready.
         _install_timing_hooks(runtime, state)
 

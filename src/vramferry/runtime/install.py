@@ -12,6 +12,7 @@ from ..discovery.modules import PipelineModules
 from ..errors import OffloadError, PlanError
 from ..planning.plan import Plan
 from ..planning.planner import Placement
+from ..planning.policy import policy
 from .hooks import HookSet
 from .layerwise import BlockStreamer
 from .model import ComponentState, SwapScheduler
@@ -46,12 +47,7 @@ class Runtime:
         device: torch.device,
         pin: bool,
         pin_limit: int | None,
-        budget: int | None,
-        order: list[str],
-        prefetch: bool,
         verify: bool,
-        explicit_budget: bool = False,
-        uniform_slots: bool = False,
     ) -> None:
         self.modules = modules
         self.plan = plan
@@ -62,9 +58,9 @@ class Runtime:
         self.states: list[ComponentState] = []
         self.shared: Unit | None = None
         self.verify = verify
-        self.uniform_slots = uniform_slots
+        self.uniform_slots = not plan.exclusive
         self._build_units()
-        self.scheduler = SwapScheduler(self.mover, self.states, order, budget, prefetch, explicit_budget)
+        self.scheduler = SwapScheduler(self.mover, self.states, plan.schedule)
         self._load_resident()
         self._install_hooks()
 
@@ -135,7 +131,7 @@ class Runtime:
                 refs = [r for _m, module_refs in per_module for r in module_refs]
                 if refs:
                     unit = Unit(f"{component.name}:{kind}", refs)
-                    if kind == "swap" and state.role == "dit":
+                    if kind == "swap" and policy(state.role).staged:
                         # The DiT's first call after a load computes block by block as the copy lands.
                         unit.set_stages([(m, r) for m, r in per_module if id(m) in blocks], STAGE_BYTES)
                     setattr(state, kind, unit)

@@ -21,6 +21,7 @@ class TransferCounters:
     swaps: int = 0
     blocks_streamed: int = 0
     sync_loads: int = 0
+    unplanned_phases: int = 0
     copy_seconds: float = 0.0
     wait_seconds: float = 0.0
     # (start, end) CUDA events of copies not yet folded into copy_seconds
