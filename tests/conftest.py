@@ -90,16 +90,6 @@ def saved_flux_dir(tmp_path_factory: pytest.TempPathFactory, tiny_flux):
     return folder
 
 
-@pytest.fixture(autouse=True)
-def _fresh_block_time_measurements():
-    """Each test starts without block times measured by another test (they are kept per process)."""
-    from vramferry.planning.calibrate import forget_block_times
-
-    forget_block_times()
-    yield
-    forget_block_times()
-
-
 _ALLOCATOR_VARS = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
 
 

@@ -12,7 +12,7 @@ import torch
 from .config import OffloadConfig
 from .discovery.modules import PipelineModules
 from .errors import ConflictError, DeviceError, OffloadError, PlanError
-from .planning.calibrate import BlockTimes, record_block_times, shape_key, with_measured_times
+from .planning.calibrate import BlockTimes, Measurements, shape_key, with_measured_times
 from .planning.devices import profile_from
 from .planning.plan import Plan
 from .runtime.install import Runtime
@@ -172,9 +172,19 @@ class OffloadHandle:
             found[state.name] = times
             if state.name not in self._planning.recorded:
                 size = self._planning.inventory.get(state.name)
-                record_block_times(self._planning.device_name, size, self._planning.workload, times)
+                self._planning.measured.record(
+                    self._planning.device_name, size, self._planning.workload, times
+                )
                 self._planning.recorded.add(state.name)
         return found
+
+    @property
+    def measurements(self) -> Measurements:
+        """What this handle measured (host→device bandwidth, block times per request shape), as data:
+        :meth:`replan` plans with it, and ``apply(..., measured=handle.measurements)`` starts another handle
+        from it."""
+        self.block_times()
+        return self._planning.measured
 
     @property
     def has_new_measurements(self) -> bool:
@@ -237,7 +247,7 @@ class OffloadHandle:
         planning = self._planning
         work = workload if workload is not None else planning.workload
         new, sources = _make_plan(planning, self.config, work)
-        if _placements(new) == _placements(self.plan):
+        if new.placements == self.plan.placements:
             self.plan = new
             recorded = planning.recorded
             if shape_key(work) != shape_key(planning.workload):
@@ -250,7 +260,7 @@ class OffloadHandle:
             return False
         pipeline, config = self.pipeline, self.config
         self.remove()
-        fresh = apply(pipeline, config, plan=new)
+        fresh = apply(pipeline, config, plan=new, measured=planning.measured)
         # Adopt the fresh handle's state so that callers keep using this object.
         self.__dict__.update(fresh.__dict__)
         # Keep measuring against the same device, for the shape the new plan was made for.
@@ -277,6 +287,7 @@ def apply(
     *,
     workload: Any = None,
     plan: Plan | None = None,
+    measured: Measurements | None = None,
     **changes: Any,
 ) -> OffloadHandle:
     """Offload ``pipeline``'s weights as ``config`` says, and return the handle that undoes it.
@@ -291,6 +302,8 @@ def apply(
             :func:`~vramferry.planning.plan` for this pipeline, read back with ``plan_from_dict``, or edited). It
             must name exactly the components discovery finds, and give each component with blocks one placement
             per block (or none). The config still sets the device, pinning and the other runtime options.
+        measured: what an earlier handle measured (:attr:`OffloadHandle.measurements`): its bandwidth and block
+            times replace the probe and the cost model's estimates; new measurements are added to it.
         **changes: field overrides applied to a copy of ``config`` (``mode="model"``).
 
     Returns:
@@ -320,10 +333,14 @@ def apply(
     if plan is not None and workload is not None:
         raise PlanError("apply: give either plan= or workload= (the plan was sized for its own workload)")
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
-    profile = device_profile(device) if device.type == "cuda" else None
+    measured = measured if measured is not None else Measurements()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    profile = None
+    if device.type == "cuda":
+        profile = device_profile(device, measured.h2d_bytes_per_s.get(name))
+        measured.h2d_bytes_per_s[name] = profile.h2d_bytes_per_s
     work = workload if workload is not None else default_workload(inventory)
-    planning = _Planning(inventory, profile, free, work, name)
+    planning = _Planning(inventory, profile, free, work, name, measured)
     if plan is not None:
         _check_plan(plan, modules)
         the_plan = plan
@@ -350,7 +367,7 @@ class _Planning:
     Attributes:
         sources: per DiT, where the current plan's block times came from (``"measured"``, ``"scaled from ..."``);
             DiTs planned on the cost model's estimates are absent.
-        recorded: DiTs whose measured times under ``workload`` were kept (see ``calibrate.record_block_times``).
+        recorded: DiTs whose measured times under ``workload`` were kept in ``measured``.
     """
 
     inventory: Any
@@ -358,6 +375,7 @@ class _Planning:
     free: int | None
     workload: Any
     device_name: str
+    measured: Measurements
     sources: dict[str, str] = field(default_factory=dict)
     recorded: set[str] = field(default_factory=set)
 
@@ -366,18 +384,23 @@ def _make_plan(planning: _Planning, config: OffloadConfig, workload: Any) -> tup
     """A plan for ``workload`` with the block times measured on this device where there are any."""
     from .planning.planner import plan as make_plan
 
-    measured, sources = with_measured_times(
-        workload, planning.inventory, planning.device_name, planning.profile or profile_from()
+    _work, sources = with_measured_times(
+        workload,
+        planning.inventory,
+        planning.measured,
+        planning.device_name,
+        planning.profile or profile_from(),
     )
     the_plan = make_plan(
-        planning.inventory, config, device=planning.profile, workload=measured, free_bytes=planning.free
+        planning.inventory,
+        config,
+        device=planning.profile,
+        workload=workload,
+        free_bytes=planning.free,
+        measured=planning.measured,
+        device_name=planning.device_name,
     )
-    notes = [f"{name}: block compute {source} on {planning.device_name}" for name, source in sources.items()]
-    return (replace(the_plan, notes=the_plan.notes + tuple(notes)) if notes else the_plan), sources
-
-
-def _placements(the_plan: Plan) -> tuple:
-    return tuple((c.name, c.placement, c.blocks, c.prefetch_depth) for c in the_plan.components)
+    return the_plan, sources
 
 
 def resolve_device(config: OffloadConfig) -> torch.device:

@@ -8,7 +8,7 @@ import torch
 import vramferry
 from pipelines.diffusers_pipes import DIFFUSERS_PIPELINES, run
 from vramferry.api import apply
-from vramferry.planning.calibrate import BlockTimes, measured_block_times, record_block_times
+from vramferry.planning.calibrate import BlockTimes, Measurements, measured_block_times
 from vramferry.planning.costmodel import estimated_block_times
 from vramferry.planning.devices import PRESETS
 from vramferry.planning.workload import Workload
@@ -77,7 +77,7 @@ def test_recorded_block_times_replace_the_estimate_when_replanning():
     try:
         size = handle._planning.inventory.get("transformer")
         before = handle.plan.predicted_step_s
-        record_block_times("cpu", size, work, BlockTimes((1.0,) * len(size.block_bytes), calls=2))
+        handle.measurements.record("cpu", size, work, BlockTimes((1.0,) * len(size.block_bytes), calls=2))
         assert handle.replan() is False
         # The step is now the measured blocks (1 s each) plus the small estimated rest.
         assert handle.plan.predicted_step_s == pytest.approx(1.0 * len(size.block_bytes), rel=0.05)
@@ -94,21 +94,25 @@ def test_other_shapes_scale_the_nearest_measurement_by_the_cost_model():
 
     size = get_arch("flux1-dev").inventory().get("transformer")  # full size, on the meta device
     small, large = Workload(height=512, width=512), Workload(height=2048, width=2048)
-    assert measured_block_times("cpu", size, small, H100) is None  # never measured
+    measured = Measurements()
+    assert measured_block_times(measured, "cpu", size, small, H100) is None  # never measured
     seconds = tuple(0.01 * (i + 1) for i in range(len(size.block_bytes)))
-    record_block_times("cpu", size, small, BlockTimes(seconds, 2))
-    exact, source = measured_block_times("cpu", size, small, H100)
+    measured.record("cpu", size, small, BlockTimes(seconds, 2))
+    exact, source = measured_block_times(measured, "cpu", size, small, H100)
     assert exact == seconds and source == "measured"
-    assert measured_block_times("another gpu", size, small, H100) is None  # kept per device
-    scaled, source = measured_block_times("cpu", size, large, H100)
+    assert measured_block_times(measured, "another gpu", size, small, H100) is None  # kept per device
+    scaled, source = measured_block_times(measured, "cpu", size, large, H100)
     assert source == "scaled from the measurement at 512×512"
     now, then = estimated_block_times(size, large, H100), estimated_block_times(size, small, H100)
     ratio = [n / t for n, t in zip(now, then, strict=True)]
     assert scaled == pytest.approx([m * r for m, r in zip(seconds, ratio, strict=True)])
     assert all(r > 1 for r in ratio)  # more tokens, more compute
     # The nearest measured shape is the basis: a 1024² measurement serves 2048² rather than the 512² one.
-    record_block_times("cpu", size, Workload(height=1024, width=1024), BlockTimes(seconds, 2))
-    assert measured_block_times("cpu", size, large, H100)[1] == "scaled from the measurement at 1024×1024"
+    measured.record("cpu", size, Workload(height=1024, width=1024), BlockTimes(seconds, 2))
+    assert (
+        measured_block_times(measured, "cpu", size, large, H100)[1]
+        == "scaled from the measurement at 1024×1024"
+    )
 
 
 def _clock(n: int = 3) -> BlockClock:
@@ -167,12 +171,12 @@ def test_a_new_shape_is_measured_afresh_and_the_old_measurement_kept():
         for _ in range(2):
             run(pipe, kwargs)
         assert handle.replan(second) is False  # model mode: the placement does not depend on the shape
-        assert measured_block_times("cpu", size, first, H100)[1] == "measured"
+        assert measured_block_times(handle.measurements, "cpu", size, first, H100)[1] == "measured"
         assert handle.block_times() == {}  # the clocks start again for the new shape
-        assert measured_block_times("cpu", size, second, H100)[1].startswith("scaled")
+        assert measured_block_times(handle.measurements, "cpu", size, second, H100)[1].startswith("scaled")
         for _ in range(2):
             run(pipe, kwargs, height=128, width=128)
         assert "transformer" in handle.block_times()
-        assert measured_block_times("cpu", size, second, H100)[1] == "measured"
+        assert measured_block_times(handle.measurements, "cpu", size, second, H100)[1] == "measured"
     finally:
         handle.remove()

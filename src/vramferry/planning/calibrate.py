@@ -1,9 +1,12 @@
 """Measure the device the planner plans for: host→device bandwidth, and the compute time of each DiT block.
 
-Bandwidth is probed once per device. Block times are measured by the runtime during a pipeline's first DiT
-calls (CUDA events around every block, see :class:`~vramferry.runtime.blockclock.BlockClock`) and kept here per device,
-component and request shape. A plan for a shape that was measured uses the measured times; a plan for another
-shape scales the nearest measurement by the cost model's ratio between the two shapes, so one measured request
+The bandwidth is probed by the runtime (:func:`~vramferry.runtime.probe.device_profile`) and kept with the block
+times.
+
+Block times are measured by the runtime during a pipeline's first DiT calls (CUDA events around every block, see
+:class:`~vramferry.runtime.blockclock.BlockClock`) and kept in a :class:`Measurements` per device, component and
+request shape: data that the handle owns and hands to the planner, never module state. A plan for a shape
+that was measured uses the measured times; a plan for another shape scales the nearest measurement by the cost model's ratio between the two shapes, so one measured request
 corrects the model for every shape on that device.
 """
 
@@ -11,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -33,11 +36,6 @@ class BlockTimes:
     calls: int
 
 
-# (device name, component key, shape key) -> BlockTimes. Per process: a new process measures again, during
-# its first request, at no extra cost.
-_MEASURED: dict[tuple, BlockTimes] = {}
-
-
 def _component_key(size: ComponentSize) -> tuple:
     return (size.name, size.bytes, size.block_bytes)
 
@@ -47,16 +45,28 @@ def shape_key(workload: Workload) -> tuple:
     return (workload.height, workload.width, workload.num_frames, workload.batch, workload.text_tokens)
 
 
-def record_block_times(device_name: str, size: ComponentSize, workload: Workload, times: BlockTimes) -> None:
-    """Keep ``times``, measured on ``device_name`` for the DiT ``size`` running requests shaped like ``workload``."""
-    if len(times.seconds) != len(size.block_bytes):
-        raise ValueError(f"{size.name}: {len(times.seconds)} block times for {len(size.block_bytes)} blocks")
-    _MEASURED[(device_name, _component_key(size), shape_key(workload))] = times
+@dataclass
+class Measurements:
+    """What was measured on devices, as data the planner takes (``plan(..., measured=...)``): per device name,
+    component and request shape, the DiT block times. A handle keeps its own (:attr:`OffloadHandle.measurements
+    <vramferry.api.OffloadHandle.measurements>`) and passes it on when it re-plans; pass one to
+    ``apply(..., measured=...)`` to start a new handle from what another one measured."""
 
+    block_times: dict[tuple, BlockTimes] = field(default_factory=dict)
+    h2d_bytes_per_s: dict[str, float] = field(default_factory=dict)  # device name -> pinned bandwidth
 
-def forget_block_times() -> None:
-    """Drop every measurement (tests; or after changing clocks or drivers)."""
-    _MEASURED.clear()
+    def record(self, device_name: str, size: ComponentSize, workload: Workload, times: BlockTimes) -> None:
+        """Keep ``times``, measured on ``device_name`` for the DiT ``size`` running requests like ``workload``."""
+        if len(times.seconds) != len(size.block_bytes):
+            raise ValueError(
+                f"{size.name}: {len(times.seconds)} block times for {len(size.block_bytes)} blocks"
+            )
+        self.block_times[(device_name, _component_key(size), shape_key(workload))] = times
+
+    def shapes(self, device_name: str, size: ComponentSize) -> dict[tuple, BlockTimes]:
+        """The measured shapes of the DiT ``size`` on ``device_name``, by :func:`shape_key`."""
+        component = _component_key(size)
+        return {k[2]: v for k, v in self.block_times.items() if k[0] == device_name and k[1] == component}
 
 
 def _shaped(workload: Workload, key: tuple) -> Workload:
@@ -74,7 +84,7 @@ def _tokens(size: ComponentSize, work: Workload) -> float:
 
 
 def measured_block_times(
-    device_name: str, size: ComponentSize, workload: Workload, device: DeviceProfile
+    measured: Measurements, device_name: str, size: ComponentSize, workload: Workload, device: DeviceProfile
 ) -> tuple[tuple[float, ...], str] | None:
     """Block times for ``size`` under ``workload`` from this device's measurements, and where they came from.
 
@@ -84,8 +94,7 @@ def measured_block_times(
     """
     from .costmodel import estimated_block_times
 
-    component = _component_key(size)
-    found = {k[2]: v for k, v in _MEASURED.items() if k[0] == device_name and k[1] == component}
+    found = measured.shapes(device_name, size)
     if not found:
         return None
     wanted = shape_key(workload)
@@ -101,7 +110,7 @@ def measured_block_times(
 
 
 def with_measured_times(
-    workload: Workload, inventory: Inventory, device_name: str, device: DeviceProfile
+    workload: Workload, inventory: Inventory, measured: Measurements, device_name: str, device: DeviceProfile
 ) -> tuple[Workload, dict[str, str]]:
     """``workload`` with ``block_compute_s`` filled from this device's measurements where the caller gave none,
     and per DiT where its times came from."""
@@ -110,7 +119,7 @@ def with_measured_times(
     for size in inventory.components:
         if size.role != "dit" or not size.block_bytes or size.name in times:
             continue
-        found = measured_block_times(device_name, size, workload, device)
+        found = measured_block_times(measured, device_name, size, workload, device)
         if found is not None:
             times[size.name], sources[size.name] = found
     if not sources:

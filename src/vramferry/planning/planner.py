@@ -24,6 +24,7 @@ from ..discovery.inventory import ComponentSize, Inventory
 from ..discovery.shapes import DitShape
 from ..errors import BudgetError, PlanError
 from ..units import format_bytes, parse_bytes
+from .calibrate import Measurements, with_measured_times
 from .context import PlanContext
 from .costmodel import (
     ENCODER_PHASE,
@@ -226,6 +227,8 @@ def plan(
     device: DeviceProfile | None = None,
     workload: Workload | None = None,
     free_bytes: int | None = None,
+    measured: Measurements | None = None,
+    device_name: str | None = None,
 ) -> Plan:
     """Place every component and DiT block for ``config.mode`` within the budget.
 
@@ -237,6 +240,11 @@ def plan(
             preset for timings, and no memory limit of its own.
         workload: the request the plan is sized for; default :func:`default_workload`.
         free_bytes: free device memory now; the base of ``"80%"`` and of an unset budget.
+        measured: block times measured on ``device_name`` (a handle's :attr:`~vramferry.api.OffloadHandle.
+            measurements`): they replace the cost model's estimates where the workload gives none, scaled from
+            the nearest measured shape; the plan's notes say where each DiT's times came from.
+        device_name: the name the measurements were recorded under (``torch.cuda.get_device_name``); default:
+            the device profile's name.
 
     Returns:
         A :class:`Plan` with its predicted peak, step and request times.
@@ -247,6 +255,10 @@ def plan(
     """
     profile = device if device is not None else profile_from()
     work = workload if workload is not None else default_workload(inventory)
+    sources: dict[str, str] = {}
+    if measured is not None:
+        device_name = device_name or profile.name
+        work, sources = with_measured_times(work, inventory, measured, device_name, profile)
     budget, budget_text = resolve_budget(config, device=device, free_bytes=free_bytes)
     # Plans place allocations; the caching allocator reserves a little more (see reserved_bytes).
     expandable = profile.expandable_segments
@@ -272,7 +284,8 @@ def plan(
         predicted_peak_bytes=reserved_bytes(outcome.peak, expandable),
         predicted_step_s=outcome.step_s,
         predicted_request_s=outcome.request_s,
-        notes=tuple(_notes(ctx, choices, outcome, budget_text, device is None)),
+        notes=tuple(_notes(ctx, choices, outcome, budget_text, device is None))
+        + tuple(f"{name}: block compute {source} on {device_name}" for name, source in sources.items()),
         activation_bytes=activations,
         weight_budget_bytes=None
         if budget is None

@@ -4,7 +4,6 @@ the planner)."""
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import os
 import time
@@ -21,9 +20,8 @@ logger = logging.getLogger(__name__)
 _PROBE_BYTES = 256 * 2**20
 
 
-@functools.lru_cache(maxsize=8)
 def measure_h2d_bandwidth(device: torch.device, nbytes: int = _PROBE_BYTES) -> float:
-    """Pinned host→device bytes per second, measured once per device and cached."""
+    """Pinned host→device bytes per second (256 MiB copied four times)."""
     host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
     dev = torch.empty(nbytes, dtype=torch.uint8, device=device)
     dev.copy_(host, non_blocking=True)
@@ -37,14 +35,15 @@ def measure_h2d_bandwidth(device: torch.device, nbytes: int = _PROBE_BYTES) -> f
     return nbytes * reps / seconds
 
 
-def device_profile(device: torch.device):
-    """A :class:`~vramferry.planning.devices.DeviceProfile` for ``device``: the preset matching its name, with the
-    bandwidth measured here."""
+def device_profile(device: torch.device, bandwidth: float | None = None):
+    """A :class:`~vramferry.planning.devices.DeviceProfile` for ``device``: the preset matching its name, with its
+    memory and the host→device ``bandwidth`` (probed here when not given)."""
     from .devices import profile_from
 
     name = torch.cuda.get_device_name(device)
     total = torch.cuda.get_device_properties(device).total_memory
-    bandwidth = measure_h2d_bandwidth(device)
+    if bandwidth is None:
+        bandwidth = measure_h2d_bandwidth(device)
     logger.info("calibrated %s: %.1f GB/s host->device", name, bandwidth / 1e9)
     try:
         profile = profile_from(gpu=name, bandwidth=bandwidth, memory=total)
