@@ -317,7 +317,7 @@ def apply(
     """
     from .discovery.inventory import inventory_of
     from .discovery.roles import discover
-    from .planning.planner import default_workload
+    from .planning.planner import default_workload, with_schedule
     from .runtime.install import check_weights_materialised
     from .units import parse_bytes
 
@@ -343,7 +343,7 @@ def apply(
     planning = _Planning(inventory, profile, free, work, name, measured)
     if plan is not None:
         _check_plan(plan, modules)
-        the_plan = plan
+        the_plan = plan if plan.schedule else with_schedule(plan, inventory, config)
     else:
         the_plan, planning.sources = _make_plan(planning, config, work)
     pin_limit = parse_bytes(config.host_memory_limit) if config.host_memory_limit is not None else None
