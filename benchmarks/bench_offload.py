@@ -193,8 +193,8 @@ def log_model_prediction(s: str, handle, overhead: float) -> None:
     """The planner's view of the same run: predicted peak, and predicted overhead over its resident plan."""
     from vramferry.planning.planner import plan
 
-    p = handle._planning
-    resident = plan(p.inventory, vramferry.OffloadConfig(mode="none"), device=p.profile, workload=p.workload)
+    config = vramferry.OffloadConfig(mode="none")
+    resident = plan(handle.inventory, config, device=handle.device_profile, workload=handle.workload)
     predicted = handle.plan.predicted_request_s - resident.predicted_request_s
     log(s, "model_predicted_peak_GB", round(handle.plan.predicted_peak_bytes / GB, 2))
     log(s, "model_predicted_overhead_s", round(predicted, 3))
@@ -233,7 +233,7 @@ def flux_layerwise(bw: float) -> None:
         peaks(s, f"resident_{tokens}tok")
     holder = _Holder(model)
     handle = apply(holder, vramferry.OffloadConfig(mode="layerwise"))
-    streamed = sum(u.nbytes for st in handle._runtime.states if st.streamer for u in st.streamer.units)
+    streamed = sum(u.nbytes for u in handle.units() if u.kind == "block")
     log(s, "streamed_GB_per_step", round(streamed / GB, 3))
     log(s, "floor_step_s", round(streamed / bw, 4))
     free_all()
@@ -279,9 +279,7 @@ def omnigen2(bw: float) -> None:
     handle = apply(pipe, vramferry.OffloadConfig(mode="model"))
     free_all()
     with torch.inference_mode():
-        timed(
-            pipe, 2
-        )  # the first request teaches the scheduler the order (no prefetch yet); then steady state
+        timed(pipe, 2)  # the first request loads everything; then steady state
         reset_peak()
         handle.reset_stats()
         t_model = statistics.median(timed(pipe, 3))
@@ -390,15 +388,13 @@ def _estimate_only_step(handle) -> float:
     """The step the cost model alone (no measured block times) predicts for the placement ``handle`` runs."""
     from vramferry.planning.costmodel import Choice, PipelineCost, allocatable_bytes
 
-    p, plan = handle._planning, handle.plan
-    work = dataclasses.replace(p.workload, block_compute_s={})
-    budget = (
-        allocatable_bytes(plan.budget_bytes, p.profile.expandable_segments) if plan.budget_bytes else None
-    )
-    cost = PipelineCost(p.inventory.components, p.inventory.order, p.profile, work, budget)
+    plan, profile, inventory = handle.plan, handle.device_profile, handle.inventory
+    work = dataclasses.replace(handle.workload, block_compute_s={})
+    budget = allocatable_bytes(plan.budget_bytes, profile.expandable_segments) if plan.budget_bytes else None
+    cost = PipelineCost(inventory.components, inventory.order, profile, work, budget)
     choices = {}
     for c in plan.components:
-        size = p.inventory.get(c.name)
+        size = inventory.get(c.name)
         blocks = c.blocks or (c.placement,) * len(size.block_bytes)
         choices[c.name] = Choice(c.placement, blocks, c.prefetch_depth)
     return cost.evaluate(choices).step_s

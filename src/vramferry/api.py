@@ -10,11 +10,13 @@ from typing import Any
 import torch
 
 from .config import OffloadConfig
+from .discovery.inventory import Inventory
 from .discovery.modules import PipelineModules
 from .errors import ConflictError, DeviceError, OffloadError, PlanError
 from .planning.calibrate import BlockTimes, Measurements, shape_key, with_measured_times
-from .planning.devices import profile_from
+from .planning.devices import DeviceProfile, profile_from
 from .planning.plan import Plan
+from .planning.workload import Workload
 from .runtime.install import Runtime
 from .runtime.probe import device_profile
 from .runtime.transfer import TransferCounters
@@ -76,12 +78,14 @@ class UnitInfo:
         name: ``"<component>:resident"``, ``"<component>:swap"``, ``"<component>.<block path>"`` (a streamed
             block) or ``"shared"`` (tensors reached from several units, kept on the device).
         component: the component it belongs to (``""`` for ``"shared"``).
+        kind: ``"resident"``, ``"swap"``, ``"block"`` (streamed) or ``"shared"``.
         nbytes: its packed size (each tensor aligned to 512 bytes): what one copy of it moves.
         where: ``"device"`` or ``"host"``: where its weights are bound right now.
     """
 
     name: str
     component: str
+    kind: str
     nbytes: int
     where: str
 
@@ -120,6 +124,21 @@ class OffloadHandle:
     def active(self) -> bool:
         return not self._removed
 
+    @property
+    def inventory(self) -> Inventory:
+        """The pipeline's sizes as the planner sees them (components, blocks, request order)."""
+        return self._planning.inventory
+
+    @property
+    def workload(self) -> Workload:
+        """The request shape the current plan was made for."""
+        return self._planning.workload
+
+    @property
+    def device_profile(self) -> DeviceProfile | None:
+        """The speeds and memory the plan was made for (``None`` on the CPU: a GPU preset's timings)."""
+        return self._planning.profile
+
     def stats(self) -> OffloadStats:
         """Counters since apply (or the last :meth:`reset_stats`). Synchronises the device once to read timers."""
         runtime = self._runtime
@@ -153,10 +172,8 @@ class OffloadHandle:
     def units(self) -> list[UnitInfo]:
         """Every unit of the host store, with its size and where its weights are bound now."""
         return [
-            UnitInfo(
-                u.name, u.name.partition(":")[0].partition(".")[0] if u.name != "shared" else "", u.nbytes, w
-            )
-            for u, w in ((u, "device" if u.on_device else "host") for u in self._runtime.all_units())
+            UnitInfo(unit.name, component, kind, unit.nbytes, "device" if unit.on_device else "host")
+            for component, kind, unit in self._runtime.described_units()
         ]
 
     def block_times(self) -> dict[str, BlockTimes]:

@@ -172,6 +172,19 @@ class Runtime:
             units.append(self.shared)
         return units
 
+    def described_units(self) -> list[tuple[str, str, Unit]]:
+        """Every unit as ``(component, kind, unit)``; kind is ``resident``, ``swap``, ``block`` or ``shared``."""
+        found = []
+        for state in self.states:
+            found += [
+                (state.name, kind, u) for kind, u in (("resident", state.resident), ("swap", state.swap)) if u
+            ]
+            if state.streamer is not None:
+                found += [(state.name, "block", u) for u in state.streamer.units]
+        if self.shared is not None:
+            found.append(("", "shared", self.shared))
+        return found
+
     def units_by_module(self) -> dict[int, list[Unit]]:
         """Module id -> the units holding its own tensors."""
         owners: dict[int, list[Unit]] = {}
