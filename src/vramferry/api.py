@@ -9,10 +9,11 @@ from typing import Any
 
 import torch
 
+from .compat import check_foreign_hooks, check_plan, patch_execution_device, request_order_of, resolve_device
 from .config import OffloadConfig
 from .discovery.inventory import Inventory
 from .discovery.modules import PipelineModules
-from .errors import ConflictError, DeviceError, OffloadError, PlanError
+from .errors import ConflictError, OffloadError, PlanError
 from .planning.calibrate import BlockTimes, Measurements, shape_key, with_measured_times
 from .planning.devices import DeviceProfile, profile_from
 from .planning.plan import Plan
@@ -81,6 +82,7 @@ class UnitInfo:
         kind: ``"resident"``, ``"swap"``, ``"block"`` (streamed) or ``"shared"``.
         nbytes: its packed size (each tensor aligned to 512 bytes): what one copy of it moves.
         where: ``"device"`` or ``"host"``: where its weights are bound right now.
+        stages: for a staged swapped part (a DiT's), how many stages its copy is issued in; 0 otherwise.
     """
 
     name: str
@@ -88,6 +90,7 @@ class UnitInfo:
     kind: str
     nbytes: int
     where: str
+    stages: int = 0
 
 
 _LIVE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # pipeline or module -> live handle
@@ -172,7 +175,9 @@ class OffloadHandle:
     def units(self) -> list[UnitInfo]:
         """Every unit of the host store, with its size and where its weights are bound now."""
         return [
-            UnitInfo(unit.name, component, kind, unit.nbytes, "device" if unit.on_device else "host")
+            UnitInfo(
+                unit.name, component, kind, unit.nbytes, "device" if unit.on_device else "host", len(unit.stages)
+            )
             for component, kind, unit in self._runtime.described_units()
         ]
 
@@ -344,9 +349,9 @@ def apply(
     _check_live(pipeline)
     device = resolve_device(config)
     modules = discover(pipeline, strict=config.strict, block_attrs=dict(config.block_attrs) or None)
-    _check_modules(modules)
+    check_foreign_hooks(modules, _LIVE)
     check_weights_materialised(modules)
-    inventory = inventory_of(modules, _order(config, modules))
+    inventory = inventory_of(modules, request_order_of(config, modules))
     if plan is not None and workload is not None:
         raise PlanError("apply: give either plan= or workload= (the plan was sized for its own workload)")
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
@@ -359,7 +364,7 @@ def apply(
     work = workload if workload is not None else default_workload(inventory)
     planning = _Planning(inventory, profile, free, work, name, measured)
     if plan is not None:
-        _check_plan(plan, modules)
+        check_plan(plan, modules)
         the_plan = plan if plan.schedule else with_schedule(plan, inventory, config)
     else:
         the_plan, planning.sources = _make_plan(planning, config, work)
@@ -367,7 +372,7 @@ def apply(
     runtime = Runtime(
         modules, the_plan, device=device, pin=config.pin_memory, pin_limit=pin_limit, verify=config.verify
     )
-    patched = _patch_execution_device(pipeline, device)
+    patched = patch_execution_device(pipeline, device)
     handle = OffloadHandle(pipeline, config, modules, the_plan, runtime, patched)
     handle._planning = planning
     _LIVE[pipeline] = handle
@@ -420,44 +425,6 @@ def _make_plan(planning: _Planning, config: OffloadConfig, workload: Any) -> tup
     return the_plan, sources
 
 
-def resolve_device(config: OffloadConfig) -> torch.device:
-    """The execution device with an explicit index, or a :class:`DeviceError` saying what to do."""
-    device = config.device
-    if device.type == "cpu":
-        return device
-    if device.type != "cuda":
-        raise DeviceError(f"onload_device {device} is not supported; use 'cuda', 'cuda:N' or 'cpu'")
-    if not torch.cuda.is_available():
-        build = "a CPU-only build" if torch.version.cuda is None else "a CUDA build, but no GPU is visible"
-        raise DeviceError(
-            f"onload_device is {device} but CUDA is not available (torch {torch.__version__} is {build}). "
-            "Pass onload_device='cpu' to run the offload machinery on the CPU, or run on a machine with a GPU."
-        )
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index >= torch.cuda.device_count():
-        raise DeviceError(
-            f"onload_device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible"
-        )
-    return torch.device("cuda", index)
-
-
-def _order(config: OffloadConfig, modules: PipelineModules) -> tuple[str, ...]:
-    """The request order the schedule follows: ``config.order`` when given (every name a component), else
-    discovery's."""
-    if not config.order:
-        return modules.order
-    names = []
-    for name in config.order:
-        try:
-            names.append(modules.get(name).name)
-        except KeyError:
-            found = ", ".join(c.name for c in modules.components())
-            raise PlanError(
-                f"order: {name!r} is not a component of {modules.pipeline_class}; its components: {found}"
-            ) from None
-    return tuple(names)
-
-
 def _check_live(pipeline: object) -> None:
     try:
         live = _LIVE.get(pipeline)
@@ -467,73 +434,3 @@ def _check_live(pipeline: object) -> None:
         raise ConflictError(
             f"{type(pipeline).__name__} is already offloaded by {live!r}; call handle.remove() before applying again"
         )
-
-
-def _check_modules(modules: PipelineModules) -> None:
-    for component in modules.components():
-        live = _LIVE.get(component.module)
-        if live is not None:
-            raise ConflictError(
-                f"{component.name} ({type(component.module).__name__}) is already offloaded by {live!r} through "
-                "another pipeline; call that handle's remove() first"
-            )
-        for path, module in component.module.named_modules():
-            where = f"{component.name}.{path}".rstrip(".")
-            if hasattr(module, "_hf_hook"):
-                raise ConflictError(
-                    f"{where} carries an accelerate hook (enable_model_cpu_offload, enable_sequential_cpu_offload or "
-                    "a device_map); call pipe.remove_all_hooks() (or accelerate's remove_hook_from_module) first"
-                )
-            registry = getattr(module, "_diffusers_hook", None)
-            if registry is not None and getattr(registry, "hooks", None):
-                raise ConflictError(
-                    f"{where} carries diffusers hooks ({', '.join(registry.hooks)}), e.g. group offloading; "
-                    "remove them before applying vramferry"
-                )
-
-
-def _check_plan(the_plan: Plan, modules: PipelineModules) -> None:
-    """A given plan must place exactly the discovered components, blocks one by one where it places them."""
-    if not isinstance(the_plan, Plan):
-        raise PlanError(f"apply: plan must be a vramferry Plan, got {type(the_plan).__name__}")
-    planned = [c.name for c in the_plan.components]
-    found = [c.name for c in modules.components()]
-    missing, extra = [n for n in found if n not in planned], [n for n in planned if n not in found]
-    if missing or extra or len(set(planned)) != len(planned):
-        raise PlanError(
-            f"apply: the plan does not match {modules.pipeline_class}: it places {', '.join(planned) or 'nothing'}, "
-            f"discovery found {', '.join(found) or 'nothing'}"
-            + (f"; missing: {', '.join(missing)}" if missing else "")
-            + (f"; unknown: {', '.join(extra)}" if extra else "")
-            + ". Make the plan for this pipeline (vramferry.planning.plan on its inventory)."
-        )
-    for cplan in the_plan.components:
-        blockset = modules.blocks_of(cplan.name)
-        count = len(blockset.blocks) if blockset is not None else 0
-        if cplan.blocks and len(cplan.blocks) != count:
-            raise PlanError(
-                f"apply: the plan places {len(cplan.blocks)} blocks of {cplan.name}, but discovery found {count}"
-            )
-
-
-def _patch_execution_device(pipeline: object, device: torch.device) -> type | None:
-    """Make a diffusers pipeline create its latents and embeddings on the execution device.
-
-    diffusers infers ``_execution_device`` from where the components' weights are, which is the host for
-    offloaded ones. A subclass with the property fixed is swapped in (same name and module) and swapped back
-    by ``remove()``.
-    """
-    cls = type(pipeline)
-    if not isinstance(getattr(cls, "_execution_device", None), property):
-        return None
-    patched = type(
-        cls.__name__,
-        (cls,),
-        {
-            "__module__": cls.__module__,
-            "__qualname__": cls.__qualname__,
-            "_execution_device": property(lambda self: device),
-        },
-    )
-    pipeline.__class__ = patched
-    return cls

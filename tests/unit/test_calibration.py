@@ -75,7 +75,7 @@ def test_recorded_block_times_replace_the_estimate_when_replanning():
     work = Workload(height=64, width=64, steps=2)
     handle = apply(pipe, _cfg("auto"), workload=work)
     try:
-        size = handle._planning.inventory.get("transformer")
+        size = handle.inventory.get("transformer")
         before = handle.plan.predicted_step_s
         handle.measurements.record("cpu", size, work, BlockTimes((1.0,) * len(size.block_bytes), calls=2))
         assert handle.replan() is False
@@ -167,7 +167,7 @@ def test_a_new_shape_is_measured_afresh_and_the_old_measurement_kept():
     first, second = Workload(height=64, width=64, steps=2), Workload(height=128, width=128, steps=2)
     handle = apply(pipe, _cfg("model"), workload=first)
     try:
-        size = handle._planning.inventory.get("transformer")
+        size = handle.inventory.get("transformer")
         for _ in range(2):
             run(pipe, kwargs)
         assert handle.replan(second) is False  # model mode: the placement does not depend on the shape

@@ -14,28 +14,31 @@ from vramferry.api import apply
 
 def _layerwise(pipe, depth=2, **kw):
     cfg = vramferry.OffloadConfig(mode="layerwise", onload_device="cpu", prefetch_depth=depth, **kw)
-    handle = apply(pipe, cfg)
-    for state in handle._runtime.states:
-        if state.streamer is not None:
-            state.streamer.keep_trace = True
-    return handle
+    return apply(pipe, cfg)
 
 
-def _streamer(handle, name):
-    return next(s.streamer for s in handle._runtime.states if s.name == name)
+def _block_units(handle, component):
+    return [u for u in handle.units() if u.kind == "block" and u.component == component]
+
+
+def _blocks(handle, component, module):
+    """The streamed blocks of ``component`` (whose module is ``module``), in execution order."""
+    return [module.get_submodule(u.name.partition(".")[2]) for u in _block_units(handle, component)]
 
 
 def test_flux_streams_both_block_lists_in_order_and_wraps():
     pipe, kwargs = DIFFUSERS_PIPELINES["flux"]()
     handle = _layerwise(pipe, depth=1)
-    streamer = _streamer(handle, "transformer")
-    names = [u.name for u in streamer.units]
+    units = _block_units(handle, "transformer")
+    names = [u.name for u in units]
     assert names == ["transformer.transformer_blocks.0", "transformer.single_transformer_blocks.0"]
     run(pipe, kwargs)
-    n = len(streamer.units)
-    # Copies are issued in ring order: 0, 1, 0, 1, ... (the ring wraps into the next step).
-    assert streamer.load_order[: 2 * n] == [i % n for i in range(2 * n)]
-    assert handle.stats().sync_loads == 0
+    stats = handle.stats()
+    # Every block was prefetched in ring order before it ran (none loaded on demand): each DiT call copied every
+    # block once, and the ring wrapped ahead into a next call by at most its depth + 1 slots.
+    assert stats.sync_loads == 0
+    calls = len(units) * stats.dit_calls
+    assert calls <= stats.blocks_streamed <= calls + 2
     handle.remove()
 
 
@@ -45,9 +48,12 @@ def test_wan_has_one_ring_per_expert():
     handle = _layerwise(pipe)
     got = run(pipe, kwargs)
     np.testing.assert_array_equal(got["frames"], expected["frames"])
-    assert _streamer(handle, "transformer").load_order
-    assert _streamer(handle, "transformer_2").load_order
+    stats = handle.stats()
     handle.remove()
+    experts = [_block_units(handle, name) for name in ("transformer", "transformer_2")]
+    assert all(experts) and stats.sync_loads == 0
+    # Each expert streams its own blocks, every call: the copies add up to both rings' bytes per call at least.
+    assert stats.bytes_h2d >= min(sum(u.nbytes for u in units) for units in experts) * stats.dit_calls
 
 
 def test_bagel_residents_stay_loaded_while_blocks_stream():
@@ -55,7 +61,7 @@ def test_bagel_residents_stay_loaded_while_blocks_stream():
     expected = pipe(**kwargs)
     handle = _layerwise(pipe)
     assert torch.equal(pipe(**kwargs), expected)
-    placement = handle._runtime.placement()
+    placement = {u.name: u.where for u in handle.units()}
     residents = [c.name for c in handle.modules.resident]
     assert residents
     for name in residents:
@@ -72,8 +78,7 @@ def test_skipped_blocks_are_correct_and_counted():
     """A cache method that skips blocks: the ring restarts from the block that does run."""
     pipe, kwargs, dit = _dit_pipeline()
     handle = _layerwise(pipe, depth=1)
-    streamer = _streamer(handle, "transformer")
-    blocks = [u.extra["module"] for u in streamer.units]
+    blocks = _blocks(handle, "transformer", dit)
     x = torch.randn(1, 16, 32)
     reference = [b(x) for b in blocks]  # in order (loads as expected)
     sync_before = handle.stats().sync_loads
@@ -87,15 +92,15 @@ def test_skipped_blocks_are_correct_and_counted():
 def test_out_of_order_blocks_are_correct():
     pipe, kwargs, dit = _dit_pipeline()
     handle = _layerwise(pipe, depth=2)
-    streamer = _streamer(handle, "transformer")
-    blocks = [u.extra["module"] for u in streamer.units]
+    blocks = _blocks(handle, "transformer", dit)
     x = torch.randn(1, 16, 32)
     reference = [b(x) for b in blocks]
+    loaded = []
     for i in reversed(range(len(blocks))):
         assert torch.equal(blocks[i](x), reference[i])
+        loaded.append(sum(u.where == "device" for u in _block_units(handle, "transformer")))
     # Memory stays bounded by the slots: at most depth + 1 blocks are bound to the device at once.
-    loaded = sum(u.on_device for u in streamer.units)
-    assert loaded <= streamer.depth + 1
+    assert max(loaded) <= handle.plan.get("transformer").prefetch_depth + 1
     handle.remove()
 
 
@@ -103,12 +108,20 @@ def test_out_of_order_blocks_are_correct():
 def test_slots_are_fixed_and_reused(depth):
     pipe, kwargs, dit = _dit_pipeline()
     handle = _layerwise(pipe, depth=depth)
-    streamer = _streamer(handle, "transformer")
-    seen = []
-    dit.register_forward_hook(lambda m, a, o: seen.append([s.buffer.data_ptr() for s in streamer.slots]))
+    blocks = _blocks(handle, "transformer", dit)
+    calls = []
+    dit.register_forward_pre_hook(lambda m, a: calls.append(set()))
+    # Registered after vramferry's hooks: the block's weights are bound to its slot when this runs.
+    hooks = [
+        b.register_forward_pre_hook(lambda m, a: calls[-1].add(next(m.parameters()).data_ptr()))
+        for b in blocks
+    ]
     pipe(**{**kwargs, "num_inference_steps": 3})
-    assert len(seen) == 3 and seen[0] == seen[1] == seen[2]
-    assert len(seen[0]) == min(depth, len(streamer.units) - 1) + 1
+    for hook in hooks:
+        hook.remove()
+    # The weights of every block land in one of the same depth + 1 device buffers, call after call.
+    assert len(calls) == 3 and calls[0] == calls[1] == calls[2]
+    assert len(calls[0]) == min(depth, len(blocks) - 1) + 1
     handle.remove()
 
 
@@ -160,7 +173,7 @@ def test_slot_memory_never_exceeds_depth_plus_one_largest_blocks(monkeypatch):
         mode="layerwise", onload_device="cpu", prefetch_depth=1, block_attrs={"transformer": ("big", "small")}
     )
     handle = apply(pipe, cfg)
-    sizes = {u.nbytes for u in _streamer(handle, "transformer").units}
+    sizes = {u.nbytes for u in _block_units(handle, "transformer")}
     assert len(sizes) == 2
     live, peak, empty = [], [0], torch.empty
 

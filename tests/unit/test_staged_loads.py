@@ -10,7 +10,7 @@ import vramferry
 import vramferry.runtime.install
 from pipelines.diffusers_pipes import DIFFUSERS_PIPELINES, assert_runs_equal, run
 from vramferry.api import apply
-from vramferry.errors import OffloadError
+from vramferry.runtime.store import Unit
 
 
 def _model(**kw) -> vramferry.OffloadConfig:
@@ -26,19 +26,34 @@ def test_stages_cover_the_unit_block_by_block_in_order(monkeypatch, stage_bytes)
     monkeypatch.setattr(vramferry.runtime.install, "STAGE_BYTES", stage_bytes)
     pipe, kwargs = DIFFUSERS_PIPELINES["flux"]()
     handle = apply(pipe, _model())
-    unit = handle._runtime.scheduler.by_name["transformer"].swap
-    stages, head = unit.stages, unit.head_bytes
-    other_units = [u for s in handle._runtime.states if s.name != "transformer" for u in (s.swap,) if u]
+    units = {u.name: u for u in handle.units()}
     handle.remove()
     blocks = _dit_blocks(pipe)
-    # Every block in exactly one stage, in execution order; the stages tile [head, end) of the unit.
-    assert [b for _end, group in stages for b in group] == blocks
-    ends = [end for end, _group in stages]
-    assert 0 < head < ends[0] and ends == sorted(ends) and ends[-1] == unit.nbytes
     # One block per stage when any size will do; all blocks in one stage when none reaches the minimum.
-    assert len(stages) == (len(blocks) if stage_bytes == 1 else 1)
+    assert units["transformer:swap"].stages == (len(blocks) if stage_bytes == 1 else 1)
     # Only a DiT's swapped part is staged.
-    assert other_units and all(not u.stages for u in other_units)
+    others = [u for name, u in units.items() if name != "transformer:swap"]
+    assert others and all(u.stages == 0 for u in others)
+
+
+def test_stages_tile_the_unit_block_by_block_in_order():
+    import torch
+
+    from vramferry.runtime.store import collect_refs
+
+    pipe, _kwargs = DIFFUSERS_PIPELINES["flux"]()
+    blocks = _dit_blocks(pipe)
+    claimed: dict = {}
+    head, _ = collect_refs(pipe.transformer, {id(b) for b in blocks}, claimed)
+    per_block = [(b, collect_refs(b, set(), claimed)[0]) for b in blocks]
+    unit = Unit("transformer:swap", head + [r for _b, refs in per_block for r in refs])
+    unit.set_stages(per_block, min_bytes=1)
+    # Every block in exactly one stage, in execution order; the stages tile [head, end) of the unit.
+    assert [b for _end, group in unit.stages for b in group] == blocks
+    ends = [end for end, _group in unit.stages]
+    assert 0 < unit.head_bytes < ends[0] and ends == sorted(ends) and ends[-1] == unit.nbytes
+    assert unit.nbytes >= sum(p.numel() * p.element_size() for p in pipe.transformer.parameters())
+    assert torch.is_tensor(head[0].current())
 
 
 def test_staged_dit_gives_the_same_output(monkeypatch):
@@ -50,28 +65,3 @@ def test_staged_dit_gives_the_same_output(monkeypatch):
         assert_runs_equal(pipe, kwargs, expected)
     finally:
         handle.remove()
-
-
-def test_verify_catches_a_block_weight_used_before_its_stage(monkeypatch):
-    """A DiT that reached into a block's submodules without calling the block would read weights whose part of
-    the copy was not waited for; verify names it."""
-    monkeypatch.setattr(vramferry.runtime.install, "STAGE_BYTES", 1)
-    pipe, kwargs = DIFFUSERS_PIPELINES["flux"]()
-    handle = apply(pipe, _model(verify=True))
-    try:
-        run(pipe, kwargs)
-        unit = handle._runtime.scheduler.by_name["transformer"].swap
-        block = pipe.transformer.single_transformer_blocks[0]
-        unit.stage_events[id(block)] = object()  # as right after a staged copy was issued on the GPU
-        with pytest.raises(OffloadError, match="before its block's part"):
-            block.norm(*_norm_inputs(block))
-    finally:
-        unit.stage_events.clear()
-        handle.remove()
-
-
-def _norm_inputs(block):
-    import torch
-
-    dim = block.norm.linear.in_features
-    return torch.zeros(1, 2, dim), torch.zeros(1, dim)

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from ..discovery.inventory import ComponentSize, Inventory
 from ..units import format_bytes
 from .plan import ComponentPlan, Placement, Plan
+from .schedule import Phase
 
 if TYPE_CHECKING:
     pass
@@ -60,5 +61,19 @@ def format_plan(plan: Plan, inventory: Inventory | None = None) -> str:
     ]
     if predicted:
         lines.append("predicted: " + ", ".join(predicted))
+    if plan.schedule:
+        lines.append("schedule (one request):")
+        lines.extend(f"  {format_phase(phase)}" for phase in plan.schedule)
     lines.extend(f"  - {note}" for note in plan.notes)
     return "\n".join(lines)
+
+
+def format_phase(phase: Phase) -> str:
+    """One line: ``vaes: drops transformer; vae (prefetches text_encoder)``."""
+    steps = []
+    for step in phase.steps:
+        acts = (["drops " + ", ".join(step.evict)] if step.evict else []) + (["loads"] if step.load else [])
+        acts += ["prefetches " + ", ".join(step.prefetch)] if step.prefetch else []
+        steps.append(step.component + (f" ({'; '.join(acts)})" if acts else ""))
+    begin = f"drops {', '.join(phase.evict)}; " if phase.evict else ""
+    return f"{phase.name}: {begin}{', '.join(steps)}"

@@ -52,8 +52,6 @@ class BlockStreamer:
         self.uniform = uniform
         self.slots: list[Slot] = []
         self.streaming = False
-        self.load_order: list[int] = []  # block indices in the order copies were issued (tests)
-        self.keep_trace = False
 
     @property
     def slot_bytes(self) -> int:
@@ -143,8 +141,6 @@ class BlockStreamer:
         self.mover.onload_async(unit, slot=slot.buffer, after=slot.free_event)
         slot.copied = unit.ready_event
         self.mover.counters.blocks_streamed += 1
-        if self.keep_trace:
-            self.load_order.append(i)
 
     def _slot_for(self, nbytes: int) -> Slot | None:
         """A free slot of exactly ``nbytes``, else a new one if fewer than ``depth + 1`` are occupied."""

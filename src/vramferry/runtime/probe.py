@@ -38,7 +38,7 @@ def measure_h2d_bandwidth(device: torch.device, nbytes: int = _PROBE_BYTES) -> f
 def device_profile(device: torch.device, bandwidth: float | None = None):
     """A :class:`~vramferry.planning.devices.DeviceProfile` for ``device``: the preset matching its name, with its
     memory and the host→device ``bandwidth`` (probed here when not given)."""
-    from .devices import profile_from
+    from ..planning.devices import profile_from
 
     name = torch.cuda.get_device_name(device)
     total = torch.cuda.get_device_properties(device).total_memory
