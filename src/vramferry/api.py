@@ -17,6 +17,7 @@ from .errors import ConflictError, OffloadError, PlanError
 from .planning.calibrate import BlockTimes, Measurements, shape_key, with_measured_times, workload_key
 from .planning.devices import DeviceProfile, profile_from
 from .planning.plan import Plan
+from .planning.planner import with_schedule
 from .planning.workload import Workload
 from .runtime.install import Runtime
 from .runtime.probe import device_profile
@@ -249,7 +250,7 @@ class OffloadHandle:
             del _LIVE[key]
         self._removed = True
 
-    def replan(self, workload: Any = None) -> bool:
+    def replan(self, workload: Any = None, *, plan: Plan | None = None) -> bool:
         """Plan again, for another request shape (resolution, frames, batch, steps) or with the block times
         measured since the last plan; re-place the weights on the device when the placement changes.
 
@@ -264,6 +265,8 @@ class OffloadHandle:
 
         Args:
             workload: the new request's :class:`~vramferry.planning.Workload`; ``None``: the current one.
+            plan: carry out this plan (made for this pipeline, as for :func:`apply`) instead of planning; it is
+                taken as given, without the keep-or-switch rule.
 
         Returns:
             True if the weights were re-placed, False if only the plan's predictions changed.
@@ -276,9 +279,14 @@ class OffloadHandle:
         self.block_times()  # keep what was measured under the current shape before planning another
         planning = self._planning
         work = workload if workload is not None else planning.workload
-        new, sources = self._cached_plan(work)
-        if new.placements != self.plan.placements:
-            new = self._kept_placement(new, work) or new
+        if plan is not None:
+            check_plan(plan, self.modules)
+            new = plan if plan.schedule else with_schedule(plan, planning.inventory, self.config)
+            sources = planning.sources
+        else:
+            new, sources = self._cached_plan(work)
+            if new.placements != self.plan.placements:
+                new = self._kept_placement(new, work) or new
         if new.placements == self.plan.placements:
             self.plan = new
             recorded = planning.recorded
@@ -301,18 +309,29 @@ class OffloadHandle:
         )
         return True
 
+    def prepare(self, workloads: Any) -> list[Plan]:
+        """Plan for each of ``workloads`` now (the plans are cached, so that a later :meth:`replan` to one of
+        these shapes costs no planning); the weights stay where they are. Returns the plans in order."""
+        return [self._cached_plan(work)[0] for work in workloads]
+
+    def plans(self) -> list[tuple[Workload, Plan]]:
+        """The plans made so far for the current measurements, each with the request shape it is for."""
+        count = len(self._planning.measured.block_times)
+        return [(work, made) for (key, n), (made, _s, work) in self._planning.plans.items() if n == count]
+
     def _cached_plan(self, work: Any) -> tuple[Plan, dict[str, str]]:
         """The plan for ``work``: made once per request shape and set of measurements, then reused."""
         planning = self._planning
         key = (workload_key(work), len(planning.measured.block_times))
         if key not in planning.plans:
-            planning.plans[key] = _make_plan(planning, self.config, work)
-        return planning.plans[key]
+            planning.plans[key] = (*_make_plan(planning, self.config, work), work)
+        made, sources, _work = planning.plans[key]
+        return made, sources
 
     def _kept_placement(self, new: Plan, work: Any) -> Plan | None:
         """The current placement priced for ``work``, when it fits and keeping it has cost less, over the
         requests at this shape so far, than switching to ``new`` would (bytes to copy over the bandwidth)."""
-        from .planning.planner import price, transition_bytes
+        from .planning.planner import keep_placement, price, transition_bytes
 
         planning = self._planning
         if self.plan.predicted_request_s is None or new.predicted_request_s is None:
@@ -327,15 +346,17 @@ class OffloadHandle:
             measured=planning.measured,
             device_name=planning.device_name,
         )
-        if kept is None or kept.predicted_request_s is None:
+        if kept is None:
             return None
         bandwidth = (planning.profile or profile_from()).h2d_bytes_per_s
         switch_s = transition_bytes(self.plan, new, planning.inventory) / bandwidth
         key = workload_key(work)
-        loss = planning.losses.get(key, 0.0) + max(0.0, kept.predicted_request_s - new.predicted_request_s)
-        if loss > switch_s:
+        lost = keep_placement(
+            kept.predicted_request_s, new.predicted_request_s, switch_s, planning.losses.get(key, 0.0)
+        )
+        if lost is None:
             return None
-        planning.losses[key] = loss
+        planning.losses[key] = lost
         return kept
 
     def __enter__(self) -> OffloadHandle:
@@ -449,7 +470,7 @@ class _Planning:
     measured: Measurements
     sources: dict[str, str] = field(default_factory=dict)
     recorded: set[str] = field(default_factory=set)
-    plans: dict[tuple, tuple[Plan, dict[str, str]]] = field(default_factory=dict)
+    plans: dict[tuple, tuple[Plan, dict[str, str], Any]] = field(default_factory=dict)
     losses: dict[tuple, float] = field(default_factory=dict)  # request seconds lost by keeping a placement
 
 

@@ -361,6 +361,26 @@ def transition_bytes(old: Plan, new: Plan, inventory: Inventory) -> int:
     return total
 
 
+def keep_placement(kept_s: float | None, new_s: float, switch_s: float, lost_s: float) -> float | None:
+    """Whether to keep the current placement for a request shape rather than switch to that shape's own plan:
+    a rent-or-buy rule, so that alternating shapes do not thrash and a run of one shape still switches.
+
+    Args:
+        kept_s: the predicted request seconds of the current placement at this shape; ``None``: it does not fit.
+        new_s: the predicted request seconds of the shape's own plan.
+        switch_s: what switching costs: the bytes becoming resident over the host→device bandwidth.
+        lost_s: the seconds lost so far by keeping the current placement at this shape.
+
+    Returns:
+        The seconds lost once this request is counted when keeping is cheaper so far (at most ``switch_s``
+        lost, then switching, costs at most twice the best choice made in hindsight); ``None``: switch.
+    """
+    if kept_s is None:
+        return None
+    lost = lost_s + max(0.0, kept_s - new_s)
+    return lost if lost <= switch_s else None
+
+
 def _resident_pieces(cplan: ComponentPlan, blocks: int) -> list[bool]:
     """Whether the non-block part, then each block, is resident under ``cplan``."""
     placements = cplan.blocks or (cplan.placement,) * blocks
