@@ -371,6 +371,91 @@ def auto(bw: float) -> None:
         pipe.to("cpu")
 
 
+SHAPES = (512, 1024, 768, 1536)
+
+
+def shapes(bw: float) -> None:
+    """Requests cycling 512², 1024², 768², 1536² three times under auto at 16 GB (4 steps each): re-placement on
+    the device, against the earlier behaviour (remove and apply again when the placement changes) in the same
+    run. Each request's time includes its replan."""
+    from fullsize import flux_pipeline
+
+    from vramferry.planning import Workload
+    from vramferry.planning.planner import transition_bytes
+
+    s, steps, budget = "shapes", 4, 16
+    pipe = flux_pipeline()
+    config = vramferry.OffloadConfig(mode="auto", vram_budget=f"{budget}GB")
+
+    def work(size: int) -> Workload:
+        return Workload(height=size, width=size, steps=steps)
+
+    def request(size: int) -> float:
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.inference_mode():
+            pipe(
+                prompt="a photo of a cat",
+                height=size,
+                width=size,
+                guidance_scale=3.5,
+                num_inference_steps=steps,
+                output_type="latent",
+                generator=torch.Generator().manual_seed(0),
+            )
+        torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    pipe.to("cpu")
+    for size in (SHAPES[0], SHAPES[-1]):  # the earlier behaviour: a new placement meant a new apply
+        free_all()
+        start = time.perf_counter()
+        handle = apply(pipe, config, workload=work(size))
+        log(s, f"baseline_{size}_apply_s", round(time.perf_counter() - start, 2))
+        log(s, f"baseline_{size}_request_s", round(request(size), 3))
+        handle.remove()
+        pipe.to("cpu")
+    free_all()
+    handle = apply(pipe, config, workload=work(SHAPES[0]))
+    start = time.perf_counter()
+    plans = handle.prepare([work(size) for size in SHAPES])
+    log(s, "prepare_s", round(time.perf_counter() - start, 3))
+    for size, made in zip(SHAPES, plans, strict=True):
+        blocks = made.get("transformer").blocks
+        log(
+            s, f"plan_{size}", f"{blocks.count(vramferry.planning.Placement.RESIDENT)}/{len(blocks)} resident"
+        )
+    steady = {}
+    for size in SHAPES:  # each shape's own placement, twice: the second request is the steady state
+        handle.replan(work(size))
+        request(size)
+        steady[size] = request(size)
+        log(s, f"steady_{size}_s", round(steady[size], 3))
+    torch.cuda.reset_peak_memory_stats()
+    rows, worst = [], 0.0
+    for _cycle in range(3):
+        for size in SHAPES:
+            before = handle.plan
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            replaced = handle.replan(work(size))
+            took = time.perf_counter() - start
+            took += request(size)
+            moved = transition_bytes(before, handle.plan, handle.inventory)
+            bound = steady[size] + moved / bw + 0.1
+            worst = max(worst, took - bound)
+            rows.append(
+                (size, replaced, round(took, 3), round(steady[size], 3), round(moved / GB, 2), took <= bound)
+            )
+    log(s, "cycle", rows)
+    log(s, "all_within_bound", all(r[-1] for r in rows))
+    log(s, "worst_excess_over_bound_s", round(worst, 3))
+    log(s, "peak_reserved_GB", round(torch.cuda.max_memory_reserved() / GB, 2))
+    log(s, "within_budget", torch.cuda.max_memory_reserved() <= budget * GB)
+    handle.remove()
+    pipe.to("cpu")
+
+
 def decode_peak(s: str, tag: str, pipe, call: dict, budget: float) -> None:
     """The step timings return latents; one whole request (VAE decode included) checks the decode phase."""
     torch.cuda.synchronize()

@@ -14,9 +14,10 @@ from .config import OffloadConfig
 from .discovery.inventory import Inventory
 from .discovery.modules import PipelineModules
 from .errors import ConflictError, OffloadError, PlanError
-from .planning.calibrate import BlockTimes, Measurements, shape_key, with_measured_times
+from .planning.calibrate import BlockTimes, Measurements, shape_key, with_measured_times, workload_key
 from .planning.devices import DeviceProfile, profile_from
 from .planning.plan import Plan
+from .planning.planner import with_schedule
 from .planning.workload import Workload
 from .runtime.install import Runtime
 from .runtime.probe import device_profile
@@ -176,7 +177,12 @@ class OffloadHandle:
         """Every unit of the host store, with its size and where its weights are bound now."""
         return [
             UnitInfo(
-                unit.name, component, kind, unit.nbytes, "device" if unit.on_device else "host", len(unit.stages)
+                unit.name,
+                component,
+                kind,
+                unit.nbytes,
+                "device" if unit.on_device else "host",
+                len(unit.stages),
             )
             for component, kind, unit in self._runtime.described_units()
         ]
@@ -244,18 +250,23 @@ class OffloadHandle:
             del _LIVE[key]
         self._removed = True
 
-    def replan(self, workload: Any = None) -> bool:
+    def replan(self, workload: Any = None, *, plan: Plan | None = None) -> bool:
         """Plan again, for another request shape (resolution, frames, batch, steps) or with the block times
-        measured since the last plan; re-place the weights only when the placement changes.
+        measured since the last plan; re-place the weights on the device when the placement changes.
 
         Call it when requests change shape (the server does): activations grow with the resolution, and what
         the budget leaves for weights shrinks. Call it without a workload after the first request to plan with
-        the block times measured on this device instead of the cost model's estimates. Re-placing rebuilds the
-        host store (seconds for a large pipeline), so the handle keeps its plan whenever the new one places
-        everything alike.
+        the block times measured on this device instead of the cost model's estimates. Re-placing is a device
+        transition: blocks that become resident are copied, those that stop are dropped, streaming slots are
+        rebuilt; the host store is never repacked, so it costs about the bytes whose residency changes over the
+        host→device bandwidth. Plans are cached per request shape. When shapes alternate, a placement that fits
+        the new shape is kept while what it loses per request, summed over the requests at that shape, stays
+        below the cost of switching (so a larger shape's placement can serve smaller ones).
 
         Args:
             workload: the new request's :class:`~vramferry.planning.Workload`; ``None``: the current one.
+            plan: carry out this plan (made for this pipeline, as for :func:`apply`) instead of planning; it is
+                taken as given, without the keep-or-switch rule.
 
         Returns:
             True if the weights were re-placed, False if only the plan's predictions changed.
@@ -268,7 +279,14 @@ class OffloadHandle:
         self.block_times()  # keep what was measured under the current shape before planning another
         planning = self._planning
         work = workload if workload is not None else planning.workload
-        new, sources = _make_plan(planning, self.config, work)
+        if plan is not None:
+            check_plan(plan, self.modules)
+            new = plan if plan.schedule else with_schedule(plan, planning.inventory, self.config)
+            sources = planning.sources
+        else:
+            new, sources = self._cached_plan(work)
+            if new.placements != self.plan.placements:
+                new = self._kept_placement(new, work) or new
         if new.placements == self.plan.placements:
             self.plan = new
             recorded = planning.recorded
@@ -280,17 +298,66 @@ class OffloadHandle:
                 recorded = set()
             self._planning = replace(planning, workload=work, sources=sources, recorded=recorded)
             return False
-        pipeline, config = self.pipeline, self.config
-        self.remove()
-        fresh = apply(pipeline, config, plan=new, measured=planning.measured)
-        # Adopt the fresh handle's state so that callers keep using this object.
-        self.__dict__.update(fresh.__dict__)
+        moved = self._runtime.transition(new)
+        self.plan = new
         # Keep measuring against the same device, for the shape the new plan was made for.
-        self._planning = replace(planning, workload=work, sources=sources, recorded=set())
-        for key in [k for k, v in list(_LIVE.items()) if v is fresh]:
-            _LIVE[key] = self
-        logger.info("vramferry: re-placed %s for a new request shape", type(pipeline).__name__)
+        self._planning = replace(planning, workload=work, sources=sources, recorded=set(), losses={})
+        logger.info(
+            "vramferry: re-placed %s for a new request shape (%.2f GB copied)",
+            type(self.pipeline).__name__,
+            moved / 1e9,
+        )
         return True
+
+    def prepare(self, workloads: Any) -> list[Plan]:
+        """Plan for each of ``workloads`` now (the plans are cached, so that a later :meth:`replan` to one of
+        these shapes costs no planning); the weights stay where they are. Returns the plans in order."""
+        return [self._cached_plan(work)[0] for work in workloads]
+
+    def plans(self) -> list[tuple[Workload, Plan]]:
+        """The plans made so far for the current measurements, each with the request shape it is for."""
+        count = len(self._planning.measured.block_times)
+        return [(work, made) for (key, n), (made, _s, work) in self._planning.plans.items() if n == count]
+
+    def _cached_plan(self, work: Any) -> tuple[Plan, dict[str, str]]:
+        """The plan for ``work``: made once per request shape and set of measurements, then reused."""
+        planning = self._planning
+        key = (workload_key(work), len(planning.measured.block_times))
+        if key not in planning.plans:
+            planning.plans[key] = (*_make_plan(planning, self.config, work), work)
+        made, sources, _work = planning.plans[key]
+        return made, sources
+
+    def _kept_placement(self, new: Plan, work: Any) -> Plan | None:
+        """The current placement priced for ``work``, when it fits and keeping it has cost less, over the
+        requests at this shape so far, than switching to ``new`` would (bytes to copy over the bandwidth)."""
+        from .planning.planner import keep_placement, price, transition_bytes
+
+        planning = self._planning
+        if self.plan.predicted_request_s is None or new.predicted_request_s is None:
+            return None
+        kept = price(
+            self.plan,
+            planning.inventory,
+            self.config,
+            device=planning.profile,
+            workload=work,
+            free_bytes=planning.free,
+            measured=planning.measured,
+            device_name=planning.device_name,
+        )
+        if kept is None:
+            return None
+        bandwidth = (planning.profile or profile_from()).h2d_bytes_per_s
+        switch_s = transition_bytes(self.plan, new, planning.inventory) / bandwidth
+        key = workload_key(work)
+        lost = keep_placement(
+            kept.predicted_request_s, new.predicted_request_s, switch_s, planning.losses.get(key, 0.0)
+        )
+        if lost is None:
+            return None
+        planning.losses[key] = lost
+        return kept
 
     def __enter__(self) -> OffloadHandle:
         return self
@@ -390,6 +457,9 @@ class _Planning:
         sources: per DiT, where the current plan's block times came from (``"measured"``, ``"scaled from ..."``);
             DiTs planned on the cost model's estimates are absent.
         recorded: DiTs whose measured times under ``workload`` were kept in ``measured``.
+        plans: plans made so far, per request shape and number of measurements.
+        losses: per request shape, the predicted seconds lost so far by keeping the current placement there
+            instead of switching to the shape's own plan.
     """
 
     inventory: Any
@@ -400,6 +470,8 @@ class _Planning:
     measured: Measurements
     sources: dict[str, str] = field(default_factory=dict)
     recorded: set[str] = field(default_factory=set)
+    plans: dict[tuple, tuple[Plan, dict[str, str], Any]] = field(default_factory=dict)
+    losses: dict[tuple, float] = field(default_factory=dict)  # request seconds lost by keeping a placement
 
 
 def _make_plan(planning: _Planning, config: OffloadConfig, workload: Any) -> tuple[Plan, dict[str, str]]:

@@ -210,9 +210,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .server import ServerSettings, create_app
 
     config = fit_to_machine(offload_config(args))
+    too_big = [f"{w}x{h}" for w, h in args.sizes or () if max(w, h) > args.max_size]
+    if too_big:
+        raise UsageError(f"--sizes: {', '.join(too_big)} exceed --max-size {args.max_size}")
     defaults = demo_defaults(args)
     pipeline = load(args)
     handle = apply_offload(pipeline, config)
+    if args.sizes:
+        _prepare_sizes(handle, args.sizes, defaults)
     has_size = "width" in defaults and "height" in defaults
     settings = ServerSettings(
         model_name=args.served_model_name or args.model or "vramferry-demo",
@@ -232,6 +237,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"note: listening on {args.host} without an API key (--api-key)", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="debug" if args.debug else "info")
     return EXIT_OK
+
+
+def _prepare_sizes(
+    handle: Any, sizes: Sequence[tuple[int, int]], defaults: dict[str, Any], max_size: int
+) -> None:
+    """Plan every size in ``sizes`` now (auto mode), so that switching between them later costs no planning, and
+    list the plans (``GET /v1/plans`` serves the same list)."""
+    from .planning.workload import Workload
+
+    if handle is None or str(handle.config.mode) != "auto":
+        print("note: --sizes plans only in --offload auto; ignored", file=sys.stderr)
+        return
+    steps = defaults.get("steps") or handle.workload.steps
+    plans = handle.prepare([Workload(height=h, width=w, steps=steps) for w, h in sizes])
+    for (w, h), made in zip(sizes, plans, strict=True):
+        step = f"{made.predicted_step_s:.3f} s/step" if made.predicted_step_s is not None else "step n/a"
+        peak = (
+            f"{made.predicted_peak_bytes / 2**30:.2f} GiB peak" if made.predicted_peak_bytes else "peak n/a"
+        )
+        print(f"planned {w}x{h}: {step}, {peak}", file=sys.stderr)
 
 
 # -- bench ---------------------------------------------------------------------------------------------------
@@ -432,7 +457,7 @@ def _add_serve(sub: Any, common: argparse.ArgumentParser) -> None:
         "serve",
         parents=[common],
         help="OpenAI-style image generation server",
-        description="Serve POST /v1/images/generations, GET /v1/models, /health and /metrics.",
+        description="Serve POST /v1/images/generations, GET /v1/models, /v1/plans, /health and /metrics.",
     )
     _add_model_options(p)
     p.add_argument("--served-model-name", help="the id in /v1/models (default: --model, or vramferry-demo)")
@@ -450,8 +475,18 @@ def _add_serve(sub: Any, common: argparse.ArgumentParser) -> None:
         "--timeout", type=float, default=300.0, help="seconds per request before 504 (default: 300)"
     )
     p.add_argument("--max-size", type=_positive_int, default=2048, help="largest image side (default: 2048)")
+    p.add_argument(
+        "--sizes",
+        type=_size_list,
+        metavar="WxH[,WxH]",
+        help="request sizes to plan at start in auto mode, listed on GET /v1/plans (others plan on first use)",
+    )
     add_offload_options(p)
     p.set_defaults(handler=cmd_serve)
+
+
+def _size_list(text: str) -> tuple[tuple[int, int], ...]:
+    return tuple(parse_size(part) for part in _comma_list(text))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -238,3 +238,29 @@ def test_one_stage_per_block_gives_the_resident_output(monkeypatch, name):
         assert_runs_equal(pipe, kwargs, expected)
     finally:
         handle.remove()
+
+
+def test_replacement_on_the_device_gives_the_resident_output_and_copies_what_becomes_resident():
+    import dataclasses
+
+    from vramferry.planning import Placement
+
+    pipe, kwargs, expected, handle = _resident_then_offloaded("flux_production", "layerwise")
+    try:
+        streamed = handle.plan
+        components = tuple(
+            dataclasses.replace(c, blocks=(Placement.RESIDENT, Placement.STREAMED), prefetch_depth=1)
+            if c.name == "transformer"
+            else c
+            for c in streamed.components
+        )
+        half = dataclasses.replace(streamed, components=components, schedule=())
+        assert_runs_equal(pipe, kwargs, expected)
+        sizes = {u.name: u.nbytes for u in handle.units()}
+        for target, copied in ((half, sizes["transformer.transformer_blocks.0"]), (streamed, 0)):
+            handle.reset_stats()
+            assert handle.replan(plan=target) is True
+            assert handle.stats().bytes_h2d == copied
+            assert_runs_equal(pipe, kwargs, expected)
+    finally:
+        handle.remove()

@@ -202,3 +202,31 @@ def test_request_schema_states_the_limits(client):
 def test_integral_floats_are_integers(client):
     r = client.post("/v1/images/generations", json={"prompt": "x", "num_inference_steps": 2.0, "n": 1.0})
     assert r.status_code == 200, r.text
+
+
+def test_plans_route_lists_the_prepared_shapes_and_which_one_runs(demo_pipeline):
+    import vramferry
+    from vramferry.planning import Workload
+
+    handle = vramferry.apply(demo_pipeline, vramferry.OffloadConfig(mode="auto", onload_device="cpu"))
+    try:
+        handle.prepare([Workload(height=64, width=64, steps=2), Workload(height=32, width=48, steps=2)])
+        settings = ServerSettings(model_name="demo", min_size=16, api_key="k")
+        with TestClient(create_app(demo_pipeline, handle, settings)) as client:
+            assert client.get("/v1/plans").status_code == 401
+            r = client.get("/v1/plans", headers={"Authorization": "Bearer k"})
+        assert r.status_code == 200, r.text
+        listed = r.json()["data"]
+        assert [(p["size"], p["steps"]) for p in listed][-2:] == [("64x64", 2), ("48x32", 2)]
+        assert set(listed[-1]["placement"]) == {c.name for c in handle.plan.components}
+        assert any(p["current"] for p in listed)  # the placement in use is one of them
+    finally:
+        handle.remove()
+
+
+def test_serve_rejects_a_size_over_the_limit_before_loading():
+    from vramferry.cli import main
+
+    assert (
+        main(["serve", "--sizes", "512x512,4096x4096", "--max-size", "1024", "--onload-device", "cpu"]) == 2
+    )

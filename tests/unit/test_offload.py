@@ -358,12 +358,24 @@ def test_replan_replaces_weights_only_when_the_placement_changes(monkeypatch):
     # The same shape places everything alike: the plan's predictions are refreshed, nothing moves.
     assert handle.replan(Workload(height=64, width=64, steps=2)) is False
     assert [c.placement for c in handle.plan.components] == [c.placement for c in first.components]
-    # A shape for which the planner streams the transformer's blocks: the weights are re-placed.
-    inventory = handle.inventory
-    streaming = planner.plan(inventory, _cfg("layerwise"))
+    # A shape for which the planner streams the transformer's blocks and the current placement does not fit:
+    # the weights are re-placed on the device, and only what becomes resident is copied.
+    streaming = planner.plan(handle.inventory, _cfg("layerwise"))
     monkeypatch.setattr(planner, "plan", lambda *args, **kw: streaming)
+    monkeypatch.setattr(planner, "price", lambda *args, **kw: None)
+    before = {u.name: u for u in handle.units()}
+    host = (handle.stats().host_pinned_bytes, handle.stats().host_pageable_bytes)
+    handle.reset_stats()
     assert handle.replan(Workload(height=2048, width=2048, steps=2)) is True
     assert handle.plan is streaming and handle.active
+    became_resident = [
+        u
+        for u in handle.units()
+        if u.kind == "resident" and (u.name not in before or before[u.name].kind != "resident")
+    ]
+    assert [u.name for u in became_resident] == ["transformer:resident"]
+    assert handle.stats().bytes_h2d == sum(u.nbytes for u in became_resident)
+    assert (handle.stats().host_pinned_bytes, handle.stats().host_pageable_bytes) == host
     handle.reset_stats()
     for key, value in run(pipe, kwargs).items():
         np.testing.assert_array_equal(value, expected[key])

@@ -45,6 +45,11 @@ def shape_key(workload: Workload) -> tuple:
     return (workload.height, workload.width, workload.num_frames, workload.batch, workload.text_tokens)
 
 
+def workload_key(workload: Workload) -> tuple:
+    """What a plan depends on in a request: its shape (:func:`shape_key`), steps and DiT calls per step."""
+    return (*shape_key(workload), workload.steps, workload.cfg)
+
+
 @dataclass
 class Measurements:
     """What was measured on devices, as data the planner takes (``plan(..., measured=...)``): per device name,

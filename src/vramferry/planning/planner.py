@@ -16,7 +16,7 @@ fitting the budget; the search lives in :mod:`vramferry.planning.search`.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from ..config import OffloadConfig, OffloadMode
@@ -253,6 +253,55 @@ def plan(
         BudgetError: the budget is below the least the mode needs; the message gives that least in GiB.
         PlanError: a relative budget without a known memory, or measured block times that do not match.
     """
+    ctx, budget, budget_text, notes = _context(
+        inventory, config, device, workload, free_bytes, measured, device_name
+    )
+    choices = plan_auto(ctx) if config.mode is OffloadMode.AUTO else _plan_fixed(ctx)
+    outcome = ctx.evaluate(choices)
+    if not ctx.fits(outcome.peak):
+        raise _budget_error(ctx, choices, budget)
+    return _finish(
+        ctx, choices, outcome, budget, (*_notes(ctx, choices, outcome, budget_text, device is None), *notes)
+    )
+
+
+def price(
+    placed: Plan,
+    inventory: Inventory,
+    config: OffloadConfig,
+    *,
+    device: DeviceProfile | None = None,
+    workload: Workload | None = None,
+    free_bytes: int | None = None,
+    measured: Measurements | None = None,
+    device_name: str | None = None,
+) -> Plan | None:
+    """The placements of ``placed`` priced for another ``workload`` (the arguments as for :func:`plan`): a plan
+    with the same placements and fresh predictions and schedule, or ``None`` when they do not fit the budget
+    under that workload (its activations, above all)."""
+    ctx, budget, budget_text, notes = _context(
+        inventory, config, device, workload, free_bytes, measured, device_name
+    )
+    choices = {}
+    for size in inventory.components:
+        cplan = placed.get(size.name)
+        blocks = cplan.blocks or (cplan.placement,) * len(size.block_bytes)
+        choices[size.name] = Choice(cplan.placement, blocks, cplan.prefetch_depth)
+    outcome = ctx.evaluate(choices)
+    if not ctx.fits(outcome.peak):
+        return None
+    kept = f"placement kept from the plan for another shape ({placed.predicted_peak_bytes or 0} B peak there)"
+    return _finish(
+        ctx,
+        choices,
+        outcome,
+        budget,
+        (*_notes(ctx, choices, outcome, budget_text, device is None), *notes, kept),
+    )
+
+
+def _context(inventory, config, device, workload, free_bytes, measured, device_name):
+    """The cost model for one planning call, the budget, where it came from, and notes on measured times."""
     profile = device if device is not None else profile_from()
     work = workload if workload is not None else default_workload(inventory)
     sources: dict[str, str] = {}
@@ -261,14 +310,21 @@ def plan(
         work, sources = with_measured_times(work, inventory, measured, device_name, profile)
     budget, budget_text = resolve_budget(config, device=device, free_bytes=free_bytes)
     # Plans place allocations; the caching allocator reserves a little more (see reserved_bytes).
-    expandable = profile.expandable_segments
-    ctx = PlanContext(
-        inventory, config, profile, work, None if budget is None else allocatable_bytes(budget, expandable)
-    )
-    choices = plan_auto(ctx) if config.mode is OffloadMode.AUTO else _plan_fixed(ctx)
-    outcome = ctx.evaluate(choices)
-    if not ctx.fits(outcome.peak):
-        raise _budget_error(ctx, choices, budget)
+    allocatable = None if budget is None else allocatable_bytes(budget, profile.expandable_segments)
+    ctx = PlanContext(inventory, config, profile, work, allocatable)
+    notes = tuple(f"{name}: block compute {source} on {device_name}" for name, source in sources.items())
+    return ctx, budget, budget_text, notes
+
+
+def _finish(
+    ctx: PlanContext,
+    choices: Mapping[str, Choice],
+    outcome: Outcome,
+    budget: int | None,
+    notes: Sequence[str],
+) -> Plan:
+    inventory, config = ctx.inventory, ctx.config
+    expandable = ctx.device.expandable_segments
     components = []
     for size in inventory.components:
         choice = choices[size.name]
@@ -277,6 +333,7 @@ def plan(
         blocks = () if size.role == "encoder" and not depth else choice.blocks
         components.append(ComponentPlan(size.name, size.role, size.bytes, choice.placement, blocks, depth))
     activations = max((p.act for p in ctx.parts.values()), default=0)
+    weights = None if budget is None else max(0, allocatable_bytes(budget, expandable) - activations)
     the_plan = Plan(
         mode=config.mode,
         components=tuple(components),
@@ -284,15 +341,50 @@ def plan(
         predicted_peak_bytes=reserved_bytes(outcome.peak, expandable),
         predicted_step_s=outcome.step_s,
         predicted_request_s=outcome.request_s,
-        notes=tuple(_notes(ctx, choices, outcome, budget_text, device is None))
-        + tuple(f"{name}: block compute {source} on {device_name}" for name, source in sources.items()),
+        notes=tuple(notes),
         activation_bytes=activations,
-        weight_budget_bytes=None
-        if budget is None
-        else max(0, allocatable_bytes(budget, expandable) - activations),
+        weight_budget_bytes=weights,
         exclusive=config.exclusive,
     )
     return with_schedule(the_plan, inventory, config)
+
+
+def transition_bytes(old: Plan, new: Plan, inventory: Inventory) -> int:
+    """Bytes that moving from ``old`` to ``new`` copies: the pieces (non-block parts and blocks) resident in
+    ``new`` but not in ``old``. Pieces that stop being resident cost nothing (their host copy is canonical)."""
+    total = 0
+    for size in inventory.components:
+        before, after = old.get(size.name), new.get(size.name)
+        pieces = [size.rest_bytes if size.block_bytes else size.bytes, *size.block_bytes]
+        was, now = (_resident_pieces(c, len(size.block_bytes)) for c in (before, after))
+        total += sum(b for b, w, n in zip(pieces, was, now, strict=True) if n and not w)
+    return total
+
+
+def keep_placement(kept_s: float | None, new_s: float, switch_s: float, lost_s: float) -> float | None:
+    """Whether to keep the current placement for a request shape rather than switch to that shape's own plan:
+    a rent-or-buy rule, so that alternating shapes do not thrash and a run of one shape still switches.
+
+    Args:
+        kept_s: the predicted request seconds of the current placement at this shape; ``None``: it does not fit.
+        new_s: the predicted request seconds of the shape's own plan.
+        switch_s: what switching costs: the bytes becoming resident over the host→device bandwidth.
+        lost_s: the seconds lost so far by keeping the current placement at this shape.
+
+    Returns:
+        The seconds lost once this request is counted when keeping is cheaper so far (at most ``switch_s``
+        lost, then switching, costs at most twice the best choice made in hindsight); ``None``: switch.
+    """
+    if kept_s is None:
+        return None
+    lost = lost_s + max(0.0, kept_s - new_s)
+    return lost if lost <= switch_s else None
+
+
+def _resident_pieces(cplan: ComponentPlan, blocks: int) -> list[bool]:
+    """Whether the non-block part, then each block, is resident under ``cplan``."""
+    placements = cplan.blocks or (cplan.placement,) * blocks
+    return [p is _R for p in (cplan.placement, *placements)]
 
 
 def with_schedule(the_plan: Plan, inventory: Inventory, config: OffloadConfig) -> Plan:

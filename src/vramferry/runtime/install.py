@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -16,7 +15,7 @@ from ..planning.policy import policy
 from .hooks import HookSet
 from .layerwise import BlockStreamer
 from .model import ComponentState, SwapScheduler
-from .store import HostStore, TensorRef, Unit, collect_refs
+from .store import HostStore, Piece, TensorRef, Unit, collect_refs
 from .transfer import Mover
 
 logger = logging.getLogger(__name__)
@@ -26,18 +25,13 @@ logger = logging.getLogger(__name__)
 STAGE_BYTES = 64 * 2**20
 
 
-@dataclass
-class _Pieces:
-    """Modules of one component grouped by placement before packing."""
-
-    resident: list[nn.Module] = field(default_factory=list)
-    swap: list[nn.Module] = field(default_factory=list)
-    streamed: list[tuple[str, nn.Module]] = field(default_factory=list)
-    exclude: set[int] = field(default_factory=set)  # block modules, not part of the component's rest
-
-
 class Runtime:
-    """The live state behind an :class:`~vramferry.api.OffloadHandle`."""
+    """The live state behind an :class:`~vramferry.api.OffloadHandle`.
+
+    The host store is packed once, in pieces (each component's non-block part and each of its blocks) that do
+    not depend on the plan. A plan groups pieces into units: one per resident piece, one swapped part per
+    component, one per streamed block. :meth:`transition` moves to another plan on the device alone.
+    """
 
     def __init__(
         self,
@@ -50,122 +44,150 @@ class Runtime:
         verify: bool,
     ) -> None:
         self.modules = modules
-        self.plan = plan
         self.device = device
         self.mover = Mover(device)
         self.store = HostStore(pin=pin and device.type == "cuda", pin_limit=pin_limit)
         self.hooks = HookSet()
-        self.states: list[ComponentState] = []
-        self.shared: Unit | None = None
         self.verify = verify
-        self.uniform_slots = not plan.exclusive
-        self._build_units()
-        self.scheduler = SwapScheduler(self.mover, self.states, plan.schedule)
-        self._load_resident()
-        self._install_hooks()
+        self.pieces, shared = self._collect_pieces()
+        for name, pieces in self.pieces.items():
+            self.store.pack(name, pieces)
+        self.shared: Unit | None = None
+        if shared.refs:
+            self.store.pack("shared", [shared])
+            self.shared = Unit("shared", [])
+            self.shared.set_runs([shared])
+            self._load([self.shared])
+        self.states: list[ComponentState] = []
+        self._install(plan, {})
 
-    # -- building -------------------------------------------------------------------------------------------
-    def _pieces(self, name: str) -> _Pieces:
-        component = self.modules.get(name)
-        cplan = self.plan.get(name)
-        pieces = _Pieces()
-        blockset = self.modules.blocks_of(name)  # a DiT's blocks, or an encoder's layers
-        if blockset is not None and cplan.blocks:
-            if len(cplan.blocks) != len(blockset.blocks):
-                raise PlanError(
-                    f"{name}: the plan places {len(cplan.blocks)} blocks but discovery found {len(blockset.blocks)}"
-                )
-            for block_name, block, placement in zip(
-                blockset.names, blockset.blocks, cplan.blocks, strict=True
-            ):
-                pieces.exclude.add(id(block))
-                if placement is Placement.STREAMED:
-                    pieces.streamed.append((block_name, block))
-                elif placement is Placement.RESIDENT:
-                    pieces.resident.append(block)
-                else:
-                    pieces.swap.append(block)
-        elif cplan.placement is Placement.STREAMED or cplan.streamed_blocks:
-            raise PlanError(f"{name}: only blocks can be streamed, and discovery found none in {name}")
-        rest = pieces.resident if cplan.placement is Placement.RESIDENT else pieces.swap
-        rest.insert(0, component.module)
-        return pieces
-
-    def _build_units(self) -> None:
-        claimed: dict[int, TensorRef] = {}
-        group_of: dict[int, str] = {}
+    # -- pieces: packed once --------------------------------------------------------------------------------
+    def _collect_pieces(self) -> tuple[dict[str, list[Piece]], Piece]:
+        """Per component its non-block part, then its blocks in order; tensors reached from two pieces (tied
+        weights across blocks or components) go to one shared piece, on the device whenever either runs."""
+        claimed: dict[tuple, TensorRef] = {}
+        owner: dict[int, Piece] = {}
         shared: dict[int, TensorRef] = {}
+        found: dict[str, list[Piece]] = {}
 
-        def collect(
-            key: str, mods: list[nn.Module], exclude: set[int]
-        ) -> list[tuple[nn.Module, list[TensorRef]]]:
-            per_module = []
-            for module in mods:
-                new, seen = collect_refs(module, exclude - {id(module)}, claimed)
-                for ref in new:
-                    group_of[id(ref)] = key
-                per_module.append((module, new))
-                # A tensor reached from two units (tied weights across blocks or components) must be on the
-                # device whenever either runs: it goes to a shared resident unit.
-                shared.update((id(r), r) for r in seen if group_of[id(r)] != key)
-            return per_module
+        def piece(name: str, component: str, module: nn.Module, exclude: set[int], block=None) -> Piece:
+            new, seen = collect_refs(module, exclude, claimed)
+            made = Piece(name, component, new, block)
+            owner.update((id(ref), made) for ref in new)
+            shared.update((id(ref), ref) for ref in seen if owner[id(ref)] is not made)
+            return made
 
-        plans = []
         for component in self.modules.components():
-            pieces = self._pieces(component.name)
-            groups = {
-                kind: collect(f"{component.name}:{kind}", getattr(pieces, kind), pieces.exclude)
-                for kind in ("resident", "swap")
-            }
-            streamed = [
-                (n, b, [r for _m, refs in collect(f"{component.name}.{n}", [b], set()) for r in refs])
-                for n, b in pieces.streamed
-            ]
-            plans.append((component, groups, streamed, pieces.exclude))
-        arenas = []
-        for component, groups, streamed, blocks in plans:
+            blockset = self.modules.blocks_of(component.name)  # a DiT's blocks, or an encoder's layers
+            blocks = list(zip(blockset.names, blockset.blocks, strict=True)) if blockset is not None else []
+            rest = piece(
+                f"{component.name}:rest", component.name, component.module, {id(b) for _n, b in blocks}
+            )
+            parts = [piece(f"{component.name}.{n}", component.name, b, set(), b) for n, b in blocks]
+            found[component.name] = [rest, *parts]
+        for pieces in found.values():
+            for p in pieces:
+                p.refs = [ref for ref in p.refs if id(ref) not in shared]
+        return found, Piece("shared", "", list(shared.values()))
+
+    # -- units: per plan ------------------------------------------------------------------------------------
+    def _placed(self, plan: Plan, name: str) -> list[tuple[Piece, Placement]]:
+        """Each piece of component ``name`` with its placement under ``plan``."""
+        cplan = plan.get(name)
+        rest, *blocks = self.pieces[name]
+        if cplan.blocks:
+            if len(cplan.blocks) != len(blocks):
+                raise PlanError(
+                    f"{name}: the plan places {len(cplan.blocks)} blocks but discovery found {len(blocks)}"
+                )
+            return [(rest, cplan.placement), *zip(blocks, cplan.blocks, strict=True)]
+        if cplan.placement is Placement.STREAMED:
+            raise PlanError(f"{name}: only blocks can be streamed, and discovery found none in {name}")
+        # A component kept whole: its blocks go where its placement says (one unit, packed contiguously).
+        return [(p, cplan.placement) for p in (rest, *blocks)]
+
+    def _install(self, plan: Plan, kept: dict[int, Unit]) -> list[Unit]:
+        """Units, streamers, the scheduler and hooks for ``plan``; resident units in ``kept`` (by piece) are
+        reused as they are. Returns the resident units that must still be loaded."""
+        self.plan = plan
+        self.states = []
+        to_load: list[Unit] = []
+        for component in self.modules.components():
             state = ComponentState(component.name, str(component.role), component.module)
-            units = []
-            for kind, per_module in groups.items():
-                per_module = [(m, [r for r in refs if id(r) not in shared]) for m, refs in per_module]
-                refs = [r for _m, module_refs in per_module for r in module_refs]
-                if refs:
-                    unit = Unit(f"{component.name}:{kind}", refs)
-                    if kind == "swap" and policy(state.role).staged:
-                        # The DiT's first call after a load computes block by block as the copy lands.
-                        unit.set_stages([(m, r) for m, r in per_module if id(m) in blocks], STAGE_BYTES)
-                    setattr(state, kind, unit)
-                    units.append(unit)
-            block_units = []
-            for block_name, block, refs in streamed:
-                unit = Unit(f"{component.name}.{block_name}", [r for r in refs if id(r) not in shared])
-                unit.extra["module"] = block
-                block_units.append(unit)
-            units.extend(block_units)
-            arenas.append((component.name, units))
-            if block_units:
-                depth = self.plan.get(component.name).prefetch_depth or 2
+            placed = self._placed(plan, component.name)
+            for piece, where in placed:
+                if where is Placement.RESIDENT and piece.refs:
+                    unit = kept.get(id(piece))
+                    if unit is None:
+                        unit = self._unit(piece.name.replace(":rest", ":resident"), [piece])
+                        to_load.append(unit)
+                    state.residents.append(unit)
+            swapped = [p for p, where in placed if where is Placement.SWAPPED and p.refs]
+            if swapped:
+                state.swap = self._unit(f"{component.name}:swap", swapped)
+                if policy(state.role).staged:
+                    # The DiT's first call after a load computes block by block as the copy lands.
+                    state.swap.set_stages(
+                        [(p.block, p.refs) for p in swapped if p.block is not None], STAGE_BYTES
+                    )
+            streamed = [self._unit(p.name, [p]) for p, where in placed if where is Placement.STREAMED]
+            if streamed:
+                depth = plan.get(component.name).prefetch_depth or 2
                 state.streamer = BlockStreamer(
-                    self.mover, component.name, block_units, depth, uniform=self.uniform_slots
+                    self.mover, component.name, streamed, depth, uniform=not plan.exclusive
                 )
             self.states.append(state)
-        if shared:
-            self.shared = Unit("shared", list(shared.values()))
-            arenas.append(("shared", [self.shared]))
-        for name, units in arenas:
-            self.store.add(name, units)
+        self.scheduler = SwapScheduler(self.mover, self.states, plan.schedule)
+        self._load(to_load)
+        self._install_hooks()
+        return to_load
 
-    def _load_resident(self) -> None:
-        for unit in [s.resident for s in self.states if s.resident is not None] + (
-            [self.shared] if self.shared is not None else []
-        ):
+    def _unit(self, name: str, pieces: list[Piece]) -> Unit:
+        unit = Unit(name, [])
+        unit.set_runs(pieces)
+        unit.extra["pieces"] = [id(p) for p in pieces]
+        if len(pieces) == 1 and pieces[0].block is not None:
+            unit.extra["module"] = pieces[0].block
+        return unit
+
+    def _load(self, units: list[Unit]) -> None:
+        for unit in units:
             self.mover.onload_async(unit)
             self.mover.wait_ready(unit)
+
+    def transition(self, plan: Plan) -> int:
+        """Carry out ``plan`` instead of the current one, on the device alone: pieces that become resident are
+        copied (on the copy stream, one copy each), those that stop are dropped, streaming slots and swapped
+        parts are rebuilt; the host store is left as it is. Call it between requests. Returns the bytes copied.
+        """
+        self.hooks.remove()
+        kept: dict[int, Unit] = {}
+        now_resident = {
+            id(piece)
+            for c in self.modules.components()
+            for piece, where in self._placed(plan, c.name)
+            if where is Placement.RESIDENT
+        }
+        for state in self.states:
+            if state.streamer is not None:
+                state.streamer.stop()
+            if state.swap is not None and state.swap.on_device:
+                self.mover.drop(state.swap)
+            for unit in state.residents:
+                pieces = unit.extra["pieces"]
+                if len(pieces) == 1 and pieces[0] in now_resident:
+                    kept[pieces[0]] = unit
+                else:
+                    self.mover.drop(unit)
+        self.mover.trim_cache(0)  # what was dropped goes back before the new resident pieces are allocated
+        loaded = self._install(plan, kept)
+        return sum(unit.nbytes for unit in loaded)
 
     def all_units(self) -> list[Unit]:
         units = []
         for state in self.states:
-            units.extend(u for u in (state.resident, state.swap) if u is not None)
+            units.extend(state.residents)
+            units.extend(u for u in (state.swap,) if u is not None)
             if state.streamer is not None:
                 units.extend(state.streamer.units)
         if self.shared is not None:
@@ -176,9 +198,8 @@ class Runtime:
         """Every unit as ``(component, kind, unit)``; kind is ``resident``, ``swap``, ``block`` or ``shared``."""
         found = []
         for state in self.states:
-            found += [
-                (state.name, kind, u) for kind, u in (("resident", state.resident), ("swap", state.swap)) if u
-            ]
+            found += [(state.name, "resident", u) for u in state.residents]
+            found += [(state.name, "swap", state.swap)] if state.swap is not None else []
             if state.streamer is not None:
                 found += [(state.name, "block", u) for u in state.streamer.units]
         if self.shared is not None:

@@ -9,7 +9,7 @@ only for their own part of the copy, so its first call computes while the copy l
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import nn
 
@@ -30,7 +30,8 @@ class ComponentState:
     """A component at run time.
 
     Attributes:
-        resident: the part that stays on the device from apply to remove (may be None).
+        residents: the parts that stay on the device while the plan holds: the non-block part and each resident
+            block, one unit each (a re-placement adds or drops them one by one).
         swap: the part loaded when the component runs (may be None).
         streamer: the streamed blocks of a DiT (layerwise), or None.
         clock: measures a DiT's block times during its first calls, or None.
@@ -42,7 +43,7 @@ class ComponentState:
     name: str
     role: str
     module: nn.Module
-    resident: Unit | None = None
+    residents: list[Unit] = field(default_factory=list)
     swap: Unit | None = None
     streamer: object | None = None
     clock: object | None = None  # a DiT's BlockClock (its blocks' measured compute times)
@@ -174,8 +175,7 @@ class SwapScheduler:
         """Weight bytes on the device now (resident parts, loaded swap parts and streaming slots)."""
         total = 0
         for c in self.components:
-            if c.resident is not None:
-                total += c.resident.nbytes
+            total += sum(unit.nbytes for unit in c.residents)
             total += self._device_bytes(c)
         return total
 

@@ -70,8 +70,10 @@ class Unit:
 
     name: str
     refs: list[TensorRef]
-    nbytes: int = 0  # aligned size of the packed unit
-    host: torch.Tensor | None = None  # uint8, the unit's slice of its arena
+    nbytes: int = 0  # aligned size of the unit's device copy
+    # (host bytes, offset in the device copy): the unit's pieces as they lie in the host arenas, consecutive
+    # pieces merged. One copy per run; a unit packed in one piece has one run.
+    runs: list[tuple[torch.Tensor, int]] = field(default_factory=list)
     device_buffer: torch.Tensor | None = None
     ready_event: object | None = None  # torch.cuda.Event once a copy was issued
     on_device: bool = False
@@ -93,6 +95,31 @@ class Unit:
             ref.offset = offset
             offset = _align(offset + ref.nbytes)
         self.nbytes = offset
+
+    def set_runs(self, pieces: list[Piece]) -> None:
+        """Lay the unit out as ``pieces`` back to back (their refs in order) and note where each piece's host
+        bytes go in the device copy, merging pieces that are adjacent in the same arena."""
+        self.refs = [ref for piece in pieces for ref in piece.refs]
+        self.layout()
+        runs: list[tuple[torch.Tensor, int]] = []
+        offset = 0
+        for piece in pieces:
+            host = piece.host
+            if runs and _adjacent(runs[-1][0], host) and runs[-1][1] + runs[-1][0].numel() == offset:
+                first, start = runs[-1]
+                runs[-1] = (_joined(first, host), start)
+            else:
+                runs.append((host, offset))
+            offset += host.numel()
+        self.runs = runs
+
+    def copy_into(self, buffer: torch.Tensor, begin: int = 0, end: int | None = None, **kw) -> None:
+        """Copy the bytes ``[begin, end)`` of the unit's layout from the host arenas into ``buffer``."""
+        end = self.nbytes if end is None else end
+        for host, start in self.runs:
+            lo, hi = max(begin, start), min(end, start + host.numel())
+            if lo < hi:
+                buffer[lo:hi].copy_(host[lo - start : hi - start], **kw)
 
     def view(self, buffer: torch.Tensor, ref: TensorRef) -> torch.Tensor:
         """The typed view of ``ref`` inside a packed uint8 buffer laid out like this unit."""
@@ -125,6 +152,39 @@ class Unit:
     def bind_buffer(self, buffer: torch.Tensor) -> None:
         for ref in self.refs:
             ref.bind(self.view(buffer, ref))
+
+
+@dataclass(eq=False)
+class Piece:
+    """What the host store packs contiguously and a plan places as one: a component's non-block part, or one of
+    its blocks (``block`` set). Its host bytes never move, whatever the plan: units are made of pieces."""
+
+    name: str
+    component: str
+    refs: list[TensorRef]
+    block: nn.Module | None = None
+    host: torch.Tensor | None = None  # uint8, the piece's slice of its arena
+    nbytes: int = 0
+
+    def layout(self) -> int:
+        offset = 0
+        for ref in self.refs:
+            offset = _align(offset + ref.nbytes)
+        self.nbytes = offset
+        return offset
+
+
+def _adjacent(first: torch.Tensor, second: torch.Tensor) -> bool:
+    """``second`` starts where ``first`` ends, in the same arena."""
+    return (
+        first.untyped_storage().data_ptr() == second.untyped_storage().data_ptr()
+        and first.storage_offset() + first.numel() == second.storage_offset()
+    )
+
+
+def _joined(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """The slice of their arena spanning two adjacent slices."""
+    return first.as_strided((first.numel() + second.numel(),), (1,), first.storage_offset())
 
 
 def collect_refs(
@@ -204,7 +264,7 @@ def host_buffer(nbytes: int) -> torch.Tensor:
 
 
 class HostStore:
-    """Owns the host arenas: one contiguous buffer per group of units (usually per component).
+    """Owns the host arenas: one contiguous buffer per component, its pieces packed in order.
 
     Args:
         pin: page-lock the arenas (needs CUDA).
@@ -216,30 +276,32 @@ class HostStore:
         self.pin_limit = pin_limit
         self.pinned_bytes = 0
         self.pageable_bytes = 0
-        self._arenas: list[tuple[torch.Tensor, bool, list[Unit]]] = []
+        self._arenas: list[tuple[torch.Tensor, bool, list[Piece]]] = []
         self._warned = False
 
-    def add(self, name: str, units: list[Unit]) -> None:
-        """Pack ``units`` into one new arena and make the arena copies canonical (params rebound to them)."""
-        for unit in units:
-            unit.layout()
-        total = sum(unit.nbytes for unit in units)
+    def pack(self, name: str, pieces: list[Piece]) -> None:
+        """Pack ``pieces`` into one new arena, each contiguous and in order, and make the arena copies canonical
+        (parameters rebound to them). Done once per handle: plans place pieces, they never repack them."""
+        total = sum(piece.layout() for piece in pieces)
         if total == 0:
             return
         arena = host_buffer(total)
         pinned = self._register(arena, name)
         offset = 0
-        for unit in units:
-            unit.host = arena[offset : offset + unit.nbytes]
-            offset += unit.nbytes
-            for ref in unit.refs:
-                ref.host = unit.view(unit.host, ref)
+        for piece in pieces:
+            piece.host = arena[offset : offset + piece.nbytes]
+            inner = 0
+            for ref in piece.refs:
+                raw = piece.host[inner : inner + ref.nbytes]
+                ref.host = raw.view(ref.dtype).view(ref.shape)
+                inner = _align(inner + ref.nbytes)
                 with torch.no_grad():
                     # One tensor at a time: its pageable original is freed as soon as it is rebound, so host
                     # memory grows by at most one tensor beyond the weights.
                     ref.host.copy_(ref.current())
                 ref.bind(ref.host)
-        self._arenas.append((arena, pinned, units))
+            offset += piece.nbytes
+        self._arenas.append((arena, pinned, pieces))
         if pinned:
             self.pinned_bytes += total
         else:
@@ -277,17 +339,15 @@ class HostStore:
         Host memory peaks at the weights plus one arena, not twice the weights.
         """
         while self._arenas:
-            arena, pinned, units = self._arenas.pop(0)
-            for unit in units:
-                for ref in unit.refs:
+            arena, pinned, pieces = self._arenas.pop(0)
+            for piece in pieces:
+                for ref in piece.refs:
                     home = ref.original_device
                     # clone(): a tensor of its own, so nothing shares storage after remove (safetensors
                     # refuses to save tensors that share memory).
                     ref.bind(ref.host.to(home) if home.type != "cpu" else ref.host.clone())
                     ref.host = None
-                unit.host = None
-                unit.on_device = False
-                unit.device_buffer = None
+                piece.host = None
             if pinned:
                 torch.cuda.cudart().cudaHostUnregister(arena.data_ptr())
             del arena

@@ -66,7 +66,7 @@ class Mover:
             buffer = (
                 slot if slot is not None else torch.empty(unit.nbytes, dtype=torch.uint8, device=self.device)
             )
-            buffer[: unit.nbytes].copy_(unit.host)
+            unit.copy_into(buffer)
             self.counters.copy_seconds += time.perf_counter() - t0
             self._finish(unit, buffer)
             return
@@ -96,7 +96,7 @@ class Mover:
             if staged:
                 ready = self._copy_staged(unit, buffer)
             else:
-                buffer[: unit.nbytes].copy_(unit.host, non_blocking=True)
+                unit.copy_into(buffer, non_blocking=True)
                 ready = torch.cuda.Event(enable_timing=self.timing)
                 ready.record(self.copy_stream)
         if start is not None:
@@ -111,12 +111,12 @@ class Mover:
         """
         begin = unit.head_bytes
         if begin:  # none when the DiT's non-block part is resident and only blocks are swapped
-            buffer[:begin].copy_(unit.host[:begin], non_blocking=True)
+            unit.copy_into(buffer, 0, begin, non_blocking=True)
         unit.head_event = torch.cuda.Event()
         unit.head_event.record(self.copy_stream)
         event = unit.head_event
         for end, blocks in unit.stages:
-            buffer[begin:end].copy_(unit.host[begin:end], non_blocking=True)
+            unit.copy_into(buffer, begin, end, non_blocking=True)
             event = torch.cuda.Event(enable_timing=self.timing)
             event.record(self.copy_stream)
             unit.stage_events.update((id(block), event) for block in blocks)

@@ -34,6 +34,8 @@ from .schemas import (
     ImageGenerationResponse,
     ModelCard,
     ModelList,
+    PlanList,
+    PlanSummary,
     request_model,
 )
 from .worker import (
@@ -330,6 +332,11 @@ def _install_routes(app: FastAPI, pipeline: Any, multiple: int) -> None:
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=metrics.content_type)
 
+    @app.get("/v1/plans", response_model=PlanList, responses={401: ERROR_RESPONSES[401]})
+    async def plans() -> PlanList:
+        """The plans made so far (``serve --sizes`` makes them at start; an unplanned shape adds its own)."""
+        return PlanList(data=plan_summaries(worker.handle))
+
     async def generations(body: ImageGenerationRequest) -> Any:
         params = to_params(body, settings, pipeline, multiple)
         worker.start()  # no-op when running; starts it for an app driven without its lifespan
@@ -368,6 +375,33 @@ async def _run(worker: GenerationWorker, params: GenerationParams, timeout: floa
         raise APIError(
             500, f"generation failed: {exc}", type="server_error", code="generation_failed"
         ) from None
+
+
+def plan_summaries(handle: Any) -> list[PlanSummary]:
+    """Each plan the handle holds, as its request shape, predictions and per-component placement."""
+    listed = getattr(handle, "plans", None)
+    if not callable(listed):
+        return []
+    summaries = []
+    for work, made in listed():
+        placement = {}
+        for c in made.components:
+            resident = sum(b.value == "resident" for b in c.blocks)
+            placement[c.name] = (
+                f"{c.placement}, {resident}/{len(c.blocks)} blocks resident" if c.blocks else str(c.placement)
+            )
+        summaries.append(
+            PlanSummary(
+                size=f"{work.width}x{work.height}",
+                frames=work.num_frames,
+                steps=work.steps,
+                predicted_step_s=made.predicted_step_s,
+                predicted_peak_bytes=made.predicted_peak_bytes,
+                placement=placement,
+                current=made.placements == handle.plan.placements,
+            )
+        )
+    return summaries
 
 
 def _version() -> str:

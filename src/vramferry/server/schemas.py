@@ -137,6 +137,23 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+class PlanSummary(BaseModel):
+    """One planned request shape: what the planner predicts there and where the weights go."""
+
+    size: str
+    frames: int
+    steps: int
+    predicted_step_s: float | None = None
+    predicted_peak_bytes: int | None = None
+    placement: dict[str, str]
+    current: bool = False
+
+
+class PlanList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[PlanSummary]
+
+
 class Health(BaseModel):
     status: Literal["ok"] = "ok"
 
