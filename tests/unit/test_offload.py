@@ -207,21 +207,40 @@ def test_with_prompt_embeddings_and_that_order_the_dit_stays_unless_a_budget_cou
         np.testing.assert_array_equal(got[key], expected[key])
 
 
-def test_a_phase_out_of_the_plans_order_is_counted_warned_once_and_still_correct(caplog):
+def test_skipped_phases_are_counted_warned_once_and_still_correct(caplog):
     pipe, kwargs = DIFFUSERS_PIPELINES["flux"]()
     call = _embedded_call(pipe, kwargs)
     expected = run(pipe, call)
-    handle = apply(pipe, _cfg("model"))  # the plan expects the encoders before the DiT
+    handle = apply(pipe, _cfg("model"))  # the plan expects the encoders before the DiT: they are skipped
     with caplog.at_level(logging.WARNING, logger="vramferry"):
         run(pipe, call)
         got = run(pipe, call)
     stats = handle.stats()
     handle.remove()
     warnings = [r.getMessage() for r in caplog.records if "OffloadConfig(order=" in r.getMessage()]
-    assert len(warnings) == 1 and "'transformer' began after 'vaes'" in warnings[0]
+    assert len(warnings) == 1 and "'transformer' began with 'encoders' skipped" in warnings[0]
     assert stats.unplanned_phases == 1  # the second request's DiT phase; the first had nothing before it
     for key in expected:
         np.testing.assert_array_equal(got[key], expected[key])
+
+
+def test_returning_latents_skips_the_decode_and_its_evictions_still_apply():
+    pipe, kwargs = DIFFUSERS_PIPELINES["flux"]()
+    call = {**kwargs, "output_type": "latent"}
+    handle = apply(pipe, _cfg("model"))
+    during_encoding = []
+    hook = pipe.text_encoder.register_forward_pre_hook(
+        lambda m, a: during_encoding.append(_unit_states(handle)["transformer:swap"])
+    )
+    for _ in range(3):
+        run(pipe, call)
+    stats = handle.stats()
+    hook.remove()
+    handle.remove()
+    # The decode never runs: the DiT is off the device while the next request's encoders run, and each later
+    # request counts one skipped phase (one warning in all).
+    assert during_encoding == ["host", "host", "host"]
+    assert stats.unplanned_phases == 2
 
 
 def test_remove_restores_parameters_devices_and_forwards():

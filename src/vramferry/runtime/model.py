@@ -83,9 +83,10 @@ class SwapScheduler:
     """Carries out a plan's schedule: at each phase's start and each component's start, the evictions, the load
     and the prefetches the plan lists. It takes no placement decision of its own.
 
-    A phase that begins out of the plan's order (another pipeline call shape, a component run by hand) is
-    counted in ``unplanned_phases`` and warned about once; the phase then starts from a clean device (every
-    other phase's swapped parts and slots dropped) and its components load as they start, synchronously.
+    A phase that begins out of the plan's order skips the phases before it (a request that returns latents
+    skips the decode; one given prompt embeddings skips the encoders): the skipped phases' evictions apply as
+    well, so the device holds what the plan expects, and what they would have prefetched loads synchronously.
+    Each such phase is counted in ``unplanned_phases``, with one warning that names ``OffloadConfig(order=...)``.
 
     Args:
         mover: issues the copies.
@@ -119,30 +120,41 @@ class SwapScheduler:
         # A few times per request (encode, denoise, decode), never per block: memory cached for the previous
         # phase's activations is given back so that the next phase's differently shaped activations reuse it
         # instead of growing reserved memory beside it (the VAE decode after the DiT, above all).
-        expected = 0 if self.current is None else (self.current + 1) % len(self.schedule)
         phase = self.schedule[index]
-        if index == expected or self.current is None:
-            drop = phase.evict
-        else:
-            self.mover.counters.unplanned_phases += 1
-            if not self.warned:
-                self.warned = True
-                logger.warning(
-                    "vramferry: phase %r began after %r, where the plan expects %r: its loads are synchronous. "
-                    "If requests always run in this order (prompt embeddings passed in, say), give it as "
-                    "OffloadConfig(order=...).",
-                    phase.name,
-                    self.schedule[self.current].name,
-                    self.schedule[expected].name,
-                )
-            drop = tuple(c.name for c in self.components if self.phase_name.get(c.name) != phase.name)
+        drop = list(phase.evict)
+        if self.current is not None:
+            expected = (self.current + 1) % len(self.schedule)
+            if index != expected:
+                # Phases were skipped (no VAE decode with latents returned, no encoders with prompt embeddings
+                # passed in): their evictions apply too, so the device holds what the plan expects here; what
+                # they would have prefetched loads synchronously when it runs.
+                skipped = [
+                    self.schedule[i % len(self.schedule)]
+                    for i in range(expected, expected + len(self.schedule))
+                ]
+                skipped = skipped[: skipped.index(phase)]
+                drop = [name for p in skipped for name in p.evict] + drop
+                self._note_skipped(phase, skipped)
         self.current = index
         self.started = set()
-        for name in drop:
+        for name in dict.fromkeys(drop):
             other = self.by_name[name]
-            if not other.running and self.phase_name.get(name) is not None:
+            if not other.running:
                 self.evict(other)
         self.mover.trim_cache()
+
+    def _note_skipped(self, phase: Phase, skipped: list[Phase]) -> None:
+        self.mover.counters.unplanned_phases += 1
+        if self.warned:
+            return
+        self.warned = True
+        logger.warning(
+            "vramferry: phase %r began with %s skipped: what the plan prefetches there loads synchronously. If "
+            "requests always skip it (latents returned, prompt embeddings passed in), give the order they run in "
+            "as OffloadConfig(order=...).",
+            phase.name,
+            " and ".join(repr(p.name) for p in skipped),
+        )
 
     def _start(self, comp: ComponentState) -> None:
         step = self.step_of.get(comp.name) if comp.name in self.phase_name else None
