@@ -151,8 +151,10 @@ class Runtime:
         return unit
 
     def _load(self, units: list[Unit]) -> None:
+        # One allocation per resident piece, of its exact size: rounded to whole segments, the pieces of a DiT
+        # would take up to 2 MiB more each than the plan counts.
         for unit in units:
-            self.mover.onload_async(unit)
+            self.mover.onload_async(unit, exact=True)
             self.mover.wait_ready(unit)
 
     def transition(self, plan: Plan) -> int:

@@ -52,7 +52,9 @@ class Mover:
     def compute_stream(self):
         return torch.cuda.current_stream(self.device) if self.cuda else None
 
-    def onload_async(self, unit: Unit, slot: torch.Tensor | None = None, after: object | None = None) -> None:
+    def onload_async(
+        self, unit: Unit, slot: torch.Tensor | None = None, after: object | None = None, *, exact: bool = False
+    ) -> None:
         """Start copying ``unit`` to the device and bind its tensors to the device copy.
 
         The tensors are rebound at once; kernels that use them must first ``wait_ready(unit)``.
@@ -60,6 +62,8 @@ class Mover:
         Args:
             slot: a preallocated device buffer to copy into (layerwise); else one is allocated.
             after: a compute-stream event the copy must wait for (the slot's previous occupant finished).
+            exact: allocate exactly the unit's bytes (a resident piece, dropped only when the plan changes)
+                rather than whole allocator segments (a swapped part, dropped every request).
         """
         if not self.cuda:
             t0 = time.perf_counter()
@@ -80,7 +84,8 @@ class Mover:
             # Rounded up to the allocator's 2 MiB segment granularity, so that a fresh segment holds this
             # buffer exactly: no remainder in which a small, long-lived activation could settle and keep the
             # whole segment reserved after the unit is dropped.
-            buffer = torch.empty(_segment_size(unit.nbytes), dtype=torch.uint8, device=self.device)
+            size = unit.nbytes if exact else _segment_size(unit.nbytes)
+            buffer = torch.empty(size, dtype=torch.uint8, device=self.device)
             # The buffer may reuse memory the compute stream just released: copy only after that work.
             self.copy_stream.wait_stream(self.compute_stream())
         else:
