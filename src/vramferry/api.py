@@ -9,7 +9,14 @@ from typing import Any
 
 import torch
 
-from .compat import check_foreign_hooks, check_plan, patch_execution_device, request_order_of, resolve_device
+from .compat import (
+    check_component_names,
+    check_foreign_hooks,
+    check_plan,
+    patch_execution_device,
+    request_order_of,
+    resolve_device,
+)
 from .config import OffloadConfig
 from .discovery.inventory import Inventory
 from .discovery.modules import PipelineModules
@@ -418,6 +425,7 @@ def apply(
     modules = discover(pipeline, strict=config.strict, block_attrs=dict(config.block_attrs) or None)
     check_foreign_hooks(modules, _LIVE)
     check_weights_materialised(modules)
+    check_component_names(config, modules)
     inventory = inventory_of(modules, request_order_of(config, modules))
     if plan is not None and workload is not None:
         raise PlanError("apply: give either plan= or workload= (the plan was sized for its own workload)")

@@ -34,6 +34,18 @@ def resolve_device(config: OffloadConfig) -> torch.device:
     return torch.device("cuda", index)
 
 
+def check_component_names(config: OffloadConfig, modules: PipelineModules) -> None:
+    """Raise :class:`PlanError` when ``keep_resident`` names something that is not a component."""
+    known = {name for c in modules.components() for name in (c.name, *c.aliases)}
+    unknown = [name for name in config.keep_resident if name not in known]
+    if unknown:
+        found = ", ".join(c.name for c in modules.components())
+        raise PlanError(
+            f"keep_resident: {', '.join(map(repr, unknown))} is not a component of {modules.pipeline_class}; "
+            f"its components: {found}"
+        )
+
+
 def request_order_of(config: OffloadConfig, modules: PipelineModules) -> tuple[str, ...]:
     """The request order the schedule follows: ``config.order`` when given (every name a component), else
     discovery's."""

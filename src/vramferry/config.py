@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
@@ -28,9 +29,19 @@ class OffloadMode(str, Enum):
         return self.value
 
 
+def _number_checked(value: Any, field: str) -> Any:
+    """``value`` unless it is a boolean, a NaN or an infinity given as a number: those raise, naming ``field``."""
+    if isinstance(value, bool):
+        raise ValueError(f"{field}: expected a number or a size such as '16GiB', got the boolean {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{field}: expected a finite number or a size such as '16GiB', got {value!r}")
+    return value
+
+
 def _valid_budget(value: int | str | None) -> int | str | None:
     if value is None:
         return None
+    _number_checked(value, "vram_budget")
     if isinstance(value, str) and value.strip().endswith("%"):
         try:
             percent = float(value.strip()[:-1])
@@ -99,8 +110,10 @@ class OffloadConfig:
             ) from None
         object.__setattr__(self, "onload_device", str(device))
         if self.host_memory_limit is not None:
-            parse_bytes(self.host_memory_limit, what="host_memory_limit")
-        parse_bytes(self.safety_margin, what="safety_margin")
+            parse_bytes(
+                _number_checked(self.host_memory_limit, "host_memory_limit"), what="host_memory_limit"
+            )
+        parse_bytes(_number_checked(self.safety_margin, "safety_margin"), what="safety_margin")
         if self.prefetch_depth is not None and (
             isinstance(self.prefetch_depth, bool)
             or not isinstance(self.prefetch_depth, int)
@@ -109,6 +122,9 @@ class OffloadConfig:
             raise ValueError(
                 f"prefetch_depth: must be a whole number ≥ 1 or None, got {self.prefetch_depth!r}"
             )
+        for name in ("pin_memory", "prefetch_components", "verify", "strict"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}: expected True or False, got {getattr(self, name)!r}")
         if isinstance(self.keep_resident, str):
             raise ValueError(
                 f"keep_resident: give a list of component names, not the string {self.keep_resident!r}"

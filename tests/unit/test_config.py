@@ -110,3 +110,38 @@ def test_importing_vramferry_initialises_no_cuda_and_changes_no_torch_global():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("vram_budget", float("nan")),
+        ("vram_budget", float("inf")),
+        ("vram_budget", True),
+        ("host_memory_limit", float("nan")),
+        ("host_memory_limit", float("-inf")),
+        ("safety_margin", float("inf")),
+        ("safety_margin", False),
+        ("prefetch_depth", True),
+        ("prefetch_depth", 2.0),
+        ("pin_memory", 1),
+        ("verify", "yes"),
+    ],
+)
+def test_config_numbers_and_flags_reject_nan_infinity_and_wrong_types_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=rf"^{field}: "):
+        OffloadConfig(**{field: value})
+
+
+def test_keep_resident_names_must_be_components():
+    import vramferry
+    from pipelines.diffusers_pipes import DIFFUSERS_PIPELINES
+
+    pipe, _kwargs = DIFFUSERS_PIPELINES["flux"]()
+    with pytest.raises(
+        vramferry.PlanError, match=r"keep_resident: 'text_encodr'.*text_encoder, text_encoder_2"
+    ):
+        vramferry.apply(
+            pipe, OffloadConfig(mode="model", onload_device="cpu", keep_resident=("text_encodr",))
+        )
+    vramferry.apply(pipe, OffloadConfig(mode="model", onload_device="cpu")).remove()  # nothing was changed

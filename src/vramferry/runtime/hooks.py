@@ -125,6 +125,7 @@ def install_component_hooks(runtime: Runtime, state: ComponentState) -> None:
 
     for module in entry_modules(state.module, skip, ENTRY_DEPTH):
         runtime.hooks.add(module, enter, leave)
+        state.entries.add(id(module))
 
     for unit in block_units:
         _install_block_hooks(runtime, state, unit)
@@ -219,6 +220,7 @@ def _install_block_hooks(runtime: Runtime, state: ComponentState, unit) -> None:
         state.running -= 1
 
     runtime.hooks.add(unit.extra["module"], enter_block, leave_block)
+    state.entries.add(id(unit.extra["module"]))
 
 
 def _verify_hook(path: str, device: torch.device, units, stage=None):

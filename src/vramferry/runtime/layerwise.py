@@ -79,6 +79,11 @@ class BlockStreamer:
         self.slots = []
         self.streaming = False
 
+    def clear_running(self) -> None:
+        """Mark every slot idle: a block interrupted by a ``BaseException`` never reached :meth:`after_block`."""
+        for slot in self.slots:
+            slot.running = False
+
     # -- hooks --------------------------------------------------------------------------------------------
     def before_block(self, unit: Unit) -> None:
         """Called before a block runs: make it ready and keep the ring full."""

@@ -9,6 +9,7 @@ only for their own part of the copy, so its first call computes while the copy l
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -19,6 +20,20 @@ from .store import Unit
 from .transfer import Mover
 
 logger = logging.getLogger(__name__)
+
+
+_MODULE_CALL = nn.Module._call_impl.__code__
+
+
+def _executing(ids: set[int]) -> bool:
+    """Whether a module among ``ids`` is executing on this thread: a frame of PyTorch's module call for it is on
+    the stack. Walked only when a decision depends on it (a phase change, an eviction), never per block."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is _MODULE_CALL and id(frame.f_locals.get("self")) in ids:
+            return True
+        frame = frame.f_back
+    return False
 
 
 def count_tensors(module: nn.Module) -> int:
@@ -35,7 +50,9 @@ class ComponentState:
         swap: the part loaded when the component runs (may be None).
         streamer: the streamed blocks of a DiT (layerwise), or None.
         clock: measures a DiT's block times during its first calls, or None.
-        running: how many of its entry modules are executing now (never evicted while > 0).
+        running: how many of its entry modules are executing now (never evicted while > 0); see
+            :meth:`running_now`.
+        entries: ids of the modules whose hooks count ``running``.
         engaged: the component has run since its swap part was loaded (exclusion already applied).
         tensors: how many parameters and buffers the module held when its units were packed.
     """
@@ -48,6 +65,7 @@ class ComponentState:
     streamer: object | None = None
     clock: object | None = None  # a DiT's BlockClock (its blocks' measured compute times)
     running: int = 0
+    entries: set[int] = field(default_factory=set)
     engaged: bool = False
     last_used: int = 0
     tensors: int = -1
@@ -65,6 +83,20 @@ class ComponentState:
                 "(an adapter such as LoRA loaded, fused or unloaded, or a layer replaced, while the handle was "
                 "live). Call handle.remove(), make the change, then apply again."
             )
+
+    def running_now(self) -> bool:
+        """Whether one of its entry modules is executing now. A ``BaseException`` (Ctrl-C) raised inside a forward
+        skips PyTorch's post hooks, so the count can be stale: it is trusted only while a call of one of the entry
+        modules is on this thread's stack, and reset otherwise."""
+        if self.running <= 0:
+            return False
+        if _executing(self.entries):
+            return True
+        logger.debug("%s: resetting a running count left by an interrupted call", self.name)
+        self.running = 0
+        if self.streamer is not None:
+            self.streamer.clear_running()
+        return False
 
     @property
     def swap_bytes(self) -> int:
@@ -110,7 +142,7 @@ class SwapScheduler:
     def activate(self, comp: ComponentState) -> None:
         """Make ``comp``'s weights usable by the next kernel on the compute stream."""
         phase = self.phase_name.get(comp.name)
-        if phase is not None and not comp.running and self.phase_index[phase] != self.current:
+        if phase is not None and self.phase_index[phase] != self.current and not comp.running_now():
             self._begin(self.phase_index[phase])
         if comp.name in self.started and comp.engaged:
             return
@@ -139,7 +171,7 @@ class SwapScheduler:
         self.started = set()
         for name in dict.fromkeys(drop):
             other = self.by_name[name]
-            if not other.running:
+            if not other.running_now():
                 self.evict(other)
         self.mover.trim_cache()
 
@@ -162,7 +194,7 @@ class SwapScheduler:
         evicted = False
         for name in step.evict if step is not None else ():
             other = self.by_name[name]
-            if other.running:
+            if other.running_now():
                 logger.debug("%s runs inside %s; not evicting it", comp.name, other.name)
                 continue
             evicted |= self.evict(other)
