@@ -53,7 +53,12 @@ class Mover:
         return torch.cuda.current_stream(self.device) if self.cuda else None
 
     def onload_async(
-        self, unit: Unit, slot: torch.Tensor | None = None, after: object | None = None, *, exact: bool = False
+        self,
+        unit: Unit,
+        slot: torch.Tensor | None = None,
+        after: object | None = None,
+        *,
+        exact: bool = False,
     ) -> None:
         """Start copying ``unit`` to the device and bind its tensors to the device copy.
 
