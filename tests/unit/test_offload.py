@@ -430,3 +430,25 @@ def test_an_adapter_loaded_while_the_handle_is_live_is_named_with_the_fix():
     handle = apply(pipe, _cfg("model"))
     run(pipe, kwargs)
     handle.remove()
+
+
+@pytest.mark.parametrize("mode", ["model", "layerwise", "auto"])
+def test_a_module_deep_inside_a_component_loads_its_weights_when_called_directly(mode):
+    """A module several levels below a component, outside its blocks, reached from outside any hooked forward
+    (as prompt weighting reaches an encoder's token embedding): here the DiT's timestep MLP, three levels down."""
+    pipe, kwargs = DIFFUSERS_PIPELINES["flux"]()
+    linear = pipe.transformer.time_text_embed.timestep_embedder.linear_1
+    x = torch.randn(1, linear.in_features)
+    with torch.no_grad():
+        expected = linear(x)
+    handle = apply(pipe, _cfg(mode, verify=True))  # verify: raises if a module runs on unloaded weights
+    try:
+        run(pipe, kwargs)  # the encoders of the next request are prefetched: the DiT is off the device
+        with torch.no_grad():
+            got = linear(x)
+        where = _unit_states(handle)
+    finally:
+        handle.remove()
+    assert torch.equal(got, expected)
+    if mode == "model":  # the DiT was loaded for it, and the encoders left: the exclusion holds
+        assert where["transformer:swap"] == "device" and where["text_encoder:swap"] == "host"

@@ -2,10 +2,12 @@
 
 We never assign ``module.forward``: ``register_forward_pre_hook(..., with_kwargs=True)`` and
 ``register_forward_hook(..., always_call=True)`` keep signatures, ``torch.export`` and ``torch.compile`` intact,
-and the post hook runs even when the forward raises, so the bookkeeping stays right after an exception.
-Every entry point is covered because hooks sit on the component's root *and* on its children and
-grandchildren: ``vae.decode`` runs ``vae.decoder``, ``text_encoder.generate`` runs ``forward``, and helper
-methods run submodules.
+and the post hook runs even when the forward raises, so the bookkeeping stays right after an exception (a
+``BaseException`` skips it: :meth:`~vramferry.runtime.model.ComponentState.running_now` then corrects the count).
+Every entry point is covered because hooks sit on the component's root and on every module below it that holds
+tensors, at any depth, except inside its blocks (one hook per block covers what runs in it): ``vae.decode`` runs
+``vae.decoder``, ``text_encoder.generate`` runs ``forward``, and ``text_encoder.get_input_embeddings()(ids)`` runs
+a module three levels down.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ if TYPE_CHECKING:
     from .model import ComponentState
 
 _CONTAINERS = (nn.ModuleList, nn.ModuleDict)
-ENTRY_DEPTH = 2  # entry hooks on a component's root, children and grandchildren (containers not counted)
 
 
 class Runtime(Protocol):
@@ -60,21 +61,23 @@ def _has_tensors(module: nn.Module) -> bool:
     return any(True for _ in module.parameters()) or any(True for _ in module.buffers())
 
 
-def entry_modules(root: nn.Module, skip: set[int], depth: int) -> list[nn.Module]:
-    """The root plus its descendants down to ``depth`` (containers not counted) that hold tensors."""
+def entry_modules(root: nn.Module, skip: set[int], leaves: set[int]) -> list[nn.Module]:
+    """The root and every descendant that holds tensors, at any depth, except inside ``leaves`` (blocks: one
+    hook each covers what runs inside them) and ``skip`` (streamed blocks, hooked on their own)."""
     found = [root]
-    frontier = [(root, 0)]
+    frontier = [root]
     while frontier:
-        module, level = frontier.pop()
+        module = frontier.pop()
         for child in module.children():
             if id(child) in skip:
                 continue
             if isinstance(child, _CONTAINERS):
-                frontier.append((child, level))
+                frontier.append(child)
                 continue
-            if level + 1 <= depth and _has_tensors(child):
+            if _has_tensors(child):
                 found.append(child)
-                frontier.append((child, level + 1))
+                if id(child) not in leaves:
+                    frontier.append(child)
     return found
 
 
@@ -123,7 +126,9 @@ def install_component_hooks(runtime: Runtime, state: ComponentState) -> None:
     def leave(module, args, output):
         state.running -= 1
 
-    for module in entry_modules(state.module, skip, ENTRY_DEPTH):
+    blockset = runtime.modules.blocks_of(state.name)
+    leaves = {id(block) for block in blockset.blocks} if blockset is not None else set()
+    for module in entry_modules(state.module, skip, leaves):
         runtime.hooks.add(module, enter, leave)
         state.entries.add(id(module))
 
