@@ -452,3 +452,33 @@ def test_a_module_deep_inside_a_component_loads_its_weights_when_called_directly
     assert torch.equal(got, expected)
     if mode == "model":  # the DiT was loaded for it, and the encoders left: the exclusion holds
         assert where["transformer:swap"] == "device" and where["text_encoder:swap"] == "host"
+
+
+@pytest.mark.parametrize("mode", ["model", "layerwise"])
+def test_a_module_shared_by_an_encoder_and_the_dit_keeps_them_exclusive(mode):
+    pipe, kwargs = CUSTOM_PIPELINES["omnigen2"]()
+    pipe.transformer.shared_embedding = pipe.mllm.embed_tokens  # reached from both components
+    expected = _call_custom(pipe, kwargs)
+    handle = apply(pipe, _cfg(mode, verify=True))
+    during_encoding = []
+
+    def dit_units_on_device(module, args):
+        states = _unit_states(handle)
+        during_encoding.append(
+            sorted(n for n, w in states.items() if n.startswith("transformer") and w == "device")
+        )
+
+    probe = pipe.mllm.layers[0].register_forward_pre_hook(dit_units_on_device)
+    try:
+        for _ in range(2):
+            assert torch.equal(_call_custom(pipe, kwargs), expected)
+        kinds = {u.name: u.kind for u in handle.units()}
+    finally:
+        probe.remove()
+        handle.remove()
+        del pipe.transformer.shared_embedding
+    # The shared embedding lives in the shared unit, on the device throughout; running it for the encoder
+    # starts nothing of the DiT's (its resident non-block part aside, in layerwise mode).
+    assert kinds.get("shared") == "shared"
+    allowed = [] if mode == "model" else ["transformer:resident"]
+    assert during_encoding and all(names == allowed for names in during_encoding)

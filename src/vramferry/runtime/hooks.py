@@ -33,6 +33,7 @@ class Runtime(Protocol):
     device: torch.device
     hooks: HookSet
     verify: bool
+    shared_modules: set[int]
     modules: Any
     scheduler: Any
     mover: Any
@@ -114,7 +115,7 @@ def install_component_hooks(runtime: Runtime, state: ComponentState) -> None:
     device = runtime.device
     streamer = state.streamer
     block_units = streamer.units if streamer is not None else []
-    skip = {id(u.extra["module"]) for u in block_units}
+    skip = {id(u.extra["module"]) for u in block_units} | runtime.shared_modules
 
     @torch.compiler.disable
     def enter(module, args, kwargs):

@@ -227,6 +227,13 @@ class Runtime:
     def _install_hooks(self) -> None:
         from .hooks import install_component_hooks
 
+        # A module inside two components (an embedding shared by an encoder and the DiT) gets no entry hook:
+        # running it for one must not start the other, and its tensors are in the shared unit, always loaded.
+        seen: dict[int, int] = {}
+        for state in self.states:
+            for module in state.module.modules():
+                seen[id(module)] = seen.get(id(module), 0) + 1
+        self.shared_modules = {key for key, count in seen.items() if count > 1}
         for state in self.states:
             install_component_hooks(self, state)
 
