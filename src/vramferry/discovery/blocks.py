@@ -47,8 +47,11 @@ class _BlockError(Exception):
     pass
 
 
-def _module_lists(dit: nn.Module) -> list[tuple[str, nn.ModuleList]]:
-    return [(path, m) for path, m in dit.named_modules() if isinstance(m, nn.ModuleList)]
+_BLOCK_CONTAINERS = (nn.ModuleList, nn.Sequential, nn.ModuleDict)
+
+
+def _module_lists(dit: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(path, m) for path, m in dit.named_modules() if isinstance(m, _BLOCK_CONTAINERS)]
 
 
 def _describe_lists(dit: nn.Module) -> str:
@@ -102,13 +105,34 @@ def _declared_block_attrs(dit: nn.Module) -> tuple[str, tuple[str, ...]] | None:
     return None
 
 
+def _block_class(container: nn.Module, children: list[nn.Module]) -> str | None:
+    """The class of the repeated blocks among a container's children: the class of at least two thirds of them
+    (a minority of odd blocks, such as a last block of another class, is tolerated); ``None`` when there is
+    none. In an ``nn.Sequential`` the blocks must be composite modules: a Sequential of single layers is an MLP,
+    not a stack of blocks."""
+    if not children:
+        return None
+    counts: dict[type, int] = {}
+    for child in children:
+        counts[type(child)] = counts.get(type(child), 0) + 1
+    cls, count = max(counts.items(), key=lambda item: item[1])
+    if count * 3 < 2 * len(children):
+        return None
+    example = next(child for child in children if type(child) is cls)
+    if isinstance(container, nn.Sequential) and not any(True for _ in example.children()):
+        return None
+    return cls.__name__
+
+
 def _heuristic_blocks(dit: nn.Module) -> tuple[tuple[str, ...], list[tuple[str, nn.Module]]] | None:
-    """The same-class ``ModuleList``s that hold the DiT's repeated blocks, in definition order."""
+    """The containers (``ModuleList``, ``Sequential``, ``ModuleDict``) of one block class, with at most a
+    minority of others, that hold the DiT's repeated blocks, in definition order."""
     candidates = []
     for index, (path, lst) in enumerate(_module_lists(dit)):
         children = list(lst.children())
-        if children and len({type(m) for m in children}) == 1 and _has_tensors(lst):
-            candidates.append((index, path, lst, type(children[0]).__name__))
+        cls = _block_class(lst, children) if _has_tensors(lst) else None
+        if cls is not None:
+            candidates.append((index, path, lst, cls))
     if not candidates:
         return None
 
