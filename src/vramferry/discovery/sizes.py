@@ -10,6 +10,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from .leaves import tensor_bytes
+
 
 def tensor_key(tensor: torch.Tensor) -> tuple:
     """The identity of a weight: two names with the same key hold the same weights and are stored once.
@@ -34,7 +36,7 @@ def _count(modules: Iterable[nn.Module], seen: set, by_dtype: dict[str, int]) ->
             if key in seen:
                 continue
             seen.add(key)
-            nbytes = tensor.numel() * tensor.element_size()
+            nbytes = tensor_bytes(tensor)  # a quantized tensor's real bytes (data and scales)
             total += nbytes
             by_dtype[str(tensor.dtype)] = by_dtype.get(str(tensor.dtype), 0) + nbytes
     return total

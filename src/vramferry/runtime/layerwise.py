@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from .store import Unit
-from .transfer import Mover
+from .transfer import Mover, device_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -160,7 +160,7 @@ class BlockStreamer:
         while free:
             self._release(free.pop())
         size = self.slot_size if self.uniform else nbytes
-        buffer = torch.empty(size, dtype=torch.uint8, device=self.mover.device)
+        buffer = device_bytes(size, self.mover.device)
         slot = Slot(buffer)
         # The buffer may reuse memory the compute stream used until now: copy into it only after that work.
         slot.free_event = self.mover.record_done()

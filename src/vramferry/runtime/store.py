@@ -18,16 +18,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..discovery.leaves import Layout, align, layout_of, leaves, rebuild, view_in
 from ..discovery.sizes import tensor_key
 from ..units import format_bytes
 
 logger = logging.getLogger(__name__)
-
-ALIGN = 512  # bytes; keeps every view aligned for vectorised kernels and any dtype's element size
-
-
-def _align(n: int) -> int:
-    return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
 @dataclass(eq=False)
@@ -43,8 +38,9 @@ class TensorRef:
     owners: list[tuple[nn.Module, str]]
     shape: torch.Size
     dtype: torch.dtype
-    nbytes: int
+    nbytes: int  # its leaves' bytes, each aligned (:func:`~vramferry.discovery.leaves.layout_of`)
     original_device: torch.device
+    layout: Layout | None = None  # how its leaves lie in its byte range (one leaf for a plain tensor)
     offset: int = 0  # within the unit
     host: torch.Tensor | None = None  # view into the unit's host buffer
     params: list[nn.Parameter] = field(default_factory=list)
@@ -93,7 +89,7 @@ class Unit:
         offset = 0
         for ref in self.refs:
             ref.offset = offset
-            offset = _align(offset + ref.nbytes)
+            offset = align(offset + ref.nbytes)
         self.nbytes = offset
 
     def set_runs(self, pieces: list[Piece]) -> None:
@@ -122,9 +118,9 @@ class Unit:
                 buffer[lo:hi].copy_(host[lo - start : hi - start], **kw)
 
     def view(self, buffer: torch.Tensor, ref: TensorRef) -> torch.Tensor:
-        """The typed view of ``ref`` inside a packed uint8 buffer laid out like this unit."""
-        raw = buffer[ref.offset : ref.offset + ref.nbytes]
-        return raw.view(ref.dtype).view(ref.shape)
+        """``ref``'s tensor (a tensor subclass rebuilt around its leaves) viewing a packed uint8 buffer laid out
+        like this unit."""
+        return rebuild(ref.layout, view_in(buffer[ref.offset : ref.offset + ref.nbytes]))
 
     def set_stages(self, blocks: list[tuple[nn.Module, list[TensorRef]]], min_bytes: int) -> None:
         """Split the copy of this unit at block boundaries (``blocks``: each block with its refs, laid out in
@@ -150,8 +146,11 @@ class Unit:
         self.on_device = False
 
     def bind_buffer(self, buffer: torch.Tensor) -> None:
-        for ref in self.refs:
-            ref.bind(self.view(buffer, ref))
+        # Outside inference mode, whatever the caller runs in: views made inside it would be inference tensors,
+        # and a parameter bound to one can never take requires_grad again (an adapter's set_adapters does).
+        with torch.inference_mode(False):
+            for ref in self.refs:
+                ref.bind(self.view(buffer, ref))
 
 
 @dataclass(eq=False)
@@ -169,9 +168,18 @@ class Piece:
     def layout(self) -> int:
         offset = 0
         for ref in self.refs:
-            offset = _align(offset + ref.nbytes)
+            offset = align(offset + ref.nbytes)
         self.nbytes = offset
         return offset
+
+
+def _own_copy(ref: TensorRef, home: torch.device) -> torch.Tensor:
+    """``ref``'s tensor with storage of its own on ``home``, rebuilt leaf by leaf from its host copy."""
+    copies = {
+        id(leaf): tensor.to(home) if home.type != "cpu" else tensor.clone()
+        for tensor, leaf in leaves(ref.host, ref.layout)
+    }
+    return rebuild(ref.layout, lambda leaf: copies[id(leaf)])
 
 
 def _adjacent(first: torch.Tensor, second: torch.Tensor) -> bool:
@@ -230,13 +238,15 @@ def _add_ref(new, seen, claimed, module, name, tensor, *, is_param: bool) -> Non
         if ref not in new:
             seen.append(ref)
         return
+    layout, nbytes = layout_of(tensor)
     ref = TensorRef(
         param=tensor if is_param else None,
         owners=[(module, name)],
         shape=tensor.shape,
         dtype=tensor.dtype,
-        nbytes=tensor.numel() * tensor.element_size(),
+        nbytes=nbytes,
         original_device=tensor.device,
+        layout=layout,
         params=[tensor] if is_param else [],
     )
     claimed[key] = ref
@@ -292,13 +302,14 @@ class HostStore:
             piece.host = arena[offset : offset + piece.nbytes]
             inner = 0
             for ref in piece.refs:
-                raw = piece.host[inner : inner + ref.nbytes]
-                ref.host = raw.view(ref.dtype).view(ref.shape)
-                inner = _align(inner + ref.nbytes)
+                view = view_in(piece.host[inner : inner + ref.nbytes])
+                inner = align(inner + ref.nbytes)
                 with torch.no_grad():
                     # One tensor at a time: its pageable original is freed as soon as it is rebound, so host
                     # memory grows by at most one tensor beyond the weights.
-                    ref.host.copy_(ref.current())
+                    for tensor, leaf in leaves(ref.current(), ref.layout):
+                        view(leaf).copy_(tensor)
+                ref.host = rebuild(ref.layout, view)
                 ref.bind(ref.host)
             offset += piece.nbytes
         self._arenas.append((arena, pinned, pieces))
@@ -345,7 +356,7 @@ class HostStore:
                     home = ref.original_device
                     # clone(): a tensor of its own, so nothing shares storage after remove (safetensors
                     # refuses to save tensors that share memory).
-                    ref.bind(ref.host.to(home) if home.type != "cpu" else ref.host.clone())
+                    ref.bind(_own_copy(ref, home))
                     ref.host = None
                 piece.host = None
             if pinned:

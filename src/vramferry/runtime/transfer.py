@@ -72,9 +72,7 @@ class Mover:
         """
         if not self.cuda:
             t0 = time.perf_counter()
-            buffer = (
-                slot if slot is not None else torch.empty(unit.nbytes, dtype=torch.uint8, device=self.device)
-            )
+            buffer = slot if slot is not None else device_bytes(unit.nbytes, self.device)
             unit.copy_into(buffer)
             self.counters.copy_seconds += time.perf_counter() - t0
             self._finish(unit, buffer)
@@ -90,7 +88,7 @@ class Mover:
             # buffer exactly: no remainder in which a small, long-lived activation could settle and keep the
             # whole segment reserved after the unit is dropped.
             size = unit.nbytes if exact else _segment_size(unit.nbytes)
-            buffer = torch.empty(size, dtype=torch.uint8, device=self.device)
+            buffer = device_bytes(size, self.device)
             # The buffer may reuse memory the compute stream just released: copy only after that work.
             self.copy_stream.wait_stream(self.compute_stream())
         else:
@@ -267,6 +265,13 @@ class Mover:
     def synchronize(self) -> None:
         if self.cuda:
             torch.cuda.synchronize(self.device)
+
+
+def device_bytes(nbytes: int, device: torch.device) -> torch.Tensor:
+    """``nbytes`` of uninitialised device memory, never an inference tensor: weights are bound to views of it,
+    and a parameter bound to an inference tensor can never take ``requires_grad`` again."""
+    with torch.inference_mode(False):
+        return torch.empty(nbytes, dtype=torch.uint8, device=device)
 
 
 _SEGMENT = 2 * 2**20  # the CUDA caching allocator's rounding of large segments

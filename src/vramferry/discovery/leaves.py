@@ -1,0 +1,97 @@
+"""Any tensor as host bytes and back: a plain tensor is one leaf; a tensor subclass (torchao's quantized tensors,
+diffusers' ``GGUFParameter`` and the like) is its ``__tensor_flatten__`` leaves plus the metadata that
+``__tensor_unflatten__`` needs to rebuild it.
+
+A tensor's leaves are laid out back to back, each aligned, in a byte range of its unit; :func:`rebuild` makes the
+tensor again from such a range (on the host or on the device), the subclass, its metadata and its outer size and
+strides included. Nothing here allocates: the store owns the bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+ALIGN = 512  # bytes; keeps every view aligned for vectorised kernels and any dtype's element size
+
+
+def align(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+@dataclass(frozen=True)
+class Leaf:
+    """A plain tensor's bytes: where they start in the tensor's range, its shape and dtype."""
+
+    offset: int
+    shape: torch.Size
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return self.shape.numel() * self.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class Wrapped:
+    """A tensor subclass: its class, its flatten metadata, its outer size and strides, and its inner tensors."""
+
+    cls: type
+    context: object
+    size: torch.Size
+    stride: tuple[int, ...]
+    inner: tuple[tuple[str, Leaf | Wrapped], ...]
+
+
+Layout = Leaf | Wrapped
+
+
+def layout_of(tensor: torch.Tensor, offset: int = 0) -> tuple[Layout, int]:
+    """The layout of ``tensor``'s leaves starting at ``offset``, and the aligned end of its range."""
+    if not is_traceable_wrapper_subclass(tensor):
+        leaf = Leaf(offset, tensor.shape, tensor.dtype)
+        return leaf, align(offset + leaf.nbytes)
+    names, context = tensor.__tensor_flatten__()
+    inner = []
+    for name in names:
+        child, offset = layout_of(getattr(tensor, name), offset)
+        inner.append((name, child))
+    return Wrapped(type(tensor), context, tensor.size(), tuple(tensor.stride()), tuple(inner)), offset
+
+
+def rebuild(layout: Layout, view: Callable[[Leaf], torch.Tensor]) -> torch.Tensor:
+    """The tensor of ``layout`` with each leaf given by ``view`` (a view into bytes, or a copy)."""
+    if isinstance(layout, Leaf):
+        return view(layout)
+    inner = {name: rebuild(child, view) for name, child in layout.inner}
+    return layout.cls.__tensor_unflatten__(inner, layout.context, layout.size, layout.stride)
+
+
+def leaves(tensor: torch.Tensor, layout: Layout) -> Iterator[tuple[torch.Tensor, Leaf]]:
+    """``tensor``'s plain leaves, each with its place in ``layout``."""
+    if isinstance(layout, Leaf):
+        yield tensor, layout
+        return
+    for name, child in layout.inner:
+        yield from leaves(getattr(tensor, name), child)
+
+
+def view_in(raw: torch.Tensor) -> Callable[[Leaf], torch.Tensor]:
+    """Typed views of leaves inside ``raw``, a uint8 range laid out by :func:`layout_of`."""
+
+    def view(leaf: Leaf) -> torch.Tensor:
+        return raw[leaf.offset : leaf.offset + leaf.nbytes].view(leaf.dtype).view(leaf.shape)
+
+    return view
+
+
+def tensor_bytes(tensor: torch.Tensor) -> int:
+    """The bytes that hold ``tensor``'s data: a subclass's inner tensors (int8 data and scales, say), not its
+    outer dtype times its elements."""
+    if not is_traceable_wrapper_subclass(tensor):
+        return tensor.numel() * tensor.element_size()
+    names, _context = tensor.__tensor_flatten__()
+    return sum(tensor_bytes(getattr(tensor, name)) for name in names)

@@ -1,0 +1,83 @@
+"""Quantized tensors (tensor subclasses) and live LoRA adapters in every mode, on the CPU."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import vramferry
+from pipelines.diffusers_pipes import DIFFUSERS_PIPELINES, run
+
+MODES = ["model", "layerwise", "auto"]
+
+
+def _cfg(mode: str) -> vramferry.OffloadConfig:
+    return vramferry.OffloadConfig(mode=mode, onload_device="cpu", verify=True)
+
+
+def _quantized(name: str):
+    torchao = pytest.importorskip("torchao.quantization")
+    pipe, kwargs = DIFFUSERS_PIPELINES[name]()
+    torchao.quantize_(pipe.transformer, torchao.Int8WeightOnlyConfig())
+    return pipe, kwargs
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", ["flux", "wan"])
+def test_int8_weight_only_transformer_gives_the_quantized_output_and_is_restored(name, mode):
+    pipe, kwargs = _quantized(name)
+    params = dict(pipe.transformer.named_parameters())
+    kinds = {key: type(p) for key, p in params.items()}
+    assert any(k.__name__ == "Int8Tensor" for k in kinds.values())
+    expected = run(pipe, kwargs)
+    handle = vramferry.apply(pipe, _cfg(mode))
+    try:
+        for _ in range(2):
+            got = run(pipe, kwargs)
+            for key in expected:
+                np.testing.assert_array_equal(got[key], expected[key])
+        inventory = handle.inventory.get("transformer")
+    finally:
+        handle.remove()
+    # The inventory counts the bytes that cross: int8 data and scales, not four bytes per element.
+    quantized = sum(p.qdata.numel() for p in params.values() if hasattr(p, "qdata"))
+    assert inventory.bytes < sum(p.numel() * 4 for p in params.values())
+    assert inventory.bytes >= quantized
+    # remove() gives back the same parameter objects, of the same subclass.
+    after = dict(pipe.transformer.named_parameters())
+    assert all(after[key] is params[key] and type(after[key]) is kinds[key] for key in params)
+    for key in expected:
+        np.testing.assert_array_equal(run(pipe, kwargs)[key], expected[key])
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_lora_weights_switched_while_live_give_the_output_without_offload(mode):
+    peft = pytest.importorskip("peft")
+    pipe, kwargs = DIFFUSERS_PIPELINES["flux"]()
+    config = peft.LoraConfig(
+        r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v"], init_lora_weights=False
+    )
+    pipe.transformer.add_adapter(config, adapter_name="a")
+    expected = {}
+    for weight in (1.0, 0.5, 0.0):
+        pipe.transformer.set_adapters(["a"], weights=[weight])
+        expected[weight] = run(pipe, kwargs)
+    handle = vramferry.apply(pipe, _cfg(mode))
+    inference = []
+    block = pipe.transformer.transformer_blocks[0]
+    probe = block.register_forward_pre_hook(
+        lambda m, a: inference.append(any(p.is_inference() for p in m.parameters()))
+    )
+    try:
+        for weight in (1.0, 0.5, 0.0, 0.5):  # switched between requests, while the handle is live
+            pipe.transformer.set_adapters(["a"], weights=[weight])
+            with torch.inference_mode():  # as servers and benchmarks run requests
+                got = run(pipe, kwargs)
+            for key in got:
+                np.testing.assert_array_equal(got[key], expected[weight][key])
+    finally:
+        probe.remove()
+        handle.remove()
+    # Tensors bound by the runtime are never inference tensors, not even while a request runs in inference mode.
+    assert inference and not any(inference)
