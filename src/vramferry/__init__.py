@@ -18,6 +18,7 @@ from .errors import (
     OffloadError,
     PlanError,
 )
+from .planning.workload import Workload
 from .protocol import SupportsModuleOffload
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "OffloadStats",
     "OffloadConfig",
     "OffloadMode",
+    "Workload",
     "SupportsModuleOffload",
     "OffloadError",
     "DiscoveryError",

@@ -25,15 +25,20 @@ from .cli_options import (
     UsageError,
     _add_model_options,
     _comma_list,
+    _port,
     _positive_int,
     add_offload_options,
     apply_offload,
+    check_port,
+    check_sizes,
     demo_defaults,
     fit_to_machine,
     given_offload_options,
     load,
     offload_config,
     parse_size,
+    require_extra,
+    server_settings,
 )
 from .config import OffloadConfig, OffloadMode
 from .errors import OffloadError
@@ -46,12 +51,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
-
-
-# -- the shared offload option group --------------------------------------------------------------------------
-
-
-# -- shared helpers ------------------------------------------------------------------------------------------
 
 
 # -- plan ----------------------------------------------------------------------------------------------------
@@ -78,15 +77,29 @@ def _plan_source(args: argparse.Namespace, config: OffloadConfig) -> tuple[Any, 
     return modules, inventory, Workload(**{**base, **shape})
 
 
+def _device_given(args: argparse.Namespace) -> bool:
+    return bool(args.gpu or args.bandwidth or args.tflops or args.gpu_memory)
+
+
 def _device_profile(args: argparse.Namespace) -> Any:
-    if not (args.gpu or args.bandwidth or args.tflops or args.gpu_memory):
-        return None
+    """The device to plan for: ``--gpu``/``--bandwidth``/``--tflops``/``--gpu-memory``, else the planner's default
+    preset (h100), so that a plan without ``--gpu`` is the plan of ``--gpu h100``."""
     from .planning.devices import profile_from
     from .runtime.probe import expandable_segments
 
     profile = profile_from(gpu=args.gpu, bandwidth=args.bandwidth, tflops=args.tflops, memory=args.gpu_memory)
     # The plan is for a run of this process's allocator settings (which main() sets, unless the user did).
     return dataclasses.replace(profile, expandable_segments=expandable_segments())
+
+
+def _assumed(result: Any, profile: Any) -> Any:
+    """``result`` with its device note marked as assumed, naming the flag that chooses another GPU."""
+    head = f"device: {profile.name},"
+    mark = " (assumed: pass --gpu for another GPU)"
+    notes = tuple(note + mark if note.startswith(head) else note for note in result.notes)
+    if notes == result.notes:
+        notes = (*notes, f"device: {profile.name}{mark}")
+    return dataclasses.replace(result, notes=notes)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -101,14 +114,17 @@ def cmd_plan(args: argparse.Namespace) -> int:
     config = offload_config(args)
     modules, inventory, workload = _plan_source(args, config)
     data = discovery_report(modules, inventory)
-    wants_plan = bool(given_offload_options(args) or args.config or _device_profile(args))
+    wants_plan = bool(given_offload_options(args) or args.config or _device_given(args))
     text = format_discovery(data)
     if wants_plan:
         from .planning.format import format_plan
         from .planning.plan import plan_to_dict
         from .planning.planner import plan
 
-        result = plan(inventory, config, device=_device_profile(args), workload=workload)
+        profile = _device_profile(args)
+        result = plan(inventory, config, device=profile, workload=workload)
+        if not _device_given(args):
+            result = _assumed(result, profile)
         data["config"] = config.to_dict()
         data["workload"] = dataclasses.asdict(workload)
         data["plan"] = plan_to_dict(result)
@@ -171,9 +187,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .report import PeakMemory, RunRecord, format_table
     from .server.generation import generate, is_video_pipeline, save_outputs
 
+    params = _params(args, demo_defaults(args))  # a bad command line fails before the model loads
     config = fit_to_machine(offload_config(args))
     pipeline = load(args)
-    params = _params(args, demo_defaults(args))
+    if params.width is not None and params.height is not None:
+        check_sizes(pipeline, [(params.width, params.height)], "--size")
     video = is_video_pipeline(pipeline)
     out = Path(args.out or ("vramferry.gif" if video else "vramferry.png"))
     handle = apply_offload(pipeline, config, params)
@@ -205,45 +223,35 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    require_extra("serve", "server", ("fastapi", "uvicorn", "pydantic", "prometheus_client"))
     import uvicorn
 
-    from .server import ServerSettings, create_app
+    from .server import create_app, uvicorn_options
 
     config = fit_to_machine(offload_config(args))
     too_big = [f"{w}x{h}" for w, h in args.sizes or () if max(w, h) > args.max_size]
     if too_big:
         raise UsageError(f"--sizes: {', '.join(too_big)} exceed --max-size {args.max_size}")
     defaults = demo_defaults(args)
+    settings = server_settings(args, defaults)
+    check_port(args.host, args.port)  # before the model loads: a busy port costs nothing
     pipeline = load(args)
+    check_sizes(pipeline, args.sizes or (), "--sizes")
     handle = apply_offload(pipeline, config)
     if args.sizes:
         _prepare_sizes(handle, args.sizes, defaults)
-    has_size = "width" in defaults and "height" in defaults
-    settings = ServerSettings(
-        model_name=args.served_model_name or args.model or "vramferry-demo",
-        api_key=args.api_key or os.environ.get("VRAMFERRY_API_KEY") or None,
-        max_queue=args.max_queue,
-        timeout=args.timeout,
-        max_size=args.max_size,
-        default_size=(min(defaults["width"], args.max_size), min(defaults["height"], args.max_size))
-        if has_size
-        else None,
-        default_steps=defaults.get("steps"),
-        default_guidance=defaults.get("guidance"),
-        call_defaults=defaults.get("extra", {}),
-    )
     app = create_app(pipeline, handle, settings)
     if args.host not in ("127.0.0.1", "localhost", "::1") and settings.api_key is None:
         print(f"note: listening on {args.host} without an API key (--api-key)", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="debug" if args.debug else "info")
+    log_level = "debug" if args.debug else "info"
+    uvicorn.run(app, host=args.host, port=args.port, log_level=log_level, **uvicorn_options(settings))
     return EXIT_OK
 
 
-def _prepare_sizes(
-    handle: Any, sizes: Sequence[tuple[int, int]], defaults: dict[str, Any], max_size: int
-) -> None:
+def _prepare_sizes(handle: Any, sizes: Sequence[tuple[int, int]], defaults: dict[str, Any]) -> None:
     """Plan every size in ``sizes`` now (auto mode), so that switching between them later costs no planning, and
     list the plans (``GET /v1/plans`` serves the same list)."""
+    from .planning.format import format_size
     from .planning.workload import Workload
 
     if handle is None or str(handle.config.mode) != "auto":
@@ -253,9 +261,7 @@ def _prepare_sizes(
     plans = handle.prepare([Workload(height=h, width=w, steps=steps) for w, h in sizes])
     for (w, h), made in zip(sizes, plans, strict=True):
         step = f"{made.predicted_step_s:.3f} s/step" if made.predicted_step_s is not None else "step n/a"
-        peak = (
-            f"{made.predicted_peak_bytes / 2**30:.2f} GiB peak" if made.predicted_peak_bytes else "peak n/a"
-        )
+        peak = f"{format_size(made.predicted_peak_bytes)} peak" if made.predicted_peak_bytes else "peak n/a"
         print(f"planned {w}x{h}: {step}, {peak}", file=sys.stderr)
 
 
@@ -330,11 +336,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return EXIT_FAILURE
     if "mode" in given_offload_options(args):
         raise UsageError("bench: choose the modes with --modes, not --offload")
+    require_extra("bench", "bench", ("matplotlib",))
     modes = [OffloadMode(m) for m in _comma_list(args.modes)]
     config = offload_config(args)
+    params = _params(args, demo_defaults(args))  # a bad command line fails before the model loads
     pipeline = load(args)
+    if params.width is not None and params.height is not None:
+        check_sizes(pipeline, [(params.width, params.height)], "--size")
     disable_progress_bar(pipeline)
-    params = _params(args, demo_defaults(args))
     results = [_bench_mode(pipeline, params, config.replace(mode=mode), args.repeats) for mode in modes]
     if args.diffusers:
         results += _bench_diffusers(pipeline, params, config.device, args.repeats)
@@ -464,7 +473,14 @@ def _add_serve(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)"
     )
-    p.add_argument("--port", type=int, default=8091, help="port (default: 8091)")
+    p.add_argument("--port", type=_port, default=8091, help="port (default: 8091)")
+    p.add_argument(
+        "--allowed-hosts",
+        type=_comma_list,
+        metavar="HOST[,HOST]",
+        help="the Host header values answered, e.g. localhost,images.example.com; '*.example.com' matches "
+        "subdomains, '*' any host (default: loopback names on a loopback address, any on a network address)",
+    )
     p.add_argument(
         "--api-key", help="require 'Authorization: Bearer KEY' (default: $VRAMFERRY_API_KEY, if set)"
     )

@@ -1,11 +1,16 @@
 """The command line's shared pieces: the offload option group (every flag spelled once, in
-:data:`OFFLOAD_FLAGS`), model loading, the demo's defaults and the exit codes."""
+:data:`OFFLOAD_FLAGS`), model loading, the demo's defaults, the exit codes, and the checks that run before a
+model loads (missing extras, a busy port, the server's settings) or before it denoises (the size)."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import errno
 import json
+import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +42,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a number ≥ 1, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number from 0 to 65535, got {value}")
     return value
 
 
@@ -238,3 +253,87 @@ def parse_size(text: str) -> tuple[int, int]:
     if size is None or min(size) < 1:
         raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 1024x1024, got {text!r}")
     return size
+
+
+# -- checks made before a model loads or denoises ------------------------------------------------------------
+
+
+def check_sizes(pipeline: Any, sizes: Sequence[tuple[int, int]], flag: str) -> None:
+    """Reject, naming the nearest valid sizes, a ``(width, height)`` that ``pipeline`` cannot make: diffusers
+    would round it down (``100x100`` gives ``96x96``) or fail at the end of denoising (``7x7``)."""
+    from .server.generation import size_multiple
+
+    multiple = size_multiple(pipeline)
+    for width, height in sizes:
+        if width % multiple == 0 and height % multiple == 0:
+            continue
+        below = tuple(max(multiple, side // multiple * multiple) for side in (width, height))
+        above = tuple(-(-side // multiple) * multiple for side in (width, height))
+        nearest = " or ".join(dict.fromkeys(f"{w}x{h}" for w, h in (below, above)))
+        raise UsageError(
+            f"{flag} {width}x{height}: {type(pipeline).__name__} makes sizes whose sides are multiples of "
+            f"{multiple}; the nearest are {nearest}"
+        )
+
+
+def server_settings(args: argparse.Namespace, defaults: dict[str, Any]) -> Any:
+    """The ``ServerSettings`` of the flags (validated there), built before any model loads."""
+    from .server import ServerSettings
+
+    has_size = "width" in defaults and "height" in defaults
+    optional = {}
+    if args.allowed_hosts is not None:
+        if "allowed_hosts" not in {f.name for f in dataclasses.fields(ServerSettings)}:
+            raise UsageError("--allowed-hosts: this version of the server has no allowed_hosts setting")
+        optional["allowed_hosts"] = args.allowed_hosts
+    return ServerSettings(
+        model_name=args.served_model_name or args.model or "vramferry-demo",
+        api_key=args.api_key or os.environ.get("VRAMFERRY_API_KEY") or None,
+        max_queue=args.max_queue,
+        timeout=args.timeout,
+        max_size=args.max_size,
+        default_size=(min(defaults["width"], args.max_size), min(defaults["height"], args.max_size))
+        if has_size
+        else None,
+        default_steps=defaults.get("steps"),
+        default_guidance=defaults.get("guidance"),
+        call_defaults=defaults.get("extra", {}),
+        **optional,
+    )
+
+
+def check_port(host: str, port: int) -> None:
+    """Bind ``host:port`` and let it go again, so that a busy port or a bad address is reported now."""
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror as exc:
+        raise UsageError(f"--host {host}: not an address of this machine ({exc.strerror})") from None
+    with socket.socket(family, kind, proto) as sock:
+        # As uvicorn's own socket does: a port left in TIME_WAIT by an earlier server counts as free.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            busy = exc.errno == errno.EADDRINUSE
+            fix = "stop what listens there or choose another --port" if busy else "check --host and --port"
+            raise UsageError(
+                f"--port {port}: cannot listen on {host}:{port} ({exc.strerror}); {fix}"
+            ) from None
+
+
+def require_extra(command: str, extra: str, modules: Sequence[str]) -> None:
+    """Fail in one line, naming the extra that installs it, when a module that ``command`` needs is missing."""
+    import importlib
+
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise ImportError(
+                f"vramferry {command} needs {module!r} ({exc}); install the '{extra}' extra: "
+                f"pip install 'vramferry[{extra}]' (in a checkout: pip install -e \".[{extra}]\")"
+            ) from exc

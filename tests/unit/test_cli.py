@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -211,6 +212,7 @@ def test_serve_builds_the_app_from_flags(monkeypatch, capsys):
                  "--offload", "model", "--served-model-name", "demo"])  # fmt: skip
     assert code == 0
     assert (seen["host"], seen["port"]) == ("127.0.0.1", 9999)
+    assert seen["http"].header_timeout == seen["app"].state.settings.header_timeout  # uvicorn_options
     settings = seen["app"].state.settings
     assert (settings.api_key, settings.max_queue, settings.timeout, settings.model_name) == (
         "k",
@@ -240,3 +242,136 @@ def test_the_cli_turns_on_expandable_segments_unless_configured(monkeypatch, cap
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:512")
     assert main(["plan"]) == 0
     assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:512"  # the user's setting is kept
+
+
+def _no_loading(monkeypatch):
+    """Make any model load fail the test: these command lines must be rejected before it."""
+    import vramferry.cli
+
+    def load(args):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(vramferry.cli, "load", load)
+
+
+def _error_line(err: str) -> str:
+    errors = [line for line in err.splitlines() if not line.startswith("note:")]
+    assert len(errors) == 1, err
+    assert errors[0].startswith("error:") and "Traceback" not in err
+    return errors[0]
+
+
+@pytest.mark.parametrize(
+    ("size", "nearest"), [("7x7", "the nearest are 16x16"), ("100x100", "the nearest are 96x96 or 112x112")]
+)
+def test_generate_rejects_a_size_the_pipeline_cannot_make(size, nearest, monkeypatch, tmp_path, capsys):
+    import vramferry.server.generation
+
+    def generate(*args, **kwargs):
+        raise AssertionError("denoising ran")
+
+    monkeypatch.setattr(vramferry.server.generation, "generate", generate)
+    out = tmp_path / "x.png"
+    assert main(["generate", "--size", size, "--out", str(out), "-q", "--offload", "none"]) == 2
+    line = _error_line(capsys.readouterr().err)
+    assert f"--size {size}" in line and "multiples of 16" in line and nearest in line
+    assert not out.exists()  # never a silently resized image
+
+
+def test_generate_checks_the_prompt_before_loading(monkeypatch, tmp_path, capsys):
+    _no_loading(monkeypatch)
+    assert main(["generate", "--model", str(tmp_path)]) == 2
+    assert "--prompt is required" in _error_line(capsys.readouterr().err)
+
+
+def test_serve_without_the_server_extra_names_it(monkeypatch, capsys):
+    _no_loading(monkeypatch)
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # import uvicorn now raises ImportError
+    assert main(["serve"]) == 1
+    line = _error_line(capsys.readouterr().err)
+    assert "'uvicorn'" in line and "vramferry[server]" in line
+
+
+def test_serve_reports_a_busy_port_before_loading(monkeypatch, capsys):
+    import socket
+
+    _no_loading(monkeypatch)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--port", str(port)]) == 2
+    line = _error_line(capsys.readouterr().err)
+    assert f"--port {port}" in line and "in use" in line
+
+
+def test_serve_checks_and_plans_its_sizes(monkeypatch, capsys):
+    import uvicorn
+
+    seen = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: seen.update(app=app))
+    assert main(["serve", "--sizes", "100x100", "--onload-device", "cpu"]) == 2
+    assert "--sizes 100x100" in _error_line(capsys.readouterr().err) and not seen
+    assert main(["serve", "--sizes", "64x64,128x64", "--onload-device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert "planned 64x64: " in err and "planned 128x64: " in err and "peak" in err
+
+
+def test_serve_allowed_hosts(monkeypatch, capsys):
+    from vramferry.server import ServerSettings
+
+    args = build_parser().parse_args(["serve", "--allowed-hosts", "localhost, images.example.com"])
+    assert args.allowed_hosts == ("localhost", "images.example.com")
+    if "allowed_hosts" not in {f.name for f in dataclasses.fields(ServerSettings)}:
+        pytest.skip("ServerSettings has no allowed_hosts field yet")
+    import uvicorn
+
+    seen = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: seen.update(app=app))
+    assert main(["serve", "--allowed-hosts", "localhost,images.example.com", "--onload-device", "cpu"]) == 0
+    assert tuple(seen["app"].state.settings.allowed_hosts) == ("localhost", "images.example.com")
+
+
+def test_plan_without_gpu_is_the_plan_of_the_assumed_h100(monkeypatch, capsys):
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
+    plans = {}
+    for extra in ([], ["--gpu", "h100"]):
+        assert main(["plan", "--arch", "flux1-dev", "--vram-budget", "16GiB", "--json", *extra]) == 0
+        plans[bool(extra)] = json.loads(capsys.readouterr().out)["plan"]
+    assumed, given = plans[False], plans[True]
+    device = [note for note in assumed.pop("notes") if note.startswith("device:")]
+    assert device == [
+        n + " (assumed: pass --gpu for another GPU)" for n in given.pop("notes") if "device:" in n
+    ]
+    assert assumed == given  # the same placement, budget allowance and predictions
+
+
+def test_plan_messages_name_flags_and_show_small_sizes(capsys):
+    assert main(["plan", "--vram-budget", "1MiB"]) == 2
+    line = _error_line(capsys.readouterr().err)
+    assert "vram_budget 1.00 MiB is below" in line and "--vram-budget" in line
+    assert not re.search(r"(?<![\d.])0\.00 GiB", line)
+    assert main(["plan", "--offload", "layerwise", "--vram-budget", "1MiB"]) == 2
+    assert "--offload auto" in capsys.readouterr().err
+    assert main(["plan", "--vram-budget", "50%"]) == 0  # of the assumed h100's memory
+    out = capsys.readouterr().out
+    assert "device=" not in out and "free_bytes=" not in out
+    assert not re.search(r"(?<![\d.])0\.00 GiB", out)
+
+
+def test_format_size():
+    from vramferry.planning.format import format_size
+
+    assert format_size(2**20) == "1.00 MiB"
+    assert format_size(16 * 2**30) == "16.00 GiB"
+    assert format_size(0.16 * 2**30) == "0.16 GiB"
+    assert format_size(2**30 + 1, up=True) == "1.01 GiB"
+    assert format_size(5) == "5 B"
+
+
+def test_workload_is_exported():
+    import vramferry
+    from vramferry.planning.workload import Workload
+
+    assert vramferry.Workload is Workload and "Workload" in vramferry.__all__

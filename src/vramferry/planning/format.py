@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 from ..discovery.inventory import ComponentSize, Inventory
 from ..units import format_bytes
 from .plan import ComponentPlan, Placement, Plan
 from .schedule import Phase
 
-if TYPE_CHECKING:
-    pass
 
-
-def _gib(nbytes: float, up: bool = False) -> str:
-    value = math.ceil(nbytes / 2**30 * 100) / 100 if up else nbytes / 2**30
-    return f"{value:.2f} GiB"
+def format_size(nbytes: float, up: bool = False) -> str:
+    """A budget, peak or phase size: GiB with two decimals, the unit budgets are written in, down to a tenth of
+    a GiB; smaller sizes in MiB, KiB or bytes, where two decimals of GiB would hide them (1 MiB is not
+    ``0.00 GiB``). ``up`` rounds up to the digits shown, for a least budget that must be enough."""
+    for unit, scale, floor in (("GiB", 2**30, 2**30 / 10), ("MiB", 2**20, 2**20), ("KiB", 2**10, 2**10)):
+        if abs(nbytes) >= floor:
+            value = math.ceil(nbytes / scale * 100) / 100 if up else nbytes / scale
+            return f"{value:.2f} {unit}"
+    return f"{math.ceil(nbytes) if up else int(nbytes)} B"
 
 
 def _blocks_summary(cplan: ComponentPlan, size: ComponentSize | None) -> str:
@@ -44,7 +46,7 @@ def format_plan(plan: Plan, inventory: Inventory | None = None) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = [
         f"plan: mode {plan.mode.value}, budget "
-        + (_gib(plan.budget_bytes) if plan.budget_bytes else "unlimited")
+        + (format_size(plan.budget_bytes) if plan.budget_bytes else "unlimited")
     ]
     for i, row in enumerate(rows):
         lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
@@ -53,7 +55,7 @@ def format_plan(plan: Plan, inventory: Inventory | None = None) -> str:
     predicted = [
         f"{label} {fmt(value)}"
         for label, value, fmt in (
-            ("peak", plan.predicted_peak_bytes, _gib),
+            ("peak", plan.predicted_peak_bytes, format_size),
             ("step", plan.predicted_step_s, lambda v: f"{v:.3f} s"),
             ("request", plan.predicted_request_s, lambda v: f"{v:.2f} s"),
         )

@@ -36,7 +36,7 @@ from .costmodel import (
     reserved_bytes,
 )
 from .devices import DeviceProfile, profile_from
-from .format import _gib
+from .format import format_size
 from .plan import ComponentPlan, Placement, Plan
 from .policy import phase_of
 from .schedule import Movable, build_schedule
@@ -75,7 +75,8 @@ def resolve_budget(
         if total is None:
             raise PlanError(
                 f"vram_budget: {value!r} is a share of the free device memory, which is unknown here; "
-                "pass free_bytes= or device=, or give a size such as '16GiB'"
+                "pass free_bytes= or device= (--gpu or --gpu-memory on the command line), or give a size such as "
+                "'16GiB'"
             )
         budget, text = int(total * float(value[:-1]) / 100), f"{value} of the {basis} {format_bytes(total)}"
     else:
@@ -153,12 +154,15 @@ def _budget_error(ctx: PlanContext, choices: Mapping[str, Choice], budget: int |
     """A :class:`BudgetError` for the leanest placement the mode allows, naming its fullest phase."""
     outcome = ctx.evaluate(choices)
     phase = max(outcome.raw_peaks, key=outcome.raw_peaks.__getitem__)
-    held = " + ".join(f"{label} {_gib(n)}" for label, n in _phase_items(ctx, choices, phase) if n)
+    held = " + ".join(f"{label} {format_size(n)}" for label, n in _phase_items(ctx, choices, phase) if n)
     mode = ctx.config.mode
     least = reserved_bytes(outcome.peak, ctx.device.expandable_segments)
-    fixes = [f"raise vram_budget to at least {_gib(least, up=True)}", "free device memory"]
+    fixes = [
+        f"raise vram_budget (--vram-budget) to at least {format_size(least, up=True)}",
+        "free device memory",
+    ]
     if mode is not OffloadMode.AUTO:
-        fixes.append("use mode='auto', which streams and swaps to fit the budget")
+        fixes.append("use mode='auto' (--offload auto), which streams and swaps to fit the budget")
     if phase == ENCODER_PHASE:
         whole = "" if mode is OffloadMode.AUTO else f": in mode '{mode}' an encoder must fit whole"
         fixes.append(f"encode prompts elsewhere or use a smaller (quantised) text encoder{whole}")
@@ -170,21 +174,37 @@ def _budget_error(ctx: PlanContext, choices: Mapping[str, Choice], budget: int |
         fixes.append("lower the resolution or batch to shrink the activations")
     phase_name = "text-encoder" if phase == ENCODER_PHASE else "VAE" if phase == VAE_PHASE else f"{phase!r}"
     return BudgetError(
-        f"{ctx.inventory.pipeline_class}: vram_budget {_gib(budget or 0)} is below the {_gib(least, up=True)} "
+        f"{ctx.inventory.pipeline_class}: vram_budget {format_size(budget or 0)} is below the {format_size(least, up=True)} "
         f"that mode '{mode}' needs at the least; its {phase_name} phase holds {held}. "
         f"Fix: {'; or '.join(fixes)}."
     )
 
 
+def _budget_note(ctx: PlanContext, budget: int | None, budget_text: str) -> str:
+    if budget is None or ctx.budget is None:
+        return f"budget: {budget_text}"
+    allowance = budget - ctx.budget
+    return (
+        f"budget: {format_size(budget)} ({budget_text}); plans allocate up to {format_size(ctx.budget)}, "
+        f"leaving {format_size(allowance)} to the caching allocator"
+        + (" (expandable segments)" if ctx.device.expandable_segments else "")
+    )
+
+
 def _notes(
-    ctx: PlanContext, choices: Mapping[str, Choice], out: Outcome, budget_text: str, assumed: bool
+    ctx: PlanContext,
+    choices: Mapping[str, Choice],
+    out: Outcome,
+    budget: int | None,
+    budget_text: str,
+    assumed: bool,
 ) -> list[str]:
     dev, work = ctx.device, ctx.workload
     frames = f"×{work.num_frames} frames" if work.num_frames > 1 else ""
     notes = [
-        f"budget: {_gib(ctx.budget)} ({budget_text})" if ctx.budget is not None else f"budget: {budget_text}",
+        _budget_note(ctx, budget, budget_text),
         f"device: {dev.name}, {dev.h2d_bytes_per_s / 1e9:.1f} GB/s host→device, {dev.flops_per_s / 1e12:.0f} TFLOP/s"
-        + (" (assumed: pass device= for another GPU)" if assumed else ""),
+        + (" (assumed: pass device= for another GPU, --gpu on the command line)" if assumed else ""),
         f"workload: {work.width}×{work.height}{frames}, batch {work.batch}, {work.steps} steps × {work.cfg} call(s)",
     ]
     for name, part in ctx.parts.items():
@@ -193,10 +213,10 @@ def _notes(
             notes.append(
                 f"{name}: {seq} tokens per call (copies hide behind compute above ~{dev.tokens_for_free_streaming:,.0f})"
             )
-    notes.append("peak by phase: " + ", ".join(f"{p} {_gib(v)}" for p, v in out.phase_peaks.items()))
+    notes.append("peak by phase: " + ", ".join(f"{p} {format_size(v)}" for p, v in out.phase_peaks.items()))
     if out.load_bytes:
         notes.append(
-            f"swapped in per request: {_gib(out.load_bytes)} ({out.load_bytes / dev.h2d_bytes_per_s:.2f} s, "
+            f"swapped in per request: {format_size(out.load_bytes)} ({out.load_bytes / dev.h2d_bytes_per_s:.2f} s, "
             f"{out.hidden_s:.2f} s of it behind compute); encoder and VAE compute are not in the request time"
         )
     streamed = [n for n, c in choices.items() if ctx.parts[n].size.role == "encoder" and _T in c.blocks]
@@ -261,7 +281,11 @@ def plan(
     if not ctx.fits(outcome.peak):
         raise _budget_error(ctx, choices, budget)
     return _finish(
-        ctx, choices, outcome, budget, (*_notes(ctx, choices, outcome, budget_text, device is None), *notes)
+        ctx,
+        choices,
+        outcome,
+        budget,
+        (*_notes(ctx, choices, outcome, budget, budget_text, device is None), *notes),
     )
 
 
@@ -296,7 +320,7 @@ def price(
         choices,
         outcome,
         budget,
-        (*_notes(ctx, choices, outcome, budget_text, device is None), *notes, kept),
+        (*_notes(ctx, choices, outcome, budget, budget_text, device is None), *notes, kept),
     )
 
 
