@@ -36,6 +36,15 @@ def _executing(ids: set[int]) -> bool:
     return False
 
 
+def merged_adapters(module: nn.Module) -> tuple:
+    """Which adapters are fused into which layers (peft's ``merged_adapters``), to notice a fuse or unfuse."""
+    return tuple(
+        (path, tuple(merged))
+        for path, sub in module.named_modules()
+        if isinstance(merged := getattr(sub, "merged_adapters", None), list) and merged
+    )
+
+
 def count_tensors(module: nn.Module) -> int:
     return sum(1 for _ in module.parameters()) + sum(1 for _ in module.buffers())
 
@@ -69,19 +78,28 @@ class ComponentState:
     engaged: bool = False
     last_used: int = 0
     tensors: int = -1
+    merged: tuple = ()
 
     def __post_init__(self) -> None:
         self.tensors = count_tensors(self.module)
+        self.merged = merged_adapters(self.module)
 
     def check_unchanged(self) -> None:
         """Raise if tensors were added to or removed from the module since apply (an adapter loaded, a layer
-        replaced): the host store packed the old ones, and the new ones would never reach the device."""
+        replaced), or adapters were fused into or unfused from its weights: the host store holds the weights as
+        they were, and the change would be lost or never reach the device."""
         now = count_tensors(self.module)
         if now != self.tensors:
             raise OffloadError(
                 f"{self.name}: it holds {now} parameters and buffers, {self.tensors} when offload was applied "
-                "(an adapter such as LoRA loaded, fused or unloaded, or a layer replaced, while the handle was "
+                "(an adapter such as LoRA loaded, deleted or unloaded, or a layer replaced, while the handle was "
                 "live). Call handle.remove(), make the change, then apply again."
+            )
+        if merged_adapters(self.module) != self.merged:
+            raise OffloadError(
+                f"{self.name}: adapters were fused into or unfused from its weights (fuse_lora, unfuse_lora) while "
+                "the handle was live; the offloaded copies do not have the change. Call handle.remove(), fuse or "
+                "unfuse, then apply again."
             )
 
     def running_now(self) -> bool:
@@ -169,6 +187,9 @@ class SwapScheduler:
                 self._note_skipped(phase, skipped)
         self.current = index
         self.started = set()
+        for name in phase.components:
+            # A few times per request: the weights may have been changed between requests (adapters).
+            self.by_name[name].check_unchanged()
         for name in dict.fromkeys(drop):
             other = self.by_name[name]
             if not other.running_now():
