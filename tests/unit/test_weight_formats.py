@@ -63,6 +63,9 @@ def test_lora_weights_switched_while_live_give_the_output_without_offload(mode):
     for weight in (1.0, 0.5, 0.0):
         pipe.transformer.set_adapters(["a"], weights=[weight])
         expected[weight] = run(pipe, kwargs)
+    pipe.transformer.disable_adapters()
+    expected["off"] = run(pipe, kwargs)
+    pipe.transformer.enable_adapters()
     handle = vramferry.apply(pipe, _cfg(mode))
     inference = []
     block = pipe.transformer.transformer_blocks[0]
@@ -76,6 +79,11 @@ def test_lora_weights_switched_while_live_give_the_output_without_offload(mode):
                 got = run(pipe, kwargs)
             for key in got:
                 np.testing.assert_array_equal(got[key], expected[weight][key])
+        pipe.transformer.disable_adapters()
+        got = run(pipe, kwargs)
+        for key in got:
+            np.testing.assert_array_equal(got[key], expected["off"][key])
+        pipe.transformer.enable_adapters()
     finally:
         probe.remove()
         handle.remove()
