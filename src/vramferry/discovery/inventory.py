@@ -27,10 +27,11 @@ class ComponentSize:
     Attributes:
         name, role: as discovered.
         bytes: all parameter and buffer bytes of the component, blocks included.
-        dtype: the dominant parameter dtype (``"torch.bfloat16"``).
+        dtype: the dtype storing most of its bytes (``"torch.bfloat16"``; ``"torch.int8"`` for int8 weights).
         block_names, block_bytes: the repeated blocks of a DiT or an encoder in execution order, and their bytes.
         shape: what the cost model needs beyond bytes: a :class:`DitShape` for a DiT, a :class:`VaeShape` for a
             VAE; ``None`` when unknown (the planner then estimates from the bytes).
+        formats: the tensor subclasses that hold some of its weights (``("Int8Tensor",)``); empty for plain ones.
     """
 
     name: str
@@ -40,6 +41,7 @@ class ComponentSize:
     block_names: tuple[str, ...] = ()
     block_bytes: tuple[int, ...] = ()
     shape: DitShape | VaeShape | None = None
+    formats: tuple[str, ...] = ()
 
     @property
     def rest_bytes(self) -> int:
@@ -103,15 +105,20 @@ def inventory_of(modules: PipelineModules, order: Sequence[str] | None = None) -
     sizes = []
     for component in modules.components():
         by_dtype: dict[str, int] = {}
+        formats: set[str] = set()
         blockset = modules.blocks_of(component.name)
         blocks = tuple(blockset.blocks) if blockset is not None else ()
-        block_bytes = tuple(_count([block], seen, by_dtype) for block in blocks)
-        total = sum(block_bytes) + _count([component.module], seen, by_dtype)
+        block_bytes = tuple(_count([block], seen, by_dtype, formats) for block in blocks)
+        total = sum(block_bytes) + _count([component.module], seen, by_dtype, formats)
         dtype = max(by_dtype, key=by_dtype.get) if by_dtype else "torch.float32"
         role = str(getattr(component.role, "value", component.role))
         shape = _shape_of(role, component.module, blocks, block_bytes, dtype)
         names = tuple(blockset.names) if blockset is not None else ()
-        sizes.append(ComponentSize(component.name, role, total, dtype, names, block_bytes, shape))
+        sizes.append(
+            ComponentSize(
+                component.name, role, total, dtype, names, block_bytes, shape, tuple(sorted(formats))
+            )
+        )
     if order is None:
         order = modules.order or [
             c.name for role in ("encoder", "dit", "vae") for c in sizes if c.role == role

@@ -95,3 +95,21 @@ def tensor_bytes(tensor: torch.Tensor) -> int:
         return tensor.numel() * tensor.element_size()
     names, _context = tensor.__tensor_flatten__()
     return sum(tensor_bytes(getattr(tensor, name)) for name in names)
+
+
+def storage_bytes(tensor: torch.Tensor) -> dict[str, int]:
+    """The bytes of ``tensor`` by the dtype that stores them (``{"torch.int8": ..., "torch.float32": ...}`` for
+    an int8 weight with float32 scales); a plain tensor's are all of its own dtype."""
+    if not is_traceable_wrapper_subclass(tensor):
+        return {str(tensor.dtype): tensor.numel() * tensor.element_size()}
+    found: dict[str, int] = {}
+    names, _context = tensor.__tensor_flatten__()
+    for name in names:
+        for dtype, nbytes in storage_bytes(getattr(tensor, name)).items():
+            found[dtype] = found.get(dtype, 0) + nbytes
+    return found
+
+
+def format_name(tensor: torch.Tensor) -> str | None:
+    """The tensor subclass that holds ``tensor``'s data (``"Int8Tensor"``), or ``None`` for a plain tensor."""
+    return type(tensor).__name__ if is_traceable_wrapper_subclass(tensor) else None

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from .leaves import tensor_bytes
+from .leaves import format_name, storage_bytes
 
 
 def tensor_key(tensor: torch.Tensor) -> tuple:
@@ -27,8 +27,11 @@ def tensor_key(tensor: torch.Tensor) -> tuple:
     return ("object", id(tensor))
 
 
-def _count(modules: Iterable[nn.Module], seen: set, by_dtype: dict[str, int]) -> int:
-    """Parameter and buffer bytes of ``modules`` not in ``seen`` (which is updated)."""
+def _count(
+    modules: Iterable[nn.Module], seen: set, by_dtype: dict[str, int], formats: set | None = None
+) -> int:
+    """Parameter and buffer bytes of ``modules`` not in ``seen`` (which is updated); ``by_dtype`` gathers them by
+    the dtype that stores them, ``formats`` the tensor subclasses met (quantized weights)."""
     total = 0
     for module in modules:
         for tensor in itertools.chain(module.parameters(), module.buffers()):
@@ -36,9 +39,12 @@ def _count(modules: Iterable[nn.Module], seen: set, by_dtype: dict[str, int]) ->
             if key in seen:
                 continue
             seen.add(key)
-            nbytes = tensor_bytes(tensor)  # a quantized tensor's real bytes (data and scales)
-            total += nbytes
-            by_dtype[str(tensor.dtype)] = by_dtype.get(str(tensor.dtype), 0) + nbytes
+            # A quantized tensor's real bytes (data and scales), by the dtypes that store them.
+            for dtype, nbytes in storage_bytes(tensor).items():
+                total += nbytes
+                by_dtype[dtype] = by_dtype.get(dtype, 0) + nbytes
+            if formats is not None and (name := format_name(tensor)) is not None:
+                formats.add(name)
     return total
 
 

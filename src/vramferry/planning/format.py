@@ -42,7 +42,13 @@ def format_plan(plan: Plan, inventory: Inventory | None = None) -> str:
     rows = [("component", "role", "size", "placement", "blocks")]
     for c in plan.components:
         where = f"{c.placement} (non-block part)" if c.blocks else str(c.placement)
-        rows.append((c.name, c.role, format_bytes(c.bytes), where, _blocks_summary(c, sizes.get(c.name))))
+        size = sizes.get(c.name)
+        stored = (
+            f" ({'/'.join(size.formats)}, {size.dtype.removeprefix('torch.')})"
+            if size and size.formats
+            else ""
+        )
+        rows.append((c.name, c.role, format_bytes(c.bytes) + stored, where, _blocks_summary(c, size)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = [
         f"plan: mode {plan.mode.value}, budget "
