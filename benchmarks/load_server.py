@@ -13,6 +13,17 @@ It prints p50/p99 latency and writes everything to a JSON file. Exit code 0 when
     python benchmarks/load_server.py --out load_server.json
 
 Bounded: with the defaults (32 clients x 8 requests, 64x64, 1 step) it takes well under a minute on 2 CPU cores.
+
+``--scenario disconnect-storm``: first ``--waiters`` clients (8) are served alone, one request each, all at once;
+then ``--droppers`` clients (32) send a request each and hang up after ``--drop-after`` seconds (0.1), and the
+waiters send theirs right behind them. It checks that the waiters are all served within ``--max-slowdown`` (1.5)
+times their time alone (the dropped requests leave the queue, and the running one stops at its next step), and
+that the server counted every dropped request as 499 (cancelled), none as 200.
+
+The bound means something only when a request takes well over ``--drop-after`` (the droppers ahead in the queue
+run until they hang up), hence a larger shape than the load test's:
+
+    python benchmarks/load_server.py --scenario disconnect-storm --size 128x128 --steps 8 --out disconnect_storm.json
 """
 
 from __future__ import annotations
@@ -118,6 +129,107 @@ async def run_clients(base: str, args: argparse.Namespace) -> list[Outcome]:
     return [outcome for outcomes in per_client for outcome in outcomes]
 
 
+async def storm(base: str, args: argparse.Namespace) -> dict:
+    """The waiters alone, then the waiters behind the droppers; what each saw and how long the waiters took."""
+    timeout = httpx.Timeout(args.timeout + 30)
+    limits = httpx.Limits(max_connections=args.waiters + args.droppers)
+
+    async def wave(client: httpx.AsyncClient, first_seed: int) -> tuple[float, list[Outcome]]:
+        start = time.perf_counter()
+        outcomes = await asyncio.gather(
+            *(one_request(client, i, first_seed + i, args) for i in range(args.waiters))
+        )
+        return time.perf_counter() - start, list(outcomes)
+
+    async def drop(client: httpx.AsyncClient, index: int, seed: int) -> Outcome:
+        body = {
+            "prompt": f"dropped {seed}",
+            "size": args.size,
+            "num_inference_steps": args.steps,
+            "seed": seed,
+        }
+        start = time.perf_counter()
+        try:
+            response = await client.post("/v1/images/generations", json=body)
+        except httpx.ReadTimeout:  # hanging up closes the connection, as a closed browser tab does
+            return Outcome(index, seed, 0, time.perf_counter() - start, error="dropped")
+        return Outcome(index, seed, response.status_code, time.perf_counter() - start)
+
+    # A client each, made before the clock starts (making one costs milliseconds of this process's CPU).
+    dropping = [
+        httpx.AsyncClient(base_url=base, timeout=httpx.Timeout(30, read=args.drop_after))
+        for _ in range(args.droppers)
+    ]
+    async with httpx.AsyncClient(base_url=base, limits=limits, timeout=timeout) as client:
+        await one_request(client, -1, 10**6, args)  # warm-up, not counted in the times
+        before = server_counts(base)
+        alone, alone_outcomes = await wave(client, 0)
+        droppers = [asyncio.create_task(drop(c, i, 1000 + i)) for i, c in enumerate(dropping)]
+        await asyncio.sleep(0.01)  # the droppers are queued first: the waiters wait behind them
+        stormed, storm_outcomes = await wave(client, 100)
+        dropped = list(await asyncio.gather(*droppers))
+        await asyncio.sleep(0.5)  # the server counts a drop when it notices it
+        after = server_counts(base)
+    for c in dropping:
+        await c.aclose()
+    delta = {status: after.get(status, 0) - before.get(status, 0) for status in after}
+    return {
+        "waiters_alone_s": round(alone, 3),
+        "waiters_in_storm_s": round(stormed, 3),
+        "slowdown": round(stormed / alone, 3),
+        "alone": alone_outcomes,
+        "storm": storm_outcomes,
+        "dropped": dropped,
+        "server_counts_delta": {k: v for k, v in delta.items() if v},
+    }
+
+
+def check_storm(result: dict, args: argparse.Namespace) -> list[str]:
+    """Every failed check of the disconnect storm, in words."""
+    problems = []
+    waiters = result["alone"] + result["storm"]
+    problems += [f"waiter seed {o.seed}: status {o.status}: {o.error}" for o in waiters if o.status != 200][
+        :5
+    ]
+    if result["slowdown"] > args.max_slowdown:
+        problems.append(
+            f"the waiters took {result['waiters_in_storm_s']} s in the storm, {result['slowdown']}x their "
+            f"{result['waiters_alone_s']} s alone (limit {args.max_slowdown}x)"
+        )
+    dropped = sum(o.error == "dropped" for o in result["dropped"])
+    answered_ok = sum(o.status == 200 for o in result["dropped"])
+    counts = result["server_counts_delta"]
+    if dropped == 0:
+        problems.append("no client dropped (the requests were answered within --drop-after)")
+    if counts.get("499", 0) != dropped:
+        problems.append(f"{dropped} clients dropped, the server counted {counts.get('499', 0):g} as 499")
+    if counts.get("200", 0) != 2 * args.waiters + answered_ok:
+        problems.append(
+            f"the server counted {counts.get('200', 0):g} answers 200, for "
+            f"{2 * args.waiters + answered_ok} given (dropped requests must not count as 200)"
+        )
+    return problems
+
+
+def main_storm(args: argparse.Namespace, base: str) -> tuple[dict, list[str]]:
+    result = asyncio.run(storm(base, args))
+    summary = {
+        key: result[key]
+        for key in ("waiters_alone_s", "waiters_in_storm_s", "slowdown", "server_counts_delta")
+    }
+    summary["dropped"] = sum(o.error == "dropped" for o in result["dropped"])
+    summary["droppers_answered"] = {
+        str(status): sum(o.status == status for o in result["dropped"])
+        for status in sorted({o.status for o in result["dropped"] if o.status})
+    }
+    report = {
+        "summary": summary,
+        "problems": check_storm(result, args),
+        "outcomes": {key: [asdict(o) for o in result[key]] for key in ("alone", "storm", "dropped")},
+    }
+    return report, report["problems"]
+
+
 def server_counts(base: str) -> dict[str, float]:
     text = httpx.get(f"{base}/metrics", timeout=10).text
     pattern = re.compile(r'^vramferry_requests_total\{status="(\d+)"\} ([0-9.e+]+)$', re.MULTILINE)
@@ -174,8 +286,24 @@ def summarise(outcomes: list[Outcome], wall: float) -> dict:
     }
 
 
+def main_load(args: argparse.Namespace, base: str) -> tuple[dict, list[str]]:
+    start = time.perf_counter()
+    outcomes = asyncio.run(run_clients(base, args))
+    wall = time.perf_counter() - start
+    counts = server_counts(base)
+    problems = check(outcomes, counts, args)
+    report = {
+        "summary": summarise(outcomes, wall),
+        "server_counts": counts,
+        "problems": problems,
+        "outcomes": [asdict(o) for o in outcomes],
+    }
+    return report, problems
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scenario", choices=("load", "disconnect-storm"), default="load")
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--requests", type=int, default=8, help="requests per client, sent one after another")
     parser.add_argument("--max-queue", type=int, default=8)
@@ -187,6 +315,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--retry-scale", type=float, default=0.05, help="wait Retry-After x this before resending"
     )
+    parser.add_argument("--waiters", type=int, default=8, help="disconnect-storm: clients that wait")
+    parser.add_argument("--droppers", type=int, default=32, help="disconnect-storm: clients that hang up")
+    parser.add_argument(
+        "--drop-after", type=float, default=0.1, help="disconnect-storm: seconds before hanging up"
+    )
+    parser.add_argument(
+        "--max-slowdown", type=float, default=1.5, help="disconnect-storm: waiters' time in the storm / alone"
+    )
     parser.add_argument("--startup-timeout", type=float, default=180.0)
     parser.add_argument("--out", default="load_server.json", help="where the JSON report goes")
     return parser.parse_args(argv)
@@ -194,34 +330,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.scenario == "disconnect-storm":
+        # Room in the queue for everyone: a 429 is not a disconnect.
+        args.max_queue = max(args.max_queue, args.waiters + args.droppers)
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     log = Path(tempfile.mkstemp(prefix="vramferry-serve-", suffix=".log")[1])
     server = start_server(port, args, log)
     try:
         wait_until_healthy(base, server, args.startup_timeout)
-        start = time.perf_counter()
-        outcomes = asyncio.run(run_clients(base, args))
-        wall = time.perf_counter() - start
-        counts = server_counts(base)
+        if args.scenario == "disconnect-storm":
+            report, problems = main_storm(args, base)
+        else:
+            report, problems = main_load(args, base)
     except Exception:
         print(log.read_text()[-3000:], file=sys.stderr)
         raise
     finally:
         server.terminate()
         server.wait(timeout=30)
-    problems = check(outcomes, counts, args)
-    report = {
-        "command": "python benchmarks/load_server.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "settings": vars(args),
-        "summary": summarise(outcomes, wall),
-        "server_counts": counts,
-        "problems": problems,
-        "outcomes": [asdict(o) for o in outcomes],
-    }
+    command = "python benchmarks/load_server.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    report = {"command": command, "settings": vars(args), **report}
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report["summary"], indent=2))
-    print(f"server counted: {counts}")
+    if "server_counts" in report:
+        print(f"server counted: {report['server_counts']}")
     print("checks: " + ("all passed" if not problems else "FAILED\n  " + "\n  ".join(problems)))
     if problems:
         print(f"wrote {args.out} (server log: {log})")

@@ -1,10 +1,13 @@
-"""The HTTP API in process: valid requests, every kind of bad input, auth, models, health and OpenAPI."""
+"""The HTTP API in process: valid requests, every kind of bad input, body limits, Host and auth checks, models,
+health and OpenAPI."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
@@ -78,6 +81,10 @@ BAD = [
     ({"prompt": "x", "size": "4096x4096"}, "size"),
     ({"prompt": "x", "size": "32x32"}, "size"),
     ({"prompt": "x", "size": "64x99999999"}, "size"),
+    ({"prompt": "x", "size": "64x64\n"}, "size"),
+    ({"prompt": "x", "size": "\u0666\u0664x\u0668\u0660"}, "size"),  # Arabic-Indic digits: 64x80
+    ({"prompt": "x", "size": "\uff16\uff14x64"}, "size"),  # full-width digits
+    ({"prompt": "x", "size": " 64x64"}, "size"),
     ({"prompt": "x", "num_inference_steps": 0}, "num_inference_steps"),
     ({"prompt": "x", "num_inference_steps": 201}, "num_inference_steps"),
     ({"prompt": "x", "guidance_scale": -1}, "guidance_scale"),
@@ -110,12 +117,67 @@ def test_malformed_body_is_400(client, fake_pipeline, content):
     assert fake_pipeline.calls == 0
 
 
+@pytest.mark.parametrize(
+    "content",
+    [
+        b'{"prompt": "\xff\xfe"}',  # not UTF-8
+        b"[" * 100_000 + b"]" * 100_000,  # nested past the parser's recursion limit
+        b'{"prompt": "x", "seed": ' + b"7" * 5000 + b"}",  # over Python's 4300-digit limit for int()
+        b"{not json",
+    ],
+    ids=["utf8", "nested", "digits", "syntax"],
+)
+def test_unparsable_body_is_400_invalid_json(client, fake_pipeline, content):
+    r = client.post("/v1/images/generations", content=content, headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == "invalid_json"
+    assert fake_pipeline.calls == 0
+
+
 def test_oversized_body_is_413(fake_pipeline):
     settings = ServerSettings(max_body_bytes=1000)
     with TestClient(create_app(fake_pipeline, settings=settings)) as client:
         r = client.post("/v1/images/generations", json={"prompt": "x" * 2000})
-    assert r.status_code == 413
-    assert r.json()["error"]["code"] == "body_too_large"
+        assert r.status_code == 413
+        assert r.json()["error"]["code"] == "body_too_large"
+        # Declared too large: refused on any route, before the body is read.
+        r = client.post("/v1/models", content=b"x" * 2000)
+        assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+
+
+def test_chunked_body_over_the_limit_is_413_as_soon_as_it_passes(fake_pipeline):
+    """No Content-Length: the limit is enforced while the stream is read, not after reading 600 MB."""
+    app = create_app(fake_pipeline)  # the default limit, 1 MiB
+    sent = 0
+
+    async def body():
+        nonlocal sent
+        chunk = b" " * (1 << 20)
+        for _ in range(600):
+            sent += 1
+            yield chunk
+
+    async def scenario():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
+            try:
+                return await client.post(
+                    "/v1/images/generations", content=body(), headers={"content-type": "application/json"}
+                )
+            finally:
+                app.state.worker.stop()
+
+    r = asyncio.run(scenario())
+    assert "content-length" not in r.request.headers and r.request.headers["transfer-encoding"] == "chunked"
+    assert r.status_code == 413, r.text[:200]
+    assert r.json()["error"] == {
+        "message": f"request body: over the limit of {1 << 20} bytes",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": "body_too_large",
+    }
+    assert sent <= 3  # read up to the limit, not on
+    assert fake_pipeline.calls == 0
 
 
 def test_unknown_route_and_method_in_openai_format(client):
@@ -133,6 +195,64 @@ def test_models_and_health(client):
     assert [m["id"] for m in models["data"]] == ["fake"]
     assert models["data"][0]["object"] == "model"
     assert client.get("/health").json() == {"status": "ok"}
+
+
+def test_head_health_is_200(client):
+    r = client.head("/health")
+    assert r.status_code == 200
+    assert r.content == b""
+
+
+def test_every_answer_carries_a_request_id(client):
+    ids = {client.get(path).headers["x-request-id"] for path in ("/health", "/v1/models", "/v1/nothing")}
+    assert len(ids) == 3 and all(len(i) == 32 for i in ids)
+
+
+@pytest.mark.parametrize("scheme", ["Bearer", "bearer", "BEARER", "bEaReR"])
+def test_auth_scheme_is_case_insensitive(fake_pipeline, scheme):
+    settings = ServerSettings(model_name="fake", api_key="s3cret")
+    with TestClient(create_app(fake_pipeline, settings=settings)) as client:
+        assert client.get("/v1/models", headers={"Authorization": f"{scheme} s3cret"}).status_code == 200
+        assert client.get("/v1/models", headers={"Authorization": f"{scheme} s3cre"}).status_code == 401
+        assert client.get("/v1/models", headers={"Authorization": "Basic s3cret"}).status_code == 401
+
+
+def _host_status(fake_pipeline, host: str, base_url: str = "http://127.0.0.1:8091", **settings) -> int:
+    """The status of ``GET /v1/models`` naming ``host``, received on the address of ``base_url``."""
+    app = create_app(fake_pipeline, settings=ServerSettings(**settings))
+    with TestClient(app, base_url=base_url) as client:
+        r = client.get("/v1/models", headers={"Host": host})
+    if r.status_code == 400:
+        assert r.json()["error"]["code"] == "invalid_host"
+        assert "allowed_hosts" in r.json()["error"]["message"]
+    return r.status_code
+
+
+@pytest.mark.parametrize("host", ["localhost", "localhost:8091", "127.0.0.1:8091", "[::1]:8091", "LocalHost"])
+def test_loopback_names_are_served_on_loopback(fake_pipeline, host):
+    assert _host_status(fake_pipeline, host) == 200
+
+
+@pytest.mark.parametrize(
+    "host",
+    ["evil.example", "evil.example:8091", "127.0.0.1.nip.io", "localhost.evil.example", "", "a b", "[::1"],
+)
+def test_other_hosts_are_refused_on_loopback(fake_pipeline, host):
+    """DNS rebinding: a page from evil.example that resolves its name to 127.0.0.1 must not reach the server."""
+    assert _host_status(fake_pipeline, host) == 400
+    assert _host_status(fake_pipeline, host, base_url="http://[::1]:8091") == 400
+
+
+def test_allowed_hosts_setting(fake_pipeline):
+    allowed = {"allowed_hosts": ["images.example.com", "*.internal.example"]}
+    assert _host_status(fake_pipeline, "images.example.com:443", **allowed) == 200
+    assert _host_status(fake_pipeline, "gpu1.internal.example", **allowed) == 200
+    assert _host_status(fake_pipeline, "internal.example", **allowed) == 400
+    assert _host_status(fake_pipeline, "localhost", **allowed) == 400  # the list replaces the default
+    assert _host_status(fake_pipeline, "evil.example", allowed_hosts=["*"]) == 200
+    # Received on a network address with no list: not checked (set allowed_hosts when serving on a network).
+    assert _host_status(fake_pipeline, "evil.example", base_url="http://192.0.2.7:8091") == 200
+    assert _host_status(fake_pipeline, "evil.example", base_url="http://192.0.2.7", **allowed) == 400
 
 
 def test_api_key(fake_pipeline):
@@ -170,6 +290,10 @@ def test_openapi_documents_the_error_answers(client):
         {"max_size": 32},
         {"max_prompt_chars": 0},
         {"default_size": (4096, 64)},
+        {"allowed_hosts": "localhost"},
+        {"allowed_hosts": []},
+        {"allowed_hosts": ["localhost", ""]},
+        {"header_timeout": 0},
     ],
 )
 def test_settings_are_validated(bad):

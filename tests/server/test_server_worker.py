@@ -1,4 +1,5 @@
-"""The worker behind the API: queue limit (429), timeouts (504), OOM (503), failures (500) and metrics."""
+"""The worker behind the API: queue limit (429), timeouts (504), OOM (503), failures (500), any exception the
+pipeline raises, and metrics."""
 
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ def test_full_queue_is_429_and_the_rest_are_served():
         running = asyncio.create_task(post())
         await _wait_for(pipeline.entered.is_set)
         queued = asyncio.create_task(post())
-        await _wait_for(lambda: worker._queue.qsize() == 1)
+        await _wait_for(lambda: worker.waiting == 1)
         refused = await post()
         gate.set()
         return refused, await running, await queued
@@ -117,15 +118,68 @@ def test_out_of_memory_is_503_then_the_next_request_succeeds(fake_pipeline, oom_
         assert client.get("/health").status_code == 200
 
 
-def test_pipeline_error_is_500_with_message_and_serving_goes_on(fake_pipeline):
-    pipeline = FailingOnce(fake_pipeline, RuntimeError("shape mismatch in block 3"))
+def test_pipeline_error_is_a_generic_500_with_the_request_id_and_serving_goes_on(fake_pipeline, caplog):
+    pipeline = FailingOnce(fake_pipeline, RuntimeError("shape mismatch in /secret/models/block3.py"))
     with TestClient(create_app(pipeline)) as client:
         r = client.post("/v1/images/generations", json=BODY)
         assert r.status_code == 500
         error = r.json()["error"]
-        assert error["type"] == "server_error"
-        assert "shape mismatch in block 3" in error["message"]
+        assert error["type"] == "server_error" and error["code"] == "generation_failed"
+        # The pipeline's text (paths, internals) stays in the log; the request id links the answer to it.
+        assert "secret" not in r.text and "shape mismatch" not in r.text
+        rid = r.headers["x-request-id"]
+        assert rid in error["message"]
+        logged = [rec for rec in caplog.records if rid in rec.getMessage()]
+        assert logged and "shape mismatch in /secret/models/block3.py" in str(logged[0].exc_info[1])
         assert client.post("/v1/images/generations", json=BODY).status_code == 200
+
+
+@pytest.mark.parametrize("error", [SystemExit(3), KeyboardInterrupt(), GeneratorExit()], ids=type)
+def test_a_base_exception_is_logged_answered_500_and_the_worker_lives_on(fake_pipeline, caplog, error):
+    pipeline = FailingOnce(fake_pipeline, error)
+    # A short timeout: without the fix the request would wait for all of it before its 504.
+    with TestClient(create_app(pipeline, settings=ServerSettings(timeout=5))) as client:
+        start = time.monotonic()
+        r = client.post("/v1/images/generations", json=BODY)
+        assert r.status_code == 500, r.text
+        assert time.monotonic() - start < 2
+        assert r.json()["error"]["code"] == "generation_failed"
+        assert any(rec.exc_info and rec.exc_info[1] is error for rec in caplog.records)
+        assert client.get("/health").status_code == 200
+        assert client.post("/v1/images/generations", json=BODY).status_code == 200
+
+
+def test_host_memory_error_is_503_out_of_memory(fake_pipeline):
+    pipeline = FailingOnce(fake_pipeline, MemoryError())
+    with TestClient(create_app(pipeline)) as client:
+        r = client.post("/v1/images/generations", json=BODY)
+        assert r.status_code == 503, r.text
+        assert r.json()["error"]["code"] == "out_of_memory"
+        assert client.post("/v1/images/generations", json=BODY).status_code == 200
+
+
+def test_a_timed_out_waiting_job_frees_its_queue_slot_at_once():
+    gate = threading.Event()
+    pipeline = FakePipeline(gate, abortable=False)  # holds the worker past the deadlines
+    app = create_app(pipeline, settings=ServerSettings(max_queue=1, timeout=0.3))
+    worker = app.state.worker
+
+    async def scenario(client):
+        post = lambda: client.post("/v1/images/generations", json=BODY)  # noqa: E731
+        running = asyncio.create_task(post())
+        await _wait_for(pipeline.entered.is_set)
+        timed_out = await post()  # queued behind the blocked job until its deadline
+        depth = worker.waiting
+        fresh = asyncio.create_task(post())  # nobody waits any more: the slot is free for it
+        await _wait_for(lambda: worker.waiting == 1 or fresh.done())
+        gate.set()
+        return timed_out, depth, await fresh, await running
+
+    timed_out, depth, fresh, running = _run_concurrently(app, scenario)
+    assert timed_out.status_code == 504
+    assert depth == 0
+    assert fresh.status_code == 200, fresh.text
+    assert running.status_code == 504
 
 
 def test_metrics(fake_pipeline):

@@ -9,10 +9,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import hmac
+import inspect
+import ipaddress
 import logging
 import re
 import secrets
 import time
+import uuid
 from collections.abc import Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -21,7 +24,11 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi.security.utils import get_authorization_scheme_param
+from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .generation import GenerationParams, disable_progress_bar, size_multiple, unsupported
 from .metrics import ServerMetrics
@@ -49,10 +56,15 @@ from .worker import (
 
 logger = logging.getLogger(__name__)
 
-_SIZE = re.compile(r"^(\d{1,6})x(\d{1,6})$")
+_SIZE = re.compile(r"([0-9]{1,6})x([0-9]{1,6})")  # used with fullmatch: ASCII digits, nothing after
 _NOT_BLANK = re.compile(NOT_BLANK)
+# A Host header: a name or IPv4 address, or an IPv6 address in brackets; then an optional port.
+_HOST = re.compile(r"(?:\[(?P<ipv6>[0-9a-fA-F:.]+)\]|(?P<name>[^\[\]:/@\s]+))(?::[0-9]{1,5})?")
 _PUBLIC_PATHS = frozenset({"/health"})
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 GENERATIONS_PATH = "/v1/images/generations"
+REQUEST_ID_HEADER = "X-Request-Id"
+CLIENT_CLOSED = 499  # nginx's "client closed request": counted in the metrics, never seen by a client
 
 
 @dataclass(frozen=True)
@@ -71,8 +83,16 @@ class ServerSettings:
         max_prompt_chars: the longest prompt (and negative prompt) accepted.
         default_size: ``(width, height)`` used when a request gives no size; ``None`` leaves it to the pipeline.
         default_steps, default_guidance: used when a request omits them; ``None`` leaves them to the pipeline.
-        max_body_bytes: the largest request body read.
+        max_body_bytes: the largest request body read; a larger one is answered 413 as soon as the bytes read
+            pass it (chunked bodies included) or at once when its ``Content-Length`` does.
         call_defaults: further keyword arguments for every pipeline call (``{"max_sequence_length": 64}``).
+        allowed_hosts: the ``Host`` header values served (names or addresses, without port; ``"*.example.com"``
+            matches its subdomains; ``"*"`` any host); others are answered 400. ``None`` (the default): a request
+            that arrives on a loopback address must name a loopback host (``localhost``, ``127.0.0.1``, ``::1``),
+            which stops DNS-rebinding pages from reaching a server bound to loopback; one that arrives on a network
+            address is not checked (set this when serving on a network).
+        header_timeout: seconds a connection may take to send a request's headers (the connection is closed
+            then); applied by the uvicorn options of :func:`vramferry.server.uvicorn_options`.
     """
 
     model_name: str = "vramferry"
@@ -88,8 +108,23 @@ class ServerSettings:
     default_guidance: float | None = None
     max_body_bytes: int = 1 << 20
     call_defaults: Mapping[str, Any] = field(default_factory=dict)
+    allowed_hosts: tuple[str, ...] | None = None
+    header_timeout: float = 10.0
 
     def __post_init__(self) -> None:
+        if self.allowed_hosts is not None:
+            if isinstance(self.allowed_hosts, str):
+                raise ValueError(
+                    f"allowed_hosts: must be a sequence of names, got the string {self.allowed_hosts!r}"
+                )
+            hosts = tuple(host.strip().lower() for host in self.allowed_hosts)
+            if not hosts or not all(hosts):
+                raise ValueError(f"allowed_hosts: must name at least one host, got {self.allowed_hosts!r}")
+            object.__setattr__(self, "allowed_hosts", hosts)  # a list given is kept as a tuple (hashable)
+        if not self.header_timeout > 0:
+            raise ValueError(f"header_timeout: must be positive, got {self.header_timeout}")
+        if self.max_body_bytes < 0:
+            raise ValueError(f"max_body_bytes: must not be negative, got {self.max_body_bytes}")
         if self.max_queue < 1:
             raise ValueError(f"max_queue: must be at least 1, got {self.max_queue}")
         if not self.timeout > 0:
@@ -134,7 +169,7 @@ def invalid(message: str, param: str | None) -> APIError:
 
 def parse_size(text: str, settings: ServerSettings, multiple: int) -> tuple[int, int]:
     """``"1024x768"`` → ``(1024, 768)``, within the settings' bounds; raises :class:`APIError` naming ``size``."""
-    match = _SIZE.match(text)
+    match = _SIZE.fullmatch(text)
     if match is None:
         raise invalid(f"size: {text!r} is not 'WIDTHxHEIGHT' (e.g. '1024x1024')", "size")
     width, height = int(match.group(1)), int(match.group(2))
@@ -210,7 +245,36 @@ def _validation_error(exc: RequestValidationError) -> APIError:
     return invalid(text, param)
 
 
+def request_id(request: Request) -> str:
+    """The id the guard gave this request (sent back in ``X-Request-Id``, and named in the log)."""
+    return request.scope.get("state", {}).get("request_id", "-")
+
+
+def _http_error(request: Request, exc: StarletteHTTPException, settings: ServerSettings) -> APIError:
+    """Starlette's and FastAPI's own errors in our terms (what they raise while reading the body included)."""
+    if exc.status_code == 413:  # the body limit, passed while the body was read (a chunked body)
+        return APIError(
+            413,
+            f"request body: over the limit of {settings.max_body_bytes} bytes",
+            type="invalid_request_error",
+            code="body_too_large",
+        )
+    if exc.status_code == 400 and isinstance(exc.__cause__, ClientDisconnect):
+        return APIError(CLIENT_CLOSED, "the client closed the connection", type="invalid_request_error")
+    if exc.status_code == 400 and exc.__cause__ is not None:
+        # FastAPI's "error parsing the body": json.loads raised something other than JSONDecodeError (invalid
+        # UTF-8, nesting past the recursion limit, an integer over Python's 4300 digits).
+        return APIError(
+            400, "the request body is not valid JSON", type="invalid_request_error", code="invalid_json"
+        )
+    kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+    detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+    return APIError(exc.status_code, f"{request.url.path}: {detail}", type=kind, headers=exc.headers)
+
+
 def _install_error_handlers(app: FastAPI) -> None:
+    settings = app.state.settings
+
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
         return exc.response()
@@ -221,24 +285,65 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
-        error = APIError(exc.status_code, f"{request.url.path}: {detail}", type=kind)
-        return error.response(headers=dict(exc.headers) if exc.headers else None)
+        return _http_error(request, exc, settings).response()
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        logger.exception("unexpected error on %s", request.url.path)
+        rid = request_id(request)
+        logger.exception("request %s: unexpected error on %s", rid, request.url.path)
         return APIError(
-            500, f"internal error: {type(exc).__name__}", type="server_error", code="internal_error"
+            500, f"internal error (request {rid})", type="server_error", code="internal_error"
+        ).response(headers={REQUEST_ID_HEADER: rid})
+
+
+def _host_of(header: str | None) -> str | None:
+    """The host in a ``Host`` header, lower-case, without port or brackets; ``None`` if malformed."""
+    match = _HOST.fullmatch(header or "")
+    if match is None:
+        return None
+    return (match["ipv6"] or match["name"]).lower()
+
+
+def _is_loopback(address: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False  # not an IP address (a Unix socket, an in-process test client)
+    mapped = getattr(ip, "ipv4_mapped", None)  # ::ffff:127.0.0.1 on a dual-stack socket
+    return (mapped or ip).is_loopback
+
+
+def host_allowed(host: str, allowed: tuple[str, ...] | None, local_address: str | None) -> bool:
+    """Whether a request naming ``host`` (from :func:`_host_of`), received on ``local_address``, is served."""
+    if allowed is None:
+        if local_address is None or not _is_loopback(local_address):
+            return True
+        allowed = LOOPBACK_HOSTS
+    return any(
+        pattern == "*" or host == pattern or pattern.startswith("*.") and host.endswith(pattern[1:])
+        for pattern in allowed
+    )
+
+
+def _refusal(scope: Scope, settings: ServerSettings, api_key: bytes | None) -> JSONResponse | None:
+    """The 400, 401 or 413 answer for a request that must not go further, else ``None``."""
+    headers = Headers(scope=scope)
+    host = _host_of(headers.get("host"))
+    server = scope.get("server")
+    if host is None or not host_allowed(host, settings.allowed_hosts, server[0] if server else None):
+        served = ", ".join(settings.allowed_hosts or LOOPBACK_HOSTS)
+        return APIError(
+            400,
+            f"Host {headers.get('host')!r} is not served here (allowed: {served}); "
+            "set ServerSettings.allowed_hosts (serve --allowed-hosts) to serve it",
+            type="invalid_request_error",
+            param="Host",
+            code="invalid_host",
         ).response()
-
-
-def _refusal(request: Request, settings: ServerSettings, expected: bytes | None) -> JSONResponse | None:
-    """The 401 or 413 answer for a request that must not go further, else ``None``."""
-    if expected is not None and request.url.path not in _PUBLIC_PATHS:
-        given = request.headers.get("authorization", "").encode()
-        if not hmac.compare_digest(given, expected):
+    if api_key is not None and scope["path"] not in _PUBLIC_PATHS:
+        scheme, credentials = get_authorization_scheme_param(headers.get("authorization"))
+        # RFC 7235: the scheme is case-insensitive. compare_digest: no timing hint about the key.
+        if scheme.lower() != "bearer" or not hmac.compare_digest(credentials.strip().encode(), api_key):
             error = APIError(
                 401,
                 "a valid API key is required: send 'Authorization: Bearer <key>'",
@@ -246,8 +351,9 @@ def _refusal(request: Request, settings: ServerSettings, expected: bytes | None)
                 code="invalid_api_key",
             )
             return error.response(headers={"WWW-Authenticate": "Bearer"})
-    length = request.headers.get("content-length")
+    length = headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > settings.max_body_bytes:
+        # Refused before the body is read. A chunked body is limited while it is read (the route's max_body_size).
         return APIError(
             413,
             f"request body: {length} bytes is over the limit of {settings.max_body_bytes}",
@@ -257,21 +363,41 @@ def _refusal(request: Request, settings: ServerSettings, expected: bytes | None)
     return None
 
 
-def _install_middleware(app: FastAPI, settings: ServerSettings, metrics: ServerMetrics) -> None:
-    expected = f"Bearer {settings.api_key}".encode() if settings.api_key else None
+class RequestGuard:
+    """ASGI middleware in front of every route: refuses what must not go further (Host, API key, declared body
+    size), gives each request an id (``X-Request-Id``) and its arrival time, and counts generation answers.
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next: Any) -> Response:
+    Pure ASGI, not ``@app.middleware``: the route must see the client's own ``http.disconnect`` to cancel its job.
+    """
+
+    def __init__(self, app: ASGIApp, settings: ServerSettings, metrics: ServerMetrics) -> None:
+        self.app, self.settings, self.metrics = app, settings, metrics
+        self.api_key = settings.api_key.encode() if settings.api_key else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
         start = time.perf_counter()
-        counted = request.method == "POST" and request.url.path == GENERATIONS_PATH
-        status = 500
+        rid = uuid.uuid4().hex
+        # A copy: scope["state"] starts as a shallow copy of the lifespan state, shared by nothing else.
+        scope["state"] = {**scope.get("state", {}), "request_id": rid, "arrived": time.monotonic()}
+        status = 500  # what an exception that escapes the app becomes
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                MutableHeaders(scope=message).append(REQUEST_ID_HEADER, rid)
+            await send(message)
+
         try:
-            response = _refusal(request, settings, expected) or await call_next(request)
-            status = response.status_code
-            return response
+            refusal = _refusal(scope, self.settings, self.api_key)
+            await (refusal or self.app)(scope, receive, send_with_id)
         finally:
-            if counted:  # every answer, validation errors and refusals included
-                metrics.observe_request(status, time.perf_counter() - start)
+            if scope["method"] == "POST" and scope["path"] == GENERATIONS_PATH:
+                # Every answer: validation errors, refusals and cancellations (499) included.
+                self.metrics.observe_request(status, time.perf_counter() - start)
 
 
 def create_app(pipeline: Any, handle: Any = None, settings: ServerSettings | None = None) -> FastAPI:
@@ -303,7 +429,7 @@ def create_app(pipeline: Any, handle: Any = None, settings: ServerSettings | Non
     app = FastAPI(title="vramferry", version=_version(), lifespan=lifespan)
     app.state.settings, app.state.worker, app.state.metrics = settings, worker, metrics
     _install_error_handlers(app)
-    _install_middleware(app, settings, metrics)
+    app.add_middleware(RequestGuard, settings=settings, metrics=metrics)
     _install_routes(app, pipeline, multiple)
     return app
 
@@ -319,6 +445,11 @@ def _install_routes(app: FastAPI, pipeline: Any, multiple: int) -> None:
                 503, "the generation worker has stopped", type="server_error", code="worker_stopped"
             )
         return Health()
+
+    # HEAD too (uptime probes ask with it); a route of its own, so its OpenAPI operation has an id of its own.
+    app.head(
+        "/health", response_model=Health, responses={503: ERROR_RESPONSES[503]}, operation_id="health_head"
+    )(health)
 
     @app.get("/v1/models", response_model=ModelList, responses={401: ERROR_RESPONSES[401]})
     async def models() -> ModelList:
@@ -337,10 +468,11 @@ def _install_routes(app: FastAPI, pipeline: Any, multiple: int) -> None:
         """The plans made so far (``serve --sizes`` makes them at start; an unplanned shape adds its own)."""
         return PlanList(data=plan_summaries(worker.handle))
 
-    async def generations(body: ImageGenerationRequest) -> Any:
+    async def generations(body: ImageGenerationRequest, request: Request) -> Any:
         params = to_params(body, settings, pipeline, multiple)
         worker.start()  # no-op when running; starts it for an app driven without its lifespan
-        images = await _run(worker, params, settings.timeout)
+        arrived = request.scope.get("state", {}).get("arrived", time.monotonic())
+        images = await _run(worker, params, request, arrived + settings.timeout, settings.timeout)
         data = [ImageData(b64_json=base64.b64encode(png).decode("ascii")) for png in images]
         return ImageGenerationResponse(created=int(time.time()), data=data)
 
@@ -348,33 +480,80 @@ def _install_routes(app: FastAPI, pipeline: Any, multiple: int) -> None:
     sides = list(range(first, settings.max_size + 1, multiple))
     # The body's type carries this server's limits into the OpenAPI schema (see request_model).
     generations.__annotations__["body"] = request_model(settings.model_name, settings.max_prompt_chars, sides)
-    app.post(GENERATIONS_PATH, response_model=ImageGenerationResponse, responses=ERROR_RESPONSES)(generations)
+    # max_body_size: FastAPI counts the bytes as it reads them, so a chunked body stops at the limit (413).
+    if "max_body_size" not in inspect.signature(app.post).parameters:
+        raise RuntimeError("the server needs fastapi>=0.164 (request body limits): pip install -U fastapi")
+    route = app.post(
+        GENERATIONS_PATH,
+        response_model=ImageGenerationResponse,
+        responses=ERROR_RESPONSES,
+        max_body_size=settings.max_body_bytes,
+    )
+    route(generations)
 
 
-async def _run(worker: GenerationWorker, params: GenerationParams, timeout: float) -> list[bytes]:
+async def _client_gone(receive: Receive) -> None:
+    """Return when the client closes the connection (the body has been read: the next message is the disconnect)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _run(
+    worker: GenerationWorker, params: GenerationParams, request: Request, deadline: float, timeout: float
+) -> list[bytes]:
+    """Run ``params`` on the worker and wait for it, for the deadline, or for the client to leave; in the two
+    last cases the job is given up at once (out of the queue, or stopped at its next step)."""
+    rid = request_id(request)
     try:
-        job = worker.submit(params)
+        job = worker.submit(params, deadline=deadline, request_id=rid)
     except QueueFull as exc:
         retry = {"Retry-After": "1"}
         raise APIError(429, str(exc), type="rate_limit_error", code="queue_full", headers=retry) from None
     except WorkerStopped as exc:
         raise APIError(503, str(exc), type="server_error", code="worker_stopped") from None
+    done = asyncio.wrap_future(job.future)
+    gone = asyncio.ensure_future(_client_gone(request.receive))
     try:
-        # shield: the timeout must not cancel the thread's future behind our back; job.cancel() does it explicitly.
-        return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(job.future)), timeout)
-    except asyncio.TimeoutError:
-        job.cancel()
+        remaining = max(0.0, deadline - time.monotonic())
+        await asyncio.wait((done, gone), timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:  # the server is shutting down
+        worker.cancel(job, "the server is stopping")
+        raise
+    finally:
+        disconnected = gone.done() and not gone.cancelled()
+        gone.cancel()
+    if disconnected or not done.done():  # a client that left gets no answer, even one ready at this moment
+        reason = "the client closed the connection" if disconnected else "the request's deadline passed"
+        worker.cancel(job, reason)
+        if not done.done():
+            done.cancel()  # the worker's answer, if one comes, goes nowhere
+        elif not done.cancelled():
+            done.exception()  # read, so that asyncio does not log a failure nobody asked for
+        logger.info("request %s: given up (%s)", rid, reason)
+        if disconnected:
+            raise APIError(CLIENT_CLOSED, reason, type="invalid_request_error", code="client_closed")
         raise APIError(
             504, f"the request did not finish within {timeout:g} s", type="timeout_error", code="timeout"
-        ) from None
+        )
+    return _result(done, rid)
+
+
+def _result(done: asyncio.Future, rid: str) -> list[bytes]:
+    """The images of a finished job, or its failure as an :class:`APIError`."""
+    if done.cancelled():
+        raise APIError(503, "the generation worker stopped", type="server_error", code="worker_stopped")
+    try:
+        return done.result()
     except GenerationOutOfMemory as exc:
         raise APIError(503, str(exc), type="server_error", code="out_of_memory") from None
     except JobCancelled as exc:
         raise APIError(504, str(exc), type="timeout_error", code="timeout") from None
-    except GenerationFailed as exc:
-        raise APIError(
-            500, f"generation failed: {exc}", type="server_error", code="generation_failed"
-        ) from None
+    except WorkerStopped as exc:
+        raise APIError(503, str(exc), type="server_error", code="worker_stopped") from None
+    except GenerationFailed:
+        # The pipeline's message stays in the log (it may name paths and internals); the id finds it there.
+        message = f"generation failed (request {rid}); the server's log has the details"
+        raise APIError(500, message, type="server_error", code="generation_failed") from None
 
 
 def plan_summaries(handle: Any) -> list[PlanSummary]:
