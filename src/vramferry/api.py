@@ -13,7 +13,7 @@ from .compat import (
     check_component_names,
     check_foreign_hooks,
     check_plan,
-    patch_execution_device,
+    patch_pipeline_class,
     request_order_of,
     resolve_device,
 )
@@ -28,6 +28,7 @@ from .planning.planner import with_schedule
 from .planning.workload import Workload
 from .runtime.install import Runtime
 from .runtime.probe import device_profile
+from .runtime.reads import WeightReads
 from .runtime.transfer import TransferCounters
 
 logger = logging.getLogger(__name__)
@@ -447,7 +448,8 @@ def apply(
     runtime = Runtime(
         modules, the_plan, device=device, pin=config.pin_memory, pin_limit=pin_limit, verify=config.verify
     )
-    patched = patch_execution_device(pipeline, device)
+    reads = WeightReads(runtime.all_units()) if config.verify else None
+    patched = patch_pipeline_class(pipeline, device, reads)
     handle = OffloadHandle(pipeline, config, modules, the_plan, runtime, patched)
     handle._planning = planning
     _LIVE[pipeline] = handle

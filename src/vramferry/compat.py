@@ -4,6 +4,7 @@ not offloaded by a peer already, that a given plan or order matches it, and diff
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -112,24 +113,29 @@ def check_plan(the_plan: Plan, modules: PipelineModules) -> None:
             )
 
 
-def patch_execution_device(pipeline: object, device: torch.device) -> type | None:
-    """Make a diffusers pipeline create its latents and embeddings on the execution device.
+def patch_pipeline_class(pipeline: object, device: torch.device, reads: Any = None) -> type | None:
+    """Swap in a subclass of the pipeline's class (same name and module; ``remove()`` swaps the original back)
+    that makes a diffusers pipeline create its latents and embeddings on the execution device and, given
+    ``reads`` (a torch function mode, under ``verify=True``), runs every call inside it.
 
     diffusers infers ``_execution_device`` from where the components' weights are, which is the host for
-    offloaded ones. A subclass with the property fixed is swapped in (same name and module) and swapped back
-    by ``remove()``.
+    offloaded ones. Returns the original class, or ``None`` when nothing needed patching.
     """
     cls = type(pipeline)
-    if not isinstance(getattr(cls, "_execution_device", None), property):
+    members: dict[str, Any] = {}
+    if isinstance(getattr(cls, "_execution_device", None), property):
+        members["_execution_device"] = property(lambda self: device)
+    if reads is not None and callable(pipeline):
+
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            with reads:
+                return cls.__call__(self, *args, **kwargs)
+
+        members["__call__"] = __call__
+    if not members:
         return None
     patched = type(
-        cls.__name__,
-        (cls,),
-        {
-            "__module__": cls.__module__,
-            "__qualname__": cls.__qualname__,
-            "_execution_device": property(lambda self: device),
-        },
+        cls.__name__, (cls,), {"__module__": cls.__module__, "__qualname__": cls.__qualname__, **members}
     )
     pipeline.__class__ = patched
     return cls

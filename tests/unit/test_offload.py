@@ -482,3 +482,31 @@ def test_a_module_shared_by_an_encoder_and_the_dit_keeps_them_exclusive(mode):
     assert kinds.get("shared") == "shared"
     allowed = [] if mode == "model" else ["transformer:resident"]
     assert during_encoding and all(names == allowed for names in during_encoding)
+
+
+def test_a_weight_read_outside_any_forward_is_named_under_verify():
+    """A pipeline's own code that reads a component's weight directly (no module call, so no hook loads it)."""
+    base, kwargs = CUSTOM_PIPELINES["omnigen2"]()
+
+    class _ReadsAWeight(type(base)):
+        def __call__(self, *args, **kw):
+            self.scale = self.transformer.layers[0].weight_for_scale.sum()  # before the DiT runs
+            return super().__call__(*args, **kw)
+
+    pipe = _ReadsAWeight()
+    pipe.transformer.layers[0].weight_for_scale = torch.nn.Parameter(torch.ones(4))
+    expected = _call_custom(pipe, kwargs)
+    handle = apply(pipe, _cfg("model", verify=True))
+    try:
+        with pytest.raises(
+            vramferry.OffloadError, match=r"weight_for_scale is read outside any module's forward"
+        ):
+            _call_custom(pipe, kwargs)
+    finally:
+        handle.remove()
+    handle = apply(pipe, _cfg("model"))  # without verify: on the CPU the host copy holds the same values
+    try:
+        assert torch.equal(_call_custom(pipe, kwargs), expected)
+    finally:
+        handle.remove()
+    del pipe.transformer.layers[0].weight_for_scale
