@@ -25,10 +25,13 @@ from .cli_options import (
     UsageError,
     _add_model_options,
     _comma_list,
+    _load_loras,
+    _lora_spec,
     _port,
     _positive_int,
     add_offload_options,
     apply_offload,
+    check_lora_names,
     check_port,
     check_sizes,
     demo_defaults,
@@ -232,11 +235,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     too_big = [f"{w}x{h}" for w, h in args.sizes or () if max(w, h) > args.max_size]
     if too_big:
         raise UsageError(f"--sizes: {', '.join(too_big)} exceed --max-size {args.max_size}")
+    check_lora_names(args.lora or ())
     defaults = demo_defaults(args)
     settings = server_settings(args, defaults)
     check_port(args.host, args.port)  # before the model loads: a busy port costs nothing
     pipeline = load(args)
     check_sizes(pipeline, args.sizes or (), "--sizes")
+    _load_loras(
+        pipeline, args.lora or ()
+    )  # before offload: adapters cannot be added to an offloaded pipeline
     handle = apply_offload(pipeline, config)
     if args.sizes:
         _prepare_sizes(handle, args.sizes, defaults)
@@ -496,6 +503,14 @@ def _add_serve(sub: Any, common: argparse.ArgumentParser) -> None:
         type=_size_list,
         metavar="WxH[,WxH]",
         help="request sizes to plan at start in auto mode, listed on GET /v1/plans (others plan on first use)",
+    )
+    p.add_argument(
+        "--lora",
+        type=_lora_spec,
+        action="append",
+        metavar="NAME=PATH",
+        help="load a LoRA adapter (a local folder or .safetensors file) at start; repeatable. Requests choose "
+        "weights with 'lora' (default: every adapter at 1.0)",
     )
     add_offload_options(p)
     p.set_defaults(handler=cmd_serve)

@@ -337,3 +337,36 @@ def require_extra(command: str, extra: str, modules: Sequence[str]) -> None:
                 f"vramferry {command} needs {module!r} ({exc}); install the '{extra}' extra: "
                 f"pip install 'vramferry[{extra}]' (in a checkout: pip install -e \".[{extra}]\")"
             ) from exc
+
+
+def _load_loras(pipeline: Any, adapters: Sequence[tuple[str, Path]]) -> None:
+    from .server.lora import LoraError, load_lora_adapters
+
+    try:
+        load_lora_adapters(pipeline, adapters)
+    except LoraError as exc:
+        raise UsageError(f"--lora {exc}") from None
+
+
+def _lora_spec(text: str) -> tuple[str, Path]:
+    """``NAME=PATH`` → ``(NAME, Path(PATH))``, the path checked now (before the model loads)."""
+    from .server.lora import ADAPTER_NAME
+
+    name, sep, path = text.partition("=")
+    if not sep or not ADAPTER_NAME.fullmatch(name) or not path:
+        raise argparse.ArgumentTypeError(
+            f"expected NAME=PATH (NAME of letters, digits, '_' or '-'), such as style=/loras/style, got {text!r}"
+        )
+    if not Path(path).exists():
+        raise argparse.ArgumentTypeError(
+            f"{name}: {path} does not exist; give a local LoRA folder or .safetensors file"
+        )
+    return name, Path(path)
+
+
+def check_lora_names(adapters: Sequence[tuple[str, Any]]) -> None:
+    """Each ``--lora`` NAME once, checked before the model loads."""
+    names = [name for name, _ in adapters]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise UsageError(f"--lora: {', '.join(twice)} named twice; give each adapter its own NAME")

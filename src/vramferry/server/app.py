@@ -31,7 +31,9 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .generation import GenerationParams, disable_progress_bar, size_multiple, unsupported
+from .lora import check_lora_weights, lora_adapters
 from .metrics import ServerMetrics
+from .plans import plan_summaries
 from .schemas import (
     ERROR_RESPONSES,
     NOT_BLANK,
@@ -42,7 +44,6 @@ from .schemas import (
     ModelCard,
     ModelList,
     PlanList,
-    PlanSummary,
     request_model,
 )
 from .worker import (
@@ -186,9 +187,14 @@ def parse_size(text: str, settings: ServerSettings, multiple: int) -> tuple[int,
 
 
 def to_params(
-    body: ImageGenerationRequest, settings: ServerSettings, pipeline: Any, multiple: int
+    body: ImageGenerationRequest,
+    settings: ServerSettings,
+    pipeline: Any,
+    multiple: int,
+    adapters: tuple[str, ...] = (),
 ) -> GenerationParams:
-    """Check what depends on the settings and the pipeline, and fill in defaults."""
+    """Check what depends on the settings and the pipeline, and fill in defaults. ``adapters``: the LoRA adapters
+    loaded (a request without ``lora`` uses them all at weight 1.0)."""
     if body.model is not None and body.model != settings.model_name:
         raise APIError(
             400,
@@ -218,6 +224,7 @@ def to_params(
         seed=body.seed if body.seed is not None else secrets.randbits(32),
         n=body.n,
         extra=dict(settings.call_defaults),
+        lora=_lora_weights(body.lora, adapters),
     )
     missing = unsupported(pipeline, params)
     if missing:
@@ -225,6 +232,19 @@ def to_params(
         param = names.get(missing[0], missing[0])
         raise invalid(f"{param}: the served pipeline ({type(pipeline).__name__}) does not take it", param)
     return params
+
+
+def _lora_weights(
+    requested: Mapping[str, float] | None, adapters: tuple[str, ...]
+) -> dict[str, float] | None:
+    """A request's adapter weights, checked against the loaded adapters; ``None`` when none are loaded."""
+    if requested is None:
+        return dict.fromkeys(adapters, 1.0) if adapters else None
+    problem = check_lora_weights(requested, adapters)
+    if problem is not None:
+        name, message = problem
+        raise invalid(f"lora.{name}: {message}", f"lora.{name}")
+    return dict(requested) if adapters else None  # {} on a server without adapters: nothing to switch off
 
 
 def _validation_error(exc: RequestValidationError) -> APIError:
@@ -416,6 +436,7 @@ def create_app(pipeline: Any, handle: Any = None, settings: ServerSettings | Non
     worker = GenerationWorker(pipeline, handle, settings.max_queue, metrics)
     multiple = settings.size_multiple or size_multiple(pipeline)
     disable_progress_bar(pipeline)
+    adapters = lora_adapters(pipeline)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -430,11 +451,11 @@ def create_app(pipeline: Any, handle: Any = None, settings: ServerSettings | Non
     app.state.settings, app.state.worker, app.state.metrics = settings, worker, metrics
     _install_error_handlers(app)
     app.add_middleware(RequestGuard, settings=settings, metrics=metrics)
-    _install_routes(app, pipeline, multiple)
+    _install_routes(app, pipeline, multiple, adapters)
     return app
 
 
-def _install_routes(app: FastAPI, pipeline: Any, multiple: int) -> None:
+def _install_routes(app: FastAPI, pipeline: Any, multiple: int, adapters: tuple[str, ...]) -> None:
     settings, worker, metrics = app.state.settings, app.state.worker, app.state.metrics
     started = int(time.time())
 
@@ -469,7 +490,7 @@ def _install_routes(app: FastAPI, pipeline: Any, multiple: int) -> None:
         return PlanList(data=plan_summaries(worker.handle))
 
     async def generations(body: ImageGenerationRequest, request: Request) -> Any:
-        params = to_params(body, settings, pipeline, multiple)
+        params = to_params(body, settings, pipeline, multiple, adapters)
         worker.start()  # no-op when running; starts it for an app driven without its lifespan
         arrived = request.scope.get("state", {}).get("arrived", time.monotonic())
         images = await _run(worker, params, request, arrived + settings.timeout, settings.timeout)
@@ -479,7 +500,9 @@ def _install_routes(app: FastAPI, pipeline: Any, multiple: int) -> None:
     first = -(-settings.min_size // multiple) * multiple
     sides = list(range(first, settings.max_size + 1, multiple))
     # The body's type carries this server's limits into the OpenAPI schema (see request_model).
-    generations.__annotations__["body"] = request_model(settings.model_name, settings.max_prompt_chars, sides)
+    generations.__annotations__["body"] = request_model(
+        settings.model_name, settings.max_prompt_chars, sides, adapters
+    )
     # max_body_size: FastAPI counts the bytes as it reads them, so a chunked body stops at the limit (413).
     if "max_body_size" not in inspect.signature(app.post).parameters:
         raise RuntimeError("the server needs fastapi>=0.164 (request body limits): pip install -U fastapi")
@@ -554,33 +577,6 @@ def _result(done: asyncio.Future, rid: str) -> list[bytes]:
         # The pipeline's message stays in the log (it may name paths and internals); the id finds it there.
         message = f"generation failed (request {rid}); the server's log has the details"
         raise APIError(500, message, type="server_error", code="generation_failed") from None
-
-
-def plan_summaries(handle: Any) -> list[PlanSummary]:
-    """Each plan the handle holds, as its request shape, predictions and per-component placement."""
-    listed = getattr(handle, "plans", None)
-    if not callable(listed):
-        return []
-    summaries = []
-    for work, made in listed():
-        placement = {}
-        for c in made.components:
-            resident = sum(b.value == "resident" for b in c.blocks)
-            placement[c.name] = (
-                f"{c.placement}, {resident}/{len(c.blocks)} blocks resident" if c.blocks else str(c.placement)
-            )
-        summaries.append(
-            PlanSummary(
-                size=f"{work.width}x{work.height}",
-                frames=work.num_frames,
-                steps=work.steps,
-                predicted_step_s=made.predicted_step_s,
-                predicted_peak_bytes=made.predicted_peak_bytes,
-                placement=placement,
-                current=made.placements == handle.plan.placements,
-            )
-        )
-    return summaries
 
 
 def _version() -> str:

@@ -35,6 +35,8 @@ class GenerationParams:
         frames: ``num_frames`` for video pipelines.
         extra: further keyword arguments for the pipeline (``max_sequence_length``); those it does not take are
             left out.
+        lora: the LoRA adapters' weights for this call (name → weight; ``{}``: LoRA off), which the server's
+            worker sets before the call; ``None`` leaves the pipeline's adapters as they are.
     """
 
     prompt: str
@@ -47,6 +49,7 @@ class GenerationParams:
     n: int = 1
     frames: int | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
+    lora: Mapping[str, float] | None = None
 
 
 _ARGUMENTS = {

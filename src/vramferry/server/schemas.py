@@ -8,6 +8,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model
 from pydantic_core import PydanticCustomError
 
+from .lora import MAX_LORA_WEIGHT
+
 MAX_IMAGES_PER_REQUEST = 10
 MAX_STEPS = 200
 MAX_GUIDANCE = 20.0
@@ -31,6 +33,9 @@ def json_int(**bounds: int) -> Any:
     The bounds come before the validator so that pydantic writes them into the schema as minimum/maximum.
     """
     return Annotated[int, Field(strict=False, **bounds), BeforeValidator(_json_integer)]
+
+
+LoraWeight = Annotated[float, Field(ge=-MAX_LORA_WEIGHT, le=MAX_LORA_WEIGHT, allow_inf_nan=False)]
 
 
 class ImageGenerationRequest(BaseModel):
@@ -64,17 +69,23 @@ class ImageGenerationRequest(BaseModel):
         default=None,
         description="Seed of the first image; image i uses seed + i. Random when omitted.",
     )
+    lora: dict[str, LoraWeight] | None = Field(
+        default=None,
+        description="LoRA adapter name -> weight; adapters not named are off, {} turns LoRA off. "
+        "Omitted: every loaded adapter at weight 1.0.",
+    )
 
 
 def request_model(
-    model_name: str, max_prompt_chars: int, sides: Sequence[int]
+    model_name: str, max_prompt_chars: int, sides: Sequence[int], adapters: Sequence[str] = ()
 ) -> type[ImageGenerationRequest]:
     """:class:`ImageGenerationRequest` with one server's limits written into its JSON schema.
 
     The schema then says exactly what the server accepts (the served model's name, the prompt's length, the image
     sides allowed), so schema-driven clients and fuzzers generate valid requests. The route still checks these
-    itself, with messages that name the field.
+    itself, with messages that name the field. ``adapters``: the LoRA adapters loaded, the only names ``lora`` takes.
     """
+    names = {"propertyNames": {"enum": list(adapters)}} if adapters else {"maxProperties": 0}
     side = "|".join(str(value) for value in sides)
     size_pattern = f"^(auto|({side})x({side}))$"
     sizes = (
@@ -110,6 +121,16 @@ def request_model(
                 default=None,
                 description="Must name the served model when given.",
                 json_schema_extra={"enum": [model_name, None]},
+            ),
+        ),
+        lora=(
+            dict[str, LoraWeight] | None,
+            Field(
+                default=None,
+                description="LoRA adapter name -> weight, each in "
+                f"[-{MAX_LORA_WEIGHT:g}, {MAX_LORA_WEIGHT:g}]; adapters not named are off, {{}} turns LoRA off. "
+                f"Omitted: every loaded adapter ({', '.join(adapters) or 'none'}) at weight 1.0.",
+                json_schema_extra=names,
             ),
         ),
     )

@@ -21,6 +21,7 @@ import torch
 
 from ..errors import BudgetError
 from .generation import GenerationParams, generate, png_bytes, request_workload
+from .lora import LoraSwitch
 from .metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
@@ -87,6 +88,9 @@ class GenerationWorker:
         self.handle = handle
         self.max_queue = max_queue
         self._workload: Any = None  # the request shape the offload plan was last fitted to
+        self.lora = LoraSwitch(
+            pipeline
+        )  # the adapter weights active now; switched only when a request differs
         self.metrics = metrics
         # The waiting jobs. A deque, not a queue.Queue: a job given up while it waits must leave it (and free its
         # slot) at once, not when the worker reaches it.
@@ -212,6 +216,7 @@ class GenerationWorker:
         try:
             job.check()  # its deadline may have passed while it waited
             self._fit_offload(job.params)
+            self.lora.use(job.params.lora)  # scales only: the offload's placement stays as it is
             images = generate(self.pipeline, job.params, on_step=lambda step, total: job.check())
             result = [png_bytes(image if not isinstance(image, list) else image[0]) for image in images]
         except (
