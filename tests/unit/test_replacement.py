@@ -143,3 +143,17 @@ def test_the_planner_prices_a_kept_placement_for_another_shape():
     # (other components may become resident too: the VAE, with the room the smaller shape leaves)
     assert transition_bytes(large, small, inventory) >= sum(became) > 0
     assert transition_bytes(small, small, inventory) == 0
+
+
+def test_verify_watches_the_units_a_replacement_builds(flux_plans):
+    # The swapped encoders get new units at a re-placement; verify=True must watch those, not the dropped ones,
+    # or every read of an encoder weight would be reported as a read of an unloaded unit.
+    pipe, kwargs, expected, streamed, half = flux_plans
+    handle = apply(pipe, _cfg("layerwise", verify=True), plan=streamed)
+    try:
+        assert handle.replan(plan=half) is True
+        got = run(pipe, kwargs)
+    finally:
+        handle.remove()
+    for key in expected:
+        np.testing.assert_array_equal(got[key], expected[key])

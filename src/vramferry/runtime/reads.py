@@ -5,7 +5,7 @@ names the weight."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
@@ -45,17 +45,23 @@ class WeightReads(TorchFunctionMode):
     """Raises :class:`OffloadError` when a torch function gets a weight whose unit is not on the device.
 
     Args:
-        units: every unit of the handle; their parameters are the weights watched.
+        units: returns every unit of the handle now; their parameters are the weights watched. Asked at each
+            entry (each pipeline call), since a re-placement builds new units.
     """
 
-    def __init__(self, units: Iterable[Unit]) -> None:
+    def __init__(self, units: Callable[[], Iterable[Unit]]) -> None:
         super().__init__()
+        self.units = units
         self.owner: dict[int, tuple[str, Unit]] = {}
-        for unit in units:
+
+    def __enter__(self):
+        self.owner = {}
+        for unit in self.units():
             for ref in unit.refs:
                 module, name = ref.owners[0]
                 for param in ref.params:
                     self.owner[id(param)] = (f"{type(module).__name__}.{name}", unit)
+        return super().__enter__()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
