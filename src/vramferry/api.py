@@ -251,6 +251,11 @@ class OffloadHandle:
         for state in runtime.states:
             if state.streamer is not None:
                 state.streamer.stop()
+        # The device copies go now, not when the handle is collected: a caller that applies again before
+        # dropping this handle would otherwise hold both plans' device memory at once.
+        for unit in runtime.all_units():
+            if unit.on_device:
+                runtime.mover.drop(unit)
         runtime.store.restore()
         if self._patched_class is not None:
             self.pipeline.__class__ = self._patched_class

@@ -267,3 +267,17 @@ def test_replacement_on_the_device_gives_the_resident_output_and_copies_what_bec
             assert_runs_equal(pipe, kwargs, expected)
     finally:
         handle.remove()
+
+
+@pytest.mark.parametrize("mode", ["model", "layerwise", "auto"])
+def test_remove_gives_the_device_memory_back_while_the_handle_lives(mode):
+    pipe, kwargs = DIFFUSERS_PIPELINES["flux_production"]()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    handle = apply(pipe, vramferry.OffloadConfig(mode=mode))
+    run(pipe, kwargs)
+    assert torch.cuda.memory_allocated() > before
+    handle.remove()
+    torch.cuda.synchronize()
+    # Still referenced here: what stays allocated would add to the next apply's peak.
+    assert torch.cuda.memory_allocated() == before, handle

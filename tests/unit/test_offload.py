@@ -252,7 +252,10 @@ def test_remove_restores_parameters_devices_and_forwards():
     handle = apply(pipe, _cfg("layerwise"))
     assert type(pipe) is not cls  # the execution-device shim
     run(pipe, kwargs)
+    assert "device" in {u.where for u in handle.units()}
     handle.remove()
+    # The device copies are released by remove itself, while the handle object is still referenced.
+    assert {u.where for u in handle.units()} == {"host"}
     assert type(pipe) is cls
     after = _snapshot(modules)
     for name in modules:
