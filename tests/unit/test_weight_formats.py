@@ -116,3 +116,37 @@ def test_adapters_added_or_fused_while_live_raise_naming_the_fix(mode):
             run(pipe, kwargs)
     finally:
         handle.remove()
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", ["flux", "wan"])
+def test_gguf_transformer_loaded_from_a_file_gives_the_quantized_output_and_is_restored(name, mode, tmp_path):
+    pytest.importorskip("gguf")
+    from pipelines.gguf_files import gguf_transformer
+
+    pipe, kwargs = DIFFUSERS_PIPELINES[name]()
+    pipe.transformer = gguf_transformer(pipe, tmp_path)
+    params = dict(pipe.transformer.named_parameters())
+    quantized = {key for key, p in params.items() if type(p).__name__ == "GGUFParameter"}
+    assert quantized and all(params[key].dtype == torch.uint8 for key in quantized)
+    expected = run(pipe, kwargs)
+    handle = vramferry.apply(pipe, _cfg(mode))
+    try:
+        for _ in range(2):
+            got = run(pipe, kwargs)
+            for key in expected:
+                np.testing.assert_array_equal(got[key], expected[key])
+        inventory = handle.inventory.get("transformer")
+        shown = vramferry.planning.format_plan(handle.plan, handle.inventory)
+    finally:
+        handle.remove()
+    # The inventory counts the GGML blocks' bytes (about 1.06 bytes per quantized weight), not float32.
+    tensors = [*params.values(), *pipe.transformer.buffers()]
+    assert inventory.bytes == sum(t.numel() * t.element_size() for t in tensors)
+    assert inventory.formats == ("GGUFParameter Q8_0",)
+    assert "GGUFParameter Q8_0" in shown
+    after = dict(pipe.transformer.named_parameters())
+    assert all(after[key] is params[key] for key in params)
+    assert all(type(after[k]).__name__ == "GGUFParameter" and after[k].quant_type.name == "Q8_0" for k in quantized)
+    for key in expected:
+        np.testing.assert_array_equal(run(pipe, kwargs)[key], expected[key])

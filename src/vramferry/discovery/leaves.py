@@ -111,5 +111,12 @@ def storage_bytes(tensor: torch.Tensor) -> dict[str, int]:
 
 
 def format_name(tensor: torch.Tensor) -> str | None:
-    """The tensor subclass that holds ``tensor``'s data (``"Int8Tensor"``), or ``None`` for a plain tensor."""
-    return type(tensor).__name__ if is_traceable_wrapper_subclass(tensor) else None
+    """The format that holds ``tensor``'s data: its tensor subclass (``"Int8Tensor"``), a quantized parameter
+    with its block type (diffusers' GGUF weights: ``"GGUFParameter Q8_0"``), or ``None`` for a plain tensor."""
+    if is_traceable_wrapper_subclass(tensor):
+        return type(tensor).__name__
+    # diffusers' GGUFParameter: raw GGML blocks as uint8, dequantized in the layer's forward.
+    quant = getattr(tensor, "quant_type", None)
+    if quant is not None:
+        return f"{type(tensor).__name__} {getattr(quant, 'name', quant)}"
+    return None
