@@ -150,3 +150,21 @@ def test_gguf_transformer_loaded_from_a_file_gives_the_quantized_output_and_is_r
     assert all(type(after[k]).__name__ == "GGUFParameter" and after[k].quant_type.name == "Q8_0" for k in quantized)
     for key in expected:
         np.testing.assert_array_equal(run(pipe, kwargs)[key], expected[key])
+
+
+@pytest.mark.parametrize("layer", ["Linear4bit", "Linear8bitLt"])
+def test_bitsandbytes_layers_are_refused_at_apply_naming_the_weight_and_the_fix(layer):
+    bnb = pytest.importorskip("bitsandbytes")
+    pipe, kwargs = DIFFUSERS_PIPELINES["flux"]()
+    old = pipe.transformer.proj_out
+    new = getattr(bnb.nn, layer)(old.in_features, old.out_features, bias=old.bias is not None)
+    new.load_state_dict(old.state_dict())
+    pipe.transformer.proj_out = new.to("cpu")  # quantizes on the move, as bitsandbytes does
+    before = {key: type(p) for key, p in pipe.transformer.named_parameters()}
+    with pytest.raises(vramferry.OffloadError, match=r"transformer\.proj_out\.weight is a bitsandbytes .*torchao"):
+        vramferry.apply(pipe, _cfg("layerwise"))
+    # Nothing was changed: the pipeline runs as before, and it can be offloaded once the layer is replaced.
+    assert {key: type(p) for key, p in pipe.transformer.named_parameters()} == before
+    run(pipe, kwargs)
+    pipe.transformer.proj_out = old
+    vramferry.apply(pipe, _cfg("layerwise")).remove()

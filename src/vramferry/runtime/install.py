@@ -238,8 +238,13 @@ class Runtime:
             install_component_hooks(self, state)
 
 
+# Parameter types whose data needs tensors held elsewhere (the parameter's attributes, the layer's state), by
+# the tensors they need: moving the parameter's own bytes would leave those behind on the host.
+_STATE_OUTSIDE = {"Params4bit": "quant_state: absmax, code", "Int8Params": "SCB, the layer's MatmulLtState"}
+
+
 def check_weights_materialised(modules: PipelineModules) -> None:
-    """Raise if any weight is on the meta device (nothing to copy)."""
+    """Raise if any weight is on the meta device (nothing to copy) or of a type the host store cannot move."""
     for component in modules.components():
         for name, tensor in list(component.module.named_parameters()) + list(
             component.module.named_buffers()
@@ -248,4 +253,13 @@ def check_weights_materialised(modules: PipelineModules) -> None:
                 raise OffloadError(
                     f"{component.name}.{name} is on the meta device; load the weights (from_pretrained or "
                     "to_empty + load_state_dict) before applying offload"
+                )
+            kind = type(tensor).__name__
+            if kind in _STATE_OUTSIDE:
+                raise OffloadError(
+                    f"{component.name}.{name} is a bitsandbytes {kind}: its quantization state "
+                    f"({_STATE_OUTSIDE[kind]}) lives outside the tensor, where the host store cannot move it with "
+                    "the weights. Quantize this component with torchao (quantize_(module, "
+                    "Int8WeightOnlyConfig()) or Float8WeightOnlyConfig()) or load a GGUF checkpoint, which "
+                    "offload handles in every mode; or run the component without offload."
                 )
