@@ -453,7 +453,7 @@ def apply(
     runtime = Runtime(
         modules, the_plan, device=device, pin=config.pin_memory, pin_limit=pin_limit, verify=config.verify
     )
-    reads = WeightReads(runtime.all_units) if config.verify else None
+    reads = WeightReads(runtime.all_units, [c.module for c in modules.components()]) if config.verify else None
     patched = patch_pipeline_class(pipeline, device, reads)
     handle = OffloadHandle(pipeline, config, modules, the_plan, runtime, patched)
     handle._planning = planning

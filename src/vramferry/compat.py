@@ -116,7 +116,7 @@ def check_plan(the_plan: Plan, modules: PipelineModules) -> None:
 def patch_pipeline_class(pipeline: object, device: torch.device, reads: Any = None) -> type | None:
     """Swap in a subclass of the pipeline's class (same name and module; ``remove()`` swaps the original back)
     that makes a diffusers pipeline create its latents and embeddings on the execution device and, given
-    ``reads`` (a torch function mode, under ``verify=True``), runs every call inside it.
+    ``reads`` (a :class:`~vramferry.runtime.reads.WeightReads`, under ``verify=True``), runs every call inside it.
 
     diffusers infers ``_execution_device`` from where the components' weights are, which is the host for
     offloaded ones. Returns the original class, or ``None`` when nothing needed patching.
@@ -128,7 +128,7 @@ def patch_pipeline_class(pipeline: object, device: torch.device, reads: Any = No
     if reads is not None and callable(pipeline):
 
         def __call__(self, *args: Any, **kwargs: Any) -> Any:
-            with reads:
+            with reads.around_call():
                 return cls.__call__(self, *args, **kwargs)
 
         members["__call__"] = __call__

@@ -281,3 +281,21 @@ def test_remove_gives_the_device_memory_back_while_the_handle_lives(mode):
     torch.cuda.synchronize()
     # Still referenced here: what stays allocated would add to the next apply's peak.
     assert torch.cuda.memory_allocated() == before, handle
+
+
+@pytest.mark.parametrize("mode", ["layerwise", "auto"])
+def test_inductor_compiled_blocks_give_the_compiled_resident_output(mode):
+    pipe, kwargs = DIFFUSERS_PIPELINES["flux"]()
+    pipe.to("cuda")
+    torch._dynamo.reset()
+    for block in [*pipe.transformer.transformer_blocks, *pipe.transformer.single_transformer_blocks]:
+        block.compile(fullgraph=True)
+    expected = run(pipe, kwargs)
+    handle = apply(pipe, vramferry.OffloadConfig(mode=mode, verify=True))
+    try:
+        assert_runs_equal(pipe, kwargs, expected)
+        with torch.compiler.set_stance("fail_on_recompile"):
+            assert_runs_equal(pipe, kwargs, expected)
+    finally:
+        handle.remove()
+        torch._dynamo.reset()
