@@ -453,19 +453,10 @@ def apply(
         check_plan(plan, modules)
         the_plan = plan if plan.schedule else with_schedule(plan, inventory, config)
     else:
-        the_plan, planning.sources = _make_plan(planning, config, work)
-        if coding.missing is not None:
-            _note_missing_codec(planning, config, work, coding.missing)
+        the_plan = _first_plan(planning, config, work, coding.missing)
     pin_limit = parse_bytes(config.host_memory_limit) if config.host_memory_limit is not None else None
-    runtime = Runtime(
-        modules,
-        the_plan,
-        device=device,
-        pin=config.pin_memory,
-        pin_limit=pin_limit,
-        verify=config.verify,
-        codec=coding.codec,
-    )
+    pin, verify = config.pin_memory, config.verify
+    runtime = Runtime(modules, the_plan, device=device, pin=pin, pin_limit=pin_limit, verify=verify, codec=coding.codec)
     reads = WeightReads(runtime.all_units) if config.verify else None
     patched = patch_pipeline_class(pipeline, device, reads)
     handle = OffloadHandle(pipeline, config, modules, the_plan, runtime, patched)
@@ -503,11 +494,15 @@ class _Planning:
     ratios: dict[str, float] | None = None  # compression ratios per component; None: no codec available
 
 
-def _note_missing_codec(planning: _Planning, config: OffloadConfig, work: Any, missing: str) -> None:
-    """One info line when ``auto`` would have compressed, had the codec's package been installed."""
-    would = _make_plan(replace(planning, ratios={}), config, work)[0]
-    if any(c.codec == "lossless" for c in would.components):
-        logger.info("vramferry: compression='auto' would compress moved weights here (%s)", missing)
+def _first_plan(planning: _Planning, config: OffloadConfig, work: Any, missing: str | None) -> Plan:
+    """The plan ``apply`` starts with; one info line when ``compression="auto"`` would have compressed, had the
+    codec's package been installed (``missing`` says which)."""
+    the_plan, planning.sources = _make_plan(planning, config, work)
+    if missing is not None:
+        would = _make_plan(replace(planning, ratios={}), config, work)[0]
+        if any(c.codec == "lossless" for c in would.components):
+            logger.info("vramferry: compression='auto' would compress moved weights here (%s)", missing)
+    return the_plan
 
 
 def _make_plan(planning: _Planning, config: OffloadConfig, workload: Any) -> tuple[Plan, dict[str, str]]:

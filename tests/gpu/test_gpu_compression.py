@@ -78,6 +78,7 @@ def test_decode_is_queued_without_a_host_synchronisation():
     codec = NvcompAns(torch.device("cuda"))
     raw = _bf16_weights(32 << 20).view(torch.uint8).cpu()
     encoded = codec.encode(raw)
+    assert len(encoded.chunks) == 1
     staged = encoded.payload.cuda()
     out = torch.empty(raw.numel(), dtype=torch.uint8, device="cuda")
     stream = torch.cuda.Stream()

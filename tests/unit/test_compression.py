@@ -23,7 +23,7 @@ from vramferry.planning.costmodel import simulate_dit_calls
 from vramferry.planning.devices import profile_from
 from vramferry.planning.plan import plan_from_dict, plan_to_dict
 from vramferry.planning.planner import plan
-from vramferry.runtime.codecs import CodecUnavailable, ZstdPlanes, estimated_ratio, select_codec
+from vramferry.runtime.codecs import CodecUnavailable, ZstdPlanes, encode_piece, estimated_ratio, select_codec
 
 H200 = profile_from("h200")
 
@@ -53,6 +53,17 @@ def test_cpu_codec_round_trips_exactly(dtype):
     encoded.decode_into(out)
     assert torch.equal(out, raw)
     assert encoded.nbytes == raw.numel()
+
+
+def test_pieces_are_encoded_in_chunks_that_decode_exactly():
+    raw = _raw(_weights(3 * 4096 + 1000))  # not a whole number of chunks
+    encoded = encode_piece(ZstdPlanes(), [raw], chunk_bytes=4096)[0]
+    assert [c.raw_len for c in encoded.chunks] == [4096] * 6 + [raw.numel() - 6 * 4096]
+    assert encoded.chunks[-1].start + encoded.chunks[-1].length == encoded.payload.numel()
+    out = torch.full_like(raw, 7)
+    encoded.decode_into(out)
+    assert torch.equal(out, raw)
+    assert encoded.largest_chunk < 4096  # every chunk compressed
 
 
 def test_cpu_codec_compresses_bf16_weights_like_an_entropy_coder():

@@ -73,11 +73,15 @@ def load_seconds(nbytes: int, ratio: float, bandwidth: float, decode_bytes_per_s
     return max(copy, nbytes / decode_bytes_per_s)
 
 
-#: The two device buffers compressed bytes land in before they are decoded (rounded to 2 MiB segments).
+#: The two device buffers compressed chunks land in before they are decoded (rounded to 2 MiB segments).
 STAGING_BUFFERS = 2
+#: Raw bytes per encoded chunk (:data:`vramferry.runtime.codecs.CHUNK_BYTES`).
+CHUNK_BYTES = 64 * 2**20
 
 
 def staging_bytes(largest_piece: int, ratio: float) -> int:
-    """Device bytes of the staging buffers for a component whose largest moved piece is ``largest_piece``."""
+    """Device bytes of the staging buffers for a component whose largest moved piece is ``largest_piece``: two
+    compressed chunks (a chunk that does not compress is kept at its raw size, hence the bound of one)."""
     segment = 2 * 2**20
-    return STAGING_BUFFERS * (-(-int(ratio * largest_piece) // segment) * segment)
+    chunk = min(largest_piece, CHUNK_BYTES) * min(1.0, ratio + 0.05)
+    return STAGING_BUFFERS * (-(-int(chunk) // segment) * segment)

@@ -90,6 +90,7 @@ def resolve_budget(
 
 
 _R, _S, _T = Placement.RESIDENT, Placement.SWAPPED, Placement.STREAMED
+COMPRESSED_DEPTH_TOLERANCE = 0.02
 
 
 def _plan_fixed(ctx: PlanContext) -> dict[str, Choice]:
@@ -112,19 +113,22 @@ def _plan_fixed(ctx: PlanContext) -> dict[str, Choice]:
 
 
 def _best_depth(ctx: PlanContext, choices: dict[str, Choice], name: str) -> Choice:
-    """The fastest depth that fits (the fewest slots on ties); depth 1 when none fits, for the error to report."""
+    """The fastest depth that fits (the fewest slots on ties); depth 1 when none fits, for the error to report.
+
+    For a compressed component, the fewest slots within :data:`COMPRESSED_DEPTH_TOLERANCE` of the fastest: its two
+    staging buffers already hold the next chunks, so a slot more buys little and costs a whole block of memory."""
     choice = choices[name]
-    best: tuple | None = None
+    fitting: list[tuple[float, int, Choice]] = []
     for depth in depths(ctx, sum(p is _T for p in choice.blocks)):
         trial = Choice(choice.placement, choice.blocks, depth)
         outcome = ctx.evaluate({**choices, name: trial})
         if ctx.fits(outcome.peak):
-            key = (round(outcome.request_s, 9), depth)
-            if best is None or key < best[0]:
-                best = (key, trial)
-    if best is None:
+            fitting.append((round(outcome.request_s, 9), depth, trial))
+    if not fitting:
         return Choice(choice.placement, choice.blocks, min(depths(ctx, 1)))
-    return best[1]
+    fastest = min(fitting)[0]
+    slack = COMPRESSED_DEPTH_TOLERANCE if name in ctx.ratios else 0.0
+    return min((d, t) for s, d, t in fitting if s <= fastest * (1 + slack))[1] if slack else min(fitting)[2]
 
 
 def _phase_items(ctx: PlanContext, choices: Mapping[str, Choice], phase: str) -> list[tuple[str, int]]:

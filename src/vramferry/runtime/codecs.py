@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import OffloadError
+from ..planning.codec import CHUNK_BYTES
 
 logger = logging.getLogger(__name__)
 
@@ -32,42 +33,95 @@ class CodecUnavailable(OffloadError):
     """The package a codec needs is not installed."""
 
 
+# CHUNK_BYTES: raw bytes per independently encoded chunk. A piece is encoded in chunks so that the device staging
+# buffers hold one chunk, not one block (two chunks of ~45 MB compressed instead of two FLUX.1 blocks of ~450 MB),
+# and so that the copy of one chunk overlaps the decode of the one before even within a block.
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Where one chunk lies: ``[raw_start, raw_start + raw_len)`` of the piece, ``[start, start + length)`` of the
+    payload; ``split`` is the codec's own mark inside it (``zstd-planes``: the end of the raw low plane)."""
+
+    raw_start: int
+    raw_len: int
+    start: int
+    length: int
+    split: int = 0
+
+
 @dataclass(eq=False)
 class Encoded:
     """A piece's bytes as its codec left them: ``payload`` (host uint8, in the store) decodes to ``nbytes``.
 
     Attributes:
         codec: the handler that made it (and decodes it).
-        payload: the compressed bytes, in host memory (page-locked with the store's other arenas).
+        payload: the compressed chunks back to back, in host memory (page-locked like the store's arenas).
         nbytes: the bytes it decodes to.
-        split: where the payload's parts meet (``zstd-planes``: the end of the raw low plane).
+        chunks: where each chunk lies in the piece and in the payload, in order.
     """
 
     codec: Codec
     payload: torch.Tensor
     nbytes: int
-    split: int = 0
+    chunks: tuple[Chunk, ...]
 
     @property
     def ratio(self) -> float:
         return self.payload.numel() / max(1, self.nbytes)
 
+    @property
+    def largest_chunk(self) -> int:
+        return max(c.length for c in self.chunks)
+
     def decode_into(self, out: torch.Tensor) -> None:
         """Decode into ``out`` (uint8, ``nbytes`` long, on the CPU), synchronously."""
-        self.codec.decode_into(self, out)
+        for chunk in self.chunks:
+            self.codec.decode_chunk(
+                self.payload[chunk.start : chunk.start + chunk.length],
+                chunk.split,
+                out[chunk.raw_start : chunk.raw_start + chunk.raw_len],
+            )
+
+
+def encode_piece(codec: Codec, raws: list[torch.Tensor], chunk_bytes: int = CHUNK_BYTES) -> list[Encoded]:
+    """Encode each of ``raws`` (flat uint8 host tensors) in chunks of ``chunk_bytes``, all chunks in one batch."""
+    pieces = []
+    for raw in raws:
+        _planes(raw)
+        step = chunk_bytes - chunk_bytes % 2
+        pieces.append([raw[i : i + step] for i in range(0, raw.numel(), step)])
+    coded = iter(codec.encode_chunks([c for chunks in pieces for c in chunks]))
+    found = []
+    for raw, chunks in zip(raws, pieces, strict=True):
+        parts = [next(coded) for _ in chunks]
+        payload = torch.empty(sum(p.numel() for p, _split in parts), dtype=torch.uint8)
+        table, at, raw_at = [], 0, 0
+        for (data, split), chunk in zip(parts, chunks, strict=True):
+            payload[at : at + data.numel()] = data
+            table.append(Chunk(raw_at, chunk.numel(), at, data.numel(), split))
+            at, raw_at = at + data.numel(), raw_at + chunk.numel()
+        found.append(Encoded(codec, payload, raw.numel(), tuple(table)))
+    return found
 
 
 class Codec:
-    """What a codec handler does. ``name`` is what plans and stats call it."""
+    """What a codec handler does: encode chunks of raw bytes, decode one back. ``name`` is its name in stats."""
 
     name = "raw"
     device_type = "cpu"  # where its decode runs
 
-    def encode(self, raw: torch.Tensor) -> Encoded:  # pragma: no cover - interface
+    def encode_chunks(self, raws: list[torch.Tensor]) -> list[tuple[torch.Tensor, int]]:  # pragma: no cover
+        """Per chunk its compressed bytes (host uint8) and the codec's mark inside them."""
         raise NotImplementedError
 
-    def decode_into(self, encoded: Encoded, out: torch.Tensor) -> None:  # pragma: no cover - interface
+    def decode_chunk(self, data: torch.Tensor, split: int, out: torch.Tensor) -> None:  # pragma: no cover
+        """Decode one chunk's compressed bytes (host) into ``out`` (host), synchronously."""
         raise NotImplementedError
+
+    def encode(self, raw: torch.Tensor) -> Encoded:
+        """Encode one flat uint8 host tensor (in chunks)."""
+        return encode_piece(self, [raw])[0]
 
 
 class ZstdPlanes(Codec):
@@ -87,31 +141,31 @@ class ZstdPlanes(Codec):
         self._zstd = zstandard
         self.level = level
 
-    def encode(self, raw: torch.Tensor) -> Encoded:
-        planes = _planes(raw)
-        low = planes[:, 0].contiguous()
-        high = planes[:, 1].contiguous().numpy()
-        packed = self._zstd.ZstdCompressor(level=self.level).compress(high.tobytes())
-        payload = torch.empty(low.numel() + len(packed), dtype=torch.uint8)
-        payload[: low.numel()] = low
-        payload[low.numel() :] = torch.frombuffer(bytearray(packed), dtype=torch.uint8)
-        return Encoded(self, payload, raw.numel(), split=low.numel())
+    def encode_chunks(self, raws: list[torch.Tensor]) -> list[tuple[torch.Tensor, int]]:
+        compressor = self._zstd.ZstdCompressor(level=self.level)
+        found = []
+        for raw in raws:
+            planes = _planes(raw)
+            low = planes[:, 0].contiguous()
+            packed = compressor.compress(planes[:, 1].contiguous().numpy().tobytes())
+            data = torch.empty(low.numel() + len(packed), dtype=torch.uint8)
+            data[: low.numel()] = low
+            data[low.numel() :] = torch.frombuffer(bytearray(packed), dtype=torch.uint8)
+            found.append((data, low.numel()))
+        return found
 
-    def decode_into(self, encoded: Encoded, out: torch.Tensor) -> None:
-        half = encoded.nbytes // 2
-        high = self._zstd.ZstdDecompressor().decompress(
-            encoded.payload[encoded.split :].numpy().tobytes(), max_output_size=half
-        )
+    def decode_chunk(self, data: torch.Tensor, split: int, out: torch.Tensor) -> None:
+        high = self._zstd.ZstdDecompressor().decompress(data[split:].numpy().tobytes(), max_output_size=split)
         planes = out.view(-1, 2)
-        planes[:, 0].copy_(encoded.payload[: encoded.split])
+        planes[:, 0].copy_(data[:split])
         planes[:, 1].copy_(torch.frombuffer(bytearray(high), dtype=torch.uint8))
 
 
 class NvcompAns(Codec):
-    """The GPU codec: nvCOMP ANS over the whole piece, the bytes read as 16-bit floats.
+    """The GPU codec: nvCOMP ANS over each chunk, the bytes read as 16-bit floats.
 
-    Encoding runs on the device (a piece is copied in, encoded, and its compressed bytes copied back); decoding
-    runs on the stream the caller passes, from compressed bytes already on the device.
+    Encoding runs on the device (a batch of chunks is copied in, encoded, and the compressed bytes copied back);
+    decoding runs on the stream the caller passes, from compressed bytes already on the device.
     """
 
     name = "nvcomp-ans"
@@ -120,37 +174,32 @@ class NvcompAns(Codec):
     def __init__(self, device: torch.device) -> None:
         self.nvcomp = import_nvcomp()
         self.device = device
-        self._decoders: dict[int, object] = {}
+        self._codecs: dict[int, object] = {}
         self._direct: bool | None = None  # decode writes into a given output array (probed on first use)
 
     def _codec(self, stream: torch.cuda.Stream) -> object:
         """One nvCOMP codec per stream: a codec holds scratch state and runs all its work on its stream."""
         key = stream.cuda_stream
-        if key not in self._decoders:
-            self._decoders[key] = self.nvcomp.Codec(
+        if key not in self._codecs:
+            self._codecs[key] = self.nvcomp.Codec(
                 algorithm="ANS", data_type="<f2", device_id=self.device.index or 0, cuda_stream=key
             )
-        return self._decoders[key]
+        return self._codecs[key]
 
-    def encode(self, raw: torch.Tensor) -> Encoded:
-        return self.encode_many([raw])[0]
-
-    def encode_many(self, raws: list[torch.Tensor]) -> list[Encoded]:
-        """Encode host pieces in one batch on the device; returns their compressed bytes in host memory."""
+    def encode_chunks(self, raws: list[torch.Tensor]) -> list[tuple[torch.Tensor, int]]:
         stream = torch.cuda.current_stream(self.device)
         codec = self._codec(stream)
-        on_device = [raw.to(self.device, non_blocking=False).view(torch.float16) for raw in raws]
-        arrays = [self.nvcomp.as_array(t) for t in on_device]
-        encoded = codec.encode(arrays)
+        on_device = [raw.to(self.device).view(torch.float16) for raw in raws]
+        encoded = codec.encode([self.nvcomp.as_array(t) for t in on_device])  # one batch
         found = []
-        for raw, array in zip(raws, encoded, strict=True):
+        for array in encoded:
             size = int(array.buffer_size)
             data = torch.from_dlpack(array).view(torch.uint8).reshape(-1)[:size]
-            found.append(Encoded(self, data.to("cpu"), raw.numel()))
+            found.append((data.to("cpu"), 0))
         return found
 
     def decode_on(self, staged: torch.Tensor, out: torch.Tensor, stream: torch.cuda.Stream) -> object:
-        """Queue the decode of ``staged`` (compressed bytes on the device) into ``out`` on ``stream``.
+        """Queue the decode of ``staged`` (one chunk's compressed bytes on the device) into ``out`` on ``stream``.
 
         nvCOMP writes straight into ``out`` where its ``decode`` takes an output array; otherwise it decodes into
         a buffer of its own, copied into ``out`` on the same stream. Returns what must stay alive until the
@@ -174,12 +223,11 @@ class NvcompAns(Codec):
             out.copy_(result[: out.numel()], non_blocking=True)
         return decoded
 
-    def decode_into(self, encoded: Encoded, out: torch.Tensor) -> None:
+    def decode_chunk(self, data: torch.Tensor, split: int, out: torch.Tensor) -> None:
         stream = torch.cuda.current_stream(self.device)
-        staged = encoded.payload.to(self.device)
-        target = torch.empty(encoded.nbytes, dtype=torch.uint8, device=self.device)
-        keep = self.decode_on(staged, target, stream)
-        out.copy_(target.cpu())  # restore only: the caller wants host bytes now
+        target = torch.empty(out.numel(), dtype=torch.uint8, device=self.device)
+        keep = self.decode_on(data.to(self.device), target, stream)
+        out.copy_(target.cpu())  # restore only: the caller wants host bytes now (a synchronous copy)
         del keep
 
 

@@ -26,7 +26,7 @@ from torch import nn
 from ..discovery.leaves import Layout, Leaf, align, layout_of, leaves, rebuild, view_in
 from ..discovery.sizes import tensor_key
 from ..units import format_bytes
-from .codecs import Codec, Encoded
+from .codecs import Codec, Encoded, encode_piece
 
 logger = logging.getLogger(__name__)
 
@@ -407,8 +407,7 @@ class HostStore:
         progress(None)
 
     def _encode(self, raws: list[torch.Tensor]) -> list[Encoded]:
-        many = getattr(self.codec, "encode_many", None)
-        return many(raws) if many is not None else [self.codec.encode(raw) for raw in raws]
+        return encode_piece(self.codec, raws)
 
     def _register(self, arena: torch.Tensor, name: str) -> bool:
         if not self.pin:

@@ -3,9 +3,9 @@
 On a CPU execution device the same calls run synchronously with plain copies, so the whole hook machinery is
 exercised by CPU tests.
 
-A unit with encoded pieces (:mod:`~vramferry.runtime.codecs`) loads in two stages per piece: its compressed
-bytes are copied into one of two device staging buffers on the copy stream, then decoded into the unit's device
-copy on a decode stream of their own. Events order the three streams, so while piece ``k`` decodes, piece
+A unit with encoded pieces (:mod:`~vramferry.runtime.codecs`) loads in two stages per chunk of a piece: its
+compressed bytes are copied into one of two device staging buffers on the copy stream, then decoded into the unit's
+device copy on a decode stream of their own. Events order the three streams, so while chunk ``k`` decodes, chunk
 ``k + 1`` is already crossing the link and the compute stream runs the block before; the host never waits.
 """
 
@@ -107,9 +107,13 @@ class Mover:
         staged = slot is None and bool(unit.stages) and not encoded
         if encoded:
             self._reserve_staging(unit)
+            if slot is None:
+                # The decodes write into the new buffer, which may reuse memory the compute stream just released.
+                self.decode_stream.wait_stream(self.compute_stream())
         with torch.cuda.stream(self.copy_stream):
-            if after is not None:
-                # The slot is overwritten only once the compute stream is done with its previous occupant.
+            if after is not None and not encoded:
+                # The slot is overwritten only once the compute stream is done with its previous occupant (an
+                # encoded unit's copies land in staging buffers: only its decodes wait, in _copy_encoded).
                 self.copy_stream.wait_event(after)
             start = torch.cuda.Event(enable_timing=True) if self.timing else None
             if start is not None:
@@ -147,9 +151,9 @@ class Mover:
         return event
 
     def _reserve_staging(self, unit: Unit) -> None:
-        """Grow the two staging buffers to hold ``unit``'s largest compressed piece (allocated from the compute
+        """Grow the two staging buffers to hold ``unit``'s largest compressed chunk (allocated from the compute
         stream's pool, before the copy stream uses them)."""
-        need = max(h.payload.numel() for h, _s in unit.runs if isinstance(h, Encoded))
+        need = max(h.largest_chunk for h, _s in unit.runs if isinstance(h, Encoded))
         for stage in self._staging:
             if stage.buffer is None or stage.buffer.numel() < need:
                 if stage.buffer is not None:
@@ -177,19 +181,21 @@ class Mover:
             if not isinstance(host, Encoded):
                 buffer[start : start + host.numel()].copy_(host, non_blocking=True)
                 continue
-            stage = self._staging[self._turn]
-            self._turn = 1 - self._turn
-            size = host.payload.numel()
-            if stage.free is not None:
-                # The staging buffer is refilled only once the decode that read it has run.
-                self.copy_stream.wait_event(stage.free)
-            stage.buffer[:size].copy_(host.payload, non_blocking=True)
-            copied = torch.cuda.Event()
-            copied.record(self.copy_stream)
-            decode.wait_event(copied)  # decode only what has landed
-            stage.keep = host.codec.decode_on(stage.buffer[:size], buffer[start : start + host.nbytes], decode)
-            stage.free = torch.cuda.Event()
-            stage.free.record(decode)
+            for chunk in host.chunks:
+                stage = self._staging[self._turn]
+                self._turn = 1 - self._turn
+                if stage.free is not None:
+                    # The staging buffer is refilled only once the decode that read it has run.
+                    self.copy_stream.wait_event(stage.free)
+                staged = stage.buffer[: chunk.length]
+                staged.copy_(host.payload[chunk.start : chunk.start + chunk.length], non_blocking=True)
+                copied = torch.cuda.Event()
+                copied.record(self.copy_stream)
+                decode.wait_event(copied)  # decode only what has landed
+                at = start + chunk.raw_start
+                stage.keep = host.codec.decode_on(staged, buffer[at : at + chunk.raw_len], decode)
+                stage.free = torch.cuda.Event()
+                stage.free.record(decode)
             self.counters.bytes_decoded += host.nbytes
         landed = torch.cuda.Event()
         landed.record(self.copy_stream)
