@@ -17,13 +17,13 @@ from vramferry.cli import main
 from vramferry.config import Compression
 from vramferry.discovery.inventory import inventory_of
 from vramferry.discovery.roles import discover
-from vramferry.errors import OffloadError
+from vramferry.errors import CodecUnavailable, OffloadError
 from vramferry.planning.archs import get_arch
 from vramferry.planning.costmodel import simulate_dit_calls
 from vramferry.planning.devices import profile_from
 from vramferry.planning.plan import plan_from_dict, plan_to_dict
 from vramferry.planning.planner import plan
-from vramferry.runtime.codecs import CodecUnavailable, ZstdPlanes, encode_piece, estimated_ratio, select_codec
+from vramferry.runtime.codecs import ZstdPlanes, encode_piece, estimated_ratio, select_codec
 
 H200 = profile_from("h200")
 
@@ -116,7 +116,7 @@ def test_outputs_with_compression_equal_the_run_without_offload(name, mode):
     handle = apply(pipe, config)
     compressed = [c for c in handle.plan.components if c.codec == "lossless"]
     assert compressed, "a moved component must be compressed under compression='lossless'"
-    for _ in range(2):
+    for _ in range(2 if mode == "layerwise" else 1):  # twice: the ring of slots wraps into the next request
         _equal(run(pipe, kwargs), expected)
     stats = handle.stats()
     handle.remove()
@@ -245,4 +245,5 @@ def test_cli_plan_prints_the_compression_choice_and_gain(capsys):
 
 
 def test_public_names():
-    assert vramferry.OffloadConfig(compression="off").compression.value == "off"
+    assert vramferry.OffloadConfig(compression="off").compression is vramferry.Compression.OFF
+    assert issubclass(vramferry.CodecUnavailable, vramferry.OffloadError)
