@@ -12,6 +12,9 @@ Sections:
   omnigen2        an OmniGen2-sized layout: no offload vs model offload (peak reserved, peak allocated, time)
   wan_layerwise   a Wan 2.1 14B-sized transformer at 480x832, 81 frames: resident vs layerwise
   auto            FLUX.1-dev-sized pipeline at 1024^2 under VRAM budgets 8..24 GB: peak reserved, step time
+  compressed      the 12B transformer at 1024^2 with lossless compressed transfers (nvCOMP ANS): step vs the bf16
+                  floor, uncompressed layerwise and diffusers group offload; ratio, decode GB/s, peak allocated,
+                  host RSS and time to compress at apply; bitwise equality with resident
 """
 
 from __future__ import annotations
@@ -522,6 +525,114 @@ def measure_under_budget(s: str, tag: str, plan, step_time, budget: float) -> No
     log(s, f"{tag}_predicted_over_measured", round((plan.predicted_step_s or 0) / t, 3))
     peaks(s, tag)
     log(s, f"{tag}_within_budget", torch.cuda.max_memory_reserved() <= budget * GB)
+
+
+def _try(section: str, part: str, fn) -> None:
+    """Run one part of a section; a failure is logged and the next part still runs."""
+    try:
+        fn()
+    except Exception as exc:
+        log(section, f"{part}_error", f"{type(exc).__name__}: {exc}")
+        import traceback
+
+        traceback.print_exc()
+        free_all()
+
+
+def _decode_gbps(s: str) -> None:
+    """nvCOMP ANS decode speed on one FLUX-block-sized buffer of N(0, 0.02) bf16 weights, bytes of output."""
+    from vramferry.runtime.codecs import NvcompAns
+
+    codec = NvcompAns(torch.device("cuda"))
+    raw = (torch.randn(160 << 20, device="cuda") * 0.02).to(torch.bfloat16).view(torch.uint8).cpu()
+    encoded = codec.encode(raw)  # in chunks, as the host store keeps them
+    staged = encoded.payload.cuda()
+    out = torch.empty(raw.numel(), dtype=torch.uint8, device="cuda")
+    stream = torch.cuda.Stream()
+
+    def decode():
+        for c in encoded.chunks:
+            src, dst = staged[c.start : c.start + c.length], out[c.raw_start : c.raw_start + c.raw_len]
+            codec.decode_on(src, dst, stream)
+        stream.synchronize()
+
+    t = min(timed(decode, 5))
+    log(s, "decode_GBps_out", round(raw.numel() / t / GB, 1))
+    log(s, "sample_ratio", round(encoded.ratio, 4))
+    log(s, "decode_exact", bool(torch.equal(out.cpu(), raw)))
+
+
+def compressed(bw: float) -> None:
+    """FLUX.1-sized transformer at 1024^2 (4096 image tokens): compressed layerwise against the bf16 floor,
+    uncompressed layerwise and diffusers' group offload, all in one run; outputs compared with resident."""
+    from fullsize import flux_inputs, flux_transformer
+
+    s = "compressed"
+    _try(s, "decode", lambda: _decode_gbps(s))
+    model = flux_transformer()
+    inputs = flux_inputs(4096)
+    with torch.inference_mode():
+        reference = model(**inputs)[0].float().cpu()
+    log(s, "resident_step_s", round(_step_times(model, inputs), 4))
+    peaks(s, "resident")
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    log(s, "weights_GB", round(weights / GB, 3))
+
+    def layerwise(tag: str, compression: str) -> None:
+        free_all()
+        rss = host_rss_gb()
+        t0 = time.perf_counter()
+        handle = apply(_Holder(model), vramferry.OffloadConfig(mode="layerwise", compression=compression))
+        log(s, f"{tag}_apply_s", round(time.perf_counter() - t0, 2))
+        log(s, f"{tag}_host_rss_after_apply_GB", round(host_rss_gb(), 2))
+        log(s, f"{tag}_host_rss_growth_GB", round(host_rss_gb() - rss, 2))
+        streamed = sum(u.nbytes for u in handle.units() if u.kind == "block")
+        log(s, "floor_step_s", round(streamed / bw, 4))
+        try:
+            free_all()
+            t = _step_times(model, inputs)
+            log(s, f"{tag}_step_s", round(t, 4))
+            log(s, f"{tag}_over_floor", round(t / (streamed / bw), 3))
+            log(s, f"{tag}_predicted_step_s", round(handle.plan.predicted_step_s or 0, 4))
+            peaks(s, tag)
+            st = handle.stats()
+            log(s, f"{tag}_host_compressed_GB", round(st.host_compressed_bytes / GB, 3))
+            if st.host_compressed_raw_bytes:
+                log(s, f"{tag}_ratio", round(st.host_compressed_bytes / st.host_compressed_raw_bytes, 4))
+            log(s, f"{tag}_link_GBps", st.h2d_gbps)
+            log(s, f"{tag}_sync_loads", st.sync_loads)
+            with torch.inference_mode():
+                out = model(**inputs)[0].float().cpu()
+            log(s, f"{tag}_bitwise_equal_resident", bool(torch.equal(out, reference)))
+        finally:
+            handle.remove()
+
+    _try(s, "raw", lambda: layerwise("raw", "off"))
+    _try(s, "lossless", lambda: layerwise("lossless", "lossless"))
+    r = RESULTS[s]
+    if "lossless_step_s" in r and "raw_step_s" in r:
+        log(s, "lossless_over_raw", round(r["lossless_step_s"] / r["raw_step_s"], 3))
+        log(s, "lossless_peak_alloc_over_raw", round(r["lossless_peak_alloc_GB"] / r["raw_peak_alloc_GB"], 3))
+        log(s, "host_rss_target_GB", round(0.75 * weights / GB + 2, 2))
+
+    def diffusers_group() -> None:
+        from diffusers.hooks import apply_group_offloading
+
+        model.to("cpu")
+        free_all()
+        apply_group_offloading(
+            model,
+            onload_device=torch.device("cuda"),
+            offload_type="block_level",
+            num_blocks_per_group=1,
+            use_stream=True,
+        )
+        t = _step_times(model, inputs)
+        log(s, "diffusers_step_s", round(t, 4))
+        if "lossless_step_s" in RESULTS[s]:
+            log(s, "diffusers_over_lossless", round(t / RESULTS[s]["lossless_step_s"], 3))
+
+    _try(s, "diffusers", diffusers_group)
 
 
 def main() -> None:

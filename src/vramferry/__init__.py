@@ -7,10 +7,11 @@ handle.remove()
 """
 
 from .api import OffloadHandle, OffloadStats, apply
-from .config import OffloadConfig, OffloadMode
+from .config import Compression, OffloadConfig, OffloadMode
 from .discovery.roles import discover
 from .errors import (
     BudgetError,
+    CodecUnavailable,
     ConflictError,
     DeviceError,
     DiscoveryError,
@@ -28,6 +29,7 @@ __all__ = [
     "OffloadStats",
     "OffloadConfig",
     "OffloadMode",
+    "Compression",
     "Workload",
     "SupportsModuleOffload",
     "OffloadError",
@@ -37,6 +39,7 @@ __all__ = [
     "DeviceError",
     "ConflictError",
     "LoadError",
+    "CodecUnavailable",
     "__version__",
 ]
 __version__ = "0.1.0"

@@ -51,6 +51,8 @@ class OffloadStats:
             says how to give the order).
         peak_allocated, peak_reserved: device memory peaks in bytes (``torch.cuda``), 0 on CPU.
         host_pinned_bytes, host_pageable_bytes: where the canonical host copies live.
+        host_compressed_bytes, host_compressed_raw_bytes: the compressed pieces' bytes in host memory, and what
+            they decode to (0 without compression); ``bytes_decoded``: bytes decoded on the way in.
         dit_calls, dit_call_seconds: DiT forwards run, and their mean duration (GPU time on CUDA).
         predicted_step_seconds: the plan's predicted denoising step, to compare with the measured calls.
         block_seconds: per DiT, the measured compute seconds of all its blocks in one call (the sum of the
@@ -71,6 +73,9 @@ class OffloadStats:
     peak_reserved: int = 0
     host_pinned_bytes: int = 0
     host_pageable_bytes: int = 0
+    host_compressed_bytes: int = 0
+    host_compressed_raw_bytes: int = 0
+    bytes_decoded: int = 0
     dit_calls: int = 0
     dit_call_seconds: float = 0.0
     predicted_step_seconds: float | None = None
@@ -170,6 +175,9 @@ class OffloadHandle:
             unplanned_phases=c.unplanned_phases,
             host_pinned_bytes=runtime.store.pinned_bytes,
             host_pageable_bytes=runtime.store.pageable_bytes,
+            host_compressed_bytes=runtime.store.encoded_bytes,
+            host_compressed_raw_bytes=runtime.store.encoded_raw_bytes,
+            bytes_decoded=c.bytes_decoded,
             dit_calls=c.dit_calls,
             dit_call_seconds=round(c.dit_seconds / c.dit_calls, 6) if c.dit_calls else 0.0,
             # On the CPU the plan's times describe a GPU preset, not this run: leave them out.
@@ -420,6 +428,7 @@ def apply(
     from .discovery.inventory import inventory_of
     from .discovery.roles import discover
     from .planning.planner import default_workload, with_schedule
+    from .runtime.codecs import select_codec
     from .runtime.install import check_weights_materialised
     from .units import parse_bytes
 
@@ -443,16 +452,16 @@ def apply(
         profile = device_profile(device, measured.h2d_bytes_per_s.get(name))
         measured.h2d_bytes_per_s[name] = profile.h2d_bytes_per_s
     work = workload if workload is not None else default_workload(inventory)
-    planning = _Planning(inventory, profile, free, work, name, measured)
+    coding = select_codec(config.compression, device, modules)
+    planning = _Planning(inventory, profile, free, work, name, measured, ratios=coding.ratios)
     if plan is not None:
         check_plan(plan, modules)
         the_plan = plan if plan.schedule else with_schedule(plan, inventory, config)
     else:
-        the_plan, planning.sources = _make_plan(planning, config, work)
+        the_plan = _first_plan(planning, config, work, coding.missing)
     pin_limit = parse_bytes(config.host_memory_limit) if config.host_memory_limit is not None else None
-    runtime = Runtime(
-        modules, the_plan, device=device, pin=config.pin_memory, pin_limit=pin_limit, verify=config.verify
-    )
+    pin, verify = config.pin_memory, config.verify
+    runtime = Runtime(modules, the_plan, device=device, pin=pin, pin_limit=pin_limit, verify=verify, codec=coding.codec)
     reads = WeightReads(runtime.all_units, [c.module for c in modules.components()]) if config.verify else None
     patched = patch_pipeline_class(pipeline, device, reads)
     handle = OffloadHandle(pipeline, config, modules, the_plan, runtime, patched)
@@ -487,6 +496,18 @@ class _Planning:
     recorded: set[str] = field(default_factory=set)
     plans: dict[tuple, tuple[Plan, dict[str, str], Any]] = field(default_factory=dict)
     losses: dict[tuple, float] = field(default_factory=dict)  # request seconds lost by keeping a placement
+    ratios: dict[str, float] | None = None  # compression ratios per component; None: no codec available
+
+
+def _first_plan(planning: _Planning, config: OffloadConfig, work: Any, missing: str | None) -> Plan:
+    """The plan ``apply`` starts with; one info line when ``compression="auto"`` would have compressed, had the
+    codec's package been installed (``missing`` says which)."""
+    the_plan, planning.sources = _make_plan(planning, config, work)
+    if missing is not None:
+        would = _make_plan(replace(planning, ratios={}), config, work)[0]
+        if any(c.codec == "lossless" for c in would.components):
+            logger.info("vramferry: compression='auto' would compress moved weights here (%s)", missing)
+    return the_plan
 
 
 def _make_plan(planning: _Planning, config: OffloadConfig, workload: Any) -> tuple[Plan, dict[str, str]]:
@@ -508,6 +529,7 @@ def _make_plan(planning: _Planning, config: OffloadConfig, workload: Any) -> tup
         free_bytes=planning.free,
         measured=planning.measured,
         device_name=planning.device_name,
+        compression_ratios=planning.ratios,
     )
     return the_plan, sources
 

@@ -31,9 +31,11 @@ from .cli_options import (
     _positive_int,
     add_offload_options,
     apply_offload,
+    assumed_device,
     check_lora_names,
     check_port,
     check_sizes,
+    compression_ratios,
     demo_defaults,
     fit_to_machine,
     given_offload_options,
@@ -95,16 +97,6 @@ def _device_profile(args: argparse.Namespace) -> Any:
     return dataclasses.replace(profile, expandable_segments=expandable_segments())
 
 
-def _assumed(result: Any, profile: Any) -> Any:
-    """``result`` with its device note marked as assumed, naming the flag that chooses another GPU."""
-    head = f"device: {profile.name},"
-    mark = " (assumed: pass --gpu for another GPU)"
-    notes = tuple(note + mark if note.startswith(head) else note for note in result.notes)
-    if notes == result.notes:
-        notes = (*notes, f"device: {profile.name}{mark}")
-    return dataclasses.replace(result, notes=notes)
-
-
 def cmd_plan(args: argparse.Namespace) -> int:
     from .discovery.describe import discovery_report, format_discovery
 
@@ -125,9 +117,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
         from .planning.planner import plan
 
         profile = _device_profile(args)
-        result = plan(inventory, config, device=profile, workload=workload)
+        ratios = compression_ratios(args, config, modules)
+        result = plan(inventory, config, device=profile, workload=workload, compression_ratios=ratios)
         if not _device_given(args):
-            result = _assumed(result, profile)
+            result = assumed_device(result, profile)
         data["config"] = config.to_dict()
         data["workload"] = dataclasses.asdict(workload)
         data["plan"] = plan_to_dict(result)

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import OffloadConfig, OffloadMode
+from .config import Compression, OffloadConfig, OffloadMode
 from .errors import OffloadError
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
@@ -121,6 +121,14 @@ OFFLOAD_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
         {"action": _BOOL, "help": "check every module's weights are on the device before it runs"},
     ),
     "strict": ("--strict", {"action": _BOOL, "help": "turn discovery warnings into errors"}),
+    "compression": (
+        "--compression",
+        {
+            "choices": [c.value for c in Compression],
+            "help": "keep moved weights losslessly compressed in host memory: auto (where the plan predicts a "
+            "gain), off, lossless (every moved piece); needs vramferry[compress] (default: auto)",
+        },
+    ),
 }
 """OffloadConfig field → (flag, argparse options). The only place where offload flags are spelled."""
 
@@ -370,3 +378,25 @@ def check_lora_names(adapters: Sequence[tuple[str, Any]]) -> None:
     twice = sorted({name for name in names if names.count(name) > 1})
     if twice:
         raise UsageError(f"--lora: {', '.join(twice)} named twice; give each adapter its own NAME")
+
+
+def compression_ratios(args: argparse.Namespace, config: OffloadConfig, modules: Any) -> dict[str, float] | None:
+    """For ``vramferry plan``: the compression ratios to price, estimated from the weights where they can be
+    read (the dtype's default otherwise), when compression was asked for (``--compression`` or a config file);
+    ``None`` leaves compression out of the plan, as when no codec is installed."""
+    asked = "compression" in given_offload_options(args) or config.compression is not Compression.AUTO
+    if not asked or config.compression is Compression.OFF:
+        return None
+    from .runtime.codecs import estimated_ratios
+
+    return estimated_ratios(modules)
+
+
+def assumed_device(result: Any, profile: Any) -> Any:
+    """``result`` (a plan) with its device note marked as assumed, naming the flag that chooses another GPU."""
+    head = f"device: {profile.name},"
+    mark = " (assumed: pass --gpu for another GPU)"
+    notes = tuple(note + mark if note.startswith(head) else note for note in result.notes)
+    if notes == result.notes:
+        notes = (*notes, f"device: {profile.name}{mark}")
+    return dataclasses.replace(result, notes=notes)

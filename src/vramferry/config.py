@@ -29,6 +29,17 @@ class OffloadMode(str, Enum):
         return self.value
 
 
+class Compression(str, Enum):
+    """Whether moved weights cross the link compressed. The values are the CLI's ``--compression`` choices."""
+
+    AUTO = "auto"  # where the plan predicts a gain and the codec is installed
+    OFF = "off"  # never
+    LOSSLESS = "lossless"  # every moved piece of plain tensors, with a lossless codec
+
+    def __str__(self) -> str:
+        return self.value
+
+
 def _number_checked(value: Any, field: str) -> Any:
     """``value`` unless it is a boolean, a NaN or an infinity given as a number: those raise, naming ``field``."""
     if isinstance(value, bool):
@@ -78,6 +89,10 @@ class OffloadConfig:
         safety_margin: memory left free when ``vram_budget`` is ``None``.
         verify: check before every module runs that all its weights are on the execution device.
         strict: turn discovery warnings into errors.
+        compression: ``auto``, ``off`` or ``lossless`` (see :class:`Compression`): keep moved weights
+            compressed in host memory and decode them on the device after the copy. Bitwise exact; needs
+            ``vramferry[compress]``. ``auto`` compresses where the plan predicts a faster request (never on a
+            CPU execution device, where there is no link to save).
     """
 
     mode: OffloadMode = OffloadMode.AUTO
@@ -93,6 +108,7 @@ class OffloadConfig:
     safety_margin: int | str = "1GiB"
     verify: bool = False
     strict: bool = False
+    compression: Compression = Compression.AUTO
 
     def __post_init__(self) -> None:
         try:
@@ -101,6 +117,12 @@ class OffloadConfig:
             choices = ", ".join(m.value for m in OffloadMode)
             raise ValueError(f"mode: {self.mode!r} is not one of {choices}") from None
         object.__setattr__(self, "mode", mode)
+        try:
+            compression = Compression(self.compression)
+        except ValueError:
+            choices = ", ".join(c.value for c in Compression)
+            raise ValueError(f"compression: {self.compression!r} is not one of {choices}") from None
+        object.__setattr__(self, "compression", compression)
         object.__setattr__(self, "vram_budget", _valid_budget(self.vram_budget))
         try:
             device = torch.device(self.onload_device)
@@ -161,6 +183,7 @@ class OffloadConfig:
         """Plain JSON-ready data, with a ``version`` field."""
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         data["mode"] = self.mode.value
+        data["compression"] = self.compression.value
         data["keep_resident"] = list(self.keep_resident)
         data["order"] = list(self.order)
         data["block_attrs"] = {k: list(v) for k, v in self.block_attrs.items()}

@@ -8,7 +8,8 @@ Every error the library raises on purpose derives from :class:`OffloadError`, so
     │   └── BudgetError     the VRAM budget is below what the pipeline needs at the least
     ├── DeviceError         the execution device is missing or unusable
     ├── ConflictError       another offload (ours or a peer's) already owns the pipeline
-    └── LoadError           a model folder or hub id could not be loaded
+    ├── LoadError           a model folder or hub id could not be loaded
+    └── CodecUnavailable    compression was asked for, and its codec's package is not installed
 
 Messages name the culprit (pipeline class, attribute path, bytes needed vs available) and the fix.
 """
@@ -42,3 +43,7 @@ class ConflictError(OffloadError):
 
 class LoadError(OffloadError):
     """A model folder or hub id could not be turned into a pipeline."""
+
+
+class CodecUnavailable(OffloadError):
+    """Compression was asked for and the package its codec needs is not installed (``vramferry[compress]``)."""

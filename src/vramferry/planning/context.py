@@ -19,6 +19,7 @@ class PlanContext(PipelineCost):
         device: DeviceProfile,
         workload: Workload,
         budget: int | None,
+        ratios: dict[str, float] | None = None,
     ) -> None:
         super().__init__(
             inventory.components,
@@ -28,6 +29,7 @@ class PlanContext(PipelineCost):
             budget,
             config.prefetch_components,
             exclusive=config.exclusive,
+            ratios=ratios,
         )
         self.inventory = inventory
         self.config = config

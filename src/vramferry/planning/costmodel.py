@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING
 
 from ..discovery.shapes import DitShape, VaeShape, dit_shape_from_config, itemsize_of
 from ..errors import PlanError
+from .codec import load_seconds, staging_bytes
 from .devices import DeviceProfile
 from .plan import RESIDENT, STREAMED, SWAPPED, Placement
 from .workload import Workload
@@ -170,6 +171,7 @@ def simulate_dit_calls(
     depth: int,
     device: DeviceProfile,
     calls: int = 3,
+    ratio: float = 1.0,
 ) -> tuple[float, float]:
     """Simulate consecutive calls of one DiT; returns (first call seconds, steady-state call seconds).
 
@@ -179,16 +181,23 @@ def simulate_dit_calls(
         depth: prefetch depth: streamed blocks use a ring of ``depth + 1`` device slots.
         device: bandwidth, per-block overhead and copy contention.
         calls: calls to simulate; the last one is taken as the steady state (the ring wraps across calls).
+        ratio: streamed blocks cross the link compressed to this fraction of their bytes and are decoded on the
+            device (1: raw).
 
     The runtime's contract modelled here: the copy of streamed block ``g`` (counted across calls) runs on a
     copy stream after the copy of ``g - 1``, into the slot released when block ``g - depth - 1`` finished
-    computing; block ``g`` computes once its copy has landed, ``per_block_overhead_s`` after.
+    computing; block ``g`` computes once its copy has landed, ``per_block_overhead_s`` after. Compressed, the
+    copy lands in one of two staging buffers (free once the decode of block ``g - 2`` has run), the decode runs
+    on its own stream after the copy and after the decode of ``g - 1``, the block computes once it is decoded,
+    and each decode costs the compute stream ``decode_contention`` of its time.
     """
     slots = depth + 1
     bandwidth = device.h2d_bytes_per_s
     overhead = device.per_block_overhead_s
     slow = 1.0 + device.copy_contention if any(s for _, _, s in blocks) else 1.0
+    compressed = ratio < 1.0
     finished: list[float] = []  # compute end of every streamed block so far
+    decoded: list[float] = []  # decode end of every streamed block so far (compressed)
     copy_free = 0.0
     now = 0.0
     durations = []
@@ -199,9 +208,17 @@ def simulate_dit_calls(
             if streamed:
                 g = len(finished)
                 slot_free = finished[g - slots] if g >= slots else 0.0
-                copy_free = max(copy_free, slot_free) + nbytes / bandwidth
-                now = max(now, copy_free) + overhead
-                now += compute * slow
+                if not compressed:
+                    copy_free = max(copy_free, slot_free) + nbytes / bandwidth
+                    now = max(now, copy_free) + overhead
+                    now += compute * slow
+                else:
+                    stage_free = decoded[g - 2] if g >= 2 else 0.0
+                    copy_free = max(copy_free, stage_free) + ratio * nbytes / bandwidth
+                    decode_s = nbytes / device.decode_bytes_per_s
+                    decoded.append(max(copy_free, slot_free, decoded[-1] if decoded else 0.0) + decode_s)
+                    now = max(now, decoded[-1]) + overhead
+                    now += compute * slow + device.decode_contention * decode_s
                 finished.append(now)
             else:
                 now += compute * slow
@@ -356,8 +373,11 @@ class PipelineCost:
         budget: int | None,
         prefetch_components: bool = True,
         exclusive: bool = False,
+        ratios: Mapping[str, float] | None = None,
     ) -> None:
         self.device, self.workload, self.budget = device, workload, budget
+        # Components whose moved pieces cross the link compressed, with the fraction of bytes they keep.
+        self.ratios = dict(ratios or {})
         self.prefetch_components = prefetch_components
         self.exclusive = exclusive
         dits = sum(c.role == "dit" for c in components)
@@ -386,10 +406,13 @@ class PipelineCost:
             return part.calls * part.rest_s, part.rest_s
         flags = tuple(p == STREAMED for p in choice.blocks)
         depth = max(choice.depth, 1) if any(flags) else 0
-        key = (name, flags, depth)
+        ratio = self.ratios.get(name, 1.0)
+        key = (name, flags, depth, ratio)
         if key not in self._sims:
             blocks = list(zip(part.size.block_bytes, part.block_s, flags, strict=True))
-            self._sims[key] = simulate_dit_calls(blocks, part.rest_s, max(depth, 1), self.device)
+            self._sims[key] = simulate_dit_calls(
+                blocks, part.rest_s, max(depth, 1), self.device, ratio=ratio
+            )
         first, steady = self._sims[key]
         return first + (part.calls - 1) * steady, steady
 
@@ -406,8 +429,8 @@ class PipelineCost:
         compute (up to the first streamed block, whose copy queues behind the load) overlaps the copy, all but
         the block that runs after the last stage. Counted by bytes, not by which blocks are swapped, so that
         swapping less never predicts slower. ``prefetched_s``: how long the load ran before the call began."""
-        if SWAPPED not in choice.blocks:
-            return 0.0
+        if SWAPPED not in choice.blocks or part.size.name in self.ratios:
+            return 0.0  # a compressed load is decoded whole before the call (not staged)
         bandwidth = self.device.h2d_bytes_per_s
         head = (part.rest_bytes if choice.placement == SWAPPED else 0) / bandwidth - prefetched_s
         swapped = sum(
@@ -421,25 +444,38 @@ class PipelineCost:
         stall = max(head, load_end - overlap, 0.0)
         return load_end - stall
 
+    def load_s(self, name: str, nbytes: int) -> float:
+        """Seconds to load ``nbytes`` of component ``name`` (compressed where :attr:`ratios` says)."""
+        return load_seconds(
+            nbytes, self.ratios.get(name, 1.0), self.device.h2d_bytes_per_s, self.device.decode_bytes_per_s
+        )
+
     def evaluate(self, choices: Mapping[str, Choice]) -> Outcome:
         """The peak memory and predicted times of a complete placement."""
-        always, loads = 0, 0
+        always, loads, loads_s = 0, 0, 0.0
         swapped, slots, act, streamed = (dict.fromkeys(self.phases, 0) for _ in range(4))
+        swapped_s = dict.fromkeys(self.phases, 0.0)
         for name, choice in choices.items():
             part = self.parts[name]
-            widest = 0
+            widest = moved = 0
             for nbytes, where in pieces(part, choice):
                 if where == RESIDENT or where == SWAPPED and part.phase is None:
                     always += nbytes
                 elif where == SWAPPED:
                     swapped[part.phase] += nbytes
+                    swapped_s[part.phase] += self.load_s(name, nbytes)
                 else:
                     widest = max(widest, nbytes)
-                    streamed[part.phase] += nbytes
-                loads += nbytes if where == SWAPPED else 0
+                    streamed[part.phase] += self.ratios.get(name, 1.0) * nbytes
+                if where == SWAPPED:
+                    loads += nbytes
+                    loads_s += self.load_s(name, nbytes)
+                moved = max(moved, nbytes) if where != RESIDENT else moved
             if part.phase is not None:
                 slots[part.phase] += (choice.depth + 1) * widest
                 act[part.phase] = max(act[part.phase], part.act)
+            if name in self.ratios and moved and part.phase is not None:
+                slots[part.phase] += staging_bytes(moved, self.ratios[name])
         raw = {p: always + swapped[p] + slots[p] + act[p] for p in self.phases} or {"weights": always}
         peaks = dict(raw)
         compute = dict.fromkeys(self.phases, 0.0)
@@ -455,7 +491,7 @@ class PipelineCost:
         bandwidth = self.device.h2d_bytes_per_s
         if ENCODER_PHASE in compute:
             # Streamed encoder blocks keep the copy engine busy: only its idle time can hide the next load.
-            busy = streamed[ENCODER_PHASE] / bandwidth
+            busy = streamed[ENCODER_PHASE] / bandwidth  # bytes that cross the link
             compute[ENCODER_PHASE] = max(0.0, compute[ENCODER_PHASE] + stall - busy)
         hidden = 0.0
         hidden_into = dict.fromkeys(self.phases, 0.0)
@@ -466,12 +502,12 @@ class PipelineCost:
                     continue  # the next phase is a DiT's, which the encoders and the other DiTs exclude
                 extra = swapped[nxt] + slots[nxt]
                 if swapped[nxt] and self.fits(peaks[here] + extra):
-                    hidden_into[nxt] = min(swapped[nxt] / bandwidth, compute[here])
+                    hidden_into[nxt] = min(swapped_s[nxt], compute[here])
                     hidden += hidden_into[nxt]
                     peaks[here] += extra
         for name, part in self.parts.items():
             if part.size.role == "dit" and part.phase in hidden_into:
                 hidden += self.staged_overlap_s(part, choices[name], hidden_into[part.phase])
-        request = dit_s + stall + loads / bandwidth - hidden
+        request = dit_s + stall + loads_s - hidden
         steps = self.workload.steps
         return Outcome(max(peaks.values()), peaks, call_s / steps, request, loads, hidden, raw, stall)

@@ -27,6 +27,9 @@ class DeviceProfile:
             (``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True``), so less memory sits reserved but unused.
         block_floor_s: the least time a block takes, set by the host launching its kernels.
         copy_contention: fractional compute slowdown while weight copies run beside it.
+        decode_bytes_per_s: lossless decode speed on the device, bytes of output per second; ``None``: 5 % of
+            ``memory_bytes_per_s`` (nvCOMP ANS measured 231 GB/s on an H200, whose preset gives 216).
+        decode_contention: fraction of a decode's time that the compute stream loses while it runs beside it.
     """
 
     name: str
@@ -39,21 +42,26 @@ class DeviceProfile:
     block_floor_s: float = 1.5e-3
     copy_contention: float = 0.015
     expandable_segments: bool = False
+    decode_bytes_per_s: float | None = None
+    decode_contention: float = 0.3
 
     def __post_init__(self) -> None:
         if self.attention_flops_per_s is None:
             object.__setattr__(self, "attention_flops_per_s", _ATTENTION_RATIO * self.flops_per_s)
+        if self.decode_bytes_per_s is None:
+            object.__setattr__(self, "decode_bytes_per_s", _DECODE_FRACTION * self.memory_bytes_per_s)
         for name in (
             "memory_bytes",
             "h2d_bytes_per_s",
             "flops_per_s",
             "attention_flops_per_s",
             "memory_bytes_per_s",
+            "decode_bytes_per_s",
         ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f"{name}: must be a positive number, got {value!r}")
-        for name in ("per_block_overhead_s", "block_floor_s", "copy_contention"):
+        for name in ("per_block_overhead_s", "block_floor_s", "copy_contention", "decode_contention"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise ValueError(f"{name}: must be a number ≥ 0, got {value!r}")
@@ -68,6 +76,9 @@ class DeviceProfile:
 # H100 (see the module docstring: 465 and 632 TFLOP/s of 989); other devices are assumed to reach the same
 # fractions of their peak, and ~90 % of their memory bandwidth.
 _LINEAR_FRACTION, _ATTENTION_RATIO = 0.47, 1.36
+# Entropy decoding is bound by device memory: nvCOMP ANS decoded at 231 GB/s on an H200 (4.8 TB/s peak), about
+# 5 % of the achieved memory bandwidth; other devices are assumed to reach the same fraction.
+_DECODE_FRACTION = 0.05
 
 
 def _preset(name: str, memory: int, h2d: float, peak_flops: float, memory_bandwidth: float) -> DeviceProfile:

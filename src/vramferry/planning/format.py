@@ -42,6 +42,8 @@ def format_plan(plan: Plan, inventory: Inventory | None = None) -> str:
     rows = [("component", "role", "size", "placement", "blocks")]
     for c in plan.components:
         where = f"{c.placement} (non-block part)" if c.blocks else str(c.placement)
+        if c.codec != "raw":
+            where += f", moved {c.codec} ×{c.codec_ratio:.2f}"
         size = sizes.get(c.name)
         stored = (
             f" ({'/'.join(size.formats)}, {size.dtype.removeprefix('torch.')})"

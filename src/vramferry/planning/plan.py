@@ -48,6 +48,9 @@ class ComponentPlan:
             an encoder kept whole (its blocks go where ``placement`` says).
         prefetch_depth: for streamed blocks, how many blocks are in flight ahead of the running one (the number
             of device slots is ``prefetch_depth + 1``).
+        codec: ``"raw"``, or ``"lossless"``: the pieces that move (swapped or streamed) are kept compressed in
+            host memory and decoded on the device after the copy; resident pieces stay raw.
+        codec_ratio: the fraction of the moved bytes that cross the link (1.0 when raw).
     """
 
     name: str
@@ -56,6 +59,8 @@ class ComponentPlan:
     placement: Placement
     blocks: tuple[Placement, ...] = ()
     prefetch_depth: int = 0
+    codec: str = "raw"
+    codec_ratio: float = 1.0
 
     @property
     def streamed_blocks(self) -> int:

@@ -19,12 +19,13 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
-from ..config import OffloadConfig, OffloadMode
+from ..config import Compression, OffloadConfig, OffloadMode
 from ..discovery.inventory import ComponentSize, Inventory
 from ..discovery.shapes import DitShape
 from ..errors import BudgetError, PlanError
 from ..units import format_bytes, parse_bytes
 from .calibrate import Measurements, with_measured_times
+from .codec import LOSSLESS, codec_estimate, keep_compressed, wanted
 from .context import PlanContext
 from .costmodel import (
     ENCODER_PHASE,
@@ -89,6 +90,7 @@ def resolve_budget(
 
 
 _R, _S, _T = Placement.RESIDENT, Placement.SWAPPED, Placement.STREAMED
+COMPRESSED_DEPTH_TOLERANCE = 0.02
 
 
 def _plan_fixed(ctx: PlanContext) -> dict[str, Choice]:
@@ -111,19 +113,22 @@ def _plan_fixed(ctx: PlanContext) -> dict[str, Choice]:
 
 
 def _best_depth(ctx: PlanContext, choices: dict[str, Choice], name: str) -> Choice:
-    """The fastest depth that fits (the fewest slots on ties); depth 1 when none fits, for the error to report."""
+    """The fastest depth that fits (the fewest slots on ties); depth 1 when none fits, for the error to report.
+
+    For a compressed component, the fewest slots within :data:`COMPRESSED_DEPTH_TOLERANCE` of the fastest: its two
+    staging buffers already hold the next chunks, so a slot more buys little and costs a whole block of memory."""
     choice = choices[name]
-    best: tuple | None = None
+    fitting: list[tuple[float, int, Choice]] = []
     for depth in depths(ctx, sum(p is _T for p in choice.blocks)):
         trial = Choice(choice.placement, choice.blocks, depth)
         outcome = ctx.evaluate({**choices, name: trial})
         if ctx.fits(outcome.peak):
-            key = (round(outcome.request_s, 9), depth)
-            if best is None or key < best[0]:
-                best = (key, trial)
-    if best is None:
+            fitting.append((round(outcome.request_s, 9), depth, trial))
+    if not fitting:
         return Choice(choice.placement, choice.blocks, min(depths(ctx, 1)))
-    return best[1]
+    fastest = min(fitting)[0]
+    slack = COMPRESSED_DEPTH_TOLERANCE if name in ctx.ratios else 0.0
+    return min((d, t) for s, d, t in fitting if s <= fastest * (1 + slack))[1] if slack else min(fitting)[2]
 
 
 def _phase_items(ctx: PlanContext, choices: Mapping[str, Choice], phase: str) -> list[tuple[str, int]]:
@@ -249,6 +254,7 @@ def plan(
     free_bytes: int | None = None,
     measured: Measurements | None = None,
     device_name: str | None = None,
+    compression_ratios: Mapping[str, float] | None = None,
 ) -> Plan:
     """Place every component and DiT block for ``config.mode`` within the budget.
 
@@ -265,6 +271,11 @@ def plan(
             the nearest measured shape; the plan's notes say where each DiT's times came from.
         device_name: the name the measurements were recorded under (``torch.cuda.get_device_name``); default:
             the device profile's name.
+        compression_ratios: per component, the fraction of its bytes lossless compression keeps (estimated
+            from its weights, :func:`vramferry.runtime.codecs.estimated_ratios`); components left out get their
+            dtype's default. Giving it (even empty) says a codec is available: ``compression="auto"`` then
+            compresses where it predicts a faster request; without it only ``"lossless"`` compresses (with the
+            defaults). The plan's notes give the choice and the predicted gain.
 
     Returns:
         A :class:`Plan` with its predicted peak, step and request times.
@@ -276,17 +287,51 @@ def plan(
     ctx, budget, budget_text, notes = _context(
         inventory, config, device, workload, free_bytes, measured, device_name
     )
-    choices = plan_auto(ctx) if config.mode is OffloadMode.AUTO else _plan_fixed(ctx)
+    choices = _search(ctx)
     outcome = ctx.evaluate(choices)
     if not ctx.fits(outcome.peak):
         raise _budget_error(ctx, choices, budget)
+    ctx, choices, outcome, codec_notes = _with_codec(ctx, choices, outcome, compression_ratios)
     return _finish(
         ctx,
         choices,
         outcome,
         budget,
-        (*_notes(ctx, choices, outcome, budget, budget_text, device is None), *notes),
+        (*_notes(ctx, choices, outcome, budget, budget_text, device is None), *notes, *codec_notes),
     )
+
+
+def _search(ctx: PlanContext) -> dict[str, Choice]:
+    return plan_auto(ctx) if ctx.config.mode is OffloadMode.AUTO else _plan_fixed(ctx)
+
+
+def _with_codec(
+    ctx: PlanContext, choices: dict[str, Choice], outcome: Outcome, measured: Mapping[str, float] | None
+) -> tuple[PlanContext, dict[str, Choice], Outcome, tuple[str, ...]]:
+    """The raw plan, or the plan made again with compressed moves where the config asks for it (``lossless``) or
+    it predicts a faster request (``auto``, when a codec is available: ``measured`` given)."""
+    config = ctx.config
+    lossless = config.compression is Compression.LOSSLESS
+    if config.mode is OffloadMode.NONE or not (lossless or measured is not None and wanted(config.compression, True)):
+        return ctx, choices, outcome, ()
+    estimate = codec_estimate(ctx.inventory, measured)
+    if not estimate.ratios:
+        return ctx, choices, outcome, ("compression: off (no component of 16-bit or 32-bit plain weights)",)
+    cctx = PlanContext(ctx.inventory, config, ctx.device, ctx.workload, ctx.budget, dict(estimate.ratios))
+    cchoices = _search(cctx)
+    cout = cctx.evaluate(cchoices)
+    gain = outcome.request_s / cout.request_s if cout.request_s > 0 else 1.0
+    where = ", ".join(
+        f"{name} {ratio:.3f} ({estimate.sources[name]})" for name, ratio in estimate.ratios.items()
+    )
+    decode = f"decode {ctx.device.decode_bytes_per_s / 1e9:.0f} GB/s on {ctx.device.name}"
+    compare = (
+        f"predicted step {cout.step_s:.3f} s vs {outcome.step_s:.3f} s raw, request {cout.request_s:.2f} s vs "
+        f"{outcome.request_s:.2f} s ({gain:.2f}x)"
+    )
+    if not cctx.fits(cout.peak) or not keep_compressed(config.compression, outcome.request_s, cout.request_s):
+        return ctx, choices, outcome, (f"compression: off, no predicted gain: {compare}; ratios {where}",)
+    return cctx, cchoices, cout, (f"compression: lossless, {compare}; ratios {where}; {decode}",)
 
 
 def price(
@@ -306,6 +351,9 @@ def price(
     ctx, budget, budget_text, notes = _context(
         inventory, config, device, workload, free_bytes, measured, device_name
     )
+    ratios = {c.name: c.codec_ratio for c in placed.components if c.codec == LOSSLESS}
+    if ratios:
+        ctx = PlanContext(inventory, config, ctx.device, ctx.workload, ctx.budget, ratios)
     choices = {}
     for size in inventory.components:
         cplan = placed.get(size.name)
@@ -355,7 +403,12 @@ def _finish(
         depth = choice.depth if _T in choice.blocks else 0
         # An encoder kept whole is one unit: its blocks go where its placement says.
         blocks = () if size.role == "encoder" and not depth else choice.blocks
-        components.append(ComponentPlan(size.name, size.role, size.bytes, choice.placement, blocks, depth))
+        ratio = ctx.ratios.get(size.name, 1.0)
+        moves = any(where is not _R for where in (choice.placement, *choice.blocks))
+        codec = ("lossless", ratio) if ratio < 1.0 and moves else ("raw", 1.0)
+        components.append(
+            ComponentPlan(size.name, size.role, size.bytes, choice.placement, blocks, depth, *codec)
+        )
     activations = max((p.act for p in ctx.parts.values()), default=0)
     weights = None if budget is None else max(0, allocatable_bytes(budget, expandable) - activations)
     the_plan = Plan(

@@ -12,6 +12,7 @@ from ..errors import OffloadError, PlanError
 from ..planning.plan import Plan
 from ..planning.planner import Placement
 from ..planning.policy import policy
+from .codecs import Codec
 from .hooks import HookSet
 from .layerwise import BlockStreamer
 from .model import ComponentState, SwapScheduler
@@ -42,16 +43,18 @@ class Runtime:
         pin: bool,
         pin_limit: int | None,
         verify: bool,
+        codec: Codec | None = None,
     ) -> None:
         self.modules = modules
         self.device = device
         self.mover = Mover(device)
-        self.store = HostStore(pin=pin and device.type == "cuda", pin_limit=pin_limit)
+        self.store = HostStore(pin=pin and device.type == "cuda", pin_limit=pin_limit, codec=codec)
         self.hooks = HookSet()
         self.verify = verify
         self.pieces, shared = self._collect_pieces()
+        encode = self._moved_pieces(plan) if codec is not None else set()
         for name, pieces in self.pieces.items():
-            self.store.pack(name, pieces)
+            self.store.pack(name, pieces, encode)
         self.shared: Unit | None = None
         if shared.refs:
             self.store.pack("shared", [shared])
@@ -89,6 +92,16 @@ class Runtime:
             for p in pieces:
                 p.refs = [ref for ref in p.refs if id(ref) not in shared]
         return found, Piece("shared", "", list(shared.values()))
+
+    def _moved_pieces(self, plan: Plan) -> set[int]:
+        """Ids of the pieces ``plan`` compresses: those it moves, of components whose codec is lossless."""
+        return {
+            id(piece)
+            for c in self.modules.components()
+            if plan.get(c.name).codec == "lossless"
+            for piece, where in self._placed(plan, c.name)
+            if where is not Placement.RESIDENT
+        }
 
     # -- units: per plan ------------------------------------------------------------------------------------
     def _placed(self, plan: Plan, name: str) -> list[tuple[Piece, Placement]]:

@@ -6,6 +6,11 @@ a single large copy, and its device copy is one buffer whose views become the pa
 
 Host buffers are allocated pageable and then page-locked in place with ``cudaHostRegister``: exact size, no
 power-of-two rounding of the caching host allocator, and ~0.08 s/GB instead of ~0.7 s/GB for ``pin_memory()``.
+
+A piece may be kept *encoded* by a lossless codec (:mod:`~vramferry.runtime.codecs`): the host then holds only
+its compressed bytes, each such piece in a page-locked buffer of its own, and its tensors are bound between
+loads to placeholders of the right shape and dtype that hold no weights (nothing may read them; ``verify``
+names any module that tries).
 """
 
 from __future__ import annotations
@@ -18,9 +23,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..discovery.leaves import Layout, align, layout_of, leaves, rebuild, view_in
+from ..discovery.leaves import Layout, Leaf, align, layout_of, leaves, rebuild, view_in
 from ..discovery.sizes import tensor_key
 from ..units import format_bytes
+from .codecs import Codec, Encoded, encode_piece
 
 logger = logging.getLogger(__name__)
 
@@ -68,8 +74,9 @@ class Unit:
     refs: list[TensorRef]
     nbytes: int = 0  # aligned size of the unit's device copy
     # (host bytes, offset in the device copy): the unit's pieces as they lie in the host arenas, consecutive
-    # pieces merged. One copy per run; a unit packed in one piece has one run.
-    runs: list[tuple[torch.Tensor, int]] = field(default_factory=list)
+    # pieces merged. One copy per run; a unit packed in one piece has one run. An encoded piece is a run of its
+    # own, its :class:`~vramferry.runtime.codecs.Encoded` in place of host bytes (decoded on the way in).
+    runs: list[tuple[torch.Tensor | Encoded, int]] = field(default_factory=list)
     device_buffer: torch.Tensor | None = None
     ready_event: object | None = None  # torch.cuda.Event once a copy was issued
     on_device: bool = False
@@ -97,11 +104,16 @@ class Unit:
         bytes go in the device copy, merging pieces that are adjacent in the same arena."""
         self.refs = [ref for piece in pieces for ref in piece.refs]
         self.layout()
-        runs: list[tuple[torch.Tensor, int]] = []
+        runs: list[tuple[torch.Tensor | Encoded, int]] = []
         offset = 0
         for piece in pieces:
+            if piece.encoded is not None:
+                runs.append((piece.encoded, offset))
+                offset += piece.encoded.nbytes
+                continue
             host = piece.host
-            if runs and _adjacent(runs[-1][0], host) and runs[-1][1] + runs[-1][0].numel() == offset:
+            last = runs[-1][0] if runs else None
+            if isinstance(last, torch.Tensor) and _adjacent(last, host) and runs[-1][1] + last.numel() == offset:
                 first, start = runs[-1]
                 runs[-1] = (_joined(first, host), start)
             else:
@@ -113,9 +125,24 @@ class Unit:
         """Copy the bytes ``[begin, end)`` of the unit's layout from the host arenas into ``buffer``."""
         end = self.nbytes if end is None else end
         for host, start in self.runs:
-            lo, hi = max(begin, start), min(end, start + host.numel())
-            if lo < hi:
+            size = host.nbytes if isinstance(host, Encoded) else host.numel()
+            lo, hi = max(begin, start), min(end, start + size)
+            if lo >= hi:
+                continue
+            if isinstance(host, Encoded):
+                decode_range(host, buffer[lo:hi], lo - start)
+            else:
                 buffer[lo:hi].copy_(host[lo - start : hi - start], **kw)
+
+    @property
+    def encoded(self) -> bool:
+        """Some of its pieces are kept encoded in the host store."""
+        return any(isinstance(host, Encoded) for host, _start in self.runs)
+
+    @property
+    def host_bytes(self) -> int:
+        """The bytes a load moves over the link: encoded pieces count their compressed size."""
+        return sum(h.payload.numel() if isinstance(h, Encoded) else h.numel() for h, _s in self.runs)
 
     def view(self, buffer: torch.Tensor, ref: TensorRef) -> torch.Tensor:
         """``ref``'s tensor (a tensor subclass rebuilt around its leaves) viewing a packed uint8 buffer laid out
@@ -162,8 +189,14 @@ class Piece:
     component: str
     refs: list[TensorRef]
     block: nn.Module | None = None
-    host: torch.Tensor | None = None  # uint8, the piece's slice of its arena
+    host: torch.Tensor | None = None  # uint8, the piece's slice of its arena (None when encoded)
     nbytes: int = 0
+    encoded: Encoded | None = None  # its compressed bytes, when a codec keeps it
+
+    @property
+    def encodable(self) -> bool:
+        """Made of plain tensors only (a tensor subclass keeps its raw leaves)."""
+        return bool(self.refs) and all(isinstance(ref.layout, Leaf) for ref in self.refs)
 
     def layout(self) -> int:
         offset = 0
@@ -171,6 +204,22 @@ class Piece:
             offset = align(offset + ref.nbytes)
         self.nbytes = offset
         return offset
+
+
+def decode_range(encoded: Encoded, out: torch.Tensor, skip: int = 0) -> None:
+    """Decode ``encoded`` and write its bytes ``[skip, skip + len(out))`` into ``out`` (synchronously)."""
+    if skip == 0 and out.numel() == encoded.nbytes and out.device.type == "cpu":
+        encoded.decode_into(out)
+        return
+    whole = torch.empty(encoded.nbytes, dtype=torch.uint8)
+    encoded.decode_into(whole)
+    out.copy_(whole[skip : skip + out.numel()])
+
+
+def placeholder(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """A host tensor of ``shape`` and ``dtype`` that holds one element, expanded: what an encoded piece's tensors
+    are bound to while they are not loaded (the right metadata, no weights, no memory)."""
+    return torch.zeros((), dtype=dtype).expand(shape)
 
 
 def _own_copy(ref: TensorRef, home: torch.device) -> torch.Tensor:
@@ -279,44 +328,86 @@ class HostStore:
     Args:
         pin: page-lock the arenas (needs CUDA).
         pin_limit: most bytes to page-lock; arenas beyond it stay pageable (slower copies, one warning).
+        codec: the lossless codec that keeps the pieces :meth:`pack` is asked to encode; ``None``: all raw.
     """
 
-    def __init__(self, *, pin: bool, pin_limit: int | None = None) -> None:
+    def __init__(self, *, pin: bool, pin_limit: int | None = None, codec: Codec | None = None) -> None:
         self.pin = pin and torch.cuda.is_available()
         self.pin_limit = pin_limit
+        self.codec = codec
         self.pinned_bytes = 0
         self.pageable_bytes = 0
+        self.encoded_bytes = 0  # compressed bytes held for encoded pieces
+        self.encoded_raw_bytes = 0  # what those pieces decode to
         self._arenas: list[tuple[torch.Tensor, bool, list[Piece]]] = []
         self._warned = False
 
-    def pack(self, name: str, pieces: list[Piece]) -> None:
+    def pack(self, name: str, pieces: list[Piece], encode: set[int] | None = None) -> None:
         """Pack ``pieces`` into one new arena, each contiguous and in order, and make the arena copies canonical
-        (parameters rebound to them). Done once per handle: plans place pieces, they never repack them."""
-        total = sum(piece.layout() for piece in pieces)
+        (parameters rebound to them). Done once per handle: plans place pieces, they never repack them.
+
+        Args:
+            encode: ids of pieces to keep encoded by the store's codec instead (plain tensors only); each gets a
+                buffer of its own holding only its compressed bytes.
+        """
+        encode = encode if self.codec is not None and encode else set()
+        coded = [p for p in pieces if id(p) in encode and p.encodable]
+        raw = [p for p in pieces if not (id(p) in encode and p.encodable)]
+        if coded:
+            self._pack_encoded(name, coded)
+        total = sum(piece.layout() for piece in raw)
         if total == 0:
             return
         arena = host_buffer(total)
         pinned = self._register(arena, name)
         offset = 0
-        for piece in pieces:
-            piece.host = arena[offset : offset + piece.nbytes]
-            inner = 0
-            for ref in piece.refs:
-                view = view_in(piece.host[inner : inner + ref.nbytes])
-                inner = align(inner + ref.nbytes)
-                with torch.no_grad():
-                    # One tensor at a time: its pageable original is freed as soon as it is rebound, so host
-                    # memory grows by at most one tensor beyond the weights.
-                    for tensor, leaf in leaves(ref.current(), ref.layout):
-                        view(leaf).copy_(tensor)
-                ref.host = rebuild(ref.layout, view)
-                ref.bind(ref.host)
+        for piece in raw:
+            _fill(piece, arena[offset : offset + piece.nbytes])
             offset += piece.nbytes
-        self._arenas.append((arena, pinned, pieces))
+        self._arenas.append((arena, pinned, raw))
         if pinned:
             self.pinned_bytes += total
         else:
             self.pageable_bytes += total
+
+    def _pack_encoded(self, name: str, pieces: list[Piece]) -> None:
+        """Encode ``pieces`` a batch at a time (their raw bytes gathered in a scratch buffer, then encoded) and keep
+        only the compressed bytes. Host memory grows by one batch of raw bytes beyond the weights at most."""
+        batches: list[list[Piece]] = [[]]
+        for piece in pieces:
+            piece.layout()
+            if batches[-1] and sum(p.nbytes for p in batches[-1]) + piece.nbytes > ENCODE_BATCH_BYTES:
+                batches.append([])
+            batches[-1].append(piece)
+        progress = _progress(f"compressing {name}", sum(p.nbytes for p in pieces))
+        for batch in batches:
+            scratch = [host_buffer(piece.nbytes) for piece in batch]
+            for piece, raw in zip(batch, scratch, strict=True):
+                _fill(piece, raw)
+            for piece, encoded in zip(batch, self._encode(scratch), strict=True):
+                buffer = host_buffer(encoded.payload.numel())
+                buffer.copy_(encoded.payload)
+                encoded.payload = buffer
+                piece.encoded = encoded
+                piece.host = None
+                for ref in piece.refs:
+                    # The original is freed as soon as no holder is left: only the compressed bytes remain.
+                    ref.host = placeholder(ref.shape, ref.dtype)
+                    ref.bind(ref.host)
+                pinned = self._register(buffer, name)
+                self._arenas.append((buffer, pinned, [piece]))
+                if pinned:
+                    self.pinned_bytes += buffer.numel()
+                else:
+                    self.pageable_bytes += buffer.numel()
+                self.encoded_raw_bytes += piece.nbytes
+                self.encoded_bytes += buffer.numel()
+                progress(piece.nbytes)
+            del scratch
+        progress(None)
+
+    def _encode(self, raws: list[torch.Tensor]) -> list[Encoded]:
+        return encode_piece(self.codec, raws)
 
     def _register(self, arena: torch.Tensor, name: str) -> bool:
         if not self.pin:
@@ -352,6 +443,11 @@ class HostStore:
         while self._arenas:
             arena, pinned, pieces = self._arenas.pop(0)
             for piece in pieces:
+                if piece.encoded is not None:
+                    # Decoded into a scratch buffer of its own; the tensors are then copied out of it as usual.
+                    piece.host = torch.empty(piece.encoded.nbytes, dtype=torch.uint8)
+                    piece.encoded.decode_into(piece.host)
+                    _view_refs(piece)
                 for ref in piece.refs:
                     home = ref.original_device
                     # clone(): a tensor of its own, so nothing shares storage after remove (safetensors
@@ -359,6 +455,54 @@ class HostStore:
                     ref.bind(_own_copy(ref, home))
                     ref.host = None
                 piece.host = None
+                piece.encoded = None
             if pinned:
                 torch.cuda.cudart().cudaHostUnregister(arena.data_ptr())
             del arena
+
+
+#: Raw bytes encoded at once: large enough for a batched GPU encode to run at speed, small enough that the
+#: scratch copy stays a small share of host memory.
+ENCODE_BATCH_BYTES = 1 << 30
+
+
+def _fill(piece: Piece, raw: torch.Tensor) -> None:
+    """Copy ``piece``'s tensors into ``raw`` (uint8, laid out like the piece) and rebind each to its view there.
+
+    One tensor at a time: its pageable original is freed as soon as it is rebound, so host memory grows by at
+    most one tensor beyond the weights (plus ``raw``)."""
+    piece.host = raw
+    inner = 0
+    for ref in piece.refs:
+        view = view_in(raw[inner : inner + ref.nbytes])
+        inner = align(inner + ref.nbytes)
+        with torch.no_grad():
+            for tensor, leaf in leaves(ref.current(), ref.layout):
+                view(leaf).copy_(tensor)
+        ref.host = rebuild(ref.layout, view)
+        ref.bind(ref.host)
+
+
+def _view_refs(piece: Piece) -> None:
+    """Point each ref's ``host`` at its view in ``piece.host``."""
+    inner = 0
+    for ref in piece.refs:
+        ref.host = rebuild(ref.layout, view_in(piece.host[inner : inner + ref.nbytes]))
+        inner = align(inner + ref.nbytes)
+
+
+def _progress(what: str, total: int):
+    """A progress callback: a tqdm bar on a terminal when tqdm is installed, else log lines; ``None`` closes it."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        tqdm = None
+    if tqdm is not None:
+        bar = tqdm(total=total, desc=what, unit="B", unit_scale=True, disable=None, leave=False)
+
+        def update(nbytes):
+            bar.update(nbytes) if nbytes is not None else bar.close()
+
+        return update
+    logger.info("%s (%s)", what, format_bytes(total))
+    return lambda nbytes: None

@@ -2,6 +2,11 @@
 
 On a CPU execution device the same calls run synchronously with plain copies, so the whole hook machinery is
 exercised by CPU tests.
+
+A unit with encoded pieces (:mod:`~vramferry.runtime.codecs`) loads in two stages per chunk of a piece: its
+compressed bytes are copied into one of two device staging buffers on the copy stream, then decoded into the unit's
+device copy on a decode stream of their own. Events order the three streams, so while chunk ``k`` decodes, chunk
+``k + 1`` is already crossing the link and the compute stream runs the block before; the host never waits.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .codecs import Encoded
 from .store import Unit
 
 
@@ -22,6 +28,7 @@ class TransferCounters:
     blocks_streamed: int = 0
     sync_loads: int = 0
     unplanned_phases: int = 0
+    bytes_decoded: int = 0  # raw bytes that encoded pieces decoded to
     copy_seconds: float = 0.0
     wait_seconds: float = 0.0
     # (start, end) CUDA events of copies not yet folded into copy_seconds
@@ -48,6 +55,9 @@ class Mover:
         self.timing = timing and self.cuda
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
         self.counters = TransferCounters()
+        self._decode_stream = None
+        self._staging: list[_Staging] = [_Staging(), _Staging()]
+        self._turn = 0
 
     def compute_stream(self):
         return torch.cuda.current_stream(self.device) if self.cuda else None
@@ -93,15 +103,24 @@ class Mover:
             self.copy_stream.wait_stream(self.compute_stream())
         else:
             buffer = slot
-        staged = slot is None and bool(unit.stages)
+        encoded = unit.encoded
+        staged = slot is None and bool(unit.stages) and not encoded
+        if encoded:
+            self._reserve_staging(unit)
+            if slot is None:
+                # The decodes write into the new buffer, which may reuse memory the compute stream just released.
+                self.decode_stream.wait_stream(self.compute_stream())
         with torch.cuda.stream(self.copy_stream):
-            if after is not None:
-                # The slot is overwritten only once the compute stream is done with its previous occupant.
+            if after is not None and not encoded:
+                # The slot is overwritten only once the compute stream is done with its previous occupant (an
+                # encoded unit's copies land in staging buffers: only its decodes wait, in _copy_encoded).
                 self.copy_stream.wait_event(after)
             start = torch.cuda.Event(enable_timing=True) if self.timing else None
             if start is not None:
                 start.record(self.copy_stream)
-            if staged:
+            if encoded:
+                ready = self._copy_encoded(unit, buffer, after)
+            elif staged:
                 ready = self._copy_staged(unit, buffer)
             else:
                 unit.copy_into(buffer, non_blocking=True)
@@ -131,11 +150,70 @@ class Mover:
             begin = end
         return event
 
+    def _reserve_staging(self, unit: Unit) -> None:
+        """Grow the two staging buffers to hold ``unit``'s largest compressed chunk (allocated from the compute
+        stream's pool, before the copy stream uses them)."""
+        need = max(h.largest_chunk for h, _s in unit.runs if isinstance(h, Encoded))
+        for stage in self._staging:
+            if stage.buffer is None or stage.buffer.numel() < need:
+                if stage.buffer is not None:
+                    # The old buffer may still be read by queued copies and decodes: keep its memory from the
+                    # allocator until both streams have passed this point.
+                    stage.buffer.record_stream(self.copy_stream)
+                    stage.buffer.record_stream(self.decode_stream)
+                stage.buffer = device_bytes(_segment_size(need), self.device)
+                stage.free = self.record_done()
+
+    @property
+    def decode_stream(self):
+        if self._decode_stream is None:
+            self._decode_stream = torch.cuda.Stream(self.device)
+        return self._decode_stream
+
+    def _copy_encoded(self, unit: Unit, buffer: torch.Tensor, after: object | None) -> object:
+        """Issue the loads of a unit with encoded pieces (see the module docstring); returns the event after which
+        the whole device copy is ready, recorded on the decode stream."""
+        decode = self.decode_stream
+        if after is not None:
+            # The decodes write into the slot too: only once its previous occupant has finished.
+            decode.wait_event(after)
+        for host, start in unit.runs:
+            if not isinstance(host, Encoded):
+                buffer[start : start + host.numel()].copy_(host, non_blocking=True)
+                continue
+            for chunk in host.chunks:
+                stage = self._staging[self._turn]
+                self._turn = 1 - self._turn
+                if stage.free is not None:
+                    # The staging buffer is refilled only once the decode that read it has run.
+                    self.copy_stream.wait_event(stage.free)
+                staged = stage.buffer[: chunk.length]
+                staged.copy_(host.payload[chunk.start : chunk.start + chunk.length], non_blocking=True)
+                copied = torch.cuda.Event()
+                copied.record(self.copy_stream)
+                decode.wait_event(copied)  # decode only what has landed
+                at = start + chunk.raw_start
+                stage.keep = host.codec.decode_on(staged, buffer[at : at + chunk.raw_len], decode)
+                stage.free = torch.cuda.Event()
+                stage.free.record(decode)
+            self.counters.bytes_decoded += host.nbytes
+        landed = torch.cuda.Event()
+        landed.record(self.copy_stream)
+        decode.wait_event(landed)  # the raw pieces' copies too
+        ready = torch.cuda.Event(enable_timing=self.timing)
+        ready.record(decode)
+        return ready
+
     def _finish(self, unit: Unit, buffer: torch.Tensor) -> None:
         unit.device_buffer = buffer
         unit.bind_buffer(buffer)
         unit.on_device = True
-        self.counters.bytes_h2d += unit.nbytes
+        if unit.encoded:
+            self.counters.bytes_h2d += unit.host_bytes
+            if not self.cuda:
+                self.counters.bytes_decoded += sum(h.nbytes for h, _s in unit.runs if isinstance(h, Encoded))
+        else:
+            self.counters.bytes_h2d += unit.nbytes
 
     def wait_ready(self, unit: Unit) -> None:
         """Make the compute stream wait (on the GPU, not the host) until ``unit``'s copy has landed."""
@@ -265,6 +343,15 @@ class Mover:
     def synchronize(self) -> None:
         if self.cuda:
             torch.cuda.synchronize(self.device)
+
+
+@dataclass(eq=False)
+class _Staging:
+    """A device buffer that compressed bytes land in before they are decoded."""
+
+    buffer: torch.Tensor | None = None
+    free: object | None = None  # decode-stream event: the last decode that read it has run
+    keep: object | None = None  # the codec's output of that decode, alive until the buffer is refilled
 
 
 def device_bytes(nbytes: int, device: torch.device) -> torch.Tensor:
