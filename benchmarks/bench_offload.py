@@ -550,10 +550,12 @@ def _decode_gbps(s: str) -> None:
     out = torch.empty(raw.numel(), dtype=torch.uint8, device="cuda")
     stream = torch.cuda.Stream()
 
+    # Each chunk in a buffer of its own, aligned as the runtime's staging buffers are (nvCOMP needs 16 bytes).
+    sources = [staged[c.start : c.start + c.length].clone() for c in encoded.chunks]
+
     def decode():
-        for c in encoded.chunks:
-            src, dst = staged[c.start : c.start + c.length], out[c.raw_start : c.raw_start + c.raw_len]
-            codec.decode_on(src, dst, stream)
+        for c, src in zip(encoded.chunks, sources, strict=True):
+            codec.decode_on(src, out[c.raw_start : c.raw_start + c.raw_len], stream)
         stream.synchronize()
 
     t = min(timed(decode, 5))

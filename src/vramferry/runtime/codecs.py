@@ -171,6 +171,8 @@ class NvcompAns(Codec):
         self.device = device
         self._codecs: dict[int, object] = {}
         self._direct: bool | None = None  # decode writes into a given output array (probed on first use)
+        # (stream, decoded bytes) -> nvCOMP DecompressConfig; None once nvCOMP turned the configs down.
+        self._configs: dict[tuple[int, int], object] | None = {}
 
     def _codec(self, stream: torch.cuda.Stream) -> object:
         """One nvCOMP codec per stream: a codec holds scratch state and runs all its work on its stream."""
@@ -208,7 +210,12 @@ class NvcompAns(Codec):
         source = self.nvcomp.as_array(staged)
         if self._direct is not False:
             try:
-                codec.decode(source, out=self.nvcomp.as_array(out.view(torch.float16)))
+                target = self.nvcomp.as_array(out.view(torch.float16))
+                config = self._decompress_config(codec, stream, out.numel())
+                if config is not None:
+                    codec.decode(source, out=target, decompression_config=config)
+                else:
+                    codec.decode(source, out=target)
                 self._direct = True
                 return None
             except (TypeError, ValueError, RuntimeError) as err:
@@ -221,6 +228,24 @@ class NvcompAns(Codec):
         with torch.cuda.stream(stream):
             out.copy_(result[: out.numel()], non_blocking=True)
         return decoded
+
+    def _decompress_config(self, codec: object, stream: torch.cuda.Stream, nbytes: int) -> object | None:
+        """A decompression config for chunks that decode to ``nbytes``, built from that size: given one, nvCOMP's
+        decode never parses the compressed header on the host, which would synchronise the stream and stall the
+        copies and the compute queued behind it. ``None`` where this nvCOMP build has no such configs."""
+        if self._configs is None:
+            return None
+        key = (stream.cuda_stream, nbytes)
+        config = self._configs.get(key)
+        if config is None:
+            try:
+                config = codec.decompression_config(codec.compression_config(nbytes))
+            except (AttributeError, TypeError, ValueError, RuntimeError) as err:
+                logger.warning("vramferry: nvCOMP builds no decompression config (%s); each decode synchronises", err)
+                self._configs = None
+                return None
+            self._configs[key] = config
+        return config
 
     def decode_chunk(self, data: torch.Tensor, split: int, out: torch.Tensor) -> None:
         stream = torch.cuda.current_stream(self.device)
