@@ -23,13 +23,9 @@ def _quantized(name: str):
     return pipe, kwargs
 
 
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("name", ["flux", "wan"])
-def test_int8_weight_only_transformer_gives_the_quantized_output_and_is_restored(name, mode):
-    pipe, kwargs = _quantized(name)
-    params = dict(pipe.transformer.named_parameters())
-    kinds = {key: type(p) for key, p in params.items()}
-    assert any(k.__name__ == "Int8Tensor" for k in kinds.values())
+def _offloaded_twice(pipe, kwargs, mode: str):
+    """Run ``pipe`` without offload, then twice offloaded (each output equal); returns the first output, the
+    transformer's inventory entry and the formatted plan."""
     expected = run(pipe, kwargs)
     handle = vramferry.apply(pipe, _cfg(mode))
     try:
@@ -37,10 +33,20 @@ def test_int8_weight_only_transformer_gives_the_quantized_output_and_is_restored
             got = run(pipe, kwargs)
             for key in expected:
                 np.testing.assert_array_equal(got[key], expected[key])
-        inventory = handle.inventory.get("transformer")
         shown = vramferry.planning.format_plan(handle.plan, handle.inventory)
+        return expected, handle.inventory.get("transformer"), shown
     finally:
         handle.remove()
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", ["flux", "wan"])
+def test_int8_weight_only_transformer_gives_the_quantized_output_and_is_restored(name, mode):
+    pipe, kwargs = _quantized(name)
+    params = dict(pipe.transformer.named_parameters())
+    kinds = {key: type(p) for key, p in params.items()}
+    assert any(k.__name__ == "Int8Tensor" for k in kinds.values())
+    expected, inventory, shown = _offloaded_twice(pipe, kwargs, mode)
     # The inventory counts the bytes that cross: int8 data and scales, not four bytes per element; the plan
     # shows how they are stored.
     quantized = sum(p.qdata.numel() for p in params.values() if hasattr(p, "qdata"))
@@ -129,17 +135,7 @@ def test_gguf_transformer_loaded_from_a_file_gives_the_quantized_output_and_is_r
     params = dict(pipe.transformer.named_parameters())
     quantized = {key for key, p in params.items() if type(p).__name__ == "GGUFParameter"}
     assert quantized and all(params[key].dtype == torch.uint8 for key in quantized)
-    expected = run(pipe, kwargs)
-    handle = vramferry.apply(pipe, _cfg(mode))
-    try:
-        for _ in range(2):
-            got = run(pipe, kwargs)
-            for key in expected:
-                np.testing.assert_array_equal(got[key], expected[key])
-        inventory = handle.inventory.get("transformer")
-        shown = vramferry.planning.format_plan(handle.plan, handle.inventory)
-    finally:
-        handle.remove()
+    expected, inventory, shown = _offloaded_twice(pipe, kwargs, mode)
     # The inventory counts the GGML blocks' bytes (about 1.06 bytes per quantized weight), not float32.
     tensors = [*params.values(), *pipe.transformer.buffers()]
     assert inventory.bytes == sum(t.numel() * t.element_size() for t in tensors)
@@ -147,7 +143,8 @@ def test_gguf_transformer_loaded_from_a_file_gives_the_quantized_output_and_is_r
     assert "GGUFParameter Q8_0" in shown
     after = dict(pipe.transformer.named_parameters())
     assert all(after[key] is params[key] for key in params)
-    assert all(type(after[k]).__name__ == "GGUFParameter" and after[k].quant_type.name == "Q8_0" for k in quantized)
+    assert {type(after[k]).__name__ for k in quantized} == {"GGUFParameter"}
+    assert {after[k].quant_type.name for k in quantized} == {"Q8_0"}
     for key in expected:
         np.testing.assert_array_equal(run(pipe, kwargs)[key], expected[key])
 
@@ -161,7 +158,8 @@ def test_bitsandbytes_layers_are_refused_at_apply_naming_the_weight_and_the_fix(
     new.load_state_dict(old.state_dict())
     pipe.transformer.proj_out = new.to("cpu")  # quantizes on the move, as bitsandbytes does
     before = {key: type(p) for key, p in pipe.transformer.named_parameters()}
-    with pytest.raises(vramferry.OffloadError, match=r"transformer\.proj_out\.weight is a bitsandbytes .*torchao"):
+    refused = r"transformer\.proj_out\.weight is a bitsandbytes .*torchao"
+    with pytest.raises(vramferry.OffloadError, match=refused):
         vramferry.apply(pipe, _cfg("layerwise"))
     # Nothing was changed: the pipeline runs as before, and it can be offloaded once the layer is replaced.
     assert {key: type(p) for key, p in pipe.transformer.named_parameters()} == before
