@@ -51,6 +51,8 @@ class OffloadStats:
             says how to give the order).
         peak_allocated, peak_reserved: device memory peaks in bytes (``torch.cuda``), 0 on CPU.
         host_pinned_bytes, host_pageable_bytes: where the canonical host copies live.
+        host_file_bytes: bytes of the host store read straight from checkpoint files when it was filled (the
+            rest was copied from memory); host_fill_seconds: the time filling it took.
         dit_calls, dit_call_seconds: DiT forwards run, and their mean duration (GPU time on CUDA).
         predicted_step_seconds: the plan's predicted denoising step, to compare with the measured calls.
         block_seconds: per DiT, the measured compute seconds of all its blocks in one call (the sum of the
@@ -71,6 +73,8 @@ class OffloadStats:
     peak_reserved: int = 0
     host_pinned_bytes: int = 0
     host_pageable_bytes: int = 0
+    host_file_bytes: int = 0
+    host_fill_seconds: float = 0.0
     dit_calls: int = 0
     dit_call_seconds: float = 0.0
     predicted_step_seconds: float | None = None
@@ -170,6 +174,8 @@ class OffloadHandle:
             unplanned_phases=c.unplanned_phases,
             host_pinned_bytes=runtime.store.pinned_bytes,
             host_pageable_bytes=runtime.store.pageable_bytes,
+            host_file_bytes=runtime.filled.file_bytes,
+            host_fill_seconds=round(runtime.filled.seconds, 6),
             dit_calls=c.dit_calls,
             dit_call_seconds=round(c.dit_seconds / c.dit_calls, 6) if c.dit_calls else 0.0,
             # On the CPU the plan's times describe a GPU preset, not this run: leave them out.
@@ -385,6 +391,7 @@ def apply(
     workload: Any = None,
     plan: Plan | None = None,
     measured: Measurements | None = None,
+    progress: bool | None = None,
     **changes: Any,
 ) -> OffloadHandle:
     """Offload ``pipeline``'s weights as ``config`` says, and return the handle that undoes it.
@@ -401,6 +408,9 @@ def apply(
             per block (or none). The config still sets the device, pinning and the other runtime options.
         measured: what an earlier handle measured (:attr:`OffloadHandle.measurements`): its bandwidth and block
             times replace the probe and the cost model's estimates; new measurements are added to it.
+        progress: show a progress bar (bytes, GB/s) while the host store is filled; ``None``: only when
+            vramferry logs at INFO level. Tensors that are memory-mapped views of checkpoint files (as
+            ``from_pretrained`` leaves them) are read from the files with large parallel reads.
         **changes: field overrides applied to a copy of ``config`` (``mode="model"``).
 
     Returns:
@@ -446,7 +456,13 @@ def apply(
         the_plan, planning.sources = _make_plan(planning, config, work)
     pin_limit = parse_bytes(config.host_memory_limit) if config.host_memory_limit is not None else None
     runtime = Runtime(
-        modules, the_plan, device=device, pin=config.pin_memory, pin_limit=pin_limit, verify=config.verify
+        modules,
+        the_plan,
+        device=device,
+        pin=config.pin_memory,
+        pin_limit=pin_limit,
+        verify=config.verify,
+        progress=progress,
     )
     reads = WeightReads(runtime.all_units) if config.verify else None
     patched = patch_pipeline_class(pipeline, device, reads)

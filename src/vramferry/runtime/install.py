@@ -12,6 +12,7 @@ from ..errors import OffloadError, PlanError
 from ..planning.plan import Plan
 from ..planning.planner import Placement
 from ..planning.policy import policy
+from .fill import Filler, progress_bar
 from .hooks import HookSet
 from .layerwise import BlockStreamer
 from .model import ComponentState, SwapScheduler
@@ -42,6 +43,7 @@ class Runtime:
         pin: bool,
         pin_limit: int | None,
         verify: bool,
+        progress: bool | None = None,
     ) -> None:
         self.modules = modules
         self.device = device
@@ -50,16 +52,29 @@ class Runtime:
         self.hooks = HookSet()
         self.verify = verify
         self.pieces, shared = self._collect_pieces()
-        for name, pieces in self.pieces.items():
-            self.store.pack(name, pieces)
+        self._pack(shared, progress)
         self.shared: Unit | None = None
         if shared.refs:
-            self.store.pack("shared", [shared])
             self.shared = Unit("shared", [])
             self.shared.set_runs([shared])
             self._load([self.shared])
         self.states: list[ComponentState] = []
         self._install(plan, {})
+
+    def _pack(self, shared: Piece, progress: bool | None) -> None:
+        """Fill the host store, one arena per component (and one for the shared piece), with one bar."""
+        groups = [*self.pieces.items(), *([("shared", [shared])] if shared.refs else [])]
+        bar = progress_bar(sum(p.layout() for _name, pieces in groups for p in pieces), progress)
+        filler = Filler(progress=bar.update if bar is not None else None)
+        try:
+            for name, pieces in groups:
+                self.store.pack(name, pieces, filler)
+        finally:
+            filler.close()
+            if bar is not None:
+                bar.close()
+        self.filled = filler
+        logger.info("vramferry: host store filled: %s", filler.summary())
 
     # -- pieces: packed once --------------------------------------------------------------------------------
     def _collect_pieces(self) -> tuple[dict[str, list[Piece]], Piece]:

@@ -21,6 +21,7 @@ from torch import nn
 from ..discovery.leaves import Layout, align, layout_of, leaves, rebuild, view_in
 from ..discovery.sizes import tensor_key
 from ..units import format_bytes
+from .fill import Filler
 
 logger = logging.getLogger(__name__)
 
@@ -289,9 +290,12 @@ class HostStore:
         self._arenas: list[tuple[torch.Tensor, bool, list[Piece]]] = []
         self._warned = False
 
-    def pack(self, name: str, pieces: list[Piece]) -> None:
+    def pack(self, name: str, pieces: list[Piece], filler: Filler | None = None) -> None:
         """Pack ``pieces`` into one new arena, each contiguous and in order, and make the arena copies canonical
-        (parameters rebound to them). Done once per handle: plans place pieces, they never repack them."""
+        (parameters rebound to them). Done once per handle: plans place pieces, they never repack them.
+
+        ``filler`` fills the arena (from the checkpoint files where tensors are mapped views of them); a
+        default one is made when it is not given."""
         total = sum(piece.layout() for piece in pieces)
         if total == 0:
             return
@@ -300,18 +304,15 @@ class HostStore:
         offset = 0
         for piece in pieces:
             piece.host = arena[offset : offset + piece.nbytes]
-            inner = 0
-            for ref in piece.refs:
-                view = view_in(piece.host[inner : inner + ref.nbytes])
-                inner = align(inner + ref.nbytes)
-                with torch.no_grad():
-                    # One tensor at a time: its pageable original is freed as soon as it is rebound, so host
-                    # memory grows by at most one tensor beyond the weights.
-                    for tensor, leaf in leaves(ref.current(), ref.layout):
-                        view(leaf).copy_(tensor)
-                ref.host = rebuild(ref.layout, view)
-                ref.bind(ref.host)
             offset += piece.nbytes
+        if filler is not None:
+            filler.fill(pieces)
+        else:
+            filler = Filler()
+            try:
+                filler.fill(pieces)
+            finally:
+                filler.close()
         self._arenas.append((arena, pinned, pieces))
         if pinned:
             self.pinned_bytes += total
