@@ -65,7 +65,10 @@ def test_sharded_checkpoint_loads(tiny_flux, tmp_path):
     pipe, kwargs = tiny_flux
     pipe.save_pretrained(tmp_path, max_shard_size="100KB")
     shards = sorted(p.name for p in (tmp_path / "transformer").glob("*.safetensors"))
-    assert len(shards) > 1 and (tmp_path / "transformer" / "diffusion_pytorch_model.safetensors.index.json").exists()
+    assert (
+        len(shards) > 1
+        and (tmp_path / "transformer" / "diffusion_pytorch_model.safetensors.index.json").exists()
+    )
     with vramferry.load(tmp_path, mode="layerwise", **CPU) as handle:
         handle.pipeline.set_progress_bar_config(disable=True)
         assert handle.stats().host_file_bytes > 0
@@ -256,3 +259,43 @@ def test_a_missing_file_is_named(tmp_path):
     reader = FileReader()
     with pytest.raises(LoadError, match="gone.bin"):
         reader.read([(Region(str(tmp_path / "gone.bin"), 0, 8), torch.empty(8, dtype=torch.uint8))])
+
+
+# --- the README's example and the CLI ---------------------------------------------------------------------------
+
+
+def test_the_readme_load_example_runs(tmp_path, monkeypatch):
+    import re
+    from pathlib import Path
+
+    from pipelines.diffusers_pipes import build_flux
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("### Straight from the checkpoint: `vramferry.load`", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
+    folder = tmp_path / "FLUX.1-dev"
+    build_flux()[0].to(torch.bfloat16).save_pretrained(folder)  # bf16 files, as FLUX.1-dev's
+    for old, new in [
+        ('"/models/FLUX.1-dev"', repr(str(folder))),
+        ("vramferry.OffloadConfig(", 'vramferry.OffloadConfig(onload_device="cpu", pin_memory=False, '),
+        ("num_inference_steps=28", "num_inference_steps=1, height=32, width=32"),
+    ]:
+        assert code.count(old) == 1, old
+        code = code.replace(old, new)
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {"__name__": "readme"}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert scope["handle"].stats().host_file_bytes > 0
+    assert scope["image"].size == (32, 32)
+    scope["handle"].remove()
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_generate_with_a_model_folder_shows_the_loading_bar(saved_flux_dir, tmp_path, capsys, quiet):
+    from vramferry.cli import main
+
+    out = tmp_path / "x.png"
+    argv = ["generate", "--model", str(saved_flux_dir), "--prompt", "a photo of a cat", "--steps", "1"]
+    argv += ["--size", "32x32", "--offload", "model", "--out", str(out), *(["-q"] if quiet else [])]
+    assert main(argv) == 0 and out.exists()
+    assert ("packing weights" in capsys.readouterr().err) is not quiet
