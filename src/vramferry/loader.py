@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,7 +29,8 @@ def load(
     """Load a diffusers pipeline and offload it, its weights read from the checkpoint files into the host store.
 
     diffusers builds the pipeline's modules on the meta device and binds each weight to a memory-mapped view of
-    its safetensors file, reading nothing. The host store is then filled straight from the files, with large
+    its safetensors file, reading nothing, while the kernel is asked to start reading a local folder's files
+    (when they fit in the available memory). The host store is then filled straight from the files, with large
     reads on several threads, at the disk's speed: the weights are never copied in memory on the way, and the
     mapped file pages never count in the process's memory. Weights converted on loading (a ``dtype`` other than
     the files') are copied from memory instead.
@@ -52,8 +54,12 @@ def load(
         OffloadError: see :func:`~vramferry.apply`.
     """
     from .pipelines.loading import load_pipeline
+    from .runtime.files import prefetch
 
     start = time.perf_counter()
+    if model is not None and Path(model).expanduser().is_dir():
+        # The disk starts on the weights while diffusers builds the modules.
+        prefetch([str(p) for p in sorted(Path(model).expanduser().rglob("*.safetensors"))])
     pipeline = load_pipeline(model, dtype=dtype, variant=variant)
     built = time.perf_counter()
     handle = apply(pipeline, config, workload=workload, progress=progress, **changes)

@@ -299,3 +299,14 @@ def test_generate_with_a_model_folder_shows_the_loading_bar(saved_flux_dir, tmp_
     argv += ["--size", "32x32", "--offload", "model", "--out", str(out), *(["-q"] if quiet else [])]
     assert main(argv) == 0 and out.exists()
     assert ("packing weights" in capsys.readouterr().err) is not quiet
+
+
+def test_prefetch_starts_only_when_the_files_fit(tmp_path, monkeypatch):
+    path, _data = _file(tmp_path, 1 << 20)
+    thread = files.prefetch([path])
+    assert thread is not None
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+    monkeypatch.setattr(files, "available_memory", lambda: 1 << 20)  # half of it is less than the file
+    assert files.prefetch([path]) is None
+    assert files.prefetch([str(tmp_path / "missing.safetensors")]) is None

@@ -19,6 +19,7 @@ import bisect
 import ctypes
 import os
 import re
+import threading
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -278,3 +279,50 @@ def _after(buffers: list[memoryview], count: int) -> list[memoryview]:
     if buffers and count:
         buffers = [buffers[0][count:], *buffers[1:]]
     return buffers
+
+
+def available_memory() -> int | None:
+    """``MemAvailable`` from ``/proc/meminfo`` in bytes (what the page cache can take without evicting much)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def prefetch(paths: list[str]) -> threading.Thread | None:
+    """Ask the kernel to start reading ``paths`` into the page cache now, on a background thread, while the
+    pipeline's modules are being built: the reads that fill the host store then find the bytes there.
+
+    Nothing is done when the files would not fit in the available memory (they would evict each other) or the
+    platform has no ``posix_fadvise``. Advisory only: a failure changes nothing but the speed.
+    """
+    free = available_memory()
+    sizes = []
+    for path in paths:
+        try:
+            sizes.append(os.path.getsize(path))
+        except OSError:
+            return None
+    if not paths or not hasattr(os, "posix_fadvise") or free is None or sum(sizes) > free // 2:
+        return None
+
+    def advise() -> None:
+        for path in paths:
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+
+    thread = threading.Thread(target=advise, name="vramferry-prefetch", daemon=True)
+    thread.start()
+    return thread
