@@ -222,7 +222,9 @@ def demo_defaults(args: argparse.Namespace) -> dict[str, Any]:
     return defaults
 
 
-def apply_offload(pipeline: Any, config: OffloadConfig, params: Any = None, progress: bool | None = None) -> Any:
+def apply_offload(
+    pipeline: Any, config: OffloadConfig, params: Any = None, progress: bool | None = None
+) -> Any:
     """``vramferry.api.apply(pipeline, config)``, sized for ``params`` (a ``GenerationParams``) when given; a
     ``progress`` bar while the host store fills (``None``: with ``--verbose``).
 
