@@ -5,6 +5,7 @@ short reads and fail clearly on truncated files."""
 from __future__ import annotations
 
 import gc
+import logging
 import os
 
 import numpy as np
@@ -104,9 +105,13 @@ def test_load_demo_and_config(capsys):
     assert "packing weights" in err and "B/s" in err
 
 
-def test_no_progress_bar_by_default(capsys, saved_flux_dir):
+def test_the_progress_bar_follows_the_log_level(capsys, caplog, saved_flux_dir):
+    caplog.set_level(logging.WARNING, logger="vramferry")
     vramferry.load(saved_flux_dir, mode="model", **CPU).remove()
     assert "packing weights" not in capsys.readouterr().err
+    caplog.set_level(logging.INFO, logger="vramferry")
+    vramferry.load(saved_flux_dir, mode="model", **CPU).remove()
+    assert "packing weights" in capsys.readouterr().err
 
 
 def test_load_errors_name_the_model(tmp_path):
