@@ -408,9 +408,8 @@ def apply(
             per block (or none). The config still sets the device, pinning and the other runtime options.
         measured: what an earlier handle measured (:attr:`OffloadHandle.measurements`): its bandwidth and block
             times replace the probe and the cost model's estimates; new measurements are added to it.
-        progress: show a progress bar (bytes, GB/s) while the host store is filled; ``None``: only when
-            vramferry logs at INFO level. Tensors that are memory-mapped views of checkpoint files (as
-            ``from_pretrained`` leaves them) are read from the files with large parallel reads.
+        progress: show a progress bar (bytes, GB/s) while the host store fills (from the checkpoint files for
+            weights that are mapped views of them); ``None``: only when vramferry logs at INFO level.
         **changes: field overrides applied to a copy of ``config`` (``mode="model"``).
 
     Returns:
@@ -426,7 +425,6 @@ def apply(
     from .discovery.roles import discover
     from .planning.planner import default_workload, with_schedule
     from .runtime.install import check_weights_materialised
-    from .units import parse_bytes
 
     config = config if config is not None else OffloadConfig()
     if changes:
@@ -454,16 +452,7 @@ def apply(
         the_plan = plan if plan.schedule else with_schedule(plan, inventory, config)
     else:
         the_plan, planning.sources = _make_plan(planning, config, work)
-    pin_limit = parse_bytes(config.host_memory_limit) if config.host_memory_limit is not None else None
-    runtime = Runtime(
-        modules,
-        the_plan,
-        device=device,
-        pin=config.pin_memory,
-        pin_limit=pin_limit,
-        verify=config.verify,
-        progress=progress,
-    )
+    runtime = _runtime(modules, the_plan, config, device, progress)
     reads = WeightReads(runtime.all_units) if config.verify else None
     patched = patch_pipeline_class(pipeline, device, reads)
     handle = OffloadHandle(pipeline, config, modules, the_plan, runtime, patched)
@@ -473,6 +462,23 @@ def apply(
         _LIVE[component.module] = handle
     logger.info("vramferry: %s applied to %s", the_plan.mode.value, type(pipeline).__name__)
     return handle
+
+
+def _runtime(
+    modules: PipelineModules, plan: Plan, config: OffloadConfig, device: torch.device, progress: bool | None
+) -> Runtime:
+    from .units import parse_bytes
+
+    limit = parse_bytes(config.host_memory_limit) if config.host_memory_limit is not None else None
+    return Runtime(
+        modules,
+        plan,
+        device=device,
+        pin=config.pin_memory,
+        pin_limit=limit,
+        verify=config.verify,
+        progress=progress,
+    )
 
 
 @dataclass
