@@ -21,8 +21,6 @@ from ..discovery.leaves import align, leaves, rebuild, view_in
 from ..units import format_bytes
 from .files import FileMap, FileReader, Region
 
-logger = logging.getLogger(__name__)
-
 #: Bytes filled before their tensors are rebound (and the originals freed).
 BATCH_BYTES = 256 * 2**20
 
@@ -47,7 +45,7 @@ def progress_bar(total: int, wanted: bool | None, desc: str = "packing weights")
         from tqdm.auto import tqdm
     except ImportError:
         return None
-    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1000, leave=False)
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1000)
 
 
 def default_threads() -> int:
@@ -59,8 +57,8 @@ class Filler:
     """Fills pieces of the host store and counts what it moved; one per handle, shared by its arenas.
 
     Args:
-        files: the process's file mappings (``None``: read them now; :class:`FileMap` ``([])``: never read
-            files).
+        files: the process's file mappings (``None``: this process's, read when first needed;
+            ``FileMap([])``: never read from files).
         progress: called with the bytes filled as they land (a progress bar's ``update``).
         threads: threads for reads and copies.
     """
