@@ -1,6 +1,7 @@
 """vramferry: run diffusion pipelines larger than the GPU, at the speed the hardware allows.
 
 handle = vramferry.apply(pipe, vramferry.OffloadConfig(mode="auto", vram_budget="16GiB"))
+(or ``handle = vramferry.load("path/or/hub-id", mode="auto")``, then ``pipe = handle.pipeline``)
 image = pipe("a photo of a cat").images[0]
 print(handle.stats())
 handle.remove()
@@ -19,11 +20,13 @@ from .errors import (
     OffloadError,
     PlanError,
 )
+from .loader import load
 from .planning.workload import Workload
 from .protocol import SupportsModuleOffload
 
 __all__ = [
     "apply",
+    "load",
     "discover",
     "OffloadHandle",
     "OffloadStats",

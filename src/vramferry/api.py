@@ -53,6 +53,8 @@ class OffloadStats:
         host_pinned_bytes, host_pageable_bytes: where the canonical host copies live.
         host_compressed_bytes, host_compressed_raw_bytes: the compressed pieces' bytes in host memory, and what
             they decode to (0 without compression); ``bytes_decoded``: bytes decoded on the way in.
+        host_file_bytes: bytes of the host store read straight from checkpoint files when it was filled (the
+            rest was copied from memory); host_fill_seconds: the time filling it took.
         dit_calls, dit_call_seconds: DiT forwards run, and their mean duration (GPU time on CUDA).
         predicted_step_seconds: the plan's predicted denoising step, to compare with the measured calls.
         block_seconds: per DiT, the measured compute seconds of all its blocks in one call (the sum of the
@@ -76,6 +78,8 @@ class OffloadStats:
     host_compressed_bytes: int = 0
     host_compressed_raw_bytes: int = 0
     bytes_decoded: int = 0
+    host_file_bytes: int = 0
+    host_fill_seconds: float = 0.0
     dit_calls: int = 0
     dit_call_seconds: float = 0.0
     predicted_step_seconds: float | None = None
@@ -178,6 +182,8 @@ class OffloadHandle:
             host_compressed_bytes=runtime.store.encoded_bytes,
             host_compressed_raw_bytes=runtime.store.encoded_raw_bytes,
             bytes_decoded=c.bytes_decoded,
+            host_file_bytes=runtime.filled.file_bytes,
+            host_fill_seconds=round(runtime.filled.seconds, 6),
             dit_calls=c.dit_calls,
             dit_call_seconds=round(c.dit_seconds / c.dit_calls, 6) if c.dit_calls else 0.0,
             # On the CPU the plan's times describe a GPU preset, not this run: leave them out.
@@ -398,6 +404,7 @@ def apply(
     workload: Any = None,
     plan: Plan | None = None,
     measured: Measurements | None = None,
+    progress: bool | None = None,
     **changes: Any,
 ) -> OffloadHandle:
     """Offload ``pipeline``'s weights as ``config`` says, and return the handle that undoes it.
@@ -414,6 +421,8 @@ def apply(
             per block (or none). The config still sets the device, pinning and the other runtime options.
         measured: what an earlier handle measured (:attr:`OffloadHandle.measurements`): its bandwidth and block
             times replace the probe and the cost model's estimates; new measurements are added to it.
+        progress: show a progress bar (bytes, GB/s) while the host store fills (from the checkpoint files for
+            weights that are mapped views of them); ``None``: only when vramferry logs at INFO level.
         **changes: field overrides applied to a copy of ``config`` (``mode="model"``).
 
     Returns:
@@ -430,7 +439,6 @@ def apply(
     from .planning.planner import default_workload, with_schedule
     from .runtime.codecs import select_codec
     from .runtime.install import check_weights_materialised
-    from .units import parse_bytes
 
     config = config if config is not None else OffloadConfig()
     if changes:
@@ -459,9 +467,7 @@ def apply(
         the_plan = plan if plan.schedule else with_schedule(plan, inventory, config)
     else:
         the_plan = _first_plan(planning, config, work, coding.missing)
-    pin_limit = parse_bytes(config.host_memory_limit) if config.host_memory_limit is not None else None
-    pin, verify = config.pin_memory, config.verify
-    runtime = Runtime(modules, the_plan, device=device, pin=pin, pin_limit=pin_limit, verify=verify, codec=coding.codec)
+    runtime = _runtime(modules, the_plan, config, device, progress, coding.codec)
     reads = WeightReads(runtime.all_units, [c.module for c in modules.components()]) if config.verify else None
     patched = patch_pipeline_class(pipeline, device, reads)
     handle = OffloadHandle(pipeline, config, modules, the_plan, runtime, patched)
@@ -471,6 +477,29 @@ def apply(
         _LIVE[component.module] = handle
     logger.info("vramferry: %s applied to %s", the_plan.mode.value, type(pipeline).__name__)
     return handle
+
+
+def _runtime(
+    modules: PipelineModules,
+    plan: Plan,
+    config: OffloadConfig,
+    device: torch.device,
+    progress: bool | None,
+    codec: Any = None,
+) -> Runtime:
+    from .units import parse_bytes
+
+    limit = parse_bytes(config.host_memory_limit) if config.host_memory_limit is not None else None
+    return Runtime(
+        modules,
+        plan,
+        device=device,
+        pin=config.pin_memory,
+        pin_limit=limit,
+        verify=config.verify,
+        codec=codec,
+        progress=progress,
+    )
 
 
 @dataclass

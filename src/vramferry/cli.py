@@ -190,7 +190,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         check_sizes(pipeline, [(params.width, params.height)], "--size")
     video = is_video_pipeline(pipeline)
     out = Path(args.out or ("vramferry.gif" if video else "vramferry.png"))
-    handle = apply_offload(pipeline, config, params)
+    handle = apply_offload(pipeline, config, params, progress=not args.quiet)
     progress = _Progress(pipeline, enabled=not args.quiet, total=params.steps)
     try:
         with PeakMemory(config.device) as peak:

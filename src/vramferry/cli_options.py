@@ -230,8 +230,11 @@ def demo_defaults(args: argparse.Namespace) -> dict[str, Any]:
     return defaults
 
 
-def apply_offload(pipeline: Any, config: OffloadConfig, params: Any = None) -> Any:
-    """``vramferry.api.apply(pipeline, config)``, sized for ``params`` (a ``GenerationParams``) when given.
+def apply_offload(
+    pipeline: Any, config: OffloadConfig, params: Any = None, progress: bool | None = None
+) -> Any:
+    """``vramferry.api.apply(pipeline, config)``, sized for ``params`` (a ``GenerationParams``) when given; a
+    ``progress`` bar while the host store fills (``None``: with ``--verbose``).
 
     Without the offload runtime, mode ``none`` falls back to a plain ``pipeline.to(device)`` (returns ``None``).
     """
@@ -248,7 +251,7 @@ def apply_offload(pipeline: Any, config: OffloadConfig, params: Any = None) -> A
     from .server.generation import request_workload
 
     workload = request_workload(params) if params is not None else None
-    return apply(pipeline, config) if workload is None else apply(pipeline, config, workload=workload)
+    return apply(pipeline, config, workload=workload, progress=progress)
 
 
 def parse_size(text: str) -> tuple[int, int]:

@@ -13,6 +13,7 @@ from ..planning.plan import Plan
 from ..planning.planner import Placement
 from ..planning.policy import policy
 from .codecs import Codec
+from .fill import Filler, progress_bar
 from .hooks import HookSet
 from .layerwise import BlockStreamer
 from .model import ComponentState, SwapScheduler
@@ -44,6 +45,7 @@ class Runtime:
         pin_limit: int | None,
         verify: bool,
         codec: Codec | None = None,
+        progress: bool | None = None,
     ) -> None:
         self.modules = modules
         self.device = device
@@ -52,17 +54,31 @@ class Runtime:
         self.hooks = HookSet()
         self.verify = verify
         self.pieces, shared = self._collect_pieces()
-        encode = self._moved_pieces(plan) if codec is not None else set()
-        for name, pieces in self.pieces.items():
-            self.store.pack(name, pieces, encode)
+        self._pack(shared, progress, self._moved_pieces(plan) if codec is not None else set())
         self.shared: Unit | None = None
         if shared.refs:
-            self.store.pack("shared", [shared])
             self.shared = Unit("shared", [])
             self.shared.set_runs([shared])
             self._load([self.shared])
         self.states: list[ComponentState] = []
         self._install(plan, {})
+
+    def _pack(self, shared: Piece, progress: bool | None, encode: set[int]) -> None:
+        """Fill the host store, one arena per component (and one for the shared piece), with one bar; the
+        pieces in ``encode`` are compressed instead (with a bar of their own)."""
+        groups = [*self.pieces.items(), *([("shared", [shared])] if shared.refs else [])]
+        raw = sum(p.layout() for _name, pieces in groups for p in pieces if not (id(p) in encode and p.encodable))
+        bar = progress_bar(raw, progress)
+        filler = Filler(progress=bar.update if bar is not None else None)
+        try:
+            for name, pieces in groups:
+                self.store.pack(name, pieces, encode, filler)
+        finally:
+            filler.close()
+            if bar is not None:
+                bar.close()
+        self.filled = filler
+        logger.info("vramferry: host store filled: %s", filler.summary())
 
     # -- pieces: packed once --------------------------------------------------------------------------------
     def _collect_pieces(self) -> tuple[dict[str, list[Piece]], Piece]:

@@ -27,6 +27,7 @@ from ..discovery.leaves import Layout, Leaf, align, layout_of, leaves, rebuild, 
 from ..discovery.sizes import tensor_key
 from ..units import format_bytes
 from .codecs import Codec, Encoded, encode_piece
+from .fill import Filler
 
 logger = logging.getLogger(__name__)
 
@@ -342,13 +343,17 @@ class HostStore:
         self._arenas: list[tuple[torch.Tensor, bool, list[Piece]]] = []
         self._warned = False
 
-    def pack(self, name: str, pieces: list[Piece], encode: set[int] | None = None) -> None:
+    def pack(
+        self, name: str, pieces: list[Piece], encode: set[int] | None = None, filler: Filler | None = None
+    ) -> None:
         """Pack ``pieces`` into one new arena, each contiguous and in order, and make the arena copies canonical
         (parameters rebound to them). Done once per handle: plans place pieces, they never repack them.
 
         Args:
             encode: ids of pieces to keep encoded by the store's codec instead (plain tensors only); each gets a
                 buffer of its own holding only its compressed bytes.
+            filler: fills the arena (from the checkpoint files where tensors are mapped views of them); a
+                default one is made when it is not given.
         """
         encode = encode if self.codec is not None and encode else set()
         coded = [p for p in pieces if id(p) in encode and p.encodable]
@@ -362,8 +367,16 @@ class HostStore:
         pinned = self._register(arena, name)
         offset = 0
         for piece in raw:
-            _fill(piece, arena[offset : offset + piece.nbytes])
+            piece.host = arena[offset : offset + piece.nbytes]
             offset += piece.nbytes
+        if filler is not None:
+            filler.fill(raw)
+        else:
+            filler = Filler()
+            try:
+                filler.fill(raw)
+            finally:
+                filler.close()
         self._arenas.append((arena, pinned, raw))
         if pinned:
             self.pinned_bytes += total

@@ -1,0 +1,327 @@
+"""Cold start: a saved pipeline folder straight into the host store, against reading its files raw.
+
+    # GPU machine (as root, so that the page cache can be dropped before each cold figure):
+    python benchmarks/bench_load.py --drop-caches --folder /tmp/flux1-sized --out benchmarks/results/load_gpu.json
+    # CPU only (peak RSS of load + apply; a FLUX.1-wide transformer with fewer blocks):
+    python benchmarks/bench_load.py --cpu --folder /tmp/flux-cpu --out benchmarks/results/load_cpu.json
+
+The folder is written first when it does not exist (random bf16 weights; on the GPU the full FLUX.1-dev layout,
+about 33 GB, on the CPU ``--blocks`` transformer blocks at FLUX.1's width with tiny encoders). Every section runs
+in a fresh process, so its peak RSS is its own and a section that fails loses no other section's figures
+(``--out`` is rewritten after each one).
+
+Sections:
+  raw_read        the files read start to end (one thread, 16 MiB reads; and 8 threads, 64 MiB reads): disk speed
+  load            ``vramferry.load`` (page cache dropped), then one request on the GPU: times, peak RSS
+  load_warm       the same with the files already in the page cache
+  baseline        ``from_pretrained`` + ``apply`` as before: every tensor copied through its mapping, one thread
+  resident        (GPU) the whole pipeline resident on the GPU: one request, warmed up: the request to add to the
+                  raw read time
+  apply_in_ram    the pipeline already in memory (not file-backed): ``apply`` packing, threaded vs one thread
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+GB = 1e9
+HERE = Path(__file__).resolve().parent
+PROMPT = "a photo of a cat"
+
+
+DROP = False  # --drop-caches
+
+
+def _drop_caches() -> bool:
+    """Drop the page cache (with --drop-caches, as root); returns whether it was dropped."""
+    if not DROP or os.geteuid() != 0:
+        return False
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError:
+        return False
+    return True
+
+
+def _weights(folder: Path) -> list[Path]:
+    return sorted(folder.rglob("*.safetensors"))
+
+
+def _peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB
+
+
+def _rss_gb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024 / GB
+    return 0.0
+
+
+# -- writing the folder ------------------------------------------------------------------------------------------
+
+
+def write_folder(folder: Path, cpu: bool, blocks: int) -> None:
+    import torch
+
+    sys.path.insert(0, str(HERE))
+    from fullsize import FLUX_DEV, flux_pipeline, materialise
+
+    if not cpu:
+        pipe = flux_pipeline("cuda")
+    else:
+        from diffusers import FluxPipeline, FluxTransformer2DModel
+
+        from vramferry.pipelines import build_demo_pipeline
+
+        pipe = build_demo_pipeline()
+        single = max(1, blocks // 3)
+        config = {**FLUX_DEV, "num_layers": blocks - single, "num_single_layers": single}
+        transformer = materialise(lambda: FluxTransformer2DModel(**config), "cpu")
+        pipe = FluxPipeline(**{**pipe.components, "transformer": transformer.to(torch.bfloat16)})
+        pipe.to(torch.bfloat16)
+    pipe.save_pretrained(folder)
+
+
+# -- sections (each in its own process) --------------------------------------------------------------------------
+
+
+def section_raw_read(folder: Path, args) -> dict:
+    from concurrent.futures import ThreadPoolExecutor
+
+    files = _weights(folder)
+    total = sum(f.stat().st_size for f in files)
+    found: dict = {"bytes": total, "cold": _drop_caches()}
+    start = time.perf_counter()
+    buffer = bytearray(16 * 2**20)
+    for path in files:
+        with open(path, "rb", buffering=0) as f:
+            while f.readinto(buffer):
+                pass
+    found["one_thread_s"] = time.perf_counter() - start
+    found["cold_parallel"] = _drop_caches()
+
+    def read(job: tuple[Path, int]) -> int:
+        path, offset = job
+        with open(path, "rb", buffering=0) as f:
+            return len(os.pread(f.fileno(), 64 * 2**20, offset))
+
+    jobs = [(p, off) for p in files for off in range(0, p.stat().st_size, 64 * 2**20)]
+    start = time.perf_counter()
+    with ThreadPoolExecutor(8) as pool:
+        assert sum(pool.map(read, jobs)) == total
+    found["eight_threads_s"] = time.perf_counter() - start
+    found["raw_s"] = min(found["one_thread_s"], found["eight_threads_s"])
+    found["raw_gbps"] = total / found["raw_s"] / GB
+    return found
+
+
+def _config(args):
+    import vramferry
+
+    if args.cpu:
+        return vramferry.OffloadConfig(mode=args.mode, onload_device="cpu", pin_memory=False)
+    return vramferry.OffloadConfig(mode=args.mode)
+
+
+def _request(pipe, args) -> float:
+    import torch
+
+    if args.cpu:
+        return 0.0
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    size = args.size
+    pipe(
+        PROMPT, height=size, width=size, num_inference_steps=args.steps, guidance_scale=3.5, output_type="pil"
+    )
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def _load(folder: Path, args, cold: bool) -> dict:
+    import vramferry
+
+    found: dict = {"cold": _drop_caches() if cold else False, "rss_after_imports_gb": _rss_gb()}
+    start = time.perf_counter()
+    handle = vramferry.load(folder, _config(args), dtype="bfloat16", progress=args.progress)
+    found["load_s"] = time.perf_counter() - start
+    found["rss_after_load_gb"] = _rss_gb()
+    found["first_request_s"] = _request(handle.pipeline, args)
+    found["load_to_first_request_end_s"] = time.perf_counter() - start
+    stats = handle.stats()
+    found["host_file_bytes"] = stats.host_file_bytes
+    found["host_bytes"] = stats.host_pinned_bytes + stats.host_pageable_bytes
+    found["fill_s"] = stats.host_fill_seconds
+    found["peak_rss_gb"] = _peak_rss_gb()
+    return found
+
+
+def section_load(folder: Path, args) -> dict:
+    return _load(folder, args, cold=True)
+
+
+def section_load_warm(folder: Path, args) -> dict:
+    for path in _weights(folder):  # into the page cache
+        with open(path, "rb", buffering=0) as f:
+            while f.read(64 * 2**20):
+                pass
+    return _load(folder, args, cold=False)
+
+
+def _as_before() -> None:
+    """The packing before the host store read files: every tensor copied through its mapping, one thread."""
+    from vramferry.runtime import fill
+    from vramferry.runtime.files import FileMap
+
+    fill.FileMap.current = classmethod(lambda cls: FileMap([]))
+    fill.PARALLEL_BYTES = float("inf")
+
+
+def section_baseline(folder: Path, args) -> dict:
+    import diffusers
+    import torch
+
+    import vramferry
+
+    _as_before()
+    found: dict = {"cold": _drop_caches(), "rss_after_imports_gb": _rss_gb()}
+    start = time.perf_counter()
+    pipe = diffusers.DiffusionPipeline.from_pretrained(folder, dtype=torch.bfloat16)
+    found["from_pretrained_s"] = time.perf_counter() - start
+    handle = vramferry.apply(pipe, _config(args))
+    found["apply_s"] = time.perf_counter() - start - found["from_pretrained_s"]
+    found["first_request_s"] = _request(pipe, args)
+    found["load_to_first_request_end_s"] = time.perf_counter() - start
+    found["host_bytes"] = handle.stats().host_pageable_bytes + handle.stats().host_pinned_bytes
+    found["peak_rss_gb"] = _peak_rss_gb()
+    return found
+
+
+def section_resident(folder: Path, args) -> dict:
+    import diffusers
+    import torch
+
+    if args.cpu:
+        return {"skipped": "needs a GPU"}
+    pipe = diffusers.DiffusionPipeline.from_pretrained(folder, dtype=torch.bfloat16).to("cuda")
+    pipe.set_progress_bar_config(disable=True)
+    _request(pipe, args)  # warm-up: kernels, allocator
+    return {"request_s": _request(pipe, args), "steps": args.steps, "size": args.size}
+
+
+def section_apply_in_ram(folder: Path, args) -> dict:
+    import diffusers
+    import torch
+
+    import vramferry
+
+    pipe = diffusers.DiffusionPipeline.from_pretrained(folder, dtype=torch.bfloat16)
+    with torch.no_grad():  # into anonymous memory: a pipeline built or converted in memory
+        for component in pipe.components.values():
+            if isinstance(component, torch.nn.Module):
+                for p in component.parameters():
+                    p.data = p.data.clone()
+    found: dict = {}
+    for label in ("threaded", "one_thread", "threaded_again"):
+        if label == "one_thread":
+            from vramferry.runtime import fill
+
+            saved = fill.PARALLEL_BYTES
+            fill.PARALLEL_BYTES = float("inf")
+        start = time.perf_counter()
+        handle = vramferry.apply(pipe, _config(args))
+        found[f"{label}_apply_s"] = time.perf_counter() - start
+        found[f"{label}_fill_s"] = handle.stats().host_fill_seconds
+        found["host_bytes"] = handle.stats().host_pageable_bytes + handle.stats().host_pinned_bytes
+        handle.remove()
+        if label == "one_thread":
+            fill.PARALLEL_BYTES = saved
+    found["peak_rss_gb"] = _peak_rss_gb()
+    return found
+
+
+SECTIONS = {
+    "raw_read": section_raw_read,
+    "load": section_load,
+    "load_warm": section_load_warm,
+    "baseline": section_baseline,
+    "resident": section_resident,
+    "apply_in_ram": section_apply_in_ram,
+}
+
+
+# -- driver ------------------------------------------------------------------------------------------------------
+
+
+def _summarise(results: dict, weights: int) -> dict:
+    summary: dict = {"weights_gb": weights / GB}
+    load, raw = results.get("load", {}), results.get("raw_read", {})
+    if "peak_rss_gb" in load:
+        summary["load_peak_rss_over_weights"] = load["peak_rss_gb"] / (weights / GB)
+        summary["load_peak_rss_limit_cpu_gb"] = 1.1 * weights / GB + 0.5
+        summary["load_peak_rss_limit_gpu_gb"] = 1.05 * weights / GB + 2
+    resident = results.get("resident", {}).get("request_s")
+    if "raw_s" in raw and "load_to_first_request_end_s" in load:
+        target = raw["raw_s"] + (resident or 0.0)
+        summary["load_to_first_request_over_raw_plus_resident"] = load["load_to_first_request_end_s"] / target
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--folder", required=True, type=Path, help="pipeline folder (written when missing)")
+    parser.add_argument("--cpu", action="store_true", help="no GPU: offload to the CPU, no requests")
+    parser.add_argument("--blocks", type=int, default=6, help="--cpu: transformer blocks at FLUX.1's width")
+    parser.add_argument("--sections", default=",".join(SECTIONS))
+    parser.add_argument(
+        "--mode", default=None, help="offload mode (default: auto on the GPU, layerwise on the CPU)"
+    )
+    parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=28)
+    parser.add_argument("--progress", action="store_true", help="show the loading bar")
+    parser.add_argument(
+        "--drop-caches", action="store_true", help="drop the page cache before each cold figure (needs root)"
+    )
+    parser.add_argument("--out", type=Path, default=Path("load.json"))
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.mode = args.mode or ("layerwise" if args.cpu else "auto")
+    global DROP
+    DROP = args.drop_caches
+    if args.child:
+        found = SECTIONS[args.child](args.folder, args)
+        print("RESULT " + json.dumps(found), flush=True)
+        return
+    if not (args.folder / "model_index.json").exists():
+        start = time.perf_counter()
+        write_folder(args.folder, args.cpu, args.blocks)
+        print(f"wrote {args.folder} in {time.perf_counter() - start:.1f} s", flush=True)
+    weights = sum(f.stat().st_size for f in _weights(args.folder))
+    results: dict = {"command": " ".join(sys.argv), "weights_bytes": weights}
+    for name in args.sections.split(","):
+        child = [sys.executable, __file__, "--child", name, *sys.argv[1:]]
+        done = subprocess.run(child, capture_output=True, text=True)
+        lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+        if done.returncode == 0 and lines:
+            results[name] = json.loads(lines[-1][len("RESULT ") :])
+        else:
+            results[name] = {"error": done.returncode, "stderr_tail": done.stderr[-3000:]}
+        print(name, json.dumps(results[name], indent=1), flush=True)
+        results["summary"] = _summarise(results, weights)
+        args.out.write_text(json.dumps(results, indent=1))
+    print("summary", json.dumps(results["summary"], indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""``load(model, config) -> OffloadHandle``: a pipeline from its folder or Hub id, straight into the host store."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .api import OffloadHandle, apply
+from .config import OffloadConfig
+
+logger = logging.getLogger(__name__)
+
+
+def load(
+    model: str | os.PathLike | None,
+    config: OffloadConfig | None = None,
+    *,
+    dtype: str | torch.dtype | None = None,
+    variant: str | None = None,
+    progress: bool | None = None,
+    workload: Any = None,
+    **changes: Any,
+) -> OffloadHandle:
+    """Load a diffusers pipeline and offload it, its weights read from the checkpoint files into the host store.
+
+    diffusers builds the pipeline's modules on the meta device and binds each weight to a memory-mapped view of
+    its safetensors file, reading nothing, while the kernel is asked to start reading a local folder's files
+    (when they fit in the available memory). The host store is then filled straight from the files, with large
+    reads on several threads, at the disk's speed: the weights are never copied in memory on the way, and the
+    mapped file pages never count in the process's memory. Weights converted on loading (a ``dtype`` other than
+    the files') are copied from memory instead.
+
+    Args:
+        model: a local folder written by ``save_pretrained`` (with ``model_index.json``), a Hugging Face Hub id
+            (downloaded to, or read from, the Hub cache), or ``None`` for the built-in demo pipeline.
+        config: what to do (:class:`~vramferry.OffloadConfig`); defaults to auto mode.
+        dtype: the weights' dtype (``"bfloat16"``...); ``None`` keeps diffusers' default.
+        variant: the weight-file variant to load (``"fp16"``).
+        progress: show a progress bar (bytes, GB/s) while the store fills; ``None``: only when vramferry logs
+            at INFO level.
+        workload: the request shape the plan is sized for (see :func:`~vramferry.apply`).
+        **changes: field overrides applied to a copy of ``config`` (``mode="layerwise"``).
+
+    Returns:
+        The :class:`~vramferry.OffloadHandle`; ``handle.pipeline`` is the pipeline, ready to call.
+
+    Raises:
+        LoadError: the folder or id cannot be loaded (the message names it and the fix).
+        OffloadError: see :func:`~vramferry.apply`.
+    """
+    from .pipelines.loading import load_pipeline
+    from .runtime.files import prefetch
+
+    start = time.perf_counter()
+    if model is not None and Path(model).expanduser().is_dir():
+        # The disk starts on the weights while diffusers builds the modules.
+        prefetch([str(p) for p in sorted(Path(model).expanduser().rglob("*.safetensors"))])
+    pipeline = load_pipeline(model, dtype=dtype, variant=variant)
+    built = time.perf_counter()
+    handle = apply(pipeline, config, workload=workload, progress=progress, **changes)
+    logger.info(
+        "vramferry: %s loaded in %.2f s (modules %.2f s, host store and device %.2f s)",
+        type(pipeline).__name__,
+        time.perf_counter() - start,
+        built - start,
+        time.perf_counter() - built,
+    )
+    return handle

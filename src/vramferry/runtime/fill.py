@@ -1,0 +1,169 @@
+"""Filling the host store: each tensor's bytes into its slice of an arena, on threads, then the tensor rebound.
+
+Bytes come straight from the checkpoint file where the tensor is a clean memory-mapped view of it
+(:mod:`~vramferry.runtime.files`), otherwise from the tensor itself. Work goes in batches of a few hundred MB:
+a batch's copies and reads run on all threads, then its tensors are rebound to their host copies, which frees
+the originals held in memory. Host memory so grows by at most one batch beyond the weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+from ..discovery.leaves import align, leaves, rebuild, view_in
+from ..units import format_bytes
+from .files import FileMap, FileReader, Region
+
+#: Bytes filled before their tensors are rebound (and the originals freed).
+BATCH_BYTES = 256 * 2**20
+
+#: Batches smaller than this are filled on the calling thread.
+PARALLEL_BYTES = 8 * 2**20
+
+#: A copy from memory larger than this is split across threads.
+COPY_CHUNK = 32 * 2**20
+
+
+def progress_bar(total: int, wanted: bool | None, desc: str = "packing weights") -> Any:
+    """A tqdm bar over ``total`` bytes (its rate reads in GB/s), or ``None``.
+
+    Args:
+        wanted: ``True`` shows it, ``False`` never; ``None`` shows it when vramferry logs at INFO level.
+    """
+    if wanted is None:
+        wanted = logging.getLogger("vramferry").isEnabledFor(logging.INFO)
+    if not wanted or total <= 0:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1000)
+
+
+def default_threads() -> int:
+    """Threads for filling: enough outstanding reads for an NVMe drive, at least one per core for copies."""
+    return max(4, min(16, os.cpu_count() or 1))
+
+
+class Filler:
+    """Fills pieces of the host store and counts what it moved; one per handle, shared by its arenas.
+
+    Args:
+        files: the process's file mappings (``None``: this process's, read when first needed;
+            ``FileMap([])``: never read from files).
+        progress: called with the bytes filled as they land (a progress bar's ``update``).
+        threads: threads for reads and copies.
+    """
+
+    def __init__(
+        self,
+        files: FileMap | None = None,
+        progress: Callable[[int], Any] | None = None,
+        threads: int | None = None,
+    ) -> None:
+        self.files = files if files is not None else FileMap.current()
+        self.progress = progress
+        self.threads = threads or default_threads()
+        self._pool: ThreadPoolExecutor | None = None
+        self._reader = FileReader()
+        self.file_bytes = 0  # read from checkpoint files
+        self.copied_bytes = 0  # copied from tensors in memory
+        self.seconds = 0.0
+
+    def fill(self, pieces: list) -> None:
+        """Copy every tensor of ``pieces`` (each with its ``host`` slice set) into its slice, in layout order,
+        and rebind it there."""
+        start = time.perf_counter()
+        batch: list = []
+        size = 0
+        for piece in pieces:
+            inner = 0
+            for ref in piece.refs:
+                batch.append((ref, view_in(piece.host[inner : inner + ref.nbytes])))
+                inner = align(inner + ref.nbytes)
+                size += ref.nbytes
+                if size >= BATCH_BYTES:
+                    self._run(batch, size)
+                    batch, size = [], 0
+        self._run(batch, size)
+        self.seconds += time.perf_counter() - start
+
+    def close(self) -> None:
+        """Stop the threads and close the files."""
+        self._reader.close()
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+    def _run(self, batch: list, size: int) -> None:
+        # Small batches run on this thread: handing a few MB to threads costs more than it saves.
+        pool = self._threads() if size >= PARALLEL_BYTES else None
+        reads: list[tuple[Region, torch.Tensor]] = []
+        copies: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for ref, view in batch:
+            for tensor, leaf in leaves(ref.current(), ref.layout):
+                target = view(leaf)
+                region = self.files.region(tensor)
+                if region is not None and region.nbytes == leaf.nbytes:
+                    reads.append((region, target.view(-1).view(torch.uint8)))
+                else:
+                    copies.extend(_copy_jobs(target, tensor) if pool is not None else [(target, tensor)])
+        if reads:
+            self._reader.read(reads, pool, self._done)
+            self.file_bytes += sum(region.nbytes for region, _target in reads)
+        if pool is not None:
+            results = [f.result() for f in [pool.submit(_copy, target, source) for target, source in copies]]
+        else:
+            results = [_copy(target, source) for target, source in copies]
+        for nbytes in results:
+            self.copied_bytes += nbytes
+            self._done(nbytes)
+        for ref, view in batch:
+            # Rebound at once: the original (in memory, or a view of the mapped file) is released here.
+            ref.host = rebuild(ref.layout, view)
+            ref.bind(ref.host)
+
+    def _threads(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="vramferry-fill")
+        return self._pool
+
+    def _done(self, nbytes: int) -> None:
+        if self.progress is not None:
+            self.progress(nbytes)
+
+    def summary(self) -> str:
+        """One line: bytes filled, time, rate, and how much came from files."""
+        total = self.file_bytes + self.copied_bytes
+        rate = total / self.seconds / 1e9 if self.seconds > 0 else 0.0
+        return (
+            f"{format_bytes(total)} in {self.seconds:.2f} s ({rate:.2f} GB/s; {format_bytes(self.file_bytes)} "
+            f"read from files, {format_bytes(self.copied_bytes)} copied from memory)"
+        )
+
+
+def _copy_jobs(target: torch.Tensor, source: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One copy, or slices of it for several threads when it is large and both sides are plain bytes."""
+    nbytes = target.numel() * target.element_size()
+    if nbytes <= COPY_CHUNK or not source.is_contiguous() or source.dtype != target.dtype:
+        return [(target, source)]
+    flat_target = target.view(-1).view(torch.uint8)
+    flat_source = source.detach().reshape(-1).view(torch.uint8)
+    return [
+        (flat_target[lo : lo + COPY_CHUNK], flat_source[lo : lo + COPY_CHUNK])
+        for lo in range(0, nbytes, COPY_CHUNK)
+    ]
+
+
+def _copy(target: torch.Tensor, source: torch.Tensor) -> int:
+    with torch.no_grad():
+        target.copy_(source)
+    return target.numel() * target.element_size()
