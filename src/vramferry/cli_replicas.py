@@ -6,7 +6,15 @@ import argparse
 import sys
 from typing import Any
 
-from .cli_options import EXIT_OK, UsageError, _positive_int, check_port, offload_config, require_extra
+from .cli_options import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    UsageError,
+    _positive_int,
+    check_port,
+    offload_config,
+    require_extra,
+)
 
 
 def _replica_count(text: str) -> int:
@@ -83,5 +91,9 @@ def serve_replicas(args: argparse.Namespace, settings: Any) -> int:
     if args.ray_address is None:
         check_port(args.host, args.port)  # the local cluster's proxy listens here
     note_unprotected(args.host, settings)
-    ray_server.run(application, host=args.host, port=args.port, address=args.ray_address)
+    try:
+        ray_server.run(application, host=args.host, port=args.port, address=args.ray_address)
+    except ray_server.DeployError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     return EXIT_OK

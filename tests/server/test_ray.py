@@ -275,8 +275,8 @@ def test_two_demo_replicas_share_the_load_survive_a_killed_replica_and_stop_on_s
 
         served: Counter = Counter()
         seen: Counter = Counter()
-        for round in range(3):  # the router picks the less busy of two: both serve a burst of 16 at once
-            seeds = range(16 * round, 16 * round + 16)
+        for burst in range(3):  # the router picks the less busy of two: both serve a burst of 16 at once
+            seeds = range(16 * burst, 16 * burst + 16)
             responses = _burst(base, seeds)
             served += _check_burst(responses, seeds)
             seen.update(str(r.status_code) for r in responses)

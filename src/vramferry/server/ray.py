@@ -51,6 +51,10 @@ HEADROOM = (
 PROXY_QUEUE = 256  # requests a proxy holds while it routes them (a burst waits a moment); beyond, Ray's 429
 
 
+class DeployError(RuntimeError):
+    """The replicas did not start (the message is the replicas' own error, as Ray reports it)."""
+
+
 @dataclass(frozen=True)
 class ReplicaSpec:
     """What every replica loads and serves (plain data: it travels to the replicas by pickle)."""
@@ -430,7 +434,7 @@ def run(
             every replica serves. Signal handlers are installed only on the main thread.
 
     Raises:
-        RuntimeError: the application failed to deploy (Ray's message, naming the replica's error).
+        DeployError: the application failed to deploy (naming the replicas' error).
     """
     import os
 
@@ -469,7 +473,7 @@ def _deploy(application: Any, name: str) -> None:
         status = serve.status().applications.get(name)
         details = [d.message for d in status.deployments.values() if d.message] if status else []
         lines = [line for text in details for line in text.strip().splitlines() if line.strip()]
-        raise RuntimeError(f"the replicas failed to start: {lines[-1] if lines else exc}") from None
+        raise DeployError(f"the replicas failed to start: {lines[-1] if lines else exc}") from None
 
 
 def _on_signals(stop: threading.Event) -> Any:
