@@ -173,11 +173,14 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _wait(condition, timeout: float, what: str, server: subprocess.Popen):
+def _wait(condition, timeout: float, what: str, server):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise AssertionError(f"the server exited with {server.returncode} while waiting for {what}")
+        if server.process.poll() is not None:
+            raise AssertionError(
+                f"the server exited with {server.process.returncode} while waiting for {what}: "
+                + server.output()[-2000:]
+            )
         try:
             value = condition()
         except httpx.HTTPError:
@@ -209,33 +212,6 @@ def _burst(base: str, seeds: range, steps: int = 2) -> list[httpx.Response]:
     return asyncio.run(run())
 
 
-def _ray_processes(server: subprocess.Popen) -> list:
-    import psutil
-
-    try:
-        return psutil.Process(server.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
-
-
-def _stop(server: subprocess.Popen, left: list) -> None:
-    """SIGTERM, then SIGKILL; then any of the server's Ray processes still running, by pid."""
-    import psutil
-
-    if server.poll() is None:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(60)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait(10)
-    for process in left:
-        try:
-            process.kill()
-        except psutil.NoSuchProcess:
-            pass
-
-
 def _check_burst(responses: list, seeds: range) -> Counter:
     """Every request answered once, 200 or 429; distinct images; the replicas that served, counted."""
     assert len(responses) == len(seeds)
@@ -252,27 +228,81 @@ def _check_burst(responses: list, seeds: range) -> Counter:
     return Counter(r.headers.get(REPLICA_HEADER) for r in ok)
 
 
-def test_two_demo_replicas_share_the_load_survive_a_killed_replica_and_stop_on_sigterm():
-    pytest.importorskip("ray.serve", reason="the 'ray' extra is not installed")
-    psutil = pytest.importorskip("psutil")
-    port = _free_port()
-    base = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "vramferry", "serve", "--replicas", "2", "--port", str(port)]
-    command += ["--offload", "none", "--max-queue", "4", "--timeout", str(REQUEST_TIMEOUT)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "HF_HUB_OFFLINE": "1"}
-    env.update(RAY_USAGE_STATS_ENABLED="0", RAY_ADDRESS="")
-    server = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    left: list = []
-    try:
+class ReplicaServer:
+    """``vramferry serve --replicas N`` in a subprocess on a free port, its output in a file."""
+
+    def __init__(self, flags: list[str], log_path) -> None:
+        self.port = _free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        command = [sys.executable, "-m", "vramferry", "serve", "--port", str(self.port), *flags]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "HF_HUB_OFFLINE": "1"}
+        env.update(RAY_USAGE_STATS_ENABLED="0", RAY_ADDRESS="")
+        self.log_path = log_path
+        with open(log_path, "wb") as log:
+            self.process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        self.started: dict[
+            int, object
+        ] = {}  # pid -> psutil.Process: every Ray process seen, to stop them all
+
+    def wait_ready(self, replicas: int) -> set[str]:
+        """Wait for /health, then for ``replicas`` replicas in /metrics; their ids."""
         _wait(
-            lambda: httpx.get(f"{base}/health", timeout=5).status_code == 200,
+            lambda: httpx.get(f"{self.base}/health", timeout=5).status_code == 200,
             START_TIMEOUT,
             "/health",
-            server,
+            self,
         )
-        replicas = _wait(lambda: _two(_metrics_replicas(base)), 60, "two replicas in /metrics", server)
-        left = _ray_processes(server)
+        found = _wait(
+            lambda: _if_count(_metrics_replicas(self.base), replicas),
+            60,
+            f"{replicas} replicas in /metrics",
+            self,
+        )
+        self.note_processes()
+        return found
 
+    def note_processes(self) -> list:
+        import psutil
+
+        try:
+            children = psutil.Process(self.process.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            children = []
+        self.started.update((p.pid, p) for p in children)
+        return children
+
+    def replica_processes(self) -> list:
+        return [p for p in self.note_processes() if "ServeReplica" in " ".join(p.cmdline())]
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL; then every Ray process of its still running, by pid."""
+        import psutil
+
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        for process in self.started.values():
+            try:
+                process.kill()
+            except psutil.NoSuchProcess:
+                pass
+
+
+def test_two_demo_replicas_share_the_load_survive_a_killed_replica_and_stop_on_sigterm(tmp_path):
+    pytest.importorskip("ray.serve", reason="the 'ray' extra is not installed")
+    psutil = pytest.importorskip("psutil")
+    flags = ["--replicas", "2", "--offload", "none", "--max-queue", "4", "--timeout", str(REQUEST_TIMEOUT)]
+    server = ReplicaServer(flags, tmp_path / "serve.log")
+    try:
+        replicas = server.wait_ready(2)
+        base = server.base
         served: Counter = Counter()
         seen: Counter = Counter()
         for burst in range(3):  # the router picks the less busy of two: both serve a burst of 16 at once
@@ -286,7 +316,7 @@ def test_two_demo_replicas_share_the_load_survive_a_killed_replica_and_stop_on_s
         # /metrics: every replica's counters, labelled; the sums are what the clients saw.
         _wait(lambda: _totals(base) == dict(seen), 10, f"/metrics to count {dict(seen)}", server)
 
-        replica_processes = [p for p in left if p.name().startswith("ray::ServeReplica")]
+        replica_processes = server.replica_processes()
         assert len(replica_processes) == 2
         in_flight = _burst_in_background(base, range(1000, 1008), steps=8)
         time.sleep(0.5)
@@ -301,14 +331,45 @@ def test_two_demo_replicas_share_the_load_survive_a_killed_replica_and_stop_on_s
         ]
         assert [r.status_code for r in following] == [200] * 6, [r.text[:200] for r in following]
 
-        server.send_signal(signal.SIGTERM)
-        assert server.wait(90) == 0
-        _wait_gone(left, 30, psutil)
+        running = server.note_processes()  # the replacement replica Ray started included
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(90) == 0
+        _wait_gone(running, 30, psutil)
     finally:
-        _stop(server, left)
-        output = server.stdout.read().decode(errors="replace")
-        server.stdout.close()
-    assert "Traceback" not in output, output[-3000:]
+        server.stop()
+    assert "Traceback" not in server.output(), server.output()[-3000:]
+
+
+@pytest.mark.gpu
+def test_two_replicas_each_plan_and_run_on_a_gpu_of_their_own(tmp_path):
+    pytest.importorskip("ray.serve", reason="the 'ray' extra is not installed")
+    import torch
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip(f"needs 2 GPUs, found {torch.cuda.device_count()}")
+    server = ReplicaServer(
+        ["--replicas", "2", "--offload", "auto", "--max-queue", "8"], tmp_path / "serve.log"
+    )
+    try:
+        replicas = server.wait_ready(2)
+        served: Counter = Counter()
+        for burst in range(3):
+            seeds = range(16 * burst, 16 * burst + 16)
+            served += _check_burst(_burst(server.base, seeds, steps=4), seeds)
+            if set(served) == replicas:
+                break
+        assert set(served) == replicas, served
+        time.sleep(1.0)  # the replicas' metrics reach the board every 0.5 s
+        text = httpx.get(f"{server.base}/metrics", timeout=10).text
+        peaks = {
+            s.labels["replica"]: s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+            if s.name == "vramferry_peak_memory_bytes" and s.labels["kind"] == "allocated"
+        }
+        assert set(peaks) == replicas and all(peak > 0 for peak in peaks.values()), peaks  # both ran on CUDA
+    finally:
+        server.stop()
 
 
 def _metrics_replicas(base: str) -> set[str]:
@@ -329,8 +390,8 @@ def _totals(base: str) -> dict[str, float]:
     return dict(totals)
 
 
-def _two(replicas: set[str]) -> set[str] | None:
-    return replicas if len(replicas) == 2 else None
+def _if_count(replicas: set[str], count: int) -> set[str] | None:
+    return replicas if len(replicas) == count else None
 
 
 def _burst_in_background(base: str, seeds: range, steps: int):
