@@ -39,7 +39,8 @@ def add_replica_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--ray-address",
         metavar="ADDR",
-        help="join this Ray cluster ('auto', HOST:6379, ray://HOST:10001) instead of starting a local one",
+        help="join this running Ray cluster ('auto': the one this node is part of, or HEAD:6379) instead of "
+        "starting a local one",
     )
     group.add_argument(
         "--min-replicas",

@@ -304,6 +304,42 @@ def deployment(
         ValueError: bad replica counts, or settings that are not a :class:`ServerSettings`.
         ImportError: Ray Serve is not installed (the ``ray`` extra).
     """
+    spec = replica_spec(model, config, settings, dtype=dtype, lora=lora, sizes=sizes)
+    scaling = replica_options(replicas, min_replicas, max_replicas)
+    serve, DeploymentActorConfig = _import_serve()
+    from ray.serve.config import BackpressureConfig
+
+    gpus = _gpus_per_replica() if num_gpus is None else num_gpus
+    return serve.deployment(
+        serve.ingress()(VramferryReplica),
+        name=name,
+        ray_actor_options={"num_gpus": gpus, "num_cpus": 1},
+        # The worker's own queue answers 429 first; the headroom leaves /health and /metrics a way in.
+        max_ongoing_requests=spec.settings.max_queue + 1 + HEADROOM,
+        max_queued_requests=PROXY_QUEUE,
+        backpressure_config=BackpressureConfig(status_code=429, retry_after_s=1),
+        health_check_period_s=5,
+        max_constructor_retry_count=CONSTRUCTOR_RETRIES,
+        graceful_shutdown_timeout_s=min(spec.settings.timeout, 60),
+        deployment_actors=[
+            DeploymentActorConfig(
+                name=BOARD, actor_class=_remote(MetricsBoard), actor_options={"num_cpus": 0}
+            )
+        ],
+        **scaling,
+    ).bind(spec)
+
+
+def replica_spec(
+    model: str | None,
+    config: Any,
+    settings: ServerSettings | None,
+    *,
+    dtype: str | None = None,
+    lora: Sequence[tuple[str, Any]] = (),
+    sizes: Sequence[tuple[int, int]] = (),
+) -> ReplicaSpec:
+    """The :class:`ReplicaSpec` of :func:`deployment`'s arguments, checked (``ValueError`` naming the argument)."""
     from ..config import OffloadConfig
 
     settings = settings if settings is not None else ServerSettings()
@@ -315,8 +351,7 @@ def deployment(
         config = OffloadConfig.from_dict(config)
     elif not isinstance(config, OffloadConfig):
         raise ValueError(f"config: expected an OffloadConfig or a dict, got {type(config).__name__}")
-    scaling = replica_options(replicas, min_replicas, max_replicas)
-    spec = ReplicaSpec(
+    return ReplicaSpec(
         model=None if model is None else str(model),
         config=config.to_dict(),
         settings=settings,
@@ -324,29 +359,6 @@ def deployment(
         lora=tuple((str(n), str(p)) for n, p in lora),
         sizes=tuple((int(w), int(h)) for w, h in sizes),
     )
-    serve, DeploymentActorConfig = _import_serve()
-    from ray.serve.config import BackpressureConfig
-
-    gpus = _gpus_per_replica() if num_gpus is None else num_gpus
-    ingress = serve.ingress()(VramferryReplica)
-    return serve.deployment(
-        ingress,
-        name=name,
-        ray_actor_options={"num_gpus": gpus, "num_cpus": 0 if gpus else 1},
-        # The worker's own queue answers 429 first; the headroom leaves /health and /metrics a way in.
-        max_ongoing_requests=settings.max_queue + 1 + HEADROOM,
-        max_queued_requests=PROXY_QUEUE,
-        backpressure_config=BackpressureConfig(status_code=429, retry_after_s=1),
-        health_check_period_s=5,
-        max_constructor_retry_count=CONSTRUCTOR_RETRIES,
-        graceful_shutdown_timeout_s=min(settings.timeout, 60),
-        deployment_actors=[
-            DeploymentActorConfig(
-                name=BOARD, actor_class=_remote(MetricsBoard), actor_options={"num_cpus": 0}
-            )
-        ],
-        **scaling,
-    ).bind(spec)
 
 
 def replica_options(
@@ -427,7 +439,7 @@ def run(
     ``stop``.
 
     Args:
-        address: a running Ray cluster to join (``"auto"``, ``"10.0.0.1:6379"``, ``"ray://head:10001"``); the
+        address: a running Ray cluster to join (``"auto"``, ``"10.0.0.1:6379"``: what ``ray.init`` takes); the
             app is deleted from it on exit, the cluster left running. ``None``: start a local cluster (or join
             the one ``RAY_ADDRESS`` names), shut down on exit.
         stop, ready: for callers that drive it from another thread: set ``stop`` to end; ``ready`` is set once
