@@ -30,6 +30,7 @@ from vramferry.server.ray import (
     REPLICA_HEADER,
     MetricsBoard,
     ReplicaHeader,
+    ReplicaMetrics,
     merge_metrics,
     replica_options,
 )
@@ -74,6 +75,18 @@ def test_merged_metrics_label_every_sample_with_its_replica():
     assert (
         'vramferry_queue_depth{replica="a"} 0.0' in text and 'vramferry_queue_depth{replica="b"} 0.0' in text
     )
+
+
+def test_an_app_given_replica_metrics_serves_them_labelled_with_the_replica():
+    metrics = ReplicaMetrics("r1")  # not reporting: no cluster here, so only its own numbers
+    app = create_app(FakePipeline(), settings=ServerSettings(), metrics=metrics)
+    with TestClient(app) as client:
+        assert client.post("/v1/images/generations", json=BODY).status_code == 200
+        assert client.post("/v1/images/generations", json={**BODY, "size": "65x64"}).status_code == 400
+        text = client.get("/metrics").content
+    assert _counts(text) == {("r1", "200"): 1.0, ("r1", "400"): 1.0}
+    # What it reports to the board has no replica label (the merge adds it, once).
+    assert 'vramferry_requests_total{status="200"} 1.0' in metrics.own().decode()
 
 
 def test_the_board_returns_live_replicas_and_drops_silent_and_stopped_ones():

@@ -149,7 +149,10 @@ class ReplicaMetrics(ServerMetrics):
         self._stop.set()
         board = self._board
         if board is not None:
-            board.forget.remote(self.replica)
+            try:
+                board.forget.remote(self.replica)
+            except Exception as exc:  # the cluster is going away: the board goes with it
+                logger.debug("replica %s: not removed from the metrics board (%s)", self.replica, exc)
 
     def _report_loop(self) -> None:
         import ray
