@@ -438,3 +438,13 @@ def _running(process, psutil) -> bool:
         return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def test_a_replica_refuses_a_size_its_pipeline_cannot_make_before_offloading():
+    from vramferry.server.ray import load_replica, replica_spec
+
+    spec = replica_spec(None, {"mode": "none", "onload_device": "cpu"}, None, sizes=[(100, 100)])
+    with pytest.raises(
+        ValueError, match="sizes: 100x100: FluxPipeline makes sizes whose sides are multiples of 16"
+    ):
+        load_replica(spec)

@@ -45,9 +45,7 @@ BOARD = "metrics_board"  # the deployment-scoped actor's name
 REPORT_PERIOD_S = 0.5  # how often a replica reports its metrics and reads the others'
 STALE_AFTER_S = 60.0  # a replica silent for longer (stopped, killed) leaves /metrics
 CONSTRUCTOR_RETRIES = 2  # a replica that cannot load its model fails the deployment soon, not after 20 tries
-HEADROOM = (
-    4  # requests a replica takes beyond its worker's queue: /health and /metrics while the queue is full
-)
+HEADROOM = 4  # requests a replica takes beyond its queue: room for /health and /metrics when it is full
 PROXY_QUEUE = 256  # requests a proxy holds while it routes them (a burst waits a moment); beyond, Ray's 429
 
 
@@ -217,6 +215,7 @@ def load_replica(spec: ReplicaSpec) -> tuple[Any, Any]:
     from ..config import OffloadConfig
     from ..pipelines.loading import load_pipeline
     from ..planning.workload import Workload
+    from .generation import size_multiple
     from .lora import load_lora_adapters
 
     config = OffloadConfig.from_dict(spec.config)
@@ -226,10 +225,19 @@ def load_replica(spec: ReplicaSpec) -> tuple[Any, Any]:
     pipeline = load_pipeline(spec.model, dtype=spec.dtype)
     if spec.lora:
         load_lora_adapters(pipeline, [(name, path) for name, path in spec.lora])
+    multiple = size_multiple(pipeline)
+    for width, height in spec.sizes:
+        if width % multiple or height % multiple:
+            raise ValueError(
+                f"sizes: {width}x{height}: {type(pipeline).__name__} makes sizes whose sides are multiples of "
+                f"{multiple}"
+            )
     handle = api.apply(pipeline, config)
     if spec.sizes and str(config.mode) == "auto":
         steps = spec.settings.default_steps or handle.workload.steps
         handle.prepare([Workload(height=h, width=w, steps=steps) for w, h in spec.sizes])
+    elif spec.sizes:
+        logger.warning("sizes are planned only in auto mode (this replica runs %s); ignored", config.mode)
     return pipeline, handle
 
 
