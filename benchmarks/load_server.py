@@ -12,6 +12,11 @@ It prints p50/p99 latency and writes everything to a JSON file. Exit code 0 when
 
     python benchmarks/load_server.py --out load_server.json
 
+``--replicas N`` serves N Ray Serve replicas on a local Ray cluster (``serve --replicas N``, the ``ray`` extra):
+the counts are then summed over the replicas' labelled metrics, and every replica must have served.
+
+    python benchmarks/load_server.py --replicas 2 --out load_server_replicas.json
+
 Bounded: with the defaults (32 clients x 8 requests, 64x64, 1 step) it takes well under a minute on 2 CPU cores.
 
 ``--scenario disconnect-storm``: first ``--waiters`` clients (8) are served alone, one request each, all at once;
@@ -42,6 +47,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -59,6 +65,7 @@ class Outcome:
     size: tuple[int, int] | None = None
     error: str | None = None
     attempts: int = 1
+    replica: str | None = None  # X-Vramferry-Replica: the Ray Serve replica that answered
 
 
 def free_port() -> int:
@@ -72,6 +79,8 @@ def start_server(port: int, args: argparse.Namespace, log: Path) -> subprocess.P
         sys.executable, "-m", "vramferry", "serve", "--host", "127.0.0.1", "--port", str(port),
         "--offload", args.offload, "--max-queue", str(args.max_queue), "--timeout", str(args.timeout),
     ]  # fmt: skip
+    if args.replicas:
+        command += ["--replicas", str(args.replicas)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     handle = log.open("w")
     return subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env)
@@ -106,6 +115,7 @@ async def one_request(client: httpx.AsyncClient, index: int, seed: int, args: ar
         # Honour the server's Retry-After, scaled down: the demo answers in milliseconds.
         await asyncio.sleep(float(response.headers.get("retry-after", "1")) * args.retry_scale)
     outcome = Outcome(index, seed, response.status_code, time.perf_counter() - start, attempts=attempts)
+    outcome.replica = response.headers.get("x-vramferry-replica")
     if response.status_code == 200:
         data = response.json()["data"]
         png = base64.b64decode(data[0]["b64_json"])
@@ -231,9 +241,32 @@ def main_storm(args: argparse.Namespace, base: str) -> tuple[dict, list[str]]:
 
 
 def server_counts(base: str) -> dict[str, float]:
+    """Requests answered by status, summed over the replicas (one server has none)."""
+    return {status: sum(by_replica.values()) for status, by_replica in replica_counts(base).items()}
+
+
+def settled_counts(base: str, answers: int, timeout: float = 10.0) -> dict[str, float]:
+    """The server's counts once they add up to ``answers`` (Ray Serve replicas share theirs every 0.5 s)."""
+    deadline = time.monotonic() + timeout
+    counts = server_counts(base)
+    while sum(counts.values()) < answers and time.monotonic() < deadline:
+        time.sleep(0.25)
+        counts = server_counts(base)
+    return counts
+
+
+def replica_counts(base: str) -> dict[str, dict[str, float]]:
+    """status -> replica ("" for a single server) -> requests answered."""
     text = httpx.get(f"{base}/metrics", timeout=10).text
-    pattern = re.compile(r'^vramferry_requests_total\{status="(\d+)"\} ([0-9.e+]+)$', re.MULTILINE)
-    return {status: float(value) for status, value in pattern.findall(text)}
+    counts: dict[str, dict[str, float]] = {}
+    for labels, value in _REQUESTS.findall(text):
+        found = dict(_LABEL.findall(labels))
+        counts.setdefault(found["status"], {})[found.get("replica", "")] = float(value)
+    return counts
+
+
+_REQUESTS = re.compile(r"^vramferry_requests_total\{([^}]*)\} ([0-9.e+]+)$", re.MULTILINE)
+_LABEL = re.compile(r'(\w+)="([^"]*)"')
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -290,10 +323,13 @@ def main_load(args: argparse.Namespace, base: str) -> tuple[dict, list[str]]:
     start = time.perf_counter()
     outcomes = asyncio.run(run_clients(base, args))
     wall = time.perf_counter() - start
-    counts = server_counts(base)
+    counts = settled_counts(base, len(outcomes) + sum(o.attempts - 1 for o in outcomes))
     problems = check(outcomes, counts, args)
+    served = dict(Counter(o.replica for o in outcomes if o.status == 200 and o.replica))
+    if args.replicas and len(served) < args.replicas:
+        problems.append(f"{args.replicas} replicas, but only these served: {served}")
     report = {
-        "summary": summarise(outcomes, wall),
+        "summary": {**summarise(outcomes, wall), **({"served_by_replica": served} if args.replicas else {})},
         "server_counts": counts,
         "problems": problems,
         "outcomes": [asdict(o) for o in outcomes],
@@ -323,7 +359,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--max-slowdown", type=float, default=1.5, help="disconnect-storm: waiters' time in the storm / alone"
     )
-    parser.add_argument("--startup-timeout", type=float, default=180.0)
+    parser.add_argument(
+        "--replicas", type=int, default=0, help="serve --replicas N: Ray Serve replicas on a local cluster"
+    )
+    parser.add_argument("--startup-timeout", type=float, default=300.0)
     parser.add_argument("--out", default="load_server.json", help="where the JSON report goes")
     return parser.parse_args(argv)
 
@@ -347,8 +386,8 @@ def main(argv: list[str] | None = None) -> int:
         print(log.read_text()[-3000:], file=sys.stderr)
         raise
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        server.terminate()  # SIGTERM: a Ray cluster that serve started is shut down with it
+        server.wait(timeout=120)
     command = "python benchmarks/load_server.py " + " ".join(argv if argv is not None else sys.argv[1:])
     report = {"command": command, "settings": vars(args), **report}
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")

@@ -1,5 +1,4 @@
-"""The ``vramferry`` command: ``plan``, ``generate``, ``bench`` and ``serve``.
-
+"""The ``vramferry`` command: ``plan``, ``generate``, ``bench`` and ``serve`` (``--replicas``: cli_replicas.py).
 Every offload flag maps to one :class:`~vramferry.config.OffloadConfig` field through :data:`~vramferry.cli_options.OFFLOAD_FLAGS`, the
 single option group that all commands share; ``--config FILE.json`` loads a saved config and flags override it.
 Library errors become one ``error: ...`` line on stderr and exit code 2 (tracebacks with ``--debug``).
@@ -45,6 +44,7 @@ from .cli_options import (
     require_extra,
     server_settings,
 )
+from .cli_replicas import add_replica_options, note_unprotected, replicated, serve_replicas
 from .config import OffloadConfig, OffloadMode
 from .errors import OffloadError
 
@@ -231,18 +231,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     check_lora_names(args.lora or ())
     defaults = demo_defaults(args)
     settings = server_settings(args, defaults)
+    if replicated(args):
+        return serve_replicas(args, settings)
     check_port(args.host, args.port)  # before the model loads: a busy port costs nothing
     pipeline = load(args)
     check_sizes(pipeline, args.sizes or (), "--sizes")
-    _load_loras(
-        pipeline, args.lora or ()
-    )  # before offload: adapters cannot be added to an offloaded pipeline
+    _load_loras(pipeline, args.lora or ())  # before offload: an offloaded pipeline takes no adapters
     handle = apply_offload(pipeline, config)
     if args.sizes:
         _prepare_sizes(handle, args.sizes, defaults)
     app = create_app(pipeline, handle, settings)
-    if args.host not in ("127.0.0.1", "localhost", "::1") and settings.api_key is None:
-        print(f"note: listening on {args.host} without an API key (--api-key)", file=sys.stderr)
+    note_unprotected(args.host, settings)
     log_level = "debug" if args.debug else "info"
     uvicorn.run(app, host=args.host, port=args.port, log_level=log_level, **uvicorn_options(settings))
     return EXIT_OK
@@ -506,6 +505,7 @@ def _add_serve(sub: Any, common: argparse.ArgumentParser) -> None:
         "weights with 'lora' (default: every adapter at 1.0)",
     )
     add_offload_options(p)
+    add_replica_options(p)
     p.set_defaults(handler=cmd_serve)
 
 

@@ -399,7 +399,8 @@ class RequestGuard:
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
-        rid = uuid.uuid4().hex
+        # An id that a layer in front gave (Ray Serve's proxy, through the replica's middleware), else a new one.
+        rid = scope.get("state", {}).get("request_id") or uuid.uuid4().hex
         # A copy: scope["state"] starts as a shallow copy of the lifespan state, shared by nothing else.
         scope["state"] = {**scope.get("state", {}), "request_id": rid, "arrived": time.monotonic()}
         status = 500  # what an exception that escapes the app becomes
@@ -420,19 +421,27 @@ class RequestGuard:
                 self.metrics.observe_request(status, time.perf_counter() - start)
 
 
-def create_app(pipeline: Any, handle: Any = None, settings: ServerSettings | None = None) -> FastAPI:
+def create_app(
+    pipeline: Any,
+    handle: Any = None,
+    settings: ServerSettings | None = None,
+    *,
+    metrics: ServerMetrics | None = None,
+) -> FastAPI:
     """The FastAPI app serving ``pipeline``.
 
     Args:
         pipeline: a callable diffusers-style pipeline (already offloaded, or not).
         handle: the ``OffloadHandle`` from ``vramferry.api.apply``, for the metrics; ``None`` without offload.
         settings: limits and defaults; :class:`ServerSettings` () when omitted.
+        metrics: what the app reports to and ``/metrics`` renders; a new :class:`ServerMetrics` when omitted (a
+            Ray Serve replica passes one that renders every replica's, see :mod:`vramferry.server.ray`).
 
     Returns:
         The app. Its worker thread starts with the app's lifespan (or on the first request) and stops with it.
     """
     settings = settings or ServerSettings()
-    metrics = ServerMetrics()
+    metrics = metrics or ServerMetrics()
     worker = GenerationWorker(pipeline, handle, settings.max_queue, metrics)
     multiple = settings.size_multiple or size_multiple(pipeline)
     disable_progress_bar(pipeline)
