@@ -196,8 +196,9 @@ class Piece:
 
     @property
     def encodable(self) -> bool:
-        """Made of plain tensors only (a tensor subclass keeps its raw leaves)."""
-        return bool(self.refs) and all(isinstance(ref.layout, Leaf) for ref in self.refs)
+        """Made of plain parameters only. A tensor subclass keeps its raw leaves; a piece with buffers stays raw
+        too, since pipeline code may read a buffer on the host between loads (a placeholder would read zeros)."""
+        return bool(self.refs) and all(isinstance(ref.layout, Leaf) and ref.param is not None for ref in self.refs)
 
     def layout(self) -> int:
         offset = 0

@@ -175,8 +175,10 @@ class Mover:
         the whole device copy is ready, recorded on the decode stream."""
         decode = self.decode_stream
         if after is not None:
-            # The decodes write into the slot too: only once its previous occupant has finished.
+            # The decodes write into the slot: only once its previous occupant has finished.
             decode.wait_event(after)
+            if not all(isinstance(host, Encoded) for host, _start in unit.runs):
+                self.copy_stream.wait_event(after)  # and so do the copies of its raw pieces
         for host, start in unit.runs:
             if not isinstance(host, Encoded):
                 buffer[start : start + host.numel()].copy_(host, non_blocking=True)
