@@ -43,6 +43,7 @@ class ServerMetrics:
             registry=r,
         )
         self.images = Counter("vramferry_images_generated", "Images generated.", registry=r)
+        self.videos = Counter("vramferry_videos_generated", "Videos generated.", registry=r)
         self.queue_depth = Gauge("vramferry_queue_depth", "Requests waiting for the worker.", registry=r)
         self.in_progress = Gauge(
             "vramferry_requests_running", "Requests the worker is running (0 or 1).", registry=r

@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,8 +21,9 @@ from typing import Any
 import torch
 
 from ..errors import BudgetError
-from .generation import GenerationParams, generate, png_bytes, request_workload
+from .generation import GenerationParams, StepCallback, generate, request_workload
 from .lora import LoraSwitch
+from .media import encode_image
 from .metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
@@ -55,11 +57,17 @@ class Job:
         params: what to generate.
         deadline: ``time.monotonic()`` after which the job is given up (checked before it starts and at every step).
         request_id: names the request in the server's log.
+        deliver: turns the pipeline's outputs (one PIL image, or list of frames, per item) into the job's result;
+            it runs on the worker thread (encoding a video there keeps the event loop free). Default: PNG bytes of
+            each image (a video's first frame).
+        on_step: called after each denoising step with ``(steps done, total)``, for progress.
     """
 
     params: GenerationParams
     deadline: float = float("inf")
     request_id: str = "-"
+    deliver: Callable[[list[Any]], Any] | None = None
+    on_step: StepCallback | None = None
     future: Future = field(default_factory=Future)
     cancelled: threading.Event = field(default_factory=threading.Event)
     reason: str = "the request was given up"
@@ -144,15 +152,21 @@ class GenerationWorker:
             thread.join(timeout)
 
     def submit(
-        self, params: GenerationParams, *, deadline: float = float("inf"), request_id: str = "-"
+        self,
+        params: GenerationParams,
+        *,
+        deadline: float = float("inf"),
+        request_id: str = "-",
+        deliver: Callable[[list[Any]], Any] | None = None,
+        on_step: StepCallback | None = None,
     ) -> Job:
-        """Queue a job.
+        """Queue a job (``deliver``, ``on_step``: see :class:`Job`).
 
         Raises:
             QueueFull: ``max_queue`` jobs are waiting.
             WorkerStopped: the worker is not running.
         """
-        job = Job(params, deadline=deadline, request_id=request_id)
+        job = Job(params, deadline=deadline, request_id=request_id, deliver=deliver, on_step=on_step)
         with self._changed:
             if not self.alive:
                 raise WorkerStopped("the generation worker is not running")
@@ -212,13 +226,13 @@ class GenerationWorker:
     def _run(self, job: Job) -> None:
         start = time.perf_counter()
         error: Exception | None = None
-        result: list[bytes] = []
+        result: Any = None
         try:
             job.check()  # its deadline may have passed while it waited
             self._fit_offload(job.params)
             self.lora.use(job.params.lora)  # scales only: the offload's placement stays as it is
-            images = generate(self.pipeline, job.params, on_step=lambda step, total: job.check())
-            result = [png_bytes(image if not isinstance(image, list) else image[0]) for image in images]
+            outputs = generate(self.pipeline, job.params, on_step=lambda step, total: _step(job, step, total))
+            result = (job.deliver or png_images)(outputs)
         except (
             BaseException
         ) as exc:  # SystemExit and KeyboardInterrupt too: one request must not end the server
@@ -229,7 +243,9 @@ class GenerationWorker:
         self.metrics.generation.observe(time.perf_counter() - start)
         self._observe_runtime()
         if error is None:
-            self.metrics.images.inc(len(result))
+            kinds = [isinstance(item, list) for item in outputs]
+            self.metrics.images.inc(kinds.count(False))
+            self.metrics.videos.inc(kinds.count(True))
             _answer(job, result)
         else:
             _answer(job, error)
@@ -260,6 +276,17 @@ class GenerationWorker:
                 logger.debug("could not read the offload handle's stats", exc_info=True)
 
 
+def png_images(outputs: list[Any]) -> list[bytes]:
+    """Each output as PNG bytes (a video's first frame)."""
+    return [encode_image(item[0] if isinstance(item, list) else item, "png") for item in outputs]
+
+
+def _step(job: Job, step: int, total: int) -> None:
+    job.check()
+    if job.on_step is not None:
+        job.on_step(step, total)
+
+
 def _failure(job: Job, exc: BaseException) -> Exception:
     """What the caller of ``job`` is told about ``exc``; the details go to the log."""
     if isinstance(exc, (JobCancelled, GenerationOutOfMemory)):
@@ -274,7 +301,7 @@ def _failure(job: Job, exc: BaseException) -> Exception:
     return GenerationFailed("the pipeline failed on this request")
 
 
-def _answer(job: Job, outcome: list[bytes] | Exception) -> None:
+def _answer(job: Job, outcome: Any) -> None:
     """Complete the job's future, unless its caller already gave it up."""
     try:
         if isinstance(outcome, Exception):
