@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import Request
@@ -12,7 +14,10 @@ from fastapi.responses import JSONResponse
 from starlette.types import Receive
 
 from .generation import GenerationParams
+from .media import encode_image
+from .schemas import ImageData, ImageGenerationResponse
 from .worker import (
+    DeliveryError,
     GenerationOutOfMemory,
     GenerationWorker,
     Job,
@@ -131,6 +136,38 @@ def failure(error: BaseException, rid: str) -> APIError:
         return APIError(504, str(error), type="timeout_error", code="timeout")
     if isinstance(error, WorkerStopped):
         return APIError(503, str(error), type="server_error", code="worker_stopped")
+    if isinstance(error, DeliveryError):
+        return APIError(507, str(error), type="server_error", code="storage_full")
     # The pipeline's message stays in the log (it may name paths and internals); the id finds it there.
     message = f"generation failed (request {rid}); the server's log has the details"
     return APIError(500, message, type="server_error", code="generation_failed")
+
+
+def image_encoder(output_format: str, compression: int | None) -> Callable[[list[Any]], list[bytes]]:
+    """How a job's outputs become images in ``output_format`` (a video's first frame); checks ``compression``."""
+    if compression is not None and output_format == "png":
+        raise invalid(
+            "output_compression: applies to jpeg and webp (png is lossless); leave it out",
+            "output_compression",
+        )
+
+    def encode(outputs: list[Any]) -> list[bytes]:
+        return [
+            encode_image(item[0] if isinstance(item, list) else item, output_format, compression)
+            for item in outputs
+        ]
+
+    return encode
+
+
+async def answer_images(
+    app: Any, params: GenerationParams, body: Any, request: Request
+) -> ImageGenerationResponse:
+    """Run an image request (a generation or an edit) on the app's worker and answer it."""
+    settings, worker = app.state.settings, app.state.worker
+    deliver = image_encoder(body.output_format, body.output_compression)
+    worker.start()  # no-op when running; starts it for an app driven without its lifespan
+    arrived = request.scope.get("state", {}).get("arrived", time.monotonic())
+    images = await run_job(worker, params, request, arrived + settings.timeout, settings.timeout, deliver)
+    data = [ImageData(b64_json=base64.b64encode(image).decode("ascii")) for image in images]
+    return ImageGenerationResponse(created=int(time.time()), data=data, output_format=body.output_format)

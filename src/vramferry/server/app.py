@@ -6,7 +6,6 @@ with uvicorn (``vramferry serve``).
 
 from __future__ import annotations
 
-import base64
 import hmac
 import inspect
 import ipaddress
@@ -26,16 +25,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .answers import CLIENT_CLOSED, APIError, invalid, request_id, run_job
+from .answers import CLIENT_CLOSED, APIError, answer_images, invalid, request_id
 from .generation import disable_progress_bar, size_multiple
 from .lora import lora_adapters
+from .media_routes import EDITS_PATH, UPLOAD_PATHS, install_media_routes
 from .metrics import ServerMetrics
 from .params import to_params
 from .plans import plan_summaries
 from .schemas import (
     ERROR_RESPONSES,
     Health,
-    ImageData,
     ImageGenerationRequest,
     ImageGenerationResponse,
     ModelCard,
@@ -44,6 +43,7 @@ from .schemas import (
     request_model,
 )
 from .settings import ServerSettings
+from .videos import VideoStore
 from .worker import GenerationWorker
 
 logger = logging.getLogger(__name__)
@@ -53,6 +53,7 @@ _HOST = re.compile(r"(?:\[(?P<ipv6>[0-9a-fA-F:.]+)\]|(?P<name>[^\[\]:/@\s]+))(?:
 _PUBLIC_PATHS = frozenset({"/health"})
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 GENERATIONS_PATH = "/v1/images/generations"
+IMAGE_PATHS = frozenset({GENERATIONS_PATH, EDITS_PATH})  # the requests vramferry_requests_total counts
 REQUEST_ID_HEADER = "X-Request-Id"
 
 
@@ -77,9 +78,10 @@ def _validation_error(exc: RequestValidationError) -> APIError:
 def _http_error(request: Request, exc: StarletteHTTPException, settings: ServerSettings) -> APIError:
     """Starlette's and FastAPI's own errors in our terms (what they raise while reading the body included)."""
     if exc.status_code == 413:  # the body limit, passed while the body was read (a chunked body)
+        limit = settings.max_upload_bytes if request.url.path in UPLOAD_PATHS else settings.max_body_bytes
         return APIError(
             413,
-            f"request body: over the limit of {settings.max_body_bytes} bytes",
+            f"request body: over the limit of {limit} bytes",
             type="invalid_request_error",
             code="body_too_large",
         )
@@ -91,6 +93,11 @@ def _http_error(request: Request, exc: StarletteHTTPException, settings: ServerS
         return APIError(
             400, "the request body is not valid JSON", type="invalid_request_error", code="invalid_json"
         )
+    unserved = getattr(request.app.state, "unserved", {})
+    if exc.status_code == 404 and (
+        path := next((p for p in unserved if request.url.path.startswith(p)), None)
+    ):
+        return APIError(404, unserved[path], type="invalid_request_error", code="not_served")
     kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
     detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
     return APIError(exc.status_code, f"{request.url.path}: {detail}", type=kind, headers=exc.headers)
@@ -176,11 +183,12 @@ def _refusal(scope: Scope, settings: ServerSettings, api_key: bytes | None) -> J
             )
             return error.response(headers={"WWW-Authenticate": "Bearer"})
     length = headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > settings.max_body_bytes:
+    limit = settings.max_upload_bytes if scope["path"] in UPLOAD_PATHS else settings.max_body_bytes
+    if length is not None and length.isdigit() and int(length) > limit:
         # Refused before the body is read. A chunked body is limited while it is read (the route's max_body_size).
         return APIError(
             413,
-            f"request body: {length} bytes is over the limit of {settings.max_body_bytes}",
+            f"request body: {length} bytes is over the limit of {limit}",
             type="invalid_request_error",
             code="body_too_large",
         ).response()
@@ -219,7 +227,7 @@ class RequestGuard:
             refusal = _refusal(scope, self.settings, self.api_key)
             await (refusal or self.app)(scope, receive, send_with_id)
         finally:
-            if scope["method"] == "POST" and scope["path"] == GENERATIONS_PATH:
+            if scope["method"] == "POST" and scope["path"] in IMAGE_PATHS:
                 # Every answer: validation errors, refusals and cancellations (499) included.
                 self.metrics.observe_request(status, time.perf_counter() - start)
 
@@ -250,12 +258,15 @@ def create_app(pipeline: Any, handle: Any = None, settings: ServerSettings | Non
         )
         yield
         worker.stop()
+        app.state.videos.close()
 
     app = FastAPI(title="vramferry", version=_version(), lifespan=lifespan)
     app.state.settings, app.state.worker, app.state.metrics = settings, worker, metrics
+    app.state.videos = VideoStore(settings)
     _install_error_handlers(app)
     app.add_middleware(RequestGuard, settings=settings, metrics=metrics)
     _install_routes(app, pipeline, multiple, adapters)
+    install_media_routes(app, pipeline, multiple, adapters)
     return app
 
 
@@ -295,11 +306,7 @@ def _install_routes(app: FastAPI, pipeline: Any, multiple: int, adapters: tuple[
 
     async def generations(body: ImageGenerationRequest, request: Request) -> Any:
         params = to_params(body, settings, pipeline, multiple, adapters)
-        worker.start()  # no-op when running; starts it for an app driven without its lifespan
-        arrived = request.scope.get("state", {}).get("arrived", time.monotonic())
-        images = await run_job(worker, params, request, arrived + settings.timeout, settings.timeout)
-        data = [ImageData(b64_json=base64.b64encode(png).decode("ascii")) for png in images]
-        return ImageGenerationResponse(created=int(time.time()), data=data)
+        return await answer_images(app, params, body, request)
 
     first = -(-settings.min_size // multiple) * multiple
     sides = list(range(first, settings.max_size + 1, multiple))

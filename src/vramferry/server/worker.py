@@ -45,6 +45,10 @@ class GenerationFailed(Exception):
     """The pipeline raised on this job. The message is generic: the details go to the server's log only."""
 
 
+class DeliveryError(Exception):
+    """Raised by a job's ``deliver`` (a video over the spool's limit); its message is the client's answer."""
+
+
 class JobCancelled(Exception):
     """The job was given up (its deadline passed, or its client left) while it ran."""
 
@@ -289,7 +293,7 @@ def _step(job: Job, step: int, total: int) -> None:
 
 def _failure(job: Job, exc: BaseException) -> Exception:
     """What the caller of ``job`` is told about ``exc``; the details go to the log."""
-    if isinstance(exc, (JobCancelled, GenerationOutOfMemory)):
+    if isinstance(exc, (JobCancelled, GenerationOutOfMemory, DeliveryError)):
         return exc
     if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
         where = "device" if isinstance(exc, torch.OutOfMemoryError) else "host"
