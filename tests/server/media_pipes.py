@@ -14,8 +14,18 @@ def build_flux_img2img() -> Any:
 
     flux, _ = build_flux()
     pipe = diffusers.FluxImg2ImgPipeline(
-        **{name: flux.components[name] for name in ("scheduler", "vae", "text_encoder", "tokenizer",
-                                                    "text_encoder_2", "tokenizer_2", "transformer")}
+        **{
+            name: flux.components[name]
+            for name in (
+                "scheduler",
+                "vae",
+                "text_encoder",
+                "tokenizer",
+                "text_encoder_2",
+                "tokenizer_2",
+                "transformer",
+            )
+        }
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe

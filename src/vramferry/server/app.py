@@ -30,6 +30,7 @@ from .generation import disable_progress_bar, size_multiple
 from .lora import lora_adapters
 from .media_routes import EDITS_PATH, UPLOAD_PATHS, install_media_routes
 from .metrics import ServerMetrics
+from .page import install_page, is_page_path
 from .params import to_params
 from .plans import plan_summaries
 from .schemas import (
@@ -171,7 +172,7 @@ def _refusal(scope: Scope, settings: ServerSettings, api_key: bytes | None) -> J
             param="Host",
             code="invalid_host",
         ).response()
-    if api_key is not None and scope["path"] not in _PUBLIC_PATHS:
+    if api_key is not None and scope["path"] not in _PUBLIC_PATHS and not is_page_path(scope["path"]):
         scheme, credentials = get_authorization_scheme_param(headers.get("authorization"))
         # RFC 7235: the scheme is case-insensitive. compare_digest: no timing hint about the key.
         if scheme.lower() != "bearer" or not hmac.compare_digest(credentials.strip().encode(), api_key):
@@ -267,6 +268,7 @@ def create_app(pipeline: Any, handle: Any = None, settings: ServerSettings | Non
     app.add_middleware(RequestGuard, settings=settings, metrics=metrics)
     _install_routes(app, pipeline, multiple, adapters)
     install_media_routes(app, pipeline, multiple, adapters)
+    install_page(app, pipeline, multiple)
     return app
 
 

@@ -8,7 +8,8 @@ body validates them, as strictly. Files are read into memory: the route's body l
 from __future__ import annotations
 
 import json
-from typing import Any, get_args
+import types
+from typing import Annotated, Any, Union, get_args, get_origin
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
@@ -92,9 +93,13 @@ async def _read_form(
 
 
 def _takes_text(annotation: Any) -> bool:
-    if annotation is str:
-        return True
-    return any(_takes_text(arg) for arg in get_args(annotation))
+    """Whether a field of this type takes a string (``str``, ``str | None``, ``Annotated[str, ...]``)."""
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return _takes_text(get_args(annotation)[0])
+    if origin is Union or origin is types.UnionType:
+        return any(_takes_text(arg) for arg in get_args(annotation))
+    return annotation is str
 
 
 def _field(model: type[BaseModel], name: str, value: str) -> Any:

@@ -9,6 +9,7 @@ the jobs' records.
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import tempfile
 import threading
@@ -48,8 +49,8 @@ class VideoJob:
     path: Path | None = None
     size_bytes: int = 0
     error: APIError | None = None
-    completed_at: int | None = None
-    expires_at: int | None = None
+    finished_at: float | None = None  # time.time() when it completed or failed
+    expires: float | None = None  # time.time() when it is deleted
 
     @property
     def status(self) -> str:
@@ -80,8 +81,8 @@ class VideoJob:
         return VideoObject(
             id=self.id,
             created_at=self.created_at,
-            completed_at=self.completed_at,
-            expires_at=self.expires_at,
+            completed_at=None if self.finished_at is None else int(self.finished_at),
+            expires_at=None if self.expires is None else math.ceil(self.expires),
             model=self.model,
             status=self.status,
             progress=progress,
@@ -183,7 +184,7 @@ class VideoStore:
         """Delete the finished jobs past their retention time, then the oldest files past the spool's bound."""
         now = time.time() if now is None else now
         with self._lock:
-            for record in [r for r in self.jobs.values() if r.expires_at is not None and r.expires_at <= now]:
+            for record in [r for r in self.jobs.values() if r.expires is not None and r.expires <= now]:
                 self._forget(record)
             self._bound_spool()
 
@@ -248,8 +249,8 @@ class VideoStore:
         return done
 
     def _finish(self, record: VideoJob) -> None:
-        record.completed_at = int(time.time())
-        record.expires_at = record.completed_at + int(self.settings.video_retention)
+        record.finished_at = time.time()
+        record.expires = record.finished_at + self.settings.video_retention
 
 
 class VideoTooLarge(DeliveryError):

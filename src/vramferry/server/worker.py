@@ -122,6 +122,11 @@ class GenerationWorker:
         return self._running is None and not self._waiting
 
     @property
+    def running(self) -> bool:
+        """A job is running."""
+        return self._running is not None
+
+    @property
     def waiting(self) -> int:
         """Jobs in the queue (the running one not included)."""
         return len(self._waiting)
