@@ -58,6 +58,7 @@ class ServerStatus(BaseModel):
     kind: Literal["image", "video"] = Field(description="What the served pipeline makes.")
     pipeline: str = Field(description="The served pipeline's class.")
     routes: list[str] = Field(description="The generation routes served.")
+    offload_mode: str = Field(description="The offload mode applied ('none' without offload).")
     default_size: str | None = None
     default_steps: int | None = None
     size_multiple: int
@@ -90,7 +91,10 @@ def install_page(app: FastAPI, pipeline: Any, multiple: int) -> None:
                 mode=str(stats.get("mode", "none")),
             )
         size = settings.default_size
+        config = getattr(worker.handle, "config", None)
+        mode = getattr(getattr(config, "mode", None), "value", None) or str(stats.get("mode", "none"))
         return ServerStatus(
+            offload_mode=mode,
             model=settings.model_name,
             kind=kind,
             pipeline=type(pipeline).__name__,

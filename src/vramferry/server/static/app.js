@@ -54,7 +54,7 @@ async function refresh() {
   const offload = status.offload;
   fill($("stats"), [
     ["queue", status.queue.waiting + " waiting" + (status.queue.running ? ", 1 running" : "")],
-    ["offload", offload ? offload.mode : "none yet"],
+    ["offload", status.offload_mode],
     ["bytes moved", offload ? bytes(offload.bytes_h2d) : "0 B"],
     ["H2D", offload ? offload.h2d_gbps.toFixed(1) + " GB/s" : "-"],
     ["peak allocated", bytes(status.peak_memory.allocated || 0)],
