@@ -468,6 +468,18 @@ def _add_serve(sub: Any, common: argparse.ArgumentParser) -> None:
         help="load a LoRA adapter (a local folder or .safetensors file) at start; repeatable. Requests choose "
         "weights with 'lora' (default: every adapter at 1.0)",
     )
+    p.add_argument(
+        "--spool-dir",
+        metavar="DIR",
+        help="where finished videos are kept (default: a temporary folder, removed when the server stops)",
+    )
+    p.add_argument(
+        "--video-retention",
+        type=float,
+        default=3600.0,
+        metavar="SECONDS",
+        help="how long a finished video job and its file are kept (default: 3600)",
+    )
     add_offload_options(p)
     p.set_defaults(handler=cmd_serve)
 

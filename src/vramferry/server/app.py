@@ -23,6 +23,7 @@ from fastapi.security.utils import get_authorization_scheme_param
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .answers import CLIENT_CLOSED, APIError, answer_images, invalid, request_id
@@ -101,7 +102,20 @@ def _http_error(request: Request, exc: StarletteHTTPException, settings: ServerS
         return APIError(404, unserved[path], type="invalid_request_error", code="not_served")
     kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
     detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
-    return APIError(exc.status_code, f"{request.url.path}: {detail}", type=kind, headers=exc.headers)
+    headers = exc.headers
+    if exc.status_code == 405:
+        headers = {**(headers or {}), "Allow": _allowed_methods(request)}
+    return APIError(exc.status_code, f"{request.url.path}: {detail}", type=kind, headers=headers)
+
+
+def _allowed_methods(request: Request) -> str:
+    """Every method some route serves at this path (Starlette names only the first route's)."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches(request.scope)
+        if match is not Match.NONE and getattr(route, "methods", None):
+            methods.update(route.methods)
+    return ", ".join(sorted(methods))
 
 
 def _install_error_handlers(app: FastAPI) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse
+from pydantic import Field
 
 from .answers import APIError, answer_images, invalid, request_id, submit
 from .forms import read_body
@@ -27,6 +28,8 @@ from .schemas import (
     VideoList,
     VideoObject,
     VideoRequest,
+    json_int,
+    request_model,
 )
 from .settings import ServerSettings
 from .videos import VideoJob, VideoStore, new_video_id
@@ -81,6 +84,14 @@ def _upload(data: bytes, settings: ServerSettings, what: str) -> Any:
         raise invalid(str(exc), what) from None
 
 
+def _limited(app: FastAPI, base: type, multiple: int, adapters: tuple[str, ...], **fields: Any) -> type:
+    """``base`` with this server's limits in its schema (see :func:`request_model`)."""
+    settings: ServerSettings = app.state.settings
+    first = -(-settings.min_size // multiple) * multiple
+    sides = list(range(first, settings.max_size + 1, multiple))
+    return request_model(settings.model_name, settings.max_prompt_chars, sides, adapters, base=base, **fields)
+
+
 def install_media_routes(app: FastAPI, pipeline: Any, multiple: int, adapters: tuple[str, ...]) -> None:
     """Add the edits or the videos routes, whichever ``pipeline`` serves."""
     unserved = unserved_routes(pipeline)
@@ -94,14 +105,13 @@ def install_media_routes(app: FastAPI, pipeline: Any, multiple: int, adapters: t
 def _install_edits(app: FastAPI, pipeline: Any, multiple: int, adapters: tuple[str, ...]) -> None:
     settings: ServerSettings = app.state.settings
     takes_mask = "mask_image" in call_parameters(pipeline)
+    model = _limited(app, ImageEditRequest, multiple, adapters)
     files = {"image": "The image to edit: PNG, JPEG or WebP (also accepted as 'image[]')."}
     if takes_mask:
         files["mask"] = "Where to edit (inpainting): white is repainted; the image's size."
 
     async def edits(request: Request) -> Any:
-        body, uploads = await read_body(
-            request, ImageEditRequest, {"image": ("image", "image[]"), "mask": ("mask",)}
-        )
+        body, uploads = await read_body(request, model, {"image": ("image", "image[]"), "mask": ("mask",)})
         if "image" not in uploads:
             raise invalid("image: is required (a PNG, JPEG or WebP file)", "image")
         image = _upload(uploads["image"], settings, "image")
@@ -122,7 +132,7 @@ def _install_edits(app: FastAPI, pipeline: Any, multiple: int, adapters: tuple[s
         EDITS_PATH,
         response_model=ImageGenerationResponse,
         responses={**ERROR_RESPONSES, 415: ERROR_RESPONSES[400]},
-        openapi_extra=_form_schema(ImageEditRequest, files, ("image",)),
+        openapi_extra=_form_schema(model, files, ("image",)),
         max_body_size=settings.max_upload_bytes,
     )(edits)
 
@@ -147,8 +157,7 @@ def _input_size(image: Any, settings: ServerSettings, multiple: int) -> tuple[in
 def video_frames(body: VideoRequest, fps: int, pipeline: Any, settings: ServerSettings) -> int:
     """The frame count a video request asks for, checked against the pipeline's frame granularity (Wan makes
     4k+1 frames): ``num_frames`` must fit it; ``seconds × fps`` is rounded to the nearest count that does."""
-    step = getattr(pipeline, "vae_scale_factor_temporal", 1)
-    step = step if isinstance(step, int) and step > 0 else 1
+    step = _frame_step(pipeline)
     if body.seconds is not None and body.num_frames is not None:
         raise invalid("seconds: give seconds or num_frames, not both", "seconds")
     if body.num_frames is not None:
@@ -171,6 +180,12 @@ def video_frames(body: VideoRequest, fps: int, pipeline: Any, settings: ServerSe
     return frames
 
 
+def _frame_step(pipeline: Any) -> int:
+    """What a video's frame count less one must be a multiple of (the VAE's temporal compression; 4 for Wan)."""
+    step = getattr(pipeline, "vae_scale_factor_temporal", 1)
+    return step if isinstance(step, int) and step > 0 else 1
+
+
 def _seconds(value: str | float) -> float:
     try:
         seconds = float(value)
@@ -191,9 +206,20 @@ def _install_videos(app: FastAPI, pipeline: Any, multiple: int, adapters: tuple[
         else {}
     )
     responses = {**ERROR_RESPONSES, 404: ERROR_RESPONSES[400], 415: ERROR_RESPONSES[400]}
+    step = _frame_step(pipeline)
+    counts = list(range(1, settings.max_frames + 1, step))
+    frames = (
+        json_int(ge=1, le=settings.max_frames) | None,
+        Field(
+            default=None,
+            description=f"Frames: {step}k+1, at most {settings.max_frames} (not with seconds).",
+            json_schema_extra={"enum": [*counts, None]},
+        ),
+    )
+    model = _limited(app, VideoRequest, multiple, adapters, num_frames=frames)
 
     async def create_video(request: Request) -> Any:
-        body, uploads = await read_body(request, VideoRequest, {"input_reference": ("input_reference",)})
+        body, uploads = await read_body(request, model, {"input_reference": ("input_reference",)})
         given: dict[str, Any] = {}
         if "input_reference" in uploads:
             if not files:
@@ -271,7 +297,7 @@ def _install_videos(app: FastAPI, pipeline: Any, multiple: int, adapters: tuple[
         VIDEOS_PATH,
         response_model=VideoObject,
         responses=responses,
-        openapi_extra=_form_schema(VideoRequest, files, ()),
+        openapi_extra=_form_schema(model, files, ()),
         max_body_size=settings.max_upload_bytes,
     )(create_video)
     app.get(VIDEOS_PATH, response_model=VideoList, responses={401: ERROR_RESPONSES[401]})(list_videos)

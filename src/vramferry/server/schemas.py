@@ -36,6 +36,13 @@ def json_int(**bounds: int) -> Any:
 
 
 OutputFormat = Literal["png", "jpeg", "webp"]
+# output_compression only with jpeg or webp (png, the default, is lossless): the route answers 400 otherwise.
+COMPRESSION_RULE = {
+    "anyOf": [
+        {"properties": {"output_compression": {"type": "null"}}},
+        {"required": ["output_format"], "properties": {"output_format": {"enum": ["jpeg", "webp"]}}},
+    ]
+}
 LoraWeight = Annotated[float, Field(ge=-MAX_LORA_WEIGHT, le=MAX_LORA_WEIGHT, allow_inf_nan=False)]
 
 
@@ -46,7 +53,7 @@ class ImageGenerationRequest(BaseModel):
     multiple it must be of, the model name) are checked by the route, which names the field in its 400 answer.
     """
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=COMPRESSION_RULE)
 
     prompt: str = Field(description="What to generate.")
     model: str | None = Field(default=None, description="Must name the served model when given.")
@@ -82,13 +89,19 @@ class ImageGenerationRequest(BaseModel):
 
 
 def request_model(
-    model_name: str, max_prompt_chars: int, sides: Sequence[int], adapters: Sequence[str] = ()
-) -> type[ImageGenerationRequest]:
-    """:class:`ImageGenerationRequest` with one server's limits written into its JSON schema.
+    model_name: str,
+    max_prompt_chars: int,
+    sides: Sequence[int],
+    adapters: Sequence[str] = (),
+    base: type[BaseModel] = ImageGenerationRequest,
+    **fields: Any,
+) -> type[Any]:
+    """``base`` (:class:`ImageGenerationRequest` by default) with one server's limits written into its JSON schema.
 
     The schema then says exactly what the server accepts (the served model's name, the prompt's length, the image
     sides allowed), so schema-driven clients and fuzzers generate valid requests. The route still checks these
     itself, with messages that name the field. ``adapters``: the LoRA adapters loaded, the only names ``lora`` takes.
+    ``fields``: further field overrides, as ``create_model`` takes them.
     """
     names = {"propertyNames": {"enum": list(adapters)}} if adapters else {"maxProperties": 0}
     side = "|".join(str(value) for value in sides)
@@ -97,8 +110,9 @@ def request_model(
         f"{sides[0]} to {sides[-1]} in steps of {sides[1] - sides[0]}" if len(sides) > 1 else str(sides[0])
     )
     return create_model(
-        "ImageGenerationRequest",
-        __base__=ImageGenerationRequest,
+        base.__name__,
+        __base__=base,
+        **fields,
         prompt=(
             str,
             Field(
@@ -144,7 +158,7 @@ def request_model(
 class ImageEditRequest(BaseModel):
     """``POST /v1/images/edits`` (multipart: ``image``, optional ``mask``, and these fields)."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=COMPRESSION_RULE)
 
     prompt: str = Field(min_length=1, description="What to make of the image.")
     model: str | None = Field(default=None, description="Must name the served model when given.")

@@ -190,7 +190,10 @@ class VideoStore:
 
     def _bound_spool(self) -> None:
         total = sum(r.size_bytes for r in self.jobs.values())
-        for record in [r for r in self.jobs.values() if r.path is not None]:
+        files = sorted(
+            (r for r in self.jobs.values() if r.path is not None), key=lambda r: r.finished_at or 0.0
+        )
+        for record in files:  # the longest finished first
             if total <= self.settings.spool_max_bytes:
                 break
             total -= record.size_bytes
