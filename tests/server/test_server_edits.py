@@ -178,3 +178,26 @@ def test_a_pipeline_without_an_input_image_serves_no_edits():
         )
         assert r.status_code == 404 and "takes no input image" in r.json()["error"]["message"]
         assert "/v1/images/edits" not in client.get("/openapi.json").json()["paths"]
+
+
+def test_an_offloaded_pipeline_checked_by_verify_still_serves_edits(flux_img2img):
+    """``verify=True`` swaps in a class whose ``__call__`` takes ``*args, **kwargs``: the server looks through it."""
+    import vramferry
+
+    handle = vramferry.apply(
+        flux_img2img, vramferry.OffloadConfig(mode="model", onload_device="cpu", verify=True)
+    )
+    try:
+        settings = ServerSettings(model_name="edit", min_size=16, call_defaults={"max_sequence_length": 48})
+        with TestClient(create_app(flux_img2img, handle, settings)) as client:
+            r = client.post(
+                "/v1/images/edits",
+                data={"prompt": "x", "size": "32x32", "num_inference_steps": "1", "strength": "0.5"},
+                files={"image": ("in.png", photo(), "image/png")},
+            )
+            status = client.get("/v1/status").json()
+    finally:
+        handle.remove()
+    assert r.status_code == 200, r.text
+    assert decoded(r.json()["data"][0]).size == (32, 32)
+    assert status["offload_mode"] == "model" and status["offload"]["bytes_h2d"] > 0
