@@ -1,4 +1,5 @@
-"""The HTTP server: an OpenAI-style images API in front of one pipeline and one worker thread.
+"""The HTTP server: an OpenAI-style API (images, edits and videos where the pipeline makes them, a page to try
+it) in front of one pipeline and one worker thread.
 
 Build it with :func:`create_app` (tests drive it in process with ``fastapi.testclient.TestClient``) and serve it
 with uvicorn (``vramferry serve``).

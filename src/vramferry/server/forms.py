@@ -16,10 +16,17 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
-from .answers import APIError, invalid
+from .answers import CLIENT_CLOSED, APIError, invalid
 
 MAX_FORM_FIELDS = 64
+
+
+def _gone() -> APIError:
+    return APIError(
+        CLIENT_CLOSED, "the client closed the connection", type="invalid_request_error", code="client_closed"
+    )
 
 
 def _errors(exc: ValidationError) -> RequestValidationError:
@@ -52,7 +59,10 @@ async def read_body(
             type="invalid_request_error",
             code="unsupported_media_type",
         )
-    raw = await request.body()
+    try:
+        raw = await request.body()
+    except ClientDisconnect:
+        raise _gone() from None
     try:
         return model.model_validate_json(raw or b"{}"), {}
     except ValidationError as exc:
@@ -64,6 +74,8 @@ async def _read_form(
 ) -> tuple[Any, dict[str, bytes]]:
     try:
         form = await request.form(max_files=len(files) + 1, max_fields=MAX_FORM_FIELDS)
+    except ClientDisconnect:
+        raise _gone() from None
     except StarletteHTTPException as exc:
         if exc.status_code != 400 or exc.__cause__ is not None:
             raise  # the body limit (413), a client that left
