@@ -101,6 +101,9 @@ def test_seconds_become_frames_at_the_pipelines_granularity():
         assert r.json()["num_frames"] == 9  # 8 frames, to the nearest 4k+1
         job = wait_for(client, r.json()["id"])
         _, frames = decode(client.get(f"/v1/videos/{job['id']}/content").content)
+        metrics = client.get("/metrics").text
+    assert "vramferry_videos_generated_total 1.0" in metrics
+    assert "vramferry_images_generated_total 0.0" in metrics
     assert len(frames) == 9
     assert job["fps"] == 8 and job["seconds"] == "1.125"
 

@@ -16,6 +16,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -252,9 +253,10 @@ class GenerationWorker:
         self.metrics.generation.observe(time.perf_counter() - start)
         self._observe_runtime()
         if error is None:
-            kinds = [isinstance(item, list) for item in outputs]
-            self.metrics.images.inc(kinds.count(False))
-            self.metrics.videos.inc(kinds.count(True))
+            if isinstance(result, Path):  # a video file
+                self.metrics.videos.inc()
+            else:
+                self.metrics.images.inc(len(result))
             _answer(job, result)
         else:
             _answer(job, error)
