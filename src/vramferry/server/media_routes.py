@@ -206,17 +206,7 @@ def _install_videos(app: FastAPI, pipeline: Any, multiple: int, adapters: tuple[
         else {}
     )
     responses = {**ERROR_RESPONSES, 404: ERROR_RESPONSES[400], 415: ERROR_RESPONSES[400]}
-    step = _frame_step(pipeline)
-    counts = list(range(1, settings.max_frames + 1, step))
-    frames = (
-        json_int(ge=1, le=settings.max_frames) | None,
-        Field(
-            default=None,
-            description=f"Frames: {step}k+1, at most {settings.max_frames} (not with seconds).",
-            json_schema_extra={"enum": [*counts, None]},
-        ),
-    )
-    model = _limited(app, VideoRequest, multiple, adapters, num_frames=frames)
+    model = _limited(app, VideoRequest, multiple, adapters, num_frames=_frames_field(pipeline, settings))
 
     async def create_video(request: Request) -> Any:
         body, uploads = await read_body(request, model, {"input_reference": ("input_reference",)})
@@ -231,38 +221,7 @@ def _install_videos(app: FastAPI, pipeline: Any, multiple: int, adapters: tuple[
         fps = body.fps or settings.default_fps
         given["frames"] = video_frames(body, fps, pipeline, settings)
         params = to_params(body, settings, pipeline, multiple, adapters, **given)
-        rid = request_id(request)
-        record = VideoJob(
-            id=new_video_id(),
-            created_at=int(time.time()),
-            params=params,
-            frames=given["frames"],
-            fps=fps,
-            video_format=body.output_format,
-            model=settings.model_name,
-            request_id=rid,
-            steps_total=params.steps,
-        )
-        store.add(record)
-
-        def progress(step: int, total: int) -> None:
-            record.steps_done, record.steps_total = step, total
-
-        worker.start()  # no-op when running; starts it for an app driven without its lifespan
-        try:
-            record.job = submit(
-                worker,
-                params,
-                deadline=time.monotonic() + settings.video_timeout,
-                request_id=rid,
-                deliver=store.writer(record),
-                on_step=progress,
-            )
-        except APIError:
-            store.remove(record.id)
-            raise
-        record.job.future.add_done_callback(store.on_done(record))
-        return record.describe()
+        return _start_job(app, params, body, fps, request_id(request)).describe()
 
     async def list_videos() -> VideoList:
         return VideoList(data=[record.describe() for record in reversed(store.listed())])
@@ -309,3 +268,53 @@ def _install_videos(app: FastAPI, pipeline: Any, multiple: int, adapters: tuple[
         responses={200: {"content": content_types}, 409: ERROR_RESPONSES[400], **responses},
     )(video_content)
     app.delete(f"{VIDEOS_PATH}/{{video_id}}", response_model=VideoDeleted, responses=responses)(delete_video)
+
+
+def _frames_field(pipeline: Any, settings: ServerSettings) -> tuple[Any, Any]:
+    """``num_frames`` with the counts this pipeline makes in its schema."""
+    step = _frame_step(pipeline)
+    counts = list(range(1, settings.max_frames + 1, step))
+    return (
+        json_int(ge=1, le=settings.max_frames) | None,
+        Field(
+            default=None,
+            description=f"Frames: {step}k+1, at most {settings.max_frames} (not with seconds).",
+            json_schema_extra={"enum": [*counts, None]},
+        ),
+    )
+
+
+def _start_job(app: FastAPI, params: Any, body: Any, fps: int, rid: str) -> VideoJob:
+    """Record a video job and queue it on the worker (its record is dropped if the queue refuses it)."""
+    settings, store, worker = app.state.settings, app.state.videos, app.state.worker
+    record = VideoJob(
+        id=new_video_id(),
+        created_at=int(time.time()),
+        params=params,
+        frames=params.frames,
+        fps=fps,
+        video_format=body.output_format,
+        model=settings.model_name,
+        request_id=rid,
+        steps_total=params.steps,
+    )
+    store.add(record)
+
+    def progress(step: int, total: int) -> None:
+        record.steps_done, record.steps_total = step, total
+
+    worker.start()  # no-op when running; starts it for an app driven without its lifespan
+    try:
+        record.job = submit(
+            worker,
+            params,
+            deadline=time.monotonic() + settings.video_timeout,
+            request_id=rid,
+            deliver=store.writer(record),
+            on_step=progress,
+        )
+    except APIError:
+        store.remove(record.id)
+        raise
+    record.job.future.add_done_callback(store.on_done(record))
+    return record
