@@ -132,66 +132,19 @@ def cmd_plan(args: argparse.Namespace) -> int:
 # -- generate ------------------------------------------------------------------------------------------------
 
 
-def _params(args: argparse.Namespace, defaults: dict[str, Any]) -> Any:
-    from .server.generation import GenerationParams
-
-    size = args.size or (defaults.get("width"), defaults.get("height"))
-    prompt = args.prompt if args.prompt is not None else defaults.get("prompt")
-    if not prompt:
-        raise UsageError("--prompt is required with --model")
-    return GenerationParams(
-        prompt=prompt,
-        negative_prompt=args.negative_prompt
-        if args.negative_prompt is not None
-        else defaults.get("negative_prompt"),
-        steps=args.steps if args.steps is not None else defaults.get("steps"),
-        width=size[0],
-        height=size[1],
-        guidance=args.guidance if args.guidance is not None else defaults.get("guidance"),
-        seed=args.seed,
-        frames=args.frames if args.frames is not None else defaults.get("frames"),
-        extra=defaults.get("extra", {}),
-    )
-
-
-class _Progress:
-    """A tqdm bar over denoising steps, fed by the pipeline's ``callback_on_step_end``."""
-
-    def __init__(self, pipeline: Any, enabled: bool, total: int | None = None) -> None:
-        from tqdm.auto import tqdm
-
-        from .server.generation import call_parameters, disable_progress_bar
-
-        self.bar = None
-        if enabled and "callback_on_step_end" in call_parameters(pipeline):
-            disable_progress_bar(pipeline)  # ours replaces the pipeline's own bar
-            self.bar = tqdm(desc="denoising", total=total, unit="step", file=sys.stderr, leave=True)
-        elif not enabled:
-            disable_progress_bar(pipeline)
-
-    def __call__(self, step: int, total: int) -> None:
-        if self.bar is not None:
-            self.bar.total = total
-            self.bar.update(step - self.bar.n)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 def cmd_generate(args: argparse.Namespace) -> int:
+    from .cli_generate import Progress, generation_params, output_path
     from .report import PeakMemory, RunRecord, format_table
-    from .server.generation import generate, is_video_pipeline, save_outputs
+    from .server.generation import generate, save_outputs
 
-    params = _params(args, demo_defaults(args))  # a bad command line fails before the model loads
+    params = generation_params(args, demo_defaults(args))  # a bad command line fails before the model loads
     config = fit_to_machine(offload_config(args))
     pipeline = load(args)
     if params.width is not None and params.height is not None:
         check_sizes(pipeline, [(params.width, params.height)], "--size")
-    video = is_video_pipeline(pipeline)
-    out = Path(args.out or ("vramferry.gif" if video else "vramferry.png"))
+    out = output_path(args, pipeline)
     handle = apply_offload(pipeline, config, params, progress=not args.quiet)
-    progress = _Progress(pipeline, enabled=not args.quiet, total=params.steps)
+    progress = Progress(pipeline, enabled=not args.quiet, total=params.steps)
     try:
         with PeakMemory(config.device) as peak:
             start = time.perf_counter()
@@ -208,7 +161,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     )
     if handle is not None:
         record.apply_stats(handle.stats())
-    written = save_outputs(outputs, out)
+    written = save_outputs(outputs, out, fps=args.fps)
     shown = str(written[0]) if len(written) == 1 else f"{len(written)} files, {written[0]} ... {written[-1]}"
     print(f"wrote {shown}")
     print(format_table([record]))
@@ -338,7 +291,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     require_extra("bench", "bench", ("matplotlib",))
     modes = [OffloadMode(m) for m in _comma_list(args.modes)]
     config = offload_config(args)
-    params = _params(args, demo_defaults(args))  # a bad command line fails before the model loads
+    from .cli_generate import generation_params
+
+    params = generation_params(args, demo_defaults(args))  # a bad command line fails before the model loads
     pipeline = load(args)
     if params.width is not None and params.height is not None:
         check_sizes(pipeline, [(params.width, params.height)], "--size")
@@ -433,10 +388,11 @@ def _add_generate(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--out",
         metavar="FILE",
-        help="output file (default vramferry.png). Images: any format Pillow writes, by suffix. Videos: "
-        "a .gif suffix writes an animated GIF (the default, vramferry.gif); any other suffix writes one PNG "
+        help="output file (default vramferry.png, or vramferry.mp4 for a video pipeline). Images: any format "
+        "Pillow writes, by suffix. Videos: .mp4 (H.264), .webm (VP9) or .gif; any other suffix writes one PNG "
         "per frame, FILE_0000.png, FILE_0001.png, ...",
     )
+    p.add_argument("--fps", type=_positive_int, default=16, help="a video's frames per second (default: 16)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     add_offload_options(p)
     p.set_defaults(handler=cmd_generate)
@@ -503,6 +459,18 @@ def _add_serve(sub: Any, common: argparse.ArgumentParser) -> None:
         metavar="NAME=PATH",
         help="load a LoRA adapter (a local folder or .safetensors file) at start; repeatable. Requests choose "
         "weights with 'lora' (default: every adapter at 1.0)",
+    )
+    p.add_argument(
+        "--spool-dir",
+        metavar="DIR",
+        help="where finished videos are kept (default: a temporary folder, removed when the server stops)",
+    )
+    p.add_argument(
+        "--video-retention",
+        type=float,
+        default=3600.0,
+        metavar="SECONDS",
+        help="how long a finished video job and its file are kept (default: 3600)",
     )
     add_offload_options(p)
     add_replica_options(p)

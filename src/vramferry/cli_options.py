@@ -309,6 +309,8 @@ def server_settings(args: argparse.Namespace, defaults: dict[str, Any]) -> Any:
         default_steps=defaults.get("steps"),
         default_guidance=defaults.get("guidance"),
         call_defaults=defaults.get("extra", {}),
+        spool_dir=getattr(args, "spool_dir", None),
+        video_retention=getattr(args, "video_retention", 3600.0),
         **optional,
     )
 

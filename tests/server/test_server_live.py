@@ -6,35 +6,15 @@ import asyncio
 import socket
 import threading
 import time
-from contextlib import contextmanager
 
 import httpx
 import pytest
-import uvicorn
+from live import live_server
 from server_fakes import FakePipeline
 
-from vramferry.server import ServerSettings, create_app, uvicorn_options
+from vramferry.server import ServerSettings, create_app
 
 BODY = {"prompt": "x", "size": "64x64", "num_inference_steps": 2}
-
-
-@contextmanager
-def live_server(app, settings: ServerSettings):
-    """Serve ``app`` with the CLI's uvicorn options on a free loopback port; yields ``(host, port)``."""
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", **uvicorn_options(settings))
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.01)
-    try:
-        yield server.servers[0].sockets[0].getsockname()[:2]
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 def _wait_for(condition, timeout: float = 5.0) -> None:

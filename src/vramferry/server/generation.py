@@ -6,7 +6,6 @@ Shared by ``vramferry generate``, ``vramferry bench`` and the server's worker.
 from __future__ import annotations
 
 import inspect
-import io
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -14,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from .media import DEFAULT_FPS, VIDEO_SUFFIXES, encode_image, write_video
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +38,9 @@ class GenerationParams:
             left out.
         lora: the LoRA adapters' weights for this call (name → weight; ``{}``: LoRA off), which the server's
             worker sets before the call; ``None`` leaves the pipeline's adapters as they are.
+        image, mask: an input image (a PIL image) for image-to-image, edit and image-to-video pipelines, and the
+            mask of an inpainting pipeline (``mask_image``).
+        strength: how far an image-to-image pipeline moves away from its input (0 to 1).
     """
 
     prompt: str
@@ -50,6 +54,9 @@ class GenerationParams:
     frames: int | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
     lora: Mapping[str, float] | None = None
+    image: Any = None
+    mask: Any = None
+    strength: float | None = None
 
 
 _ARGUMENTS = {
@@ -59,15 +66,33 @@ _ARGUMENTS = {
     "height": "height",
     "guidance": "guidance_scale",
     "frames": "num_frames",
+    "image": "image",
+    "mask": "mask_image",
+    "strength": "strength",
 }
 
 
+_VARIADIC = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+
+
 def call_parameters(pipeline: Any) -> set[str]:
-    """The keyword arguments ``pipeline.__call__`` accepts."""
-    try:
-        return set(inspect.signature(pipeline).parameters)
-    except (TypeError, ValueError):
-        return set()
+    """The keyword arguments ``pipeline.__call__`` accepts.
+
+    A ``__call__`` that only passes ``*args, **kwargs`` on (a wrapper, such as the class ``verify=True`` swaps in)
+    is looked through: the first ``__call__`` up the class's MRO that names its parameters says what is taken.
+    """
+    calls = [cls.__dict__["__call__"] for cls in type(pipeline).__mro__ if "__call__" in cls.__dict__]
+    first: set[str] | None = None
+    for candidate in (pipeline, *calls):
+        try:
+            parameters = inspect.signature(candidate).parameters
+        except (TypeError, ValueError):
+            continue
+        names = set(parameters) - ({"self"} if candidate is not pipeline else set())
+        first = names if first is None else first
+        if any(p.kind not in _VARIADIC for name, p in parameters.items() if name != "self"):
+            return names
+    return first or set()
 
 
 def size_multiple(pipeline: Any) -> int:
@@ -171,9 +196,7 @@ def generate(pipeline: Any, params: GenerationParams, on_step: StepCallback | No
 
 def png_bytes(image: Any) -> bytes:
     """``image`` (a PIL image) encoded as PNG."""
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
+    return encode_image(image, "png")
 
 
 def disable_progress_bar(pipeline: Any) -> None:
@@ -183,24 +206,25 @@ def disable_progress_bar(pipeline: Any) -> None:
         configure(disable=True)
 
 
-def save_outputs(outputs: list[Any], out: Path) -> list[Path]:
-    """Write images (``out`` as given, numbered when several) or videos (``.gif``: animated; else PNG frames)."""
+def save_outputs(outputs: list[Any], out: Path, fps: int = DEFAULT_FPS) -> list[Path]:
+    """Write images (``out`` as given, numbered when several) or videos: ``.mp4`` (H.264), ``.webm`` (VP9) or
+    ``.gif`` at ``fps`` frames per second; any other suffix writes one PNG per frame."""
     out.parent.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     for index, item in enumerate(outputs):
         target = out if len(outputs) == 1 else out.with_name(f"{out.stem}_{index}{out.suffix}")
         if isinstance(item, list):
-            written += _save_video(item, target)
+            written += _save_video(item, target, fps)
         else:
             item.save(target)
             written.append(target)
     return written
 
 
-def _save_video(frames: list[Any], target: Path) -> list[Path]:
-    if target.suffix.lower() == ".gif":
-        frames[0].save(target, save_all=True, append_images=frames[1:], duration=1000 // 16, loop=0)
-        return [target]
+def _save_video(frames: list[Any], target: Path, fps: int) -> list[Path]:
+    video_format = VIDEO_SUFFIXES.get(target.suffix.lower())
+    if video_format is not None:
+        return [write_video(frames, target, video_format, fps)]
     paths = [target.with_name(f"{target.stem}_{i:04d}.png") for i in range(len(frames))]
     for frame, path in zip(frames, paths, strict=True):
         frame.save(path)

@@ -43,6 +43,7 @@ class ServerMetrics:
             registry=r,
         )
         self.images = Counter("vramferry_images_generated", "Images generated.", registry=r)
+        self.videos = Counter("vramferry_videos_generated", "Videos generated.", registry=r)
         self.queue_depth = Gauge("vramferry_queue_depth", "Requests waiting for the worker.", registry=r)
         self.in_progress = Gauge(
             "vramferry_requests_running", "Requests the worker is running (0 or 1).", registry=r
@@ -63,6 +64,7 @@ class ServerMetrics:
         for kind in self._peaks:
             self.peak_memory.labels(kind=kind).set(0)
         self._last_bytes = 0
+        self.last_stats: dict[str, Any] = {}  # the runtime's counters after the last request (for /v1/status)
 
     def observe_request(self, status: int, seconds: float) -> None:
         self.requests.labels(status=str(status)).inc()
@@ -77,6 +79,7 @@ class ServerMetrics:
     def observe_stats(self, stats: Any) -> None:
         """Take the offload runtime's cumulative counters (an ``OffloadStats``)."""
         data = stats.to_dict() if hasattr(stats, "to_dict") else dict(stats)
+        self.last_stats = data
         moved = int(data.get("bytes_h2d", 0))
         # The runtime's counter is cumulative and may be reset; count only what is new.
         delta = moved - self._last_bytes if moved >= self._last_bytes else moved
@@ -85,6 +88,11 @@ class ServerMetrics:
         self._last_bytes = moved
         self.h2d_gbps.set(float(data.get("h2d_gbps", 0.0)))
         self.observe_memory(int(data.get("peak_allocated", 0)), int(data.get("peak_reserved", 0)))
+
+    @property
+    def peaks(self) -> dict[str, int]:
+        """The device memory peaks seen so far (``allocated``, ``reserved``), in bytes."""
+        return dict(self._peaks)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

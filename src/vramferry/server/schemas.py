@@ -35,6 +35,14 @@ def json_int(**bounds: int) -> Any:
     return Annotated[int, Field(strict=False, **bounds), BeforeValidator(_json_integer)]
 
 
+OutputFormat = Literal["png", "jpeg", "webp"]
+# output_compression only with jpeg or webp (png, the default, is lossless): the route answers 400 otherwise.
+COMPRESSION_RULE = {
+    "anyOf": [
+        {"properties": {"output_compression": {"type": "null"}}},
+        {"required": ["output_format"], "properties": {"output_format": {"enum": ["jpeg", "webp"]}}},
+    ]
+}
 LoraWeight = Annotated[float, Field(ge=-MAX_LORA_WEIGHT, le=MAX_LORA_WEIGHT, allow_inf_nan=False)]
 
 
@@ -45,7 +53,7 @@ class ImageGenerationRequest(BaseModel):
     multiple it must be of, the model name) are checked by the route, which names the field in its 400 answer.
     """
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=COMPRESSION_RULE)
 
     prompt: str = Field(description="What to generate.")
     model: str | None = Field(default=None, description="Must name the served model when given.")
@@ -56,6 +64,10 @@ class ImageGenerationRequest(BaseModel):
         examples=["512x512"],
     )
     response_format: Literal["b64_json"] = Field(default="b64_json", description="Only 'b64_json' is served.")
+    output_format: OutputFormat = Field(default="png", description="The images' format.")
+    output_compression: json_int(ge=0, le=100) | None = Field(
+        default=None, description="jpeg and webp only: the quality, 0 to 100 (100, the default, is the best)."
+    )
     user: str | None = Field(default=None, description="Accepted for compatibility; ignored.")
     negative_prompt: str | None = Field(default=None, description="What to steer away from.")
     # Bounds go inside Annotated: on an optional field pydantic would not write them into the JSON schema.
@@ -77,13 +89,19 @@ class ImageGenerationRequest(BaseModel):
 
 
 def request_model(
-    model_name: str, max_prompt_chars: int, sides: Sequence[int], adapters: Sequence[str] = ()
-) -> type[ImageGenerationRequest]:
-    """:class:`ImageGenerationRequest` with one server's limits written into its JSON schema.
+    model_name: str,
+    max_prompt_chars: int,
+    sides: Sequence[int],
+    adapters: Sequence[str] = (),
+    base: type[BaseModel] = ImageGenerationRequest,
+    **fields: Any,
+) -> type[Any]:
+    """``base`` (:class:`ImageGenerationRequest` by default) with one server's limits written into its JSON schema.
 
     The schema then says exactly what the server accepts (the served model's name, the prompt's length, the image
     sides allowed), so schema-driven clients and fuzzers generate valid requests. The route still checks these
     itself, with messages that name the field. ``adapters``: the LoRA adapters loaded, the only names ``lora`` takes.
+    ``fields``: further field overrides, as ``create_model`` takes them.
     """
     names = {"propertyNames": {"enum": list(adapters)}} if adapters else {"maxProperties": 0}
     side = "|".join(str(value) for value in sides)
@@ -92,8 +110,9 @@ def request_model(
         f"{sides[0]} to {sides[-1]} in steps of {sides[1] - sides[0]}" if len(sides) > 1 else str(sides[0])
     )
     return create_model(
-        "ImageGenerationRequest",
-        __base__=ImageGenerationRequest,
+        base.__name__,
+        __base__=base,
+        **fields,
         prompt=(
             str,
             Field(
@@ -136,14 +155,120 @@ def request_model(
     )
 
 
+class ImageEditRequest(BaseModel):
+    """``POST /v1/images/edits`` (multipart: ``image``, optional ``mask``, and these fields)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=COMPRESSION_RULE)
+
+    prompt: str = Field(min_length=1, description="What to make of the image.")
+    model: str | None = Field(default=None, description="Must name the served model when given.")
+    n: json_int(ge=1, le=MAX_IMAGES_PER_REQUEST) = Field(default=1, description="Number of images.")
+    size: str | None = Field(
+        default=None,
+        description="'WIDTHxHEIGHT', or 'auto': the input image's size (which must then be valid).",
+    )
+    response_format: Literal["b64_json"] = Field(default="b64_json", description="Only 'b64_json' is served.")
+    output_format: OutputFormat = Field(default="png", description="The images' format.")
+    output_compression: json_int(ge=0, le=100) | None = Field(
+        default=None, description="jpeg and webp only: the quality, 0 to 100 (100, the default, is the best)."
+    )
+    user: str | None = Field(default=None, description="Accepted for compatibility; ignored.")
+    negative_prompt: str | None = Field(default=None, description="What to steer away from.")
+    num_inference_steps: json_int(ge=1, le=MAX_STEPS) | None = Field(
+        default=None, description="Denoising steps."
+    )
+    guidance_scale: Annotated[float, Field(ge=0.0, le=MAX_GUIDANCE, allow_inf_nan=False)] | None = None
+    strength: Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)] | None = Field(
+        default=None, description="Image-to-image pipelines: how far to move from the input (0 to 1]."
+    )
+    seed: json_int(ge=0, le=MAX_SEED) | None = Field(default=None, description="Seed of the first image.")
+    lora: dict[str, LoraWeight] | None = Field(
+        default=None, description="As in generations (JSON text in a form)."
+    )
+
+
+class VideoRequest(BaseModel):
+    """``POST /v1/videos`` (JSON, or multipart with an ``input_reference`` image for image-to-video pipelines)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    prompt: str = Field(min_length=1, description="What to generate.")
+    model: str | None = Field(default=None, description="Must name the served model when given.")
+    size: str | None = Field(default=None, description="'WIDTHxHEIGHT' in pixels, or 'auto'.")
+    seconds: str | Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = Field(
+        default=None,
+        description="Length; frames = seconds × fps, rounded to the pipeline's frame granularity. Not with num_frames.",
+    )
+    num_frames: json_int(ge=1, le=10_000) | None = Field(
+        default=None, description="Frames (not with seconds)."
+    )
+    fps: json_int(ge=1, le=120) | None = Field(default=None, description="Frames per second of the file.")
+    output_format: Literal["mp4", "webm", "gif"] = Field(
+        default="mp4", description="mp4 (H.264), webm (VP9) or gif."
+    )
+    negative_prompt: str | None = Field(default=None, description="What to steer away from.")
+    num_inference_steps: json_int(ge=1, le=MAX_STEPS) | None = Field(
+        default=None, description="Denoising steps."
+    )
+    guidance_scale: Annotated[float, Field(ge=0.0, le=MAX_GUIDANCE, allow_inf_nan=False)] | None = None
+    seed: json_int(ge=0, le=MAX_SEED) | None = Field(default=None, description="Random when omitted.")
+    lora: dict[str, LoraWeight] | None = Field(
+        default=None, description="As in generations (JSON text in a form)."
+    )
+    user: str | None = Field(default=None, description="Accepted for compatibility; ignored.")
+
+
+class VideoError(BaseModel):
+    code: str
+    message: str
+    type: str | None = None
+
+
+class VideoObject(BaseModel):
+    """A video job, as OpenAI's ``Video`` (with ``steps_done``/``steps_total`` and the frame count added)."""
+
+    id: str
+    object: Literal["video"] = "video"
+    created_at: int
+    completed_at: int | None = None
+    expires_at: int | None = Field(
+        default=None, description="When the finished job and its file are deleted."
+    )
+    model: str
+    status: Literal["queued", "in_progress", "completed", "failed"]
+    progress: int = Field(description="Percent done: denoising steps done over the total (100 once written).")
+    steps_done: int
+    steps_total: int | None = None
+    prompt: str
+    seconds: str
+    size: str
+    num_frames: int
+    fps: int
+    output_format: str
+    error: VideoError | None = None
+    remixed_from_video_id: str | None = None
+
+
+class VideoList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[VideoObject]
+
+
+class VideoDeleted(BaseModel):
+    id: str
+    object: Literal["video.deleted"] = "video.deleted"
+    deleted: bool = True
+
+
 class ImageData(BaseModel):
-    b64_json: str = Field(description="The image, PNG, base64-encoded.")
+    b64_json: str = Field(description="The image, base64-encoded, in the response's output_format.")
     revised_prompt: str | None = None
 
 
 class ImageGenerationResponse(BaseModel):
     created: int = Field(description="Unix time of the answer.")
     data: list[ImageData]
+    output_format: OutputFormat = "png"
 
 
 class ModelCard(BaseModel):

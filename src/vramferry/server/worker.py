@@ -13,15 +13,18 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..errors import BudgetError
-from .generation import GenerationParams, generate, png_bytes, request_workload
+from .generation import GenerationParams, StepCallback, generate, request_workload
 from .lora import LoraSwitch
+from .media import encode_image
 from .metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
@@ -43,6 +46,10 @@ class GenerationFailed(Exception):
     """The pipeline raised on this job. The message is generic: the details go to the server's log only."""
 
 
+class DeliveryError(Exception):
+    """Raised by a job's ``deliver`` (a video over the spool's limit); its message is the client's answer."""
+
+
 class JobCancelled(Exception):
     """The job was given up (its deadline passed, or its client left) while it ran."""
 
@@ -55,11 +62,17 @@ class Job:
         params: what to generate.
         deadline: ``time.monotonic()`` after which the job is given up (checked before it starts and at every step).
         request_id: names the request in the server's log.
+        deliver: turns the pipeline's outputs (one PIL image, or list of frames, per item) into the job's result;
+            it runs on the worker thread (encoding a video there keeps the event loop free). Default: PNG bytes of
+            each image (a video's first frame).
+        on_step: called after each denoising step with ``(steps done, total)``, for progress.
     """
 
     params: GenerationParams
     deadline: float = float("inf")
     request_id: str = "-"
+    deliver: Callable[[list[Any]], Any] | None = None
+    on_step: StepCallback | None = None
     future: Future = field(default_factory=Future)
     cancelled: threading.Event = field(default_factory=threading.Event)
     reason: str = "the request was given up"
@@ -110,6 +123,11 @@ class GenerationWorker:
         return self._running is None and not self._waiting
 
     @property
+    def running(self) -> bool:
+        """A job is running."""
+        return self._running is not None
+
+    @property
     def waiting(self) -> int:
         """Jobs in the queue (the running one not included)."""
         return len(self._waiting)
@@ -144,15 +162,21 @@ class GenerationWorker:
             thread.join(timeout)
 
     def submit(
-        self, params: GenerationParams, *, deadline: float = float("inf"), request_id: str = "-"
+        self,
+        params: GenerationParams,
+        *,
+        deadline: float = float("inf"),
+        request_id: str = "-",
+        deliver: Callable[[list[Any]], Any] | None = None,
+        on_step: StepCallback | None = None,
     ) -> Job:
-        """Queue a job.
+        """Queue a job (``deliver``, ``on_step``: see :class:`Job`).
 
         Raises:
             QueueFull: ``max_queue`` jobs are waiting.
             WorkerStopped: the worker is not running.
         """
-        job = Job(params, deadline=deadline, request_id=request_id)
+        job = Job(params, deadline=deadline, request_id=request_id, deliver=deliver, on_step=on_step)
         with self._changed:
             if not self.alive:
                 raise WorkerStopped("the generation worker is not running")
@@ -212,13 +236,13 @@ class GenerationWorker:
     def _run(self, job: Job) -> None:
         start = time.perf_counter()
         error: Exception | None = None
-        result: list[bytes] = []
+        result: Any = None
         try:
             job.check()  # its deadline may have passed while it waited
             self._fit_offload(job.params)
             self.lora.use(job.params.lora)  # scales only: the offload's placement stays as it is
-            images = generate(self.pipeline, job.params, on_step=lambda step, total: job.check())
-            result = [png_bytes(image if not isinstance(image, list) else image[0]) for image in images]
+            outputs = generate(self.pipeline, job.params, on_step=lambda step, total: _step(job, step, total))
+            result = (job.deliver or png_images)(outputs)
         except (
             BaseException
         ) as exc:  # SystemExit and KeyboardInterrupt too: one request must not end the server
@@ -229,7 +253,10 @@ class GenerationWorker:
         self.metrics.generation.observe(time.perf_counter() - start)
         self._observe_runtime()
         if error is None:
-            self.metrics.images.inc(len(result))
+            if isinstance(result, Path):  # a video file
+                self.metrics.videos.inc()
+            else:
+                self.metrics.images.inc(len(result))
             _answer(job, result)
         else:
             _answer(job, error)
@@ -260,9 +287,20 @@ class GenerationWorker:
                 logger.debug("could not read the offload handle's stats", exc_info=True)
 
 
+def png_images(outputs: list[Any]) -> list[bytes]:
+    """Each output as PNG bytes (a video's first frame)."""
+    return [encode_image(item[0] if isinstance(item, list) else item, "png") for item in outputs]
+
+
+def _step(job: Job, step: int, total: int) -> None:
+    job.check()
+    if job.on_step is not None:
+        job.on_step(step, total)
+
+
 def _failure(job: Job, exc: BaseException) -> Exception:
     """What the caller of ``job`` is told about ``exc``; the details go to the log."""
-    if isinstance(exc, (JobCancelled, GenerationOutOfMemory)):
+    if isinstance(exc, (JobCancelled, GenerationOutOfMemory, DeliveryError)):
         return exc
     if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
         where = "device" if isinstance(exc, torch.OutOfMemoryError) else "host"
@@ -274,7 +312,7 @@ def _failure(job: Job, exc: BaseException) -> Exception:
     return GenerationFailed("the pipeline failed on this request")
 
 
-def _answer(job: Job, outcome: list[bytes] | Exception) -> None:
+def _answer(job: Job, outcome: Any) -> None:
     """Complete the job's future, unless its caller already gave it up."""
     try:
         if isinstance(outcome, Exception):
