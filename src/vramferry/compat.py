@@ -3,6 +3,7 @@ not offloaded by a peer already, that a given plan or order matches it, and diff
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -127,6 +128,8 @@ def patch_pipeline_class(pipeline: object, device: torch.device, reads: Any = No
         members["_execution_device"] = property(lambda self: device)
     if reads is not None and callable(pipeline):
 
+        # wraps: the signature stays the pipeline's own (callers inspect it to see which arguments it takes).
+        @functools.wraps(cls.__call__)
         def __call__(self, *args: Any, **kwargs: Any) -> Any:
             with reads.around_call():
                 return cls.__call__(self, *args, **kwargs)

@@ -99,7 +99,8 @@ class _TwoGroups:
 
 def test_model_swaps_reuse_the_evicted_components_memory():
     pipe = _TwoGroups()
-    handle = apply(pipe, vramferry.OffloadConfig(mode="model"))
+    # Raw transfers: compressed ones add two staging buffers (one chunk each) beside the swapped weights.
+    handle = apply(pipe, vramferry.OffloadConfig(mode="model", compression="off"))
     try:
         pipe()
         torch.cuda.synchronize()
@@ -277,10 +278,12 @@ def test_remove_gives_the_device_memory_back_while_the_handle_lives(mode):
     handle = apply(pipe, vramferry.OffloadConfig(mode=mode))
     run(pipe, kwargs)
     assert torch.cuda.memory_allocated() > before
+    smallest = min(u.nbytes for u in handle.units())
     handle.remove()
     torch.cuda.synchronize()
-    # Still referenced here: what stays allocated would add to the next apply's peak.
-    assert torch.cuda.memory_allocated() == before, handle
+    # Still referenced here: a device copy left allocated would add to the next apply's peak. What may remain
+    # is the pipeline's own state from the run (its scheduler's timesteps on the device), well below any unit.
+    assert torch.cuda.memory_allocated() - before < smallest, handle
 
 
 @pytest.mark.parametrize("mode", ["layerwise", "auto"])

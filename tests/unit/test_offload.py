@@ -513,3 +513,14 @@ def test_a_weight_read_outside_any_forward_is_named_under_verify():
     finally:
         handle.remove()
     del pipe.transformer.layers[0].weight_for_scale
+
+
+def test_verify_keeps_the_pipeline_call_signature():
+    # Callers (the server among them) read the call's parameters to see what the pipeline takes.
+    pipe, _ = DIFFUSERS_PIPELINES["flux"]()
+    before = inspect.signature(type(pipe).__call__)
+    handle = apply(pipe, _cfg("model", verify=True))
+    try:
+        assert inspect.signature(type(pipe).__call__) == before
+    finally:
+        handle.remove()
