@@ -84,7 +84,9 @@ def test_an_app_given_replica_metrics_serves_them_labelled_with_the_replica():
         assert client.post("/v1/images/generations", json=BODY).status_code == 200
         assert client.post("/v1/images/generations", json={**BODY, "size": "65x64"}).status_code == 400
         text = client.get("/metrics").content
+        health = client.get("/health").json()
     assert _counts(text) == {("r1", "200"): 1.0, ("r1", "400"): 1.0}
+    assert health == {"status": "ok", "replicas": ["r1"]}
     # What it reports to the board has no replica label (the merge adds it, once).
     assert 'vramferry_requests_total{status="200"} 1.0' in metrics.own().decode()
 
@@ -328,6 +330,13 @@ def test_two_demo_replicas_share_the_load_survive_a_killed_replica_and_stop_on_s
         assert set(served) == replicas, served
         # /metrics: every replica's counters, labelled; the sums are what the clients saw.
         _wait(lambda: _totals(base) == dict(seen), 10, f"/metrics to count {dict(seen)}", server)
+        # /health, from whichever replica answers: every replica that reported.
+        _wait(
+            lambda: set(httpx.get(f"{base}/health", timeout=10).json().get("replicas", ())) == replicas,
+            10,
+            f"/health to list {sorted(replicas)}",
+            server,
+        )
 
         replica_processes = server.replica_processes()
         assert len(replica_processes) == 2

@@ -300,17 +300,23 @@ def _install_routes(app: FastAPI, pipeline: Any, multiple: int, adapters: tuple[
     settings, worker, metrics = app.state.settings, app.state.worker, app.state.metrics
     started = int(time.time())
 
-    @app.get("/health", response_model=Health, responses={503: ERROR_RESPONSES[503]})
+    @app.get(
+        "/health", response_model=Health, response_model_exclude_none=True, responses={503: ERROR_RESPONSES[503]}
+    )
     async def health() -> Any:
         if worker.dead:
             raise APIError(
                 503, "the generation worker has stopped", type="server_error", code="worker_stopped"
             )
-        return Health()
+        return Health(replicas=metrics.replicas())
 
     # HEAD too (uptime probes ask with it); a route of its own, so its OpenAPI operation has an id of its own.
     app.head(
-        "/health", response_model=Health, responses={503: ERROR_RESPONSES[503]}, operation_id="health_head"
+        "/health",
+        response_model=Health,
+        response_model_exclude_none=True,
+        responses={503: ERROR_RESPONSES[503]},
+        operation_id="health_head",
     )(health)
 
     @app.get("/v1/models", response_model=ModelList, responses={401: ERROR_RESPONSES[401]})

@@ -96,3 +96,7 @@ class ServerMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def replicas(self) -> list[str] | None:
+        """The replicas these metrics cover, when several serve one endpoint; ``None`` for a single server."""
+        return None

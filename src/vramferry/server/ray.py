@@ -9,7 +9,7 @@ GPU's memory (Ray gives each replica one GPU, seen as ``cuda:0``; on a cluster w
   place (every replica at ``max_ongoing_requests``, and ``max_queued_requests`` waiting at the proxy) get Ray's
   429 too.
 - Health: Ray calls each replica's ``check_health`` and replaces one whose worker has stopped; ``/health``
-  answers from a healthy replica.
+  answers from a healthy replica and lists the replicas that reported within the last minute.
 - ``/metrics`` renders every replica's metrics, each sample labelled ``replica``: replicas share them through
   a deployment-scoped actor (:class:`MetricsBoard`) that they report to every :data:`REPORT_PERIOD_S` seconds.
 - Every answer names the replica that gave it in the ``X-Vramferry-Replica`` header.
@@ -137,6 +137,10 @@ class ReplicaMetrics(ServerMetrics):
 
     def render(self) -> bytes:
         return merge_metrics({**self._others, self.replica: self.own()})
+
+    def replicas(self) -> list[str]:
+        """This replica and those that reported to the board within its staleness window."""
+        return sorted({self.replica, *self._others})
 
     def start_reporting(self) -> None:
         if self._thread is None:

@@ -302,6 +302,8 @@ class PlanList(BaseModel):
 
 class Health(BaseModel):
     status: Literal["ok"] = "ok"
+    # Under Ray Serve: the replicas that reported within the last minute (this one included); absent otherwise.
+    replicas: list[str] | None = None
 
 
 class ErrorDetail(BaseModel):
