@@ -63,7 +63,13 @@ class _Parser(argparse.ArgumentParser):
 
 def _plan_source(args: argparse.Namespace, config: OffloadConfig) -> tuple[Any, Any, Any]:
     """``(modules, inventory, workload)`` for ``--arch`` or ``--model`` (or the demo)."""
-    shape = {"height": args.height, "width": args.width, "num_frames": args.frames, "steps": args.steps}
+    shape = {
+        "height": args.height,
+        "width": args.width,
+        "num_frames": args.frames,
+        "steps": args.steps,
+        "batch": args.batch,
+    }
     shape = {key: value for key, value in shape.items() if value is not None}
     if args.arch:
         from .planning.archs import get_arch
@@ -109,7 +115,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     config = offload_config(args)
     modules, inventory, workload = _plan_source(args, config)
     data = discovery_report(modules, inventory)
-    wants_plan = bool(given_offload_options(args) or args.config or _device_given(args))
+    wants_plan = bool(given_offload_options(args) or args.config or _device_given(args) or args.throughput)
     text = format_discovery(data)
     if wants_plan:
         from .planning.format import format_plan
@@ -125,6 +131,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
         data["workload"] = dataclasses.asdict(workload)
         data["plan"] = plan_to_dict(result)
         text += "\n\n" + format_plan(result, inventory)
+        if args.throughput:
+            from .planning.throughput import format_throughput, throughput
+
+            points = throughput(
+                lambda w: plan(inventory, config, device=profile, workload=w, compression_ratios=ratios),
+                workload,
+                args.throughput,
+            )
+            data["throughput"] = [{**dataclasses.asdict(p), "images_per_s": p.images_per_s} for p in points]
+            text += "\n\nthroughput by batch size (predicted):\n" + format_throughput(points)
     print(json.dumps(data, indent=2, default=str) if args.json else text)
     return EXIT_OK
 
@@ -372,6 +388,17 @@ def _add_plan(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--width", type=_positive_int, help="image width in pixels")
     p.add_argument("--frames", type=_positive_int, help="video frames")
     p.add_argument("--steps", type=_positive_int, help="denoising steps per request")
+    p.add_argument(
+        "--batch", type=_positive_int, help="images per DiT call (the plan sizes activations for it)"
+    )
+    p.add_argument(
+        "--throughput",
+        type=_positive_int,
+        nargs="?",
+        const=8,
+        metavar="MAX",
+        help="also predict step time, images per second and peak for batches 1 to MAX (default 8)",
+    )
     add_offload_options(p)
     p.set_defaults(handler=cmd_plan)
 
