@@ -211,6 +211,21 @@ class _Holder:
         self.transformer = transformer
 
 
+def diffusers_group_offload(model) -> None:
+    """diffusers' group offload as its docs give it for streaming: one block per group, on a stream."""
+    from diffusers.hooks import apply_group_offloading
+
+    model.to("cpu")
+    free_all()
+    apply_group_offloading(
+        model,
+        onload_device=torch.device("cuda"),
+        offload_type="block_level",
+        num_blocks_per_group=1,
+        use_stream=True,
+    )
+
+
 def _step_times(model, inputs, reps: int = 5, chain: int = 4) -> float:
     """Median seconds per forward, timing ``chain`` back-to-back forwards per sample (as a denoising loop runs:
     no host synchronisation between steps)."""
@@ -226,7 +241,6 @@ def _step_times(model, inputs, reps: int = 5, chain: int = 4) -> float:
 
 
 def flux_layerwise(bw: float) -> None:
-    from diffusers.hooks import apply_group_offloading
     from fullsize import flux_inputs, flux_transformer
 
     s = "flux_layerwise"
@@ -250,15 +264,7 @@ def flux_layerwise(bw: float) -> None:
         log(s, f"ours_{tokens}tok_copy_GBps", st.h2d_gbps)
         log(s, f"ours_{tokens}tok_sync_loads", st.sync_loads)
     handle.remove()
-    model.to("cpu")
-    free_all()
-    apply_group_offloading(
-        model,
-        onload_device=torch.device("cuda"),
-        offload_type="block_level",
-        num_blocks_per_group=1,
-        use_stream=True,
-    )
+    diffusers_group_offload(model)
     for tokens in (4096, 1024):
         t = _step_times(model, flux_inputs(tokens))
         log(s, f"diffusers_{tokens}tok_step_s", round(t, 4))
@@ -618,17 +624,7 @@ def compressed(bw: float) -> None:
         log(s, "host_rss_target_GB", round(0.75 * weights / GB + 2, 2))
 
     def diffusers_group() -> None:
-        from diffusers.hooks import apply_group_offloading
-
-        model.to("cpu")
-        free_all()
-        apply_group_offloading(
-            model,
-            onload_device=torch.device("cuda"),
-            offload_type="block_level",
-            num_blocks_per_group=1,
-            use_stream=True,
-        )
+        diffusers_group_offload(model)
         t = _step_times(model, inputs)
         log(s, "diffusers_step_s", round(t, 4))
         if "lossless_step_s" in RESULTS[s]:

@@ -22,21 +22,15 @@ import time
 from pathlib import Path
 
 import torch
+from bench_offload import timed  # run from benchmarks/, as the benchmark itself
 
 import vramferry
 
 GB = 1e9
 
 
-def timed(fn, reps: int) -> float:
-    times = []
-    for _ in range(reps):
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+def median_time(fn, reps: int) -> float:
+    return statistics.median(timed(fn, reps))
 
 
 class Breakdown:
@@ -75,7 +69,7 @@ def measure(pipe, run, tag: str, results: dict, handle=None) -> None:
         run()
         if handle is not None:
             handle.reset_stats()
-        plain = timed(run, 3)
+        plain = median_time(run, 3)
         entry = {"request_s": round(plain, 3)}
         if handle is not None:
             st = handle.stats()
@@ -86,7 +80,7 @@ def measure(pipe, run, tag: str, results: dict, handle=None) -> None:
                 unplanned_phases=st.unplanned_phases,
             )
         bd = Breakdown(pipe)
-        timed(run, 1)
+        median_time(run, 1)
         bd.remove()
         entry["synced_component_s"] = {k: round(v, 3) for k, v in bd.seconds.items()}
     results[tag] = entry
@@ -110,19 +104,27 @@ def profile_once(run, tag: str, results: dict) -> None:
 def main() -> None:
     from fullsize import flux_pipeline
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", default="phases.json")
     args = parser.parse_args()
     results: dict = {}
     pipe = flux_pipeline()
-    call = dict(prompt="a photo of a cat", height=1024, width=1024, num_inference_steps=28, guidance_scale=3.5)
+    call = dict(
+        prompt="a photo of a cat", height=1024, width=1024, num_inference_steps=28, guidance_scale=3.5
+    )
     latents = lambda: pipe(**call, output_type="latent", generator=torch.Generator().manual_seed(0))  # noqa: E731
     decoded = lambda: pipe(**call, output_type="pt", generator=torch.Generator().manual_seed(0))  # noqa: E731
     measure(pipe, latents, "resident_latents", results)
     measure(pipe, decoded, "resident_decoded", results)
     variants = [
         ("model_default_order_latents", {}, latents),
-        ("model_order_without_decode_latents", {"order": ("text_encoder", "text_encoder_2", "transformer")}, latents),
+        (
+            "model_order_without_decode_latents",
+            {"order": ("text_encoder", "text_encoder_2", "transformer")},
+            latents,
+        ),
         ("model_default_order_decoded", {}, decoded),
     ]
     for tag, changes, run in variants:

@@ -181,7 +181,7 @@ def test_a_pipeline_without_an_input_image_serves_no_edits():
 
 
 def test_an_offloaded_pipeline_checked_by_verify_still_serves_edits(flux_img2img):
-    """``verify=True`` swaps in a class whose ``__call__`` takes ``*args, **kwargs``: the server looks through it."""
+    """``verify=True`` swaps in a class of its own: its ``__call__`` keeps the signature the server reads."""
     import vramferry
 
     handle = vramferry.apply(

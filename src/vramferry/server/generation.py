@@ -72,27 +72,15 @@ _ARGUMENTS = {
 }
 
 
-_VARIADIC = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
 
 
 def call_parameters(pipeline: Any) -> set[str]:
-    """The keyword arguments ``pipeline.__call__`` accepts.
-
-    A ``__call__`` that only passes ``*args, **kwargs`` on (a wrapper, such as the class ``verify=True`` swaps in)
-    is looked through: the first ``__call__`` up the class's MRO that names its parameters says what is taken.
-    """
-    calls = [cls.__dict__["__call__"] for cls in type(pipeline).__mro__ if "__call__" in cls.__dict__]
-    first: set[str] | None = None
-    for candidate in (pipeline, *calls):
-        try:
-            parameters = inspect.signature(candidate).parameters
-        except (TypeError, ValueError):
-            continue
-        names = set(parameters) - ({"self"} if candidate is not pipeline else set())
-        first = names if first is None else first
-        if any(p.kind not in _VARIADIC for name, p in parameters.items() if name != "self"):
-            return names
-    return first or set()
+    """The keyword arguments ``pipeline.__call__`` accepts (the class ``verify=True`` swaps in keeps the
+    signature, through ``functools.wraps``)."""
+    try:
+        return set(inspect.signature(pipeline).parameters)
+    except (TypeError, ValueError):
+        return set()
 
 
 def size_multiple(pipeline: Any) -> int:
