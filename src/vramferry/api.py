@@ -343,13 +343,18 @@ class OffloadHandle:
 
     def plans(self) -> list[tuple[Workload, Plan]]:
         """The plans made so far for the current measurements, each with the request shape it is for."""
-        count = len(self._planning.measured.block_times)
-        return [(work, made) for (key, n), (made, _s, work) in self._planning.plans.items() if n == count]
+        planning = self._planning
+        return [
+            (work, made)
+            for (key, inputs), (made, _s, work) in planning.plans.items()
+            if inputs == _measured_inputs(planning, work)
+        ]
 
     def _cached_plan(self, work: Any) -> tuple[Plan, dict[str, str]]:
-        """The plan for ``work``: made once per request shape and set of measurements, then reused."""
+        """The plan for ``work``: made once per request shape and the measurements it is planned with, then
+        reused (a measurement at another shape leaves it valid unless this shape's times are scaled from it)."""
         planning = self._planning
-        key = (workload_key(work), len(planning.measured.block_times))
+        key = (workload_key(work), _measured_inputs(planning, work))
         if key not in planning.plans:
             planning.plans[key] = (*_make_plan(planning, self.config, work), work)
         made, sources, _work = planning.plans[key]
@@ -510,7 +515,7 @@ class _Planning:
         sources: per DiT, where the current plan's block times came from (``"measured"``, ``"scaled from ..."``);
             DiTs planned on the cost model's estimates are absent.
         recorded: DiTs whose measured times under ``workload`` were kept in ``measured``.
-        plans: plans made so far, per request shape and number of measurements.
+        plans: plans made so far, per request shape and the measured inputs they were planned with.
         losses: per request shape, the predicted seconds lost so far by keeping the current placement there
             instead of switching to the shape's own plan.
     """
@@ -537,6 +542,20 @@ def _first_plan(planning: _Planning, config: OffloadConfig, work: Any, missing: 
         if any(c.codec == "lossless" for c in would.components):
             logger.info("vramferry: compression='auto' would compress moved weights here (%s)", missing)
     return the_plan
+
+
+def _measured_inputs(planning: _Planning, workload: Any) -> tuple:
+    """What the measurements contribute to a plan for ``workload``: the block times each DiT would be planned
+    with (its own shape's, or scaled from the nearest measured shape) and the measured bandwidths."""
+    work, _sources = with_measured_times(
+        workload,
+        planning.inventory,
+        planning.measured,
+        planning.device_name,
+        planning.profile or profile_from(),
+    )
+    bandwidths = tuple(sorted(planning.measured.h2d_bytes_per_s.items()))
+    return tuple(sorted(work.block_compute_s.items())), bandwidths
 
 
 def _make_plan(planning: _Planning, config: OffloadConfig, workload: Any) -> tuple[Plan, dict[str, str]]:

@@ -180,3 +180,27 @@ def test_a_new_shape_is_measured_afresh_and_the_old_measurement_kept():
         assert measured_block_times(handle.measurements, "cpu", size, second, H100)[1] == "measured"
     finally:
         handle.remove()
+
+
+def test_a_measurement_at_another_shape_keeps_the_plans_planned_with_their_own_times():
+    pipe, kwargs = DIFFUSERS_PIPELINES["flux_production"]()
+    shapes = {s: Workload(height=s, width=s, steps=2) for s in (64, 96, 128)}
+    handle = apply(pipe, _cfg("model"), workload=shapes[64])
+    try:
+        for size in (64, 96):  # measure 64², then 96²
+            handle.replan(shapes[size])
+            for _ in range(2):
+                run(pipe, kwargs, height=size, width=size)
+        handle.replan(shapes[64])
+        own = handle.plan
+        assert any("block compute measured on cpu" in n for n in own.notes)
+        handle.replan(shapes[128])  # 128² is measured now: the plans scaled from 96² change, 64²'s does not
+        for _ in range(2):
+            run(pipe, kwargs, height=128, width=128)
+        handle.replan(shapes[96])
+        handle.replan(shapes[64])
+        assert handle.plan is own
+        size = handle.inventory.get("transformer")
+        assert measured_block_times(handle.measurements, "cpu", size, shapes[128], H100)[1] == "measured"
+    finally:
+        handle.remove()
