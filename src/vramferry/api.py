@@ -21,7 +21,14 @@ from .config import OffloadConfig
 from .discovery.inventory import Inventory
 from .discovery.modules import PipelineModules
 from .errors import ConflictError, OffloadError, PlanError
-from .planning.calibrate import BlockTimes, Measurements, shape_key, with_measured_times, workload_key
+from .planning.calibrate import (
+    BlockTimes,
+    Measurements,
+    measurement_basis,
+    shape_key,
+    with_measured_times,
+    workload_key,
+)
 from .planning.devices import DeviceProfile, profile_from
 from .planning.plan import Plan
 from .planning.planner import with_schedule
@@ -545,17 +552,16 @@ def _first_plan(planning: _Planning, config: OffloadConfig, work: Any, missing: 
 
 
 def _measured_inputs(planning: _Planning, workload: Any) -> tuple:
-    """What the measurements contribute to a plan for ``workload``: the block times each DiT would be planned
-    with (its own shape's, or scaled from the nearest measured shape) and the measured bandwidths."""
-    work, _sources = with_measured_times(
-        workload,
-        planning.inventory,
-        planning.measured,
-        planning.device_name,
-        planning.profile or profile_from(),
-    )
-    bandwidths = tuple(sorted(planning.measured.h2d_bytes_per_s.items()))
-    return tuple(sorted(work.block_compute_s.items())), bandwidths
+    """Which measurements a plan for ``workload`` is made with: per DiT, the measured request shape its block
+    times come from (its own, or the nearest measured one), and the measured bandwidths. A shape measured again
+    (each visit measures afresh) keeps its plans: the times of one shape barely move between measurements."""
+    bases = []
+    for size in planning.inventory.components:
+        if size.role == "dit" and size.block_bytes and size.name not in workload.block_compute_s:
+            basis = measurement_basis(planning.measured, planning.device_name, size, workload)
+            bases.append((size.name, basis))
+    given = tuple(sorted(workload.block_compute_s.items()))
+    return tuple(bases), given, tuple(sorted(planning.measured.h2d_bytes_per_s.items()))
 
 
 def _make_plan(planning: _Planning, config: OffloadConfig, workload: Any) -> tuple[Plan, dict[str, str]]:

@@ -182,7 +182,7 @@ def test_a_new_shape_is_measured_afresh_and_the_old_measurement_kept():
         handle.remove()
 
 
-def test_a_measurement_at_another_shape_keeps_the_plans_planned_with_their_own_times():
+def test_a_measurement_at_another_shape_or_again_keeps_the_plans_planned_with_their_own_times():
     pipe, kwargs = DIFFUSERS_PIPELINES["flux_production"]()
     shapes = {s: Workload(height=s, width=s, steps=2) for s in (64, 96, 128)}
     handle = apply(pipe, _cfg("model"), workload=shapes[64])
@@ -197,6 +197,11 @@ def test_a_measurement_at_another_shape_keeps_the_plans_planned_with_their_own_t
         handle.replan(shapes[128])  # 128² is measured now: the plans scaled from 96² change, 64²'s does not
         for _ in range(2):
             run(pipe, kwargs, height=128, width=128)
+        handle.replan(shapes[96])
+        handle.replan(shapes[64])
+        assert handle.plan is own
+        for _ in range(2):  # measured afresh at its next visit: its plan stays
+            run(pipe, kwargs, height=64, width=64)
         handle.replan(shapes[96])
         handle.replan(shapes[64])
         assert handle.plan is own

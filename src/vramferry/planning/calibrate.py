@@ -88,6 +88,22 @@ def _tokens(size: ComponentSize, work: Workload) -> float:
     return work.sequence_of(dit_shape_of(size)) * work.batch
 
 
+def measurement_basis(
+    measured: Measurements, device_name: str, size: ComponentSize, workload: Workload
+) -> tuple | None:
+    """The measured request shape (:func:`shape_key`) that block times for ``size`` under ``workload`` come
+    from: the workload's own when it was measured, else the measured shape nearest in tokens per call; ``None``
+    when this DiT was never measured on this device."""
+    found = measured.shapes(device_name, size)
+    if not found:
+        return None
+    wanted = shape_key(workload)
+    if wanted in found:
+        return wanted
+    target = _tokens(size, workload)
+    return min(found, key=lambda k: abs(math.log(_tokens(size, _shaped(workload, k)) / target)))
+
+
 def measured_block_times(
     measured: Measurements, device_name: str, size: ComponentSize, workload: Workload, device: DeviceProfile
 ) -> tuple[tuple[float, ...], str] | None:
@@ -100,13 +116,11 @@ def measured_block_times(
     from .costmodel import estimated_block_times
 
     found = measured.shapes(device_name, size)
-    if not found:
+    key = measurement_basis(measured, device_name, size, workload)
+    if key is None:
         return None
-    wanted = shape_key(workload)
-    if wanted in found:
-        return found[wanted].seconds, "measured"
-    target = _tokens(size, workload)
-    key = min(found, key=lambda k: abs(math.log(_tokens(size, _shaped(workload, k)) / target)))
+    if key == shape_key(workload):
+        return found[key].seconds, "measured"
     height, width, frames = key[:3]
     then = estimated_block_times(size, _shaped(workload, key), device)
     now = estimated_block_times(size, workload, device)
