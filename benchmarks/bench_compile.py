@@ -60,7 +60,7 @@ def hooks(s: str, model, inputs) -> None:
         handle.remove()
 
 
-def compiled(s: str, model, inputs, budget: float) -> None:
+def compiled(s: str, model, inputs, budget: float, compression: str, parts: list[str]) -> None:
     t0 = time.perf_counter()
     model.compile_repeated_blocks(fullgraph=True)
     reference = _output(model, inputs)  # compiles
@@ -120,6 +120,10 @@ def main() -> None:
     )
     parser.add_argument("--out", default="compile.json")
     parser.add_argument("--budget", type=float, default=16.0, help="auto's VRAM budget in GB")
+    parser.add_argument("--compression", default="auto", choices=["auto", "off", "lossless"])
+    parser.add_argument(
+        "--parts", default="hooks,layerwise,auto", help="which of hooks, layerwise, auto to run"
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA GPU")
@@ -127,7 +131,10 @@ def main() -> None:
 
     bench.OUT_PATH = Path(args.out)
     bench.RESULTS.update(device=torch.cuda.get_device_name(), torch=torch.__version__)
-    bench.RESULTS["command"] = f"python benchmarks/bench_compile.py --budget {args.budget:g}"
+    bench.RESULTS["command"] = (
+        f"python benchmarks/bench_compile.py --budget {args.budget:g} --compression {args.compression}"
+        f" --parts {args.parts}"
+    )
     s = "compile"
     try:
         import_nvcomp()
@@ -136,8 +143,10 @@ def main() -> None:
         bench.log(s, "compression", "nvCOMP absent: raw transfers")
     model = flux_transformer()
     inputs = flux_inputs(4096)
-    bench._try(s, "hooks", lambda: hooks(s, model, inputs))
-    bench._try(s, "compiled", lambda: compiled(s, model, inputs, args.budget))
+    parts = args.parts.split(",")
+    if "hooks" in parts:
+        bench._try(s, "hooks", lambda: hooks(s, model, inputs))
+    bench._try(s, "compiled", lambda: compiled(s, model, inputs, args.budget, args.compression, parts))
     Path(args.out).write_text(__import__("json").dumps(bench.RESULTS, indent=1))
 
 
