@@ -459,6 +459,7 @@ def shapes(bw: float) -> None:
             bound = steady[size] + moved / bw + 0.1
             worst = max(worst, took - bound)
             reserved = torch.cuda.max_memory_reserved()
+            allocated = torch.cuda.max_memory_allocated()
             peak = max(peak, reserved)
             rows.append(
                 (
@@ -469,12 +470,15 @@ def shapes(bw: float) -> None:
                     round(moved / GB, 2),
                     took <= bound,
                     round(reserved / GB, 2),
+                    round(allocated / GB, 2),
+                    round(handle.plan.predicted_peak_bytes / GB, 2),
                 )
             )
     log(
         s,
         "cycle_columns",
-        "size, re-placed, request_s, steady_s, GB changing residency, within bound, peak GB",
+        "size, re-placed, request_s, steady_s, GB changing residency, within bound, peak reserved GB, "
+        "peak allocated GB, predicted peak GB",
     )
     log(s, "cycle", rows)
     log(s, "all_within_bound", all(r[5] for r in rows))

@@ -167,7 +167,10 @@ class Mover:
     @property
     def decode_stream(self):
         if self._decode_stream is None:
-            self._decode_stream = torch.cuda.Stream(self.device)
+            # The highest priority: a decode queued behind the compute stream's kernels would wait for SMs, and
+            # with two staging buffers the link stalls until it has run; a few short decodes first cost the
+            # compute stream less than an idle link does.
+            self._decode_stream = torch.cuda.Stream(self.device, priority=-1)  # lower numbers run first
         return self._decode_stream
 
     def _copy_encoded(self, unit: Unit, buffer: torch.Tensor, after: object | None) -> object:
