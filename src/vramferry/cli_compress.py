@@ -26,14 +26,15 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if report.nothing is not None:
         print(f"note: nothing to compress: {report.nothing}", file=sys.stderr)
         return EXIT_OK
-    rate = report.raw_bytes / report.seconds / 1e9 if report.seconds > 0 else 0.0
-    ratio = report.compressed_bytes / report.raw_bytes if report.raw_bytes else 1.0
-    print(
-        f"compressed {report.written} piece(s) with {report.codec}: {format_bytes(report.raw_bytes)} -> "
-        f"{format_bytes(report.compressed_bytes)} (x{ratio:.3f}) in {report.seconds:.2f} s ({rate:.2f} GB/s); "
-        f"{report.kept} up to date"
-        + (f", {report.removed} stale entries removed" if report.removed else "")
-    )
+    done = f"compressed {report.written} piece(s) with {report.codec}"
+    if report.written:
+        rate = report.raw_bytes / report.seconds / 1e9 if report.seconds > 0 else 0.0
+        done += (
+            f": {format_bytes(report.raw_bytes)} -> {format_bytes(report.compressed_bytes)} "
+            f"(x{report.compressed_bytes / report.raw_bytes:.3f}) in {report.seconds:.2f} s ({rate:.2f} GB/s)"
+        )
+    removed = f", {report.removed} stale entries removed" if report.removed else ""
+    print(f"{done}; {report.kept} up to date{removed}")
     if report.not_from_files:
         shown = ", ".join(report.not_from_files[:4]) + (" ..." if len(report.not_from_files) > 4 else "")
         print(

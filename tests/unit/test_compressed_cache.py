@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ import torch
 import vramferry
 from pipelines.diffusers_pipes import run
 from vramferry.cli import main
+from vramferry.runtime.cache import prefetch_paths
 
 pytest.importorskip("zstandard")
 diffusers = pytest.importorskip("diffusers")
@@ -186,13 +188,21 @@ def test_a_corrupt_cache_is_detected(folder, tiny_flux, caplog):
     assert "is not used" in warning and "index.json cannot be read" in warning
 
 
-def test_a_cache_of_some_components_serves_them_alone(folder, tiny_flux, capsys, caplog):
+def test_a_cache_of_some_components_serves_them_alone(folder, tiny_flux, caplog):
     _pipe, kwargs = tiny_flux
-    assert main(["compress", str(folder), *COMPRESS, "--components", "transformer"]) == 0
-    assert "compressed 3 piece(s)" in capsys.readouterr().out
+    report = vramferry.compress(folder, onload_device="cpu", compression="lossless", components=["transformer"])
+    assert (report.written, report.kept, report.codec) == (3, 0, "zstd-planes")
+    assert 0 < report.compressed_bytes < report.raw_bytes and report.cache_dir == folder / ".vramferry" / "compressed"
     stats, _ = _load(folder, kwargs)
     assert stats.compressed_from_cache == 3 and stats.compressed_at_apply > 0
     assert not _warnings(caplog)  # pieces without an entry are compressed as without a cache
+    # load() reads ahead the cache's files and the checkpoint files it does not cover.
+    ahead = prefetch_paths(folder, "auto", "cpu")
+    assert sorted(Path(p).name for p in ahead if p.endswith(".bin")) == [
+        "rest.bin", "single_transformer_blocks.0.bin", "transformer_blocks.0.bin"
+    ]  # fmt: skip
+    assert {Path(p).parent.name for p in ahead if p.endswith(".safetensors")} == {"vae", "text_encoder", "text_encoder_2"}
+    assert prefetch_paths(folder, "off", "cpu") is None and prefetch_paths(folder, "auto", "cuda") is None
 
 
 def test_compress_explains_what_it_cannot_do(folder, capsys):

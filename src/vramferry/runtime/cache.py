@@ -119,6 +119,7 @@ class CompressedCache:
         self.data = data or {"format": FORMAT, "version": VERSION, "entries": {}}
         self.entries: dict[str, dict] = self.data["entries"].setdefault(codec.name, {})
         self._identities: dict[str, FileIdentity | None] = {}
+        self.source_dir: str | None = None  # the folder the pipeline was loaded from, when known
         self.used = 0  # pieces read from the cache
         self.stale: list[tuple[str, str]] = []  # (piece, why its entry was not used)
 
@@ -138,8 +139,8 @@ class CompressedCache:
 
     @property
     def model_dir(self) -> str:
-        """The model folder the cache was made from (for the rebuild command)."""
-        return str(self.data.get("model_dir") or self.folder.parent.parent)
+        """The model folder (for the rebuild command): the pipeline's, else the one the cache was made from."""
+        return str(self.source_dir or self.data.get("model_dir") or self.folder.parent.parent)
 
     def identity(self, path: str) -> FileIdentity | None:
         if path not in self._identities:
@@ -235,8 +236,11 @@ class CompressedCache:
         try:
             path = self._path(entry)
             raw_at = at = 0
-            for raw_start, raw_len, start, length, _split, _crc in entry["chunks"]:
-                if (raw_start, start) != (raw_at, at) or raw_len <= 0 or length <= 0:
+            for chunk in entry["chunks"]:
+                raw_start, raw_len, start, length, _split, _crc = chunk
+                if not all(type(x) is int for x in chunk) or (raw_start, start) != (raw_at, at):
+                    return f"{entry['file']}: its chunk table is corrupt"
+                if raw_len <= 0 or length <= 0:
                     return f"{entry['file']}: its chunk table is corrupt"
                 raw_at, at = raw_at + raw_len, at + length
             if (raw_at, at) != (entry["nbytes"], entry["payload_bytes"]):
@@ -352,11 +356,11 @@ def open_cache(pipeline: object, setting: str, codec: Codec | None, modules) -> 
         name = getattr(getattr(pipeline, "config", None), "_name_or_path", None)
         if not isinstance(name, (str, os.PathLike)) or not Path(name).expanduser().is_dir():
             return None
-        folder = default_cache_dir(name)
+        folder, source = default_cache_dir(name), str(Path(name).expanduser())
         if not (folder / INDEX).exists():
             return None
     else:
-        folder = Path(setting).expanduser()
+        folder, source = Path(setting).expanduser(), None
         if not (folder / INDEX).exists():
             logger.warning(
                 "vramferry: compression_cache=%r holds no compressed cache (no %s); compressing at apply. Write one "
@@ -367,7 +371,7 @@ def open_cache(pipeline: object, setting: str, codec: Codec | None, modules) -> 
             )
             return None
     try:
-        return CompressedCache.open(folder, codec, modules)
+        cache = CompressedCache.open(folder, codec, modules)
     except ValueError as exc:
         logger.warning(
             "vramferry: the compressed cache in %s is not used: %s; compressing at apply. Rebuild it with "
@@ -377,6 +381,31 @@ def open_cache(pipeline: object, setting: str, codec: Codec | None, modules) -> 
             folder,
         )
         return None
+    cache.source_dir = source
+    return cache
+
+
+def prefetch_paths(model_dir: Path, setting: str, device_type: str) -> list[str] | None:
+    """What :func:`vramferry.load` asks the kernel to read ahead when ``model_dir`` has a compressed cache for the
+    codec of ``device_type``: its files, and the checkpoint files none of its entries were read from (the files
+    that entries cover are read where needed, and mostly not at all). ``None``: no such cache (read ahead the
+    whole checkpoint)."""
+    from .codecs import DEVICE_CODECS
+
+    if setting == "off" or device_type not in DEVICE_CODECS:
+        return None
+    folder = default_cache_dir(model_dir) if setting == "auto" else Path(setting).expanduser()
+    try:
+        data = json.loads((folder / INDEX).read_text())
+        entries = data["entries"].get(DEVICE_CODECS[device_type]) or {}
+        covered = {Path(model_dir, key).resolve() for entry in entries.values() for key in entry["files"]}
+        payloads = [str(folder / entry["file"]) for entry in entries.values()]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    if not entries:
+        return None
+    files = sorted(p for p in Path(model_dir).rglob("*.safetensors") if folder not in p.parents)
+    return payloads + [str(p) for p in files if p.resolve() not in covered]
 
 
 def _chunk_intact(check: tuple[torch.Tensor, list]) -> bool:

@@ -293,18 +293,15 @@ def import_nvcomp():
     return nvcomp
 
 
-#: Execution device type -> the codec handler that runs there.
-CODECS: dict[str, Callable[[torch.device], Codec]] = {
-    "cpu": lambda device: ZstdPlanes(),
-    "cuda": NvcompAns,
-}
-
-
-#: Codec name -> its handler, for ``vramferry compress --codec``.
+#: Codec name -> its handler (``vramferry compress --codec``).
 CODEC_NAMES: dict[str, Callable[[torch.device], Codec]] = {
     "zstd-planes": lambda device: ZstdPlanes(),
     "nvcomp-ans": NvcompAns,
 }
+#: Execution device type -> the name of the codec that runs there.
+DEVICE_CODECS = {"cpu": "zstd-planes", "cuda": "nvcomp-ans"}
+#: Execution device type -> the codec handler that runs there.
+CODECS: dict[str, Callable[[torch.device], Codec]] = {kind: CODEC_NAMES[name] for kind, name in DEVICE_CODECS.items()}
 
 
 def codec_named(name: str, device: torch.device) -> Codec:
