@@ -18,6 +18,13 @@ Sections:
   resident        (GPU) the whole pipeline resident on the GPU: one request, warmed up: the request to add to the
                   raw read time
   apply_in_ram    the pipeline already in memory (not file-backed): ``apply`` packing, threaded vs one thread
+  compress        ``vramferry compress`` of the transformer (lossless: every block; the compressed cache beside it)
+  load_compressing  ``vramferry.load`` in layerwise mode with compression, the cache off: compressed at apply
+  load_cached     the same reading the compressed cache: no raw bytes read, nothing compressed at apply
+
+    # the compressed cache on the GPU (nvCOMP), cold figures:
+    python benchmarks/bench_load.py --drop-caches --folder /tmp/flux1-sized \
+        --sections compress,load_compressing,load_cached --out benchmarks/results/load_cached_gpu.json
 """
 
 from __future__ import annotations
@@ -147,12 +154,12 @@ def _request(pipe, args) -> float:
     return time.perf_counter() - start
 
 
-def _load(folder: Path, args, cold: bool) -> dict:
+def _load(folder: Path, args, cold: bool, **changes) -> dict:
     import vramferry
 
     found: dict = {"cold": _drop_caches() if cold else False, "rss_after_imports_gb": _rss_gb()}
     start = time.perf_counter()
-    handle = vramferry.load(folder, _config(args), dtype="bfloat16", progress=args.progress)
+    handle = vramferry.load(folder, _config(args).replace(**changes), dtype="bfloat16", progress=args.progress)
     found["load_s"] = time.perf_counter() - start
     found["rss_after_load_gb"] = _rss_gb()
     found["first_request_s"] = _request(handle.pipeline, args)
@@ -161,6 +168,9 @@ def _load(folder: Path, args, cold: bool) -> dict:
     found["host_file_bytes"] = stats.host_file_bytes
     found["host_bytes"] = stats.host_pinned_bytes + stats.host_pageable_bytes
     found["fill_s"] = stats.host_fill_seconds
+    found["compressed_from_cache"] = stats.compressed_from_cache
+    found["compressed_at_apply"] = stats.compressed_at_apply
+    found["host_compressed_bytes"] = stats.host_compressed_bytes
     found["peak_rss_gb"] = _peak_rss_gb()
     return found
 
@@ -249,6 +259,27 @@ def section_apply_in_ram(folder: Path, args) -> dict:
     return found
 
 
+def section_compress(folder: Path, args) -> dict:
+    import vramferry
+
+    start = time.perf_counter()
+    config = _config(args).replace(compression="lossless")
+    report = vramferry.compress(folder, config, components=["transformer"], progress=args.progress)
+    found = {"seconds": time.perf_counter() - start, "written": report.written, "kept": report.kept}
+    found.update(raw_bytes=report.raw_bytes, compressed_bytes=report.compressed_bytes, codec=report.codec)
+    found["compress_s"] = report.seconds
+    found["gbps"] = report.raw_bytes / report.seconds / GB if report.seconds > 0 else None
+    return found
+
+
+def section_load_compressing(folder: Path, args) -> dict:
+    return _load(folder, args, True, mode="layerwise", compression="lossless", compression_cache="off")
+
+
+def section_load_cached(folder: Path, args) -> dict:
+    return _load(folder, args, True, mode="layerwise", compression="lossless")
+
+
 SECTIONS = {
     "raw_read": section_raw_read,
     "load": section_load,
@@ -256,6 +287,9 @@ SECTIONS = {
     "baseline": section_baseline,
     "resident": section_resident,
     "apply_in_ram": section_apply_in_ram,
+    "compress": section_compress,
+    "load_compressing": section_load_compressing,
+    "load_cached": section_load_cached,
 }
 
 
@@ -283,7 +317,7 @@ def main() -> None:
     parser.add_argument("--folder", required=True, type=Path, help="pipeline folder (written when missing)")
     parser.add_argument("--cpu", action="store_true", help="no GPU: offload to the CPU, no requests")
     parser.add_argument("--blocks", type=int, default=6, help="--cpu: transformer blocks at FLUX.1's width")
-    parser.add_argument("--sections", default=",".join(SECTIONS))
+    parser.add_argument("--sections", default=",".join(list(SECTIONS)[:6]), help=f"of {', '.join(SECTIONS)}")
     parser.add_argument(
         "--mode", default=None, help="offload mode (default: auto on the GPU, layerwise on the CPU)"
     )

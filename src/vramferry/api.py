@@ -60,6 +60,8 @@ class OffloadStats:
         host_pinned_bytes, host_pageable_bytes: where the canonical host copies live.
         host_compressed_bytes, host_compressed_raw_bytes: the compressed pieces' bytes in host memory, and what
             they decode to (0 without compression); ``bytes_decoded``: bytes decoded on the way in.
+        compressed_from_cache, compressed_at_apply: compressed pieces (blocks, non-block parts) whose bytes were
+            read from the compressed cache (``vramferry compress``), and those compressed at ``apply``.
         host_file_bytes: bytes of the host store read straight from checkpoint files when it was filled (the
             rest was copied from memory); host_fill_seconds: the time filling it took.
         dit_calls, dit_call_seconds: DiT forwards run, and their mean duration (GPU time on CUDA).
@@ -85,6 +87,8 @@ class OffloadStats:
     host_compressed_bytes: int = 0
     host_compressed_raw_bytes: int = 0
     bytes_decoded: int = 0
+    compressed_from_cache: int = 0
+    compressed_at_apply: int = 0
     host_file_bytes: int = 0
     host_fill_seconds: float = 0.0
     dit_calls: int = 0
@@ -189,6 +193,8 @@ class OffloadHandle:
             host_compressed_bytes=runtime.store.encoded_bytes,
             host_compressed_raw_bytes=runtime.store.encoded_raw_bytes,
             bytes_decoded=c.bytes_decoded,
+            compressed_from_cache=runtime.store.cached_pieces,
+            compressed_at_apply=runtime.store.encoded_pieces,
             host_file_bytes=runtime.filled.file_bytes,
             host_fill_seconds=round(runtime.filled.seconds, 6),
             dit_calls=c.dit_calls,
@@ -446,16 +452,37 @@ def apply(
         DiscoveryError, PlanError, BudgetError: see their messages; a ``plan`` that does not match the
             pipeline, or one given together with a ``workload``, raises :class:`~vramferry.errors.PlanError`.
     """
+    from .runtime.cache import open_cache
+
+    config = config if config is not None else OffloadConfig()
+    if changes:
+        config = config.replace(**changes)
+    _check_live(pipeline)
+    modules, device, planning, the_plan, coding = plan_apply(pipeline, config, workload, plan, measured)
+    cache = open_cache(pipeline, config.compression_cache, coding.codec, modules)
+    runtime = _runtime(modules, the_plan, config, device, progress, coding.codec, cache)
+    reads = WeightReads(runtime.all_units, [c.module for c in modules.components()]) if config.verify else None
+    patched = patch_pipeline_class(pipeline, device, reads)
+    handle = OffloadHandle(pipeline, config, modules, the_plan, runtime, patched)
+    handle._planning = planning
+    _LIVE[pipeline] = handle
+    for component in modules.components():
+        _LIVE[component.module] = handle
+    logger.info("vramferry: %s applied to %s", the_plan.mode.value, type(pipeline).__name__)
+    return handle
+
+
+def plan_apply(
+    pipeline: object, config: OffloadConfig, workload: Any = None, plan: Plan | None = None, measured: Any = None
+) -> tuple[PipelineModules, torch.device, _Planning, Plan, Any]:
+    """What :func:`apply` decides before it changes anything: ``(modules, device, planning, plan, codec choice)``
+    (``vramferry compress`` compresses the pieces this plan compresses)."""
     from .discovery.inventory import inventory_of
     from .discovery.roles import discover
     from .planning.planner import default_workload, with_schedule
     from .runtime.codecs import select_codec
     from .runtime.install import check_weights_materialised
 
-    config = config if config is not None else OffloadConfig()
-    if changes:
-        config = config.replace(**changes)
-    _check_live(pipeline)
     device = resolve_device(config)
     modules = discover(pipeline, strict=config.strict, block_attrs=dict(config.block_attrs) or None)
     check_foreign_hooks(modules, _LIVE)
@@ -479,16 +506,7 @@ def apply(
         the_plan = plan if plan.schedule else with_schedule(plan, inventory, config)
     else:
         the_plan = _first_plan(planning, config, work, coding.missing)
-    runtime = _runtime(modules, the_plan, config, device, progress, coding.codec)
-    reads = WeightReads(runtime.all_units, [c.module for c in modules.components()]) if config.verify else None
-    patched = patch_pipeline_class(pipeline, device, reads)
-    handle = OffloadHandle(pipeline, config, modules, the_plan, runtime, patched)
-    handle._planning = planning
-    _LIVE[pipeline] = handle
-    for component in modules.components():
-        _LIVE[component.module] = handle
-    logger.info("vramferry: %s applied to %s", the_plan.mode.value, type(pipeline).__name__)
-    return handle
+    return modules, device, planning, the_plan, coding
 
 
 def _runtime(
@@ -498,6 +516,7 @@ def _runtime(
     device: torch.device,
     progress: bool | None,
     codec: Any = None,
+    cache: Any = None,
 ) -> Runtime:
     from .units import parse_bytes
 
@@ -510,6 +529,7 @@ def _runtime(
         pin_limit=limit,
         verify=config.verify,
         codec=codec,
+        cache=cache,
         progress=progress,
     )
 

@@ -1,4 +1,5 @@
-"""The ``vramferry`` command: ``plan``, ``generate``, ``bench`` and ``serve`` (``--replicas``: cli_replicas.py).
+"""The ``vramferry`` command: ``plan``, ``generate``, ``bench``, ``serve`` (``--replicas``: cli_replicas.py) and
+``compress`` (cli_compress.py).
 Every offload flag maps to one :class:`~vramferry.config.OffloadConfig` field through :data:`~vramferry.cli_options.OFFLOAD_FLAGS`, the
 single option group that all commands share; ``--config FILE.json`` loads a saved config and flags override it.
 Library errors become one ``error: ...`` line on stderr and exit code 2 (tracebacks with ``--debug``).
@@ -17,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from .cli_compress import add_compress
 from .cli_options import (
     EXIT_FAILURE,
     EXIT_OK,
@@ -509,7 +511,7 @@ def _size_list(text: str) -> tuple[tuple[int, int], ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``vramferry`` parser with its four commands."""
+    """The ``vramferry`` parser with its five commands."""
     from . import __version__
 
     parser = _Parser(prog="vramferry", description="Run diffusion pipelines larger than the GPU.")
@@ -518,7 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     common = _common()
-    for add in (_add_plan, _add_generate, _add_bench, _add_serve):
+    for add in (_add_plan, _add_generate, _add_bench, _add_serve, add_compress):
         add(sub, common)
     return parser
 

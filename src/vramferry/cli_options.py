@@ -129,6 +129,14 @@ OFFLOAD_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
             "gain), off, lossless (every moved piece); needs vramferry[compress] (default: auto)",
         },
     ),
+    "compression_cache": (
+        "--compression-cache",
+        {
+            "metavar": "auto|off|DIR",
+            "help": "compressed bytes written by 'vramferry compress': auto (in the model's folder), off, or the "
+            "cache folder (default: auto)",
+        },
+    ),
 }
 """OffloadConfig field → (flag, argparse options). The only place where offload flags are spelled."""
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
@@ -93,6 +94,10 @@ class OffloadConfig:
             compressed in host memory and decode them on the device after the copy. Bitwise exact; needs
             ``vramferry[compress]``. ``auto`` compresses where the plan predicts a faster request (never on a
             CPU execution device, where there is no link to save).
+        compression_cache: where the pieces ``compression`` keeps compressed find their compressed bytes ready
+            (written by ``vramferry compress``): ``"auto"``, in the pipeline's own folder when it was loaded from
+            one (``MODEL_DIR/.vramferry/compressed``); ``"off"``, never; or a cache folder (``vramferry compress
+            --cache-dir``). An entry is used only when it matches the weights; the rest are compressed at apply.
     """
 
     mode: OffloadMode = OffloadMode.AUTO
@@ -109,6 +114,7 @@ class OffloadConfig:
     verify: bool = False
     strict: bool = False
     compression: Compression = Compression.AUTO
+    compression_cache: str = "auto"
 
     def __post_init__(self) -> None:
         try:
@@ -123,6 +129,12 @@ class OffloadConfig:
             choices = ", ".join(c.value for c in Compression)
             raise ValueError(f"compression: {self.compression!r} is not one of {choices}") from None
         object.__setattr__(self, "compression", compression)
+        if isinstance(self.compression_cache, os.PathLike):
+            object.__setattr__(self, "compression_cache", os.fspath(self.compression_cache))
+        if not isinstance(self.compression_cache, str) or not self.compression_cache.strip():
+            raise ValueError(
+                f"compression_cache: expected 'auto', 'off' or a folder, got {self.compression_cache!r}"
+            )
         object.__setattr__(self, "vram_budget", _valid_budget(self.vram_budget))
         try:
             device = torch.device(self.onload_device)

@@ -54,12 +54,19 @@ def load(
         OffloadError: see :func:`~vramferry.apply`.
     """
     from .pipelines.loading import load_pipeline
+    from .runtime.cache import prefetch_paths
     from .runtime.files import prefetch
 
     start = time.perf_counter()
     if model is not None and Path(model).expanduser().is_dir():
-        # The disk starts on the weights while diffusers builds the modules.
-        prefetch([str(p) for p in sorted(Path(model).expanduser().rglob("*.safetensors"))])
+        # The disk starts on the weights while diffusers builds the modules: with a compressed cache, on its
+        # files and the checkpoint files it does not cover instead of every checkpoint file.
+        folder = Path(model).expanduser()
+        wanted = (config or OffloadConfig()).replace(**changes)
+        paths = None
+        if str(wanted.compression) != "off":
+            paths = prefetch_paths(folder, wanted.compression_cache, wanted.device.type)
+        prefetch(paths if paths is not None else [str(p) for p in sorted(folder.rglob("*.safetensors"))])
     pipeline = load_pipeline(model, dtype=dtype, variant=variant)
     built = time.perf_counter()
     handle = apply(pipeline, config, workload=workload, progress=progress, **changes)

@@ -93,3 +93,29 @@ def test_decode_is_queued_without_a_host_synchronisation():
     del keep
     assert torch.equal(out.cpu(), raw)
     assert issued < 0.05, f"queueing a decode took {issued * 1e3:.0f} ms: it waited for the device"
+
+
+def test_the_compressed_cache_serves_the_gpu_codec(tmp_path):
+    """``vramferry compress`` on the GPU writes nvCOMP entries; ``load`` reads them instead of compressing, with
+    output bitwise equal to the resident run; a CPU codec's entries beside them change nothing."""
+    from vramferry.pipelines.loading import load_pipeline
+
+    pipe, kwargs = DIFFUSERS_PIPELINES["flux"]()
+    pipe.to(torch.bfloat16).save_pretrained(tmp_path)
+    resident = load_pipeline(tmp_path, dtype="bfloat16").to("cuda")  # the files' dtype, as the cache serves
+    resident.set_progress_bar_config(disable=True)
+    expected = run(resident, kwargs)
+    del resident
+    report = vramferry.compress(tmp_path, compression="lossless")
+    assert report.codec == "nvcomp-ans" and report.written > 0 and report.compressed_bytes < report.raw_bytes
+    pytest.importorskip("zstandard")
+    assert vramferry.compress(tmp_path, compression="lossless", codec="zstd-planes").written == report.written
+    config = vramferry.OffloadConfig(mode="layerwise", compression="lossless", verify=True)
+    for cache, from_cache in (("auto", True), ("off", False)):
+        with vramferry.load(tmp_path, config, dtype="bfloat16", compression_cache=cache) as handle:
+            handle.pipeline.set_progress_bar_config(disable=True)
+            assert_runs_equal(handle.pipeline, kwargs, expected)
+            stats = handle.stats()
+        assert (stats.compressed_from_cache > 0) is from_cache
+        assert (stats.compressed_at_apply == 0) is from_cache
+        assert stats.bytes_decoded > 0

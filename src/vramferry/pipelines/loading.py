@@ -67,14 +67,17 @@ def parse_dtype(value: str | torch.dtype) -> torch.dtype:
     return DTYPES[name]
 
 
-def load_pipeline(model: str | os.PathLike | None, *, dtype: str | torch.dtype | None = None, variant=None):
+def load_pipeline(
+    model: str | os.PathLike | None, *, dtype: str | torch.dtype | dict | None = None, variant=None
+):
     """Load a diffusers pipeline on the CPU.
 
     Args:
         model: ``None`` for the built-in demo pipeline (random weights, no download); a local folder written
             by ``save_pretrained`` (it holds ``model_index.json``); or a Hugging Face Hub id.
         dtype: the weights' dtype (``float32``, ``float16``, ``bfloat16`` or a torch dtype); ``None`` keeps
-            diffusers' default.
+            diffusers' default. For a folder or Hub id, also a dict from component names to dtypes, as diffusers
+            takes it (``"default"`` for the others).
         variant: the weight-file variant to load (e.g. ``"fp16"``), passed through to diffusers.
 
     Returns:
@@ -84,7 +87,12 @@ def load_pipeline(model: str | os.PathLike | None, *, dtype: str | torch.dtype |
         LoadError: the folder is missing or not a diffusers pipeline, the id cannot be fetched, or the dtype
             is unknown. The message names the culprit and the fix.
     """
-    torch_dtype = parse_dtype(dtype) if dtype is not None else None
+    if isinstance(dtype, dict):
+        torch_dtype: Any = {name: parse_dtype(value) for name, value in dtype.items()}
+        if model is None:
+            raise LoadError("the demo pipeline takes one dtype, not one per component")
+    else:
+        torch_dtype = parse_dtype(dtype) if dtype is not None else None
     if model is None:
         from .demo import build_demo_pipeline
 
@@ -112,7 +120,7 @@ def _describe_folder(path: Path) -> str:
     return f"it contains {shown}{more}"
 
 
-def _dtype_kwargs(diffusers: ModuleType, torch_dtype: torch.dtype | None, variant) -> dict[str, Any]:
+def _dtype_kwargs(diffusers: ModuleType, torch_dtype: Any, variant) -> dict[str, Any]:
     kwargs: dict[str, Any] = {}
     if torch_dtype is not None:
         # diffusers renamed `torch_dtype` to `dtype` (the old name still works but warns); use what it has.
@@ -125,7 +133,7 @@ def _dtype_kwargs(diffusers: ModuleType, torch_dtype: torch.dtype | None, varian
     return kwargs
 
 
-def _load_folder(path: Path, torch_dtype: torch.dtype | None, variant):
+def _load_folder(path: Path, torch_dtype: Any, variant):
     if not path.is_dir():
         raise LoadError(f"model path {str(path)!r} is a file; pass a diffusers pipeline folder")
     if not (path / "model_index.json").is_file():
@@ -148,7 +156,7 @@ def _load_folder(path: Path, torch_dtype: torch.dtype | None, variant):
         raise LoadError(f"could not load the pipeline in {str(path)!r}: {_one_line(exc)}") from exc
 
 
-def _load_hub(model_id: str, torch_dtype: torch.dtype | None, variant):
+def _load_hub(model_id: str, torch_dtype: Any, variant):
     diffusers = require_extra("diffusers")
     from huggingface_hub import constants
 

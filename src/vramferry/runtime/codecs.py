@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import CodecUnavailable, OffloadError
+from ..errors import CodecUnavailable, DeviceError, OffloadError
 from ..planning.codec import CHUNK_BYTES
 
 logger = logging.getLogger(__name__)
@@ -101,10 +101,19 @@ def encode_piece(codec: Codec, raws: list[torch.Tensor], chunk_bytes: int = CHUN
 
 
 class Codec:
-    """What a codec handler does: encode chunks of raw bytes, decode one back. ``name`` is its name in stats."""
+    """What a codec handler does: encode chunks of raw bytes, decode one back. ``name`` is its name in stats;
+    ``format`` names the layout of its compressed bytes: two handlers of the same format decode each other's
+    bytes (the compressed cache, :mod:`~vramferry.runtime.cache`, keeps bytes only for the format that made them).
+    """
 
     name = "raw"
+    format = "raw"
     device_type = "cpu"  # where its decode runs
+
+    @property
+    def params(self) -> dict:
+        """Its settings and library version, as recorded beside compressed bytes (informative: ``format`` decides)."""
+        return {}
 
     def encode_chunks(self, raws: list[torch.Tensor]) -> list[tuple[torch.Tensor, int]]:  # pragma: no cover
         """Per chunk its compressed bytes (host uint8) and the codec's mark inside them."""
@@ -123,6 +132,8 @@ class ZstdPlanes(Codec):
     """The CPU codec: low bytes kept, high bytes compressed with zstd. Exact for any bytes (an even count)."""
 
     name = "zstd-planes"
+    # The low plane as it is, then one zstd frame of the high plane; zstd frames decode with any zstd version.
+    format = "zstd-planes/1"
     device_type = "cpu"
 
     def __init__(self, level: int = 3) -> None:
@@ -135,6 +146,10 @@ class ZstdPlanes(Codec):
             ) from None
         self._zstd = zstandard
         self.level = level
+
+    @property
+    def params(self) -> dict:
+        return {"level": self.level, "zstandard": self._zstd.__version__}
 
     def encode_chunks(self, raws: list[torch.Tensor]) -> list[tuple[torch.Tensor, int]]:
         compressor = self._zstd.ZstdCompressor(level=self.level)
@@ -173,6 +188,17 @@ class NvcompAns(Codec):
         self._direct: bool | None = None  # decode writes into a given output array (probed on first use)
         # (stream, decoded bytes) -> nvCOMP DecompressConfig; None once nvCOMP turned the configs down.
         self._configs: dict[tuple[int, int], object] | None = {}
+
+    @property
+    def format(self) -> str:
+        # nvCOMP's own framing of each chunk, as its version writes it: a cache made by another major.minor
+        # release is made again rather than trusted.
+        version = str(getattr(self.nvcomp, "__version__", "unknown"))
+        return f"nvcomp-ans/1 nvcomp {'.'.join(version.split('.')[:2])}"
+
+    @property
+    def params(self) -> dict:
+        return {"algorithm": "ANS", "data_type": "<f2", "nvcomp": str(getattr(self.nvcomp, "__version__", "unknown"))}
 
     def _codec(self, stream: torch.cuda.Stream) -> object:
         """One nvCOMP codec per stream: a codec holds scratch state and runs all its work on its stream."""
@@ -267,11 +293,27 @@ def import_nvcomp():
     return nvcomp
 
 
-#: Execution device type -> the codec handler that runs there.
-CODECS: dict[str, Callable[[torch.device], Codec]] = {
-    "cpu": lambda device: ZstdPlanes(),
-    "cuda": NvcompAns,
+#: Codec name -> its handler (``vramferry compress --codec``).
+CODEC_NAMES: dict[str, Callable[[torch.device], Codec]] = {
+    "zstd-planes": lambda device: ZstdPlanes(),
+    "nvcomp-ans": NvcompAns,
 }
+#: Execution device type -> the name of the codec that runs there.
+DEVICE_CODECS = {"cpu": "zstd-planes", "cuda": "nvcomp-ans"}
+#: Execution device type -> the codec handler that runs there.
+CODECS: dict[str, Callable[[torch.device], Codec]] = {kind: CODEC_NAMES[name] for kind, name in DEVICE_CODECS.items()}
+
+
+def codec_named(name: str, device: torch.device) -> Codec:
+    """The codec called ``name`` (:data:`CODEC_NAMES`); ``nvcomp-ans`` encodes on ``device``, a CUDA device."""
+    if name not in CODEC_NAMES:
+        raise OffloadError(f"codec: {name!r} is not one of {', '.join(CODEC_NAMES)}")
+    if name == "nvcomp-ans" and (device.type != "cuda" or not torch.cuda.is_available()):
+        raise DeviceError(
+            "codec nvcomp-ans encodes on a CUDA device, and none is visible; run it on the GPU machine, or use "
+            "--codec zstd-planes for runs on the CPU"
+        )
+    return CODEC_NAMES[name](device)
 
 
 def codec_for(device: torch.device) -> Codec:

@@ -61,6 +61,8 @@ class Filler:
             ``FileMap([])``: never read from files).
         progress: called with the bytes filled as they land (a progress bar's ``update``).
         threads: threads for reads and copies.
+        bind: rebind each tensor to its host copy once it is filled (the host store); ``False`` only copies the
+            bytes, leaving the tensors as they are (``vramferry compress`` reads them to compress them).
     """
 
     def __init__(
@@ -68,10 +70,13 @@ class Filler:
         files: FileMap | None = None,
         progress: Callable[[int], Any] | None = None,
         threads: int | None = None,
+        *,
+        bind: bool = True,
     ) -> None:
         self.files = files if files is not None else FileMap.current()
         self.progress = progress
         self.threads = threads or default_threads()
+        self.bind = bind
         self._pool: ThreadPoolExecutor | None = None
         self._reader = FileReader()
         self.file_bytes = 0  # read from checkpoint files
@@ -80,7 +85,7 @@ class Filler:
 
     def fill(self, pieces: list) -> None:
         """Copy every tensor of ``pieces`` (each with its ``host`` slice set) into its slice, in layout order,
-        and rebind it there."""
+        and rebind it there (unless ``bind`` is off)."""
         start = time.perf_counter()
         batch: list = []
         size = 0
@@ -105,7 +110,7 @@ class Filler:
 
     def _run(self, batch: list, size: int) -> None:
         # Small batches run on this thread: handing a few MB to threads costs more than it saves.
-        pool = self._threads() if size >= PARALLEL_BYTES else None
+        pool = self.pool() if size >= PARALLEL_BYTES else None
         reads: list[tuple[Region, torch.Tensor]] = []
         copies: list[tuple[torch.Tensor, torch.Tensor]] = []
         for ref, view in batch:
@@ -126,12 +131,14 @@ class Filler:
         for nbytes in results:
             self.copied_bytes += nbytes
             self._done(nbytes)
-        for ref, view in batch:
+        for ref, view in batch if self.bind else ():
             # Rebound at once: the original (in memory, or a view of the mapped file) is released here.
             ref.host = rebuild(ref.layout, view)
             ref.bind(ref.host)
 
-    def _threads(self) -> ThreadPoolExecutor:
+    def pool(self) -> ThreadPoolExecutor:
+        """The filler's threads (started on first use, stopped by :meth:`close`); also for checksums and
+        digests of what it read."""
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="vramferry-fill")
         return self._pool

@@ -12,7 +12,9 @@ from ..errors import OffloadError, PlanError
 from ..planning.plan import Plan
 from ..planning.planner import Placement
 from ..planning.policy import policy
-from .codecs import Codec
+from .cache import CompressedCache
+from .codecs import Codec, Encoded
+from .files import FileMap
 from .fill import Filler, progress_bar
 from .hooks import HookSet
 from .layerwise import BlockStreamer
@@ -45,6 +47,7 @@ class Runtime:
         pin_limit: int | None,
         verify: bool,
         codec: Codec | None = None,
+        cache: CompressedCache | None = None,
         progress: bool | None = None,
     ) -> None:
         self.modules = modules
@@ -53,8 +56,9 @@ class Runtime:
         self.store = HostStore(pin=pin and device.type == "cuda", pin_limit=pin_limit, codec=codec)
         self.hooks = HookSet()
         self.verify = verify
-        self.pieces, shared = self._collect_pieces()
-        self._pack(shared, progress, self._moved_pieces(plan) if codec is not None else set())
+        self.pieces, shared = collect_pieces(modules)
+        encode = moved_pieces(modules, self.pieces, plan) if codec is not None else set()
+        self._pack(shared, progress, encode, cache)
         self.shared: Unit | None = None
         if shared.refs:
             self.shared = Unit("shared", [])
@@ -63,78 +67,35 @@ class Runtime:
         self.states: list[ComponentState] = []
         self._install(plan, {})
 
-    def _pack(self, shared: Piece, progress: bool | None, encode: set[int]) -> None:
-        """Fill the host store, one arena per component (and one for the shared piece), with one bar; the
-        pieces in ``encode`` are compressed instead (with a bar of their own)."""
+    def _pack(self, shared: Piece, progress: bool | None, encode: set[int], cache: CompressedCache | None) -> None:
+        """Fill the host store, one arena per component (and one for the shared piece), with one bar. The pieces
+        in ``encode`` are kept compressed: read from ``cache`` where its entries match them, else compressed now
+        (with a bar of their own)."""
         groups = [*self.pieces.items(), *([("shared", [shared])] if shared.refs else [])]
-        raw = sum(p.layout() for _name, pieces in groups for p in pieces if not (id(p) in encode and p.encodable))
-        bar = progress_bar(raw, progress)
-        filler = Filler(progress=bar.update if bar is not None else None)
+        coded = [p for _name, pieces in groups for p in pieces if id(p) in encode and p.encodable]
+        files = FileMap.current()
+        cached: dict[int, Encoded] = {}
+        filler = Filler(files)
         try:
-            for name, pieces in groups:
-                self.store.pack(name, pieces, encode, filler)
+            if cache is not None and coded and self.store.codec is not None:
+                cached = cache.read(coded, files, filler.pool())
+            total = sum(p.layout() for _name, pieces in groups for p in pieces if id(p) not in cached)
+            bar = progress_bar(total, progress)
+            filler.progress = bar.update if bar is not None else None
+            try:
+                for name, pieces in groups:
+                    self.store.pack(name, pieces, encode, filler, cached)
+            finally:
+                if bar is not None:
+                    bar.close()
         finally:
             filler.close()
-            if bar is not None:
-                bar.close()
         self.filled = filler
+        if cache is not None and coded:
+            cache.report(self.store.encoded_pieces)
         logger.info("vramferry: host store filled: %s", filler.summary())
 
-    # -- pieces: packed once --------------------------------------------------------------------------------
-    def _collect_pieces(self) -> tuple[dict[str, list[Piece]], Piece]:
-        """Per component its non-block part, then its blocks in order; tensors reached from two pieces (tied
-        weights across blocks or components) go to one shared piece, on the device whenever either runs."""
-        claimed: dict[tuple, TensorRef] = {}
-        owner: dict[int, Piece] = {}
-        shared: dict[int, TensorRef] = {}
-        found: dict[str, list[Piece]] = {}
-
-        def piece(name: str, component: str, module: nn.Module, exclude: set[int], block=None) -> Piece:
-            new, seen = collect_refs(module, exclude, claimed)
-            made = Piece(name, component, new, block)
-            owner.update((id(ref), made) for ref in new)
-            shared.update((id(ref), ref) for ref in seen if owner[id(ref)] is not made)
-            return made
-
-        for component in self.modules.components():
-            blockset = self.modules.blocks_of(component.name)  # a DiT's blocks, or an encoder's layers
-            blocks = list(zip(blockset.names, blockset.blocks, strict=True)) if blockset is not None else []
-            rest = piece(
-                f"{component.name}:rest", component.name, component.module, {id(b) for _n, b in blocks}
-            )
-            parts = [piece(f"{component.name}.{n}", component.name, b, set(), b) for n, b in blocks]
-            found[component.name] = [rest, *parts]
-        for pieces in found.values():
-            for p in pieces:
-                p.refs = [ref for ref in p.refs if id(ref) not in shared]
-        return found, Piece("shared", "", list(shared.values()))
-
-    def _moved_pieces(self, plan: Plan) -> set[int]:
-        """Ids of the pieces ``plan`` compresses: those it moves, of components whose codec is lossless."""
-        return {
-            id(piece)
-            for c in self.modules.components()
-            if plan.get(c.name).codec == "lossless"
-            for piece, where in self._placed(plan, c.name)
-            if where is not Placement.RESIDENT
-        }
-
     # -- units: per plan ------------------------------------------------------------------------------------
-    def _placed(self, plan: Plan, name: str) -> list[tuple[Piece, Placement]]:
-        """Each piece of component ``name`` with its placement under ``plan``."""
-        cplan = plan.get(name)
-        rest, *blocks = self.pieces[name]
-        if cplan.blocks:
-            if len(cplan.blocks) != len(blocks):
-                raise PlanError(
-                    f"{name}: the plan places {len(cplan.blocks)} blocks but discovery found {len(blocks)}"
-                )
-            return [(rest, cplan.placement), *zip(blocks, cplan.blocks, strict=True)]
-        if cplan.placement is Placement.STREAMED:
-            raise PlanError(f"{name}: only blocks can be streamed, and discovery found none in {name}")
-        # A component kept whole: its blocks go where its placement says (one unit, packed contiguously).
-        return [(p, cplan.placement) for p in (rest, *blocks)]
-
     def _install(self, plan: Plan, kept: dict[int, Unit]) -> list[Unit]:
         """Units, streamers, the scheduler and hooks for ``plan``; resident units in ``kept`` (by piece) are
         reused as they are. Returns the resident units that must still be loaded."""
@@ -143,7 +104,7 @@ class Runtime:
         to_load: list[Unit] = []
         for component in self.modules.components():
             state = ComponentState(component.name, str(component.role), component.module)
-            placed = self._placed(plan, component.name)
+            placed = placed_pieces(self.pieces, plan, component.name)
             for piece, where in placed:
                 if where is Placement.RESIDENT and piece.refs:
                     unit = kept.get(id(piece))
@@ -196,7 +157,7 @@ class Runtime:
         now_resident = {
             id(piece)
             for c in self.modules.components()
-            for piece, where in self._placed(plan, c.name)
+            for piece, where in placed_pieces(self.pieces, plan, c.name)
             if where is Placement.RESIDENT
         }
         for state in self.states:
@@ -265,6 +226,58 @@ class Runtime:
         self.shared_modules = {key for key, count in seen.items() if count > 1}
         for state in self.states:
             install_component_hooks(self, state)
+
+
+def collect_pieces(modules: PipelineModules) -> tuple[dict[str, list[Piece]], Piece]:
+    """Per component its non-block part, then its blocks in order; tensors reached from two pieces (tied weights
+    across blocks or components) go to one shared piece, on the device whenever either runs."""
+    claimed: dict[tuple, TensorRef] = {}
+    owner: dict[int, Piece] = {}
+    shared: dict[int, TensorRef] = {}
+    found: dict[str, list[Piece]] = {}
+
+    def piece(name: str, component: str, module: nn.Module, exclude: set[int], block=None) -> Piece:
+        new, seen = collect_refs(module, exclude, claimed)
+        made = Piece(name, component, new, block)
+        owner.update((id(ref), made) for ref in new)
+        shared.update((id(ref), ref) for ref in seen if owner[id(ref)] is not made)
+        return made
+
+    for component in modules.components():
+        blockset = modules.blocks_of(component.name)  # a DiT's blocks, or an encoder's layers
+        blocks = list(zip(blockset.names, blockset.blocks, strict=True)) if blockset is not None else []
+        rest = piece(f"{component.name}:rest", component.name, component.module, {id(b) for _n, b in blocks})
+        parts = [piece(f"{component.name}.{n}", component.name, b, set(), b) for n, b in blocks]
+        found[component.name] = [rest, *parts]
+    for pieces in found.values():
+        for p in pieces:
+            p.refs = [ref for ref in p.refs if id(ref) not in shared]
+    return found, Piece("shared", "", list(shared.values()))
+
+
+def placed_pieces(pieces: dict[str, list[Piece]], plan: Plan, name: str) -> list[tuple[Piece, Placement]]:
+    """Each piece of component ``name`` with its placement under ``plan``."""
+    cplan = plan.get(name)
+    rest, *blocks = pieces[name]
+    if cplan.blocks:
+        if len(cplan.blocks) != len(blocks):
+            raise PlanError(f"{name}: the plan places {len(cplan.blocks)} blocks but discovery found {len(blocks)}")
+        return [(rest, cplan.placement), *zip(blocks, cplan.blocks, strict=True)]
+    if cplan.placement is Placement.STREAMED:
+        raise PlanError(f"{name}: only blocks can be streamed, and discovery found none in {name}")
+    # A component kept whole: its blocks go where its placement says (one unit, packed contiguously).
+    return [(p, cplan.placement) for p in (rest, *blocks)]
+
+
+def moved_pieces(modules: PipelineModules, pieces: dict[str, list[Piece]], plan: Plan) -> set[int]:
+    """Ids of the pieces ``plan`` compresses: those it moves, of components whose codec is lossless."""
+    return {
+        id(piece)
+        for c in modules.components()
+        if plan.get(c.name).codec == "lossless"
+        for piece, where in placed_pieces(pieces, plan, c.name)
+        if where is not Placement.RESIDENT
+    }
 
 
 # Parameter types whose data needs tensors held elsewhere (the parameter's attributes, the layer's state), by

@@ -341,11 +341,18 @@ class HostStore:
         self.pageable_bytes = 0
         self.encoded_bytes = 0  # compressed bytes held for encoded pieces
         self.encoded_raw_bytes = 0  # what those pieces decode to
+        self.cached_pieces = 0  # encoded pieces whose bytes came from the compressed cache
+        self.encoded_pieces = 0  # encoded pieces compressed here
         self._arenas: list[tuple[torch.Tensor, bool, list[Piece]]] = []
         self._warned = False
 
     def pack(
-        self, name: str, pieces: list[Piece], encode: set[int] | None = None, filler: Filler | None = None
+        self,
+        name: str,
+        pieces: list[Piece],
+        encode: set[int] | None = None,
+        filler: Filler | None = None,
+        cached: dict[int, Encoded] | None = None,
     ) -> None:
         """Pack ``pieces`` into one new arena, each contiguous and in order, and make the arena copies canonical
         (parameters rebound to them). Done once per handle: plans place pieces, they never repack them.
@@ -355,12 +362,23 @@ class HostStore:
                 buffer of its own holding only its compressed bytes.
             filler: fills the arena (from the checkpoint files where tensors are mapped views of them); a
                 default one is made when it is not given.
+            cached: pieces of ``encode`` whose encoded bytes are ready (read from the compressed cache), by id:
+                kept as they are, their raw bytes never read.
         """
         encode = encode if self.codec is not None and encode else set()
         coded = [p for p in pieces if id(p) in encode and p.encodable]
         raw = [p for p in pieces if not (id(p) in encode and p.encodable)]
-        if coded:
-            self._pack_encoded(name, coded)
+        own = filler is None
+        filler = filler if filler is not None else Filler()
+        try:
+            if coded:
+                self._pack_encoded(name, coded, filler, cached or {})
+            self._pack_raw(name, raw, filler)
+        finally:
+            if own:
+                filler.close()
+
+    def _pack_raw(self, name: str, raw: list[Piece], filler: Filler) -> None:
         total = sum(piece.layout() for piece in raw)
         if total == 0:
             return
@@ -370,55 +388,64 @@ class HostStore:
         for piece in raw:
             piece.host = arena[offset : offset + piece.nbytes]
             offset += piece.nbytes
-        if filler is not None:
-            filler.fill(raw)
-        else:
-            filler = Filler()
-            try:
-                filler.fill(raw)
-            finally:
-                filler.close()
+        filler.fill(raw)
         self._arenas.append((arena, pinned, raw))
         if pinned:
             self.pinned_bytes += total
         else:
             self.pageable_bytes += total
 
-    def _pack_encoded(self, name: str, pieces: list[Piece]) -> None:
-        """Encode ``pieces`` a batch at a time (their raw bytes gathered in a scratch buffer, then encoded) and keep
-        only the compressed bytes. Host memory grows by one batch of raw bytes beyond the weights at most."""
+    def _pack_encoded(self, name: str, pieces: list[Piece], filler: Filler, cached: dict[int, Encoded]) -> None:
+        """Keep the cached pieces' bytes, and encode the others a batch at a time (their raw bytes filled into a
+        scratch buffer, then encoded), keeping only the compressed bytes. Host memory grows by one batch of raw
+        bytes beyond the weights at most."""
+        for piece in pieces:
+            if id(piece) in cached:
+                piece.layout()
+                self._keep(name, piece, cached[id(piece)])
+                self.cached_pieces += 1
+        pieces = [piece for piece in pieces if id(piece) not in cached]
         batches: list[list[Piece]] = [[]]
         for piece in pieces:
             piece.layout()
             if batches[-1] and sum(p.nbytes for p in batches[-1]) + piece.nbytes > ENCODE_BATCH_BYTES:
                 batches.append([])
             batches[-1].append(piece)
+        if not pieces:
+            return
         progress = _progress(f"compressing {name}", sum(p.nbytes for p in pieces))
         for batch in batches:
             scratch = [host_buffer(piece.nbytes) for piece in batch]
             for piece, raw in zip(batch, scratch, strict=True):
-                _fill(piece, raw)
+                piece.host = raw
+            filler.fill(batch)  # read from the checkpoint files where the tensors are mapped views of them
             for piece, encoded in zip(batch, self._encode(scratch), strict=True):
                 buffer = host_buffer(encoded.payload.numel())
                 buffer.copy_(encoded.payload)
                 encoded.payload = buffer
-                piece.encoded = encoded
-                piece.host = None
-                for ref in piece.refs:
-                    # The original is freed as soon as no holder is left: only the compressed bytes remain.
-                    ref.host = placeholder(ref.shape, ref.dtype)
-                    ref.bind(ref.host)
-                pinned = self._register(buffer, name)
-                self._arenas.append((buffer, pinned, [piece]))
-                if pinned:
-                    self.pinned_bytes += buffer.numel()
-                else:
-                    self.pageable_bytes += buffer.numel()
-                self.encoded_raw_bytes += piece.nbytes
-                self.encoded_bytes += buffer.numel()
+                self._keep(name, piece, encoded)
+                self.encoded_pieces += 1
                 progress(piece.nbytes)
             del scratch
         progress(None)
+
+    def _keep(self, name: str, piece: Piece, encoded: Encoded) -> None:
+        """Keep ``encoded`` (its payload in a host buffer of its own) as ``piece``'s bytes, and bind its tensors
+        to placeholders: the raw bytes are freed as soon as no holder is left."""
+        piece.encoded = encoded
+        piece.host = None
+        for ref in piece.refs:
+            ref.host = placeholder(ref.shape, ref.dtype)
+            ref.bind(ref.host)
+        buffer = encoded.payload
+        pinned = self._register(buffer, name)
+        self._arenas.append((buffer, pinned, [piece]))
+        if pinned:
+            self.pinned_bytes += buffer.numel()
+        else:
+            self.pageable_bytes += buffer.numel()
+        self.encoded_raw_bytes += piece.nbytes
+        self.encoded_bytes += buffer.numel()
 
     def _encode(self, raws: list[torch.Tensor]) -> list[Encoded]:
         return encode_piece(self.codec, raws)
@@ -478,23 +505,6 @@ class HostStore:
 #: Raw bytes encoded at once: large enough for a batched GPU encode to run at speed, small enough that the
 #: scratch copy stays a small share of host memory.
 ENCODE_BATCH_BYTES = 1 << 30
-
-
-def _fill(piece: Piece, raw: torch.Tensor) -> None:
-    """Copy ``piece``'s tensors into ``raw`` (uint8, laid out like the piece) and rebind each to its view there.
-
-    One tensor at a time: its pageable original is freed as soon as it is rebound, so host memory grows by at
-    most one tensor beyond the weights (plus ``raw``)."""
-    piece.host = raw
-    inner = 0
-    for ref in piece.refs:
-        view = view_in(raw[inner : inner + ref.nbytes])
-        inner = align(inner + ref.nbytes)
-        with torch.no_grad():
-            for tensor, leaf in leaves(ref.current(), ref.layout):
-                view(leaf).copy_(tensor)
-        ref.host = rebuild(ref.layout, view)
-        ref.bind(ref.host)
 
 
 def _view_refs(piece: Piece) -> None:
