@@ -216,6 +216,19 @@ def test_incompatible_requests_never_share_a_call():
     assert answers[7].json()["output_format"] == "jpeg"
 
 
+def test_a_video_pipeline_runs_image_requests_alone():
+    from server_fakes import FakeVideoPipeline
+
+    pipeline = Recording(FakeVideoPipeline())
+    app = create_app(pipeline, settings=ServerSettings(max_batch=8, batch_wait=1.0))
+
+    async def scenario(post):
+        return await asyncio.gather(*(post({**BODY, "prompt": f"p{i}"}) for i in range(3)))
+
+    assert all(r.status_code == 200 for r in _serve(app, scenario))
+    assert sorted(pipeline.prompts()) == ["p0", "p1", "p2"]
+
+
 def test_a_request_never_waits_longer_than_batch_wait_for_company(fake_pipeline):
     app = create_app(Recording(fake_pipeline), settings=ServerSettings(max_batch=8, batch_wait=0.2))
 

@@ -27,7 +27,7 @@ def batch_key(params: GenerationParams) -> tuple | None:
 
     Prompts, negative prompts and seeds may differ, but not whether a negative prompt is given (diffusers
     pipelines such as Flux turn true classifier-free guidance on for the whole call when it is). Edits (an input
-    image) and videos run alone.
+    image) and videos run alone (the worker also runs every call of a video pipeline alone).
     """
     if params.image is not None or params.mask is not None or params.frames is not None:
         return None

@@ -27,7 +27,7 @@ import torch
 
 from ..errors import BudgetError
 from .batching import batch_key, generate_batch, planned_batch, take_company
-from .generation import GenerationParams, StepCallback, generate, request_workload
+from .generation import GenerationParams, StepCallback, generate, is_video_pipeline, request_workload
 from .lora import LoraSwitch
 from .media import encode_image
 from .metrics import ServerMetrics
@@ -121,7 +121,8 @@ class GenerationWorker:
         self.pipeline = pipeline
         self.handle = handle
         self.max_queue = max_queue
-        self.max_batch = max_batch
+        # A video pipeline's calls (a video job's, or an image request's first frame) run alone.
+        self.max_batch = 1 if is_video_pipeline(pipeline) else max_batch
         self.batch_wait = batch_wait
         self._workload: Any = None  # the request shape the offload plan was last fitted to
         self._planned: dict[tuple, int] = {}  # batch key -> images per call the planner allows
