@@ -195,7 +195,8 @@ BATCH_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
         {
             "type": _seconds,
             "metavar": "SECONDS",
-            "help": "how long the first request in the queue waits for others to share its call (default: {})",
+            "help": "how long (0 to 60 s) the first request in the queue waits for others to share its call "
+            "(default: {})",
         },
     ),
 }
