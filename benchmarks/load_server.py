@@ -81,6 +81,8 @@ def start_server(port: int, args: argparse.Namespace, log: Path) -> subprocess.P
     ]  # fmt: skip
     if args.replicas:
         command += ["--replicas", str(args.replicas)]
+    if args.max_batch is not None:
+        command += ["--max-batch", str(args.max_batch)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     handle = log.open("w")
     return subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env)
@@ -361,6 +363,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--replicas", type=int, default=0, help="serve --replicas N: Ray Serve replicas on a local cluster"
+    )
+    parser.add_argument(
+        "--max-batch", type=int, help="the server's --max-batch (default: the server's; 1: no batching)"
     )
     parser.add_argument("--startup-timeout", type=float, default=300.0)
     parser.add_argument("--out", default="load_server.json", help="where the JSON report goes")

@@ -30,6 +30,7 @@ from .cli_options import (
     _lora_spec,
     _port,
     _positive_int,
+    add_batch_options,
     add_offload_options,
     apply_offload,
     assumed_device,
@@ -501,6 +502,7 @@ def _add_serve(sub: Any, common: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="how long a finished video job and its file are kept (default: 3600)",
     )
+    add_batch_options(p)
     add_offload_options(p)
     add_replica_options(p)
     p.set_defaults(handler=cmd_serve)

@@ -55,6 +55,16 @@ def _port(text: str) -> int:
     return value
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not value >= 0:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"expected seconds ≥ 0, got {text}")
+    return value
+
+
 _BOOL = argparse.BooleanOptionalAction
 
 
@@ -175,6 +185,40 @@ def offload_config(args: argparse.Namespace) -> OffloadConfig:
             raise UsageError(f"--config: {str(path)!r} must hold a JSON object")
     data.update(given_offload_options(args))
     return OffloadConfig.from_dict(data)
+
+
+BATCH_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "max_batch": (
+        "--max-batch",
+        {
+            "type": _positive_int,
+            "metavar": "N",
+            "help": "the most images one pipeline call makes for queued requests that can share it (same size, "
+            "steps, guidance, LoRA weights); on a GPU the planner may choose fewer; 1 turns batching off "
+            "(default: {})",
+        },
+    ),
+    "batch_wait": (
+        "--batch-wait",
+        {
+            "type": _seconds,
+            "metavar": "SECONDS",
+            "help": "how long (0 to 60 s) the first request in the queue waits for others to share its call "
+            "(default: {})",
+        },
+    ),
+}
+"""ServerSettings field → (flag, argparse options) for the server's batching; the defaults are ServerSettings'."""
+
+
+def add_batch_options(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per batching field of ``ServerSettings`` (see :data:`BATCH_FLAGS`)."""
+    from .server.settings import ServerSettings  # dataclasses only: no fastapi needed
+
+    group = parser.add_argument_group("batching (ServerSettings fields)")
+    for field_name, (flag, options) in BATCH_FLAGS.items():
+        text = options["help"].format(getattr(ServerSettings, field_name))
+        group.add_argument(flag, dest=field_name, default=argparse.SUPPRESS, **{**options, "help": text})
 
 
 def fit_to_machine(config: OffloadConfig) -> OffloadConfig:
@@ -305,6 +349,7 @@ def server_settings(args: argparse.Namespace, defaults: dict[str, Any]) -> Any:
         if "allowed_hosts" not in {f.name for f in dataclasses.fields(ServerSettings)}:
             raise UsageError("--allowed-hosts: this version of the server has no allowed_hosts setting")
         optional["allowed_hosts"] = args.allowed_hosts
+    optional.update({name: getattr(args, name) for name in BATCH_FLAGS if hasattr(args, name)})
     return ServerSettings(
         model_name=args.served_model_name or args.model or "vramferry-demo",
         api_key=args.api_key or os.environ.get("VRAMFERRY_API_KEY") or None,

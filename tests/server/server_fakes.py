@@ -196,3 +196,32 @@ class FakeEditPipeline(FakePipeline):
         seeds = [g.initial_seed() for g in generator] if generator else [0] * num_images_per_prompt
         out = [Image.blend(image.resize(size), Image.new("RGB", size, (s % 256, 0, 0)), 0.5) for s in seeds]
         return SimpleNamespace(images=out)
+
+
+class Recording:
+    """Wraps a pipeline and records each call's keyword arguments; ``fail(kwargs)`` may return an exception for
+    the call to raise instead of running."""
+
+    def __init__(self, inner, fail=None) -> None:
+        self.inner = inner
+        self.fail = fail
+        self.seen: list[dict] = []
+        self.__signature__ = inspect.signature(inner)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    @property
+    def calls(self) -> int:
+        return len(self.seen)
+
+    def prompts(self) -> list:
+        """Each call's prompt: a string for a request alone, a list (one entry per image) for a batch."""
+        return [kwargs["prompt"] for kwargs in self.seen]
+
+    def __call__(self, **kwargs):
+        self.seen.append(kwargs)
+        error = self.fail(kwargs) if self.fail is not None else None
+        if error is not None:
+            raise error
+        return self.inner(**kwargs)

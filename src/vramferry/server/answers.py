@@ -86,11 +86,13 @@ async def run_job(
     deadline: float,
     timeout: float,
     deliver: Any = None,
+    alone: bool = False,
 ) -> Any:
     """Run ``params`` on the worker and wait for it, for the deadline, or for the client to leave; in the two
-    last cases the job is given up at once (out of the queue, or stopped at its next step)."""
+    last cases the job is given up at once (out of the queue, or stopped at its next step, or its images
+    dropped from a batch that goes on for others). ``alone``: never in a batch with other requests."""
     rid = request_id(request)
-    job = submit(worker, params, deadline=deadline, request_id=rid, deliver=deliver)
+    job = submit(worker, params, deadline=deadline, request_id=rid, deliver=deliver, alone=alone)
     done = asyncio.wrap_future(job.future)
     gone = asyncio.ensure_future(_client_gone(request.receive))
     try:
@@ -168,6 +170,9 @@ async def answer_images(
     deliver = image_encoder(body.output_format, body.output_compression)
     worker.start()  # no-op when running; starts it for an app driven without its lifespan
     arrived = request.scope.get("state", {}).get("arrived", time.monotonic())
-    images = await run_job(worker, params, request, arrived + settings.timeout, settings.timeout, deliver)
+    alone = not getattr(body, "batch", True)  # edits have no "batch": they never share a call anyway
+    images = await run_job(
+        worker, params, request, arrived + settings.timeout, settings.timeout, deliver, alone=alone
+    )
     data = [ImageData(b64_json=base64.b64encode(image).decode("ascii")) for image in images]
     return ImageGenerationResponse(created=int(time.time()), data=data, output_format=body.output_format)

@@ -270,7 +270,9 @@ def create_app(
     """
     settings = settings or ServerSettings()
     metrics = metrics or ServerMetrics()
-    worker = GenerationWorker(pipeline, handle, settings.max_queue, metrics)
+    worker = GenerationWorker(
+        pipeline, handle, settings.max_queue, metrics, settings.max_batch, settings.batch_wait
+    )
     multiple = settings.size_multiple or size_multiple(pipeline)
     disable_progress_bar(pipeline)
     adapters = lora_adapters(pipeline)
@@ -279,7 +281,11 @@ def create_app(
     async def lifespan(app: FastAPI):
         worker.start()
         logger.info(
-            "serving %s (queue %d, timeout %.0f s)", settings.model_name, settings.max_queue, settings.timeout
+            "serving %s (queue %d, timeout %.0f s, batches up to %d images)",
+            settings.model_name,
+            settings.max_queue,
+            settings.timeout,
+            settings.max_batch,
         )
         yield
         worker.stop()

@@ -72,8 +72,6 @@ _ARGUMENTS = {
 }
 
 
-
-
 def call_parameters(pipeline: Any) -> set[str]:
     """The keyword arguments ``pipeline.__call__`` accepts (the class ``verify=True`` swaps in keeps the
     signature, through ``functools.wraps``)."""
@@ -219,8 +217,9 @@ def _save_video(frames: list[Any], target: Path, fps: int) -> list[Path]:
     return paths
 
 
-def request_workload(params: GenerationParams) -> Any:
-    """The cost model's ``Workload`` for one request, from what the request fixes."""
+def request_workload(params: GenerationParams, batch: int | None = None) -> Any:
+    """The cost model's ``Workload`` for one request, from what the request fixes; ``batch``: the images of the
+    call it runs in (default: the request's own ``n``)."""
     shape = {
         "height": params.height,
         "width": params.width,
@@ -232,4 +231,4 @@ def request_workload(params: GenerationParams) -> Any:
         return None
     from ..planning.workload import Workload
 
-    return Workload(batch=params.n, **shape)
+    return Workload(batch=params.n if batch is None else batch, **shape)

@@ -14,6 +14,8 @@ from prometheus_client import (
 )
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+WAIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, *LATENCY_BUCKETS[1:])  # batch waits are tens of milliseconds
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 
 
 class ServerMetrics:
@@ -38,15 +40,27 @@ class ServerMetrics:
         )
         self.generation = Histogram(
             "vramferry_generation_seconds",
-            "Time the worker spent running the pipeline for one request.",
+            "Per request: time from the start of its pipeline call (shared in a batch) to its answer.",
             buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.waiting = Histogram(
+            "vramferry_request_waiting_seconds",
+            "Per request: time from being queued to the start of its pipeline call (queue and batch wait).",
+            buckets=WAIT_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "vramferry_batch_size",
+            "Images per pipeline call (several requests share a call when batched).",
+            buckets=BATCH_BUCKETS,
             registry=r,
         )
         self.images = Counter("vramferry_images_generated", "Images generated.", registry=r)
         self.videos = Counter("vramferry_videos_generated", "Videos generated.", registry=r)
         self.queue_depth = Gauge("vramferry_queue_depth", "Requests waiting for the worker.", registry=r)
         self.in_progress = Gauge(
-            "vramferry_requests_running", "Requests the worker is running (0 or 1).", registry=r
+            "vramferry_requests_running", "Requests in the pipeline call running now.", registry=r
         )
         self.peak_memory = Gauge(
             "vramferry_peak_memory_bytes",

@@ -37,7 +37,7 @@ def is_page_path(path: str) -> bool:
 
 class QueueStatus(BaseModel):
     waiting: int = Field(description="Requests and jobs waiting for the worker.")
-    running: bool
+    running: int = Field(description="Requests in the pipeline call running now (several when batched).")
     max_queue: int
 
 

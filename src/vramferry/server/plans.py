@@ -25,6 +25,7 @@ def plan_summaries(handle: Any) -> list[PlanSummary]:
                 size=f"{work.width}x{work.height}",
                 frames=work.num_frames,
                 steps=work.steps,
+                batch=work.batch,
                 predicted_step_s=made.predicted_step_s,
                 predicted_peak_bytes=made.predicted_peak_bytes,
                 placement=placement,

@@ -329,8 +329,9 @@ def deployment(
         serve.ingress()(VramferryReplica),
         name=name,
         ray_actor_options={"num_gpus": gpus, "num_cpus": 1},
-        # The worker's own queue answers 429 first; the headroom leaves /health and /metrics a way in.
-        max_ongoing_requests=spec.settings.max_queue + 1 + HEADROOM,
+        # The worker's own queue answers 429 first (a call runs up to max_batch requests, at least one); the
+        # headroom leaves /health and /metrics a way in.
+        max_ongoing_requests=spec.settings.max_queue + spec.settings.max_batch + HEADROOM,
         max_queued_requests=PROXY_QUEUE,
         backpressure_config=BackpressureConfig(status_code=429, retry_after_s=1),
         health_check_period_s=5,

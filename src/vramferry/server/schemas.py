@@ -86,6 +86,12 @@ class ImageGenerationRequest(BaseModel):
         description="LoRA adapter name -> weight; adapters not named are off, {} turns LoRA off. "
         "Omitted: every loaded adapter at weight 1.0.",
     )
+    batch: bool = Field(
+        default=True,
+        description="Whether this request may share a pipeline call with others queued with the same size, "
+        "steps, guidance and LoRA weights. A batched image may differ slightly from the same request run "
+        "alone; false runs it alone, so that a repeat with the same seed gives the same image.",
+    )
 
 
 def request_model(
@@ -289,6 +295,7 @@ class PlanSummary(BaseModel):
     size: str
     frames: int
     steps: int
+    batch: int = Field(default=1, description="Images per pipeline call.")
     predicted_step_s: float | None = None
     predicted_peak_bytes: int | None = None
     placement: dict[str, str]

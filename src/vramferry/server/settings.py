@@ -44,6 +44,12 @@ class ServerSettings:
         video_retention: seconds a finished video (and its job) is kept; then both are deleted.
         max_video_jobs: jobs remembered (waiting, running and finished); past it the oldest finished are deleted,
             and when all are unfinished a new one is answered 429.
+        max_batch: the most images one pipeline call makes for several queued image requests that can share it
+            (same size, steps, guidance, LoRA weights; prompts, negative prompts and seeds may differ). On a GPU
+            the planner may choose fewer (the largest batch that fits the budget and still raises images per
+            second); 1 turns batching off, each request is then its own call.
+        batch_wait: seconds a request may wait, once it is first in the queue, for others to share its call (it
+            never waits longer for company; 0: batch only what is already queued).
     """
 
     model_name: str = "vramferry"
@@ -70,6 +76,8 @@ class ServerSettings:
     spool_max_bytes: int = 2 << 30
     video_retention: float = 3600.0
     max_video_jobs: int = 64
+    max_batch: int = 8
+    batch_wait: float = 0.03
 
     def __post_init__(self) -> None:
         if self.allowed_hosts is not None:
@@ -83,12 +91,21 @@ class ServerSettings:
             object.__setattr__(self, "allowed_hosts", hosts)  # a list given is kept as a tuple (hashable)
         if not self.header_timeout > 0:
             raise ValueError(f"header_timeout: must be positive, got {self.header_timeout}")
-        for name in ("max_upload_bytes", "max_upload_pixels", "max_frames", "default_fps", "max_video_jobs"):
+        for name in (
+            "max_upload_bytes",
+            "max_upload_pixels",
+            "max_frames",
+            "default_fps",
+            "max_video_jobs",
+            "max_batch",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be at least 1, got {getattr(self, name)}")
         for name in ("video_timeout", "video_retention", "spool_max_bytes"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}: must be positive, got {getattr(self, name)}")
+        if not 0 <= self.batch_wait <= 60:  # NaN fails too
+            raise ValueError(f"batch_wait: must be 0 to 60 seconds, got {self.batch_wait}")
         if self.spool_dir is not None:
             object.__setattr__(self, "spool_dir", Path(self.spool_dir))
         if self.max_body_bytes < 0:

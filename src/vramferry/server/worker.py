@@ -1,9 +1,13 @@
 """The one thread that runs the pipeline, behind a bounded queue.
 
-The pipeline is not thread-safe and the device has room for one request at a time, so every request goes through
-a single worker thread. A full queue is refused at once (the route answers 429). A job given up while it waits (its
-deadline passed, its client left) leaves the queue at once, so its slot serves the next request; one given up while
-it runs is aborted at its next denoising step. Whatever the pipeline raises, the thread answers the job and goes on.
+The pipeline is not thread-safe and the device runs one call at a time, so every request goes through a single
+worker thread. A full queue is refused at once (the route answers 429). Image requests that can share a call
+(:mod:`vramferry.server.batching`) run as one, up to ``max_batch`` images: the first in the queue waits at most
+``batch_wait`` seconds for company, then takes every compatible request queued by then. A job given up while it
+waits (its deadline passed, its client left) leaves the queue at once, so its slot serves the next request; one
+given up while it runs is aborted at its next denoising step, or, in a batch, dropped from it (the call goes on
+for the others, and stops once all its requests are given up). Whatever the pipeline raises, the thread answers
+the call's jobs and goes on.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ from typing import Any
 import torch
 
 from ..errors import BudgetError
-from .generation import GenerationParams, StepCallback, generate, request_workload
+from .batching import batch_key, generate_batch, planned_batch, take_company
+from .generation import GenerationParams, StepCallback, generate, is_video_pipeline, request_workload
 from .lora import LoraSwitch
 from .media import encode_image
 from .metrics import ServerMetrics
@@ -66,6 +71,9 @@ class Job:
             it runs on the worker thread (encoding a video there keeps the event loop free). Default: PNG bytes of
             each image (a video's first frame).
         on_step: called after each denoising step with ``(steps done, total)``, for progress.
+        alone: never share a pipeline call with other jobs (a batched image may differ slightly from the same
+            request run alone; see docs/server.md).
+        queued: ``time.monotonic()`` when it was queued.
     """
 
     params: GenerationParams
@@ -73,6 +81,8 @@ class Job:
     request_id: str = "-"
     deliver: Callable[[list[Any]], Any] | None = None
     on_step: StepCallback | None = None
+    alone: bool = False
+    queued: float = field(default_factory=time.monotonic)
     future: Future = field(default_factory=Future)
     cancelled: threading.Event = field(default_factory=threading.Event)
     reason: str = "the request was given up"
@@ -87,20 +97,36 @@ class Job:
 
 
 class GenerationWorker:
-    """Runs jobs on ``pipeline`` one at a time in a daemon thread.
+    """Runs jobs on ``pipeline`` in a daemon thread, one pipeline call at a time.
 
     Args:
         pipeline: the (offloaded) pipeline.
-        handle: the ``OffloadHandle`` managing it, or ``None``; its ``stats()`` feed the metrics.
+        handle: the ``OffloadHandle`` managing it, or ``None``; its ``stats()`` feed the metrics, and on a GPU its
+            planner bounds the batches.
         max_queue: jobs that may wait; more are refused with :class:`QueueFull`.
         metrics: where to report queue depth, memory and bytes moved.
+        max_batch: the most images one call makes for several jobs; 1: each job is its own call.
+        batch_wait: seconds the first job in the queue may wait for others to share its call.
     """
 
-    def __init__(self, pipeline: Any, handle: Any, max_queue: int, metrics: ServerMetrics) -> None:
+    def __init__(
+        self,
+        pipeline: Any,
+        handle: Any,
+        max_queue: int,
+        metrics: ServerMetrics,
+        max_batch: int = 1,
+        batch_wait: float = 0.0,
+    ) -> None:
         self.pipeline = pipeline
         self.handle = handle
         self.max_queue = max_queue
+        # A video pipeline's calls (a video job's, or an image request's first frame) run alone.
+        self.max_batch = 1 if is_video_pipeline(pipeline) else max_batch
+        self.batch_wait = batch_wait
         self._workload: Any = None  # the request shape the offload plan was last fitted to
+        self._planned: dict[tuple, int] = {}  # batch key -> images per call the planner allows
+        self._shrunk: dict[tuple, int] = {}  # batch key -> images per call after a batch ran out of memory
         self.lora = LoraSwitch(
             pipeline
         )  # the adapter weights active now; switched only when a request differs
@@ -111,7 +137,7 @@ class GenerationWorker:
         self._changed = threading.Condition()  # guards _waiting and _thread; notified on submit and stop
         self._thread: threading.Thread | None = None
         self._stop: threading.Event | None = None  # the running thread's stop signal
-        self._running: Job | None = None
+        self._running: list[Job] = []  # out of the queue, not answered yet: gathering company, or running
 
     @property
     def alive(self) -> bool:
@@ -120,12 +146,12 @@ class GenerationWorker:
     @property
     def idle(self) -> bool:
         """No job running and none waiting."""
-        return self._running is None and not self._waiting
+        return not self._running and not self._waiting
 
     @property
-    def running(self) -> bool:
-        """A job is running."""
-        return self._running is not None
+    def running(self) -> int:
+        """Jobs taken out of the queue and not answered yet (those of the call running, or being gathered)."""
+        return len(self._running)
 
     @property
     def waiting(self) -> int:
@@ -169,14 +195,17 @@ class GenerationWorker:
         request_id: str = "-",
         deliver: Callable[[list[Any]], Any] | None = None,
         on_step: StepCallback | None = None,
+        alone: bool = False,
     ) -> Job:
-        """Queue a job (``deliver``, ``on_step``: see :class:`Job`).
+        """Queue a job (``deliver``, ``on_step``, ``alone``: see :class:`Job`).
 
         Raises:
             QueueFull: ``max_queue`` jobs are waiting.
             WorkerStopped: the worker is not running.
         """
-        job = Job(params, deadline=deadline, request_id=request_id, deliver=deliver, on_step=on_step)
+        job = Job(
+            params, deadline=deadline, request_id=request_id, deliver=deliver, on_step=on_step, alone=alone
+        )
         with self._changed:
             if not self.alive:
                 raise WorkerStopped("the generation worker is not running")
@@ -198,31 +227,70 @@ class GenerationWorker:
             self.metrics.queue_depth.set(len(self._waiting))
         _give_up(job, reason)
 
-    def _next(self, stop: threading.Event) -> Job | None:
-        """The next job to run, or ``None`` once ``stop`` is set."""
+    def _next(self, stop: threading.Event) -> list[Job] | None:
+        """The jobs of the next call (the first in the queue, and those that share its call), or ``None`` once
+        ``stop`` is set."""
         with self._changed:
             while not self._waiting and not stop.is_set():
                 self._changed.wait()
             if stop.is_set():
                 return None
-            job = self._waiting.popleft()
+            head = self._waiting.popleft()
+            self._running = [head]
             self.metrics.queue_depth.set(len(self._waiting))
-            return job
+        key = self._key(head)
+        if key is None:
+            return [head]
+        cap = min(self._planned_batch(key, head.params), self._shrunk.get(key, self.max_batch))
+        if cap <= head.params.n:
+            return [head]
+        jobs, images = [head], head.params.n
+        until = head.queued + self.batch_wait  # the company it waits for, it waits for only this long
+        with self._changed:
+            while True:
+                company = take_company(self._waiting, key, images, cap, self._key)
+                jobs += company
+                images += sum(job.params.n for job in company)
+                self._running = list(jobs)
+                left = until - time.monotonic()
+                if images >= cap or left <= 0 or stop.is_set():
+                    break
+                self._changed.wait(left)
+            self.metrics.queue_depth.set(len(self._waiting))
+        if stop.is_set():
+            for job in jobs:
+                _give_up(job, "the server is stopping")
+            return None
+        return jobs
+
+    def _key(self, job: Job) -> tuple | None:
+        """The job's :func:`batch_key`, or ``None`` when it runs alone."""
+        if job.alone or self.max_batch <= 1:
+            return None
+        return batch_key(job.params)
+
+    def _planned_batch(self, key: tuple, params: GenerationParams) -> int:
+        if key not in self._planned:
+            self._planned[key] = planned_batch(self.handle, request_workload(params), self.max_batch)
+        return self._planned[key]
 
     def _loop(self, stop: threading.Event) -> None:
         try:
-            while (job := self._next(stop)) is not None:
-                if not job.future.set_running_or_notify_cancel():
-                    continue  # given up between leaving the queue and now
-                self._running = job
-                self.metrics.in_progress.set(1)
+            while (jobs := self._next(stop)) is not None:
+                # Those given up between leaving the queue and now are skipped.
+                jobs = [job for job in jobs if job.future.set_running_or_notify_cancel()]
+                self._running = jobs
+                if not jobs:
+                    continue
+                self.metrics.in_progress.set(len(jobs))
                 try:
-                    self._run(job)
+                    self._run(jobs)
                 except BaseException:  # _run answers every job; this is the last guard of the thread's life
-                    logger.exception("request %s: the worker failed to answer it", job.request_id)
-                    _answer(job, GenerationFailed("the server failed on this request"))
+                    logger.exception("requests %s: the worker failed to answer them", _ids(jobs))
+                    for job in jobs:
+                        _answer(job, GenerationFailed("the server failed on this request"))
                 finally:
-                    self._running = None
+                    self._running = []
                     self.metrics.in_progress.set(0)
         finally:
             # However the loop ends, no caller waits for a job that will never run.
@@ -233,41 +301,78 @@ class GenerationWorker:
             for job in waiting:
                 _answer(job, WorkerStopped("the generation worker has stopped"))
 
-    def _run(self, job: Job) -> None:
+    def _run(self, jobs: list[Job]) -> None:
+        """One pipeline call for ``jobs`` (one job: exactly as it runs without batching), then each job's answer."""
         start = time.perf_counter()
         error: Exception | None = None
-        result: Any = None
+        pieces: list[list[Any]] = []
+        images = 0
         try:
-            job.check()  # its deadline may have passed while it waited
-            self._fit_offload(job.params)
-            self.lora.use(job.params.lora)  # scales only: the offload's placement stays as it is
-            outputs = generate(self.pipeline, job.params, on_step=lambda step, total: _step(job, step, total))
-            result = (job.deliver or png_images)(outputs)
-        except (
-            BaseException
-        ) as exc:  # SystemExit and KeyboardInterrupt too: one request must not end the server
-            error = _failure(job, exc)
+            if len(jobs) > 1:
+                jobs = _still_wanted(jobs)
+                if not jobs:
+                    return
+            else:
+                jobs[0].check()  # its deadline may have passed while it waited
+            self._observe_waits(jobs)
+            head = jobs[0].params
+            images = sum(job.params.n for job in jobs)
+            self._fit_offload(head, images)
+            self.lora.use(head.lora)  # scales only: the offload's placement stays as it is
+            self.metrics.batch_size.observe(images)
+            if len(jobs) == 1:
+                job = jobs[0]
+                pieces = [generate(self.pipeline, head, on_step=lambda step, total: _step(job, step, total))]
+            else:
+                batch = [job.params for job in jobs]
+                pieces = generate_batch(self.pipeline, batch, lambda *_: _check_all(jobs))
+        except BaseException as exc:  # SystemExit, KeyboardInterrupt too: one request must not end the server
+            error = _failure(_ids(jobs), exc)
         if isinstance(error, GenerationOutOfMemory):
             # Outside the except block: the exception's frames, which hold the tensors to free, are gone by now.
             _release_device_memory()
-        self.metrics.generation.observe(time.perf_counter() - start)
-        self._observe_runtime()
-        if error is None:
-            if isinstance(result, Path):  # a video file
-                self.metrics.videos.inc()
-            else:
-                self.metrics.images.inc(len(result))
-            _answer(job, result)
-        else:
-            _answer(job, error)
+            key = self._key(jobs[0])
+            if key is not None and images > 1:  # the next call of this shape makes fewer images
+                self._shrunk[key] = max(1, min(images, self._shrunk.get(key, images)) // 2)
+        outcomes = [
+            error if error is not None else self._deliver(job, pieces[index], len(jobs) > 1)
+            for index, job in enumerate(jobs)
+        ]
+        seconds = time.perf_counter() - start
+        for _job in jobs:
+            self.metrics.generation.observe(seconds)
+        self._observe_runtime()  # before the answers: a client that reads /metrics next sees this call
+        for job, outcome in zip(jobs, outcomes, strict=True):
+            _answer(job, outcome)
 
-    def _fit_offload(self, params: GenerationParams) -> None:
-        """In auto mode, re-plan when a request's shape differs from the last one (it changes what fits), or
-        when block times measured during earlier requests are not in the plan yet."""
+    def _deliver(self, job: Job, outputs: list[Any], batched: bool) -> Any:
+        """The job's result from its outputs (counted in the metrics), or what went wrong; a job of a batch
+        that was given up during the call gets nothing (its images are dropped)."""
+        if batched and job.cancelled.is_set():
+            return JobCancelled(job.reason)
+        try:
+            result = (job.deliver or png_images)(outputs)
+        except BaseException as exc:  # a video over the spool's limit, or a failure to encode
+            return _failure(job.request_id, exc)
+        if isinstance(result, Path):  # a video file
+            self.metrics.videos.inc()
+        else:
+            self.metrics.images.inc(len(result))
+        return result
+
+    def _observe_waits(self, jobs: list[Job]) -> None:
+        now = time.monotonic()
+        for job in jobs:
+            self.metrics.waiting.observe(max(0.0, now - job.queued))
+
+    def _fit_offload(self, params: GenerationParams, images: int) -> None:
+        """In auto mode, re-plan when a call's shape (its request's, with ``images`` per call) differs from the
+        last one (it changes what fits), or when block times measured during earlier calls are not in the
+        plan yet."""
         handle = self.handle
         if handle is None or not hasattr(handle, "replan") or str(handle.config.mode) != "auto":
             return
-        workload = request_workload(params)
+        workload = request_workload(params, batch=images)
         fresh = bool(getattr(handle, "has_new_measurements", False))
         if workload is None or workload == self._workload and not fresh:
             return
@@ -275,6 +380,8 @@ class GenerationWorker:
             handle.replan(workload)
         except BudgetError as exc:
             raise GenerationOutOfMemory(f"this request does not fit the VRAM budget: {exc}") from None
+        if fresh:
+            self._planned.clear()  # measured block times change what batches are worth it
         self._workload = workload
 
     def _observe_runtime(self) -> None:
@@ -298,17 +405,48 @@ def _step(job: Job, step: int, total: int) -> None:
         job.on_step(step, total)
 
 
-def _failure(job: Job, exc: BaseException) -> Exception:
-    """What the caller of ``job`` is told about ``exc``; the details go to the log."""
+def _check_all(jobs: list[Job]) -> None:
+    """A batch's step callback: marks the jobs past their deadline; aborts the call only when every job of it
+    was given up (the others' images are still wanted)."""
+    reasons = []
+    for job in jobs:
+        try:
+            job.check()
+        except JobCancelled as exc:
+            reasons.append(str(exc))
+    if len(reasons) == len(jobs):
+        raise JobCancelled(reasons[0])
+
+
+def _still_wanted(jobs: list[Job]) -> list[Job]:
+    """The jobs not given up before their call starts; the others are answered now."""
+    wanted = []
+    for job in jobs:
+        try:
+            job.check()
+        except JobCancelled as exc:
+            _answer(job, exc)
+        else:
+            wanted.append(job)
+    return wanted
+
+
+def _ids(jobs: list[Job]) -> str:
+    return ", ".join(job.request_id for job in jobs)
+
+
+def _failure(request_ids: str, exc: BaseException) -> Exception:
+    """What the callers of a call (``request_ids``, for the log) are told about ``exc``; the details go to the
+    log."""
     if isinstance(exc, (JobCancelled, GenerationOutOfMemory, DeliveryError)):
         return exc
     if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
         where = "device" if isinstance(exc, torch.OutOfMemoryError) else "host"
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        logger.warning("request %s: out of %s memory: %s", job.request_id, where, first)
+        logger.warning("request %s: out of %s memory: %s", request_ids, where, first)
         # A new exception without the traceback: the old one's frames hold the tensors we want to free.
         return GenerationOutOfMemory(f"out of {where} memory while generating; retry later")
-    logger.error("request %s: the pipeline raised", job.request_id, exc_info=exc)
+    logger.error("request %s: the pipeline raised", request_ids, exc_info=exc)
     return GenerationFailed("the pipeline failed on this request")
 
 

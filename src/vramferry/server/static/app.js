@@ -53,7 +53,7 @@ async function refresh() {
   $("submit").textContent = status.kind === "video" ? "Generate video" : "Generate";
   const offload = status.offload;
   fill($("stats"), [
-    ["queue", status.queue.waiting + " waiting" + (status.queue.running ? ", 1 running" : "")],
+    ["queue", status.queue.waiting + " waiting" + (status.queue.running ? ", " + status.queue.running + " running" : "")],
     ["offload", status.offload_mode],
     ["bytes moved", offload ? bytes(offload.bytes_h2d) : "0 B"],
     ["H2D", offload ? offload.h2d_gbps.toFixed(1) + " GB/s" : "-"],
