@@ -1,0 +1,88 @@
+"""What an offload handle plans with, and how it makes and caches plans: pure, no CUDA calls."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from ..config import OffloadConfig
+from .calibrate import Measurements, measurement_basis, with_measured_times
+from .devices import profile_from
+from .plan import Plan
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Planning:
+    """What a handle plans with: the pipeline's sizes, the device, and the request shape of the current plan.
+
+    Attributes:
+        sources: per DiT, where the current plan's block times came from (``"measured"``, ``"scaled from ..."``);
+            DiTs planned on the cost model's estimates are absent.
+        recorded: DiTs whose measured times under ``workload`` were kept in ``measured``.
+        plans: plans made so far, per request shape and the measured inputs they were planned with.
+        losses: per request shape, the predicted seconds lost so far by keeping the current placement there
+            instead of switching to the shape's own plan.
+    """
+
+    inventory: Any
+    profile: Any
+    free: int | None
+    workload: Any
+    device_name: str
+    measured: Measurements
+    sources: dict[str, str] = field(default_factory=dict)
+    recorded: set[str] = field(default_factory=set)
+    plans: dict[tuple, tuple[Plan, dict[str, str], Any]] = field(default_factory=dict)
+    losses: dict[tuple, float] = field(default_factory=dict)  # request seconds lost by keeping a placement
+    ratios: dict[str, float] | None = None  # compression ratios per component; None: no codec available
+
+
+def _first_plan(planning: _Planning, config: OffloadConfig, work: Any, missing: str | None) -> Plan:
+    """The plan ``apply`` starts with; one info line when ``compression="auto"`` would have compressed, had the
+    codec's package been installed (``missing`` says which)."""
+    the_plan, planning.sources = _make_plan(planning, config, work)
+    if missing is not None:
+        would = _make_plan(replace(planning, ratios={}), config, work)[0]
+        if any(c.codec == "lossless" for c in would.components):
+            logger.info("vramferry: compression='auto' would compress moved weights here (%s)", missing)
+    return the_plan
+
+
+def _measured_inputs(planning: _Planning, workload: Any) -> tuple:
+    """Which measurements a plan for ``workload`` is made with: per DiT, the measured request shape its block
+    times come from (its own, or the nearest measured one), and the measured bandwidths. A shape measured again
+    (each visit measures afresh) keeps its plans: the times of one shape barely move between measurements."""
+    bases = []
+    for size in planning.inventory.components:
+        if size.role == "dit" and size.block_bytes and size.name not in workload.block_compute_s:
+            basis = measurement_basis(planning.measured, planning.device_name, size, workload)
+            bases.append((size.name, basis))
+    given = tuple(sorted(workload.block_compute_s.items()))
+    return tuple(bases), given, tuple(sorted(planning.measured.h2d_bytes_per_s.items()))
+
+
+def _make_plan(planning: _Planning, config: OffloadConfig, workload: Any) -> tuple[Plan, dict[str, str]]:
+    """A plan for ``workload`` with the block times measured on this device where there are any."""
+    from .planner import plan as make_plan
+
+    _work, sources = with_measured_times(
+        workload,
+        planning.inventory,
+        planning.measured,
+        planning.device_name,
+        planning.profile or profile_from(),
+    )
+    the_plan = make_plan(
+        planning.inventory,
+        config,
+        device=planning.profile,
+        workload=workload,
+        free_bytes=planning.free,
+        measured=planning.measured,
+        device_name=planning.device_name,
+        compression_ratios=planning.ratios,
+    )
+    return the_plan, sources
