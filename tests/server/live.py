@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from contextlib import contextmanager
@@ -28,3 +29,12 @@ def live_server(app, settings: ServerSettings):
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+async def wait_until(condition, timeout: float = 10.0) -> None:
+    """Poll ``condition`` from the event loop until it holds; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.005)

@@ -14,6 +14,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from live import wait_until
 from PIL import Image
 from server_fakes import FakeHandle, FakePipeline, Recording
 
@@ -24,14 +25,6 @@ from vramferry.server.worker import GenerationOutOfMemory, JobCancelled
 URL = "/v1/images/generations"
 BODY = {"prompt": "x", "size": "64x64", "num_inference_steps": 2}
 DEMO = {"call_defaults": {"max_sequence_length": 64}}  # the demo's tokenizers are short
-
-
-async def _wait_for(condition, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.005)
 
 
 def _wait(condition, timeout: float = 10.0) -> None:
@@ -74,7 +67,7 @@ def _images(response) -> list[Image.Image]:
 async def _gated_first(post, pipeline, body):
     """Send ``body`` and wait until its call holds the worker (the pipeline's gate is closed)."""
     task = asyncio.create_task(post(body))
-    await _wait_for(pipeline.entered.is_set)
+    await wait_until(pipeline.entered.is_set)
     return task
 
 
@@ -139,7 +132,7 @@ def test_each_image_keeps_the_seed_it_has_alone():
             asyncio.create_task(post({**BODY, "prompt": p, "seed": seed, "n": n}))
             for p, seed, n in (("a", 10, 1), ("b", 20, 2), ("c", 30, 1))
         ]
-        await _wait_for(lambda: app.state.worker.waiting == 3)
+        await wait_until(lambda: app.state.worker.waiting == 3)
         gate.set()
         return [await task for task in (first, *queued)]
 
@@ -197,7 +190,7 @@ def test_incompatible_requests_never_share_a_call():
     async def scenario(post):
         first = await _gated_first(post, pipeline.inner, {**BODY, "prompt": "first"})
         queued = [asyncio.create_task(post({**BODY, "prompt": name, **extra})) for name, extra in others]
-        await _wait_for(lambda: app.state.worker.waiting == len(others))
+        await wait_until(lambda: app.state.worker.waiting == len(others))
         gate.set()
         return [await task for task in (first, *queued)]
 
@@ -298,7 +291,7 @@ def test_the_worker_caps_batches_at_the_planned_size():
     async def scenario(post):
         first = await _gated_first(post, pipeline.inner, {**BODY, "prompt": "first"})
         queued = [asyncio.create_task(post({**BODY, "prompt": f"p{i}"})) for i in range(5)]
-        await _wait_for(lambda: app.state.worker.waiting == 5)
+        await wait_until(lambda: app.state.worker.waiting == 5)
         gate.set()
         return [await task for task in (first, *queued)]
 
@@ -362,7 +355,7 @@ def test_a_failed_batch_fails_only_its_own_requests_with_their_codes():
     async def scenario(post):
         first = await _gated_first(post, pipeline.inner, {**BODY, "prompt": "first"})
         queued = [asyncio.create_task(post(body)) for body in bodies]
-        await _wait_for(lambda: app.state.worker.waiting == len(bodies))
+        await wait_until(lambda: app.state.worker.waiting == len(bodies))
         gate.set()
         answers = [await task for task in (first, *queued)]
         # After the out-of-memory batch of 2, this shape runs one image per call.

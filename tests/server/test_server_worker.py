@@ -10,19 +10,12 @@ import time
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from live import wait_until
 from server_fakes import FailingOnce, FakeHandle, FakePipeline
 
 from vramferry.server import ServerSettings, create_app
 
 BODY = {"prompt": "x", "size": "64x64", "num_inference_steps": 2}
-
-
-async def _wait_for(condition, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.005)
 
 
 def _run_concurrently(app, scenario):
@@ -48,9 +41,9 @@ def test_full_queue_is_429_and_the_rest_are_served():
     async def scenario(client):
         post = lambda: client.post("/v1/images/generations", json=BODY)  # noqa: E731
         running = asyncio.create_task(post())
-        await _wait_for(pipeline.entered.is_set)
+        await wait_until(pipeline.entered.is_set)
         queued = asyncio.create_task(post())
-        await _wait_for(lambda: worker.waiting == 1)
+        await wait_until(lambda: worker.waiting == 1)
         refused = await post()
         gate.set()
         return refused, await running, await queued
@@ -71,11 +64,11 @@ def test_timeout_is_504_and_a_waiting_job_is_not_run():
     async def scenario(client):
         post = lambda: client.post("/v1/images/generations", json=BODY)  # noqa: E731
         first = asyncio.create_task(post())
-        await _wait_for(pipeline.entered.is_set)
+        await wait_until(pipeline.entered.is_set)
         second = await post()  # waits behind the blocked first one, and times out
         result = await first
         gate.set()
-        await _wait_for(lambda: app.state.worker.idle)
+        await wait_until(lambda: app.state.worker.idle)
         follow = await post()
         return result, second, follow
 
@@ -97,7 +90,7 @@ def test_a_running_job_past_its_deadline_is_aborted_at_the_next_step():
         post = lambda: client.post("/v1/images/generations", json=BODY)  # noqa: E731
         first = await post()
         # The gate is still closed: only the abort can have freed the worker.
-        await _wait_for(lambda: app.state.worker.idle)
+        await wait_until(lambda: app.state.worker.idle)
         gate.set()
         return first, await post()
 
@@ -167,11 +160,11 @@ def test_a_timed_out_waiting_job_frees_its_queue_slot_at_once():
     async def scenario(client):
         post = lambda: client.post("/v1/images/generations", json=BODY)  # noqa: E731
         running = asyncio.create_task(post())
-        await _wait_for(pipeline.entered.is_set)
+        await wait_until(pipeline.entered.is_set)
         timed_out = await post()  # queued behind the blocked job until its deadline
         depth = worker.waiting
         fresh = asyncio.create_task(post())  # nobody waits any more: the slot is free for it
-        await _wait_for(lambda: worker.waiting == 1 or fresh.done())
+        await wait_until(lambda: worker.waiting == 1 or fresh.done())
         gate.set()
         return timed_out, depth, await fresh, await running
 
