@@ -77,6 +77,8 @@ def compiled(s: str, model, inputs, budget: float, compression: str, parts: list
         try:
             streamed = sum(u.nbytes for u in handle.units() if u.kind == "block")
             bench.log(s, f"{tag}_streamed_GB", round(streamed / GB, 3))
+            dit = handle.plan.get("transformer")
+            bench.log(s, f"{tag}_plan", f"{dit.streamed_blocks}/{len(dit.blocks)} streamed, {dit.codec}")
             before = _dynamo_counts()
             bench.free_all()
             step = bench._step_times(model, inputs)
@@ -106,12 +108,17 @@ def compiled(s: str, model, inputs, budget: float, compression: str, parts: list
         finally:
             handle.remove()
 
-    bench._try(
-        s, "layerwise", lambda: offloaded("layerwise", vramferry.OffloadConfig(mode="layerwise"), None)
-    )
-    auto = vramferry.OffloadConfig(mode="auto", vram_budget=f"{budget:g}GB")
+    if "layerwise" in parts:
+        bench._try(
+            s, "layerwise", lambda: offloaded("layerwise", vramferry.OffloadConfig(mode="layerwise"), None)
+        )
+    if "auto" not in parts:
+        return
     work = Workload(height=1024, width=1024, steps=28)
-    bench._try(s, "auto", lambda: offloaded(f"auto_{budget:g}GB", auto, work))
+    for codec in compression.split(","):
+        auto = vramferry.OffloadConfig(mode="auto", vram_budget=f"{budget:g}GB", compression=codec)
+        tag = f"auto_{budget:g}GB" + ("" if codec == "auto" else f"_{codec}")
+        bench._try(s, tag, lambda tag=tag, auto=auto: offloaded(tag, auto, work))
 
 
 def main() -> None:
@@ -120,7 +127,11 @@ def main() -> None:
     )
     parser.add_argument("--out", default="compile.json")
     parser.add_argument("--budget", type=float, default=16.0, help="auto's VRAM budget in GB")
-    parser.add_argument("--compression", default="auto", choices=["auto", "off", "lossless"])
+    parser.add_argument(
+        "--compression",
+        default="auto",
+        help="auto's compression; comma-separated runs each (auto, off, lossless)",
+    )
     parser.add_argument(
         "--parts", default="hooks,layerwise,auto", help="which of hooks, layerwise, auto to run"
     )

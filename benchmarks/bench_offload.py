@@ -540,7 +540,8 @@ def calibrate_and_remeasure(s: str, tag: str, handle, step_time, budget: float) 
     log(
         s,
         f"{tag}_calibrated_plan",
-        f"{dit.streamed_blocks}/{len(dit.blocks)} streamed, depth {dit.prefetch_depth}",
+        f"{dit.streamed_blocks}/{len(dit.blocks)} streamed, depth {dit.prefetch_depth}, {dit.codec}"
+        f" (ratio {dit.codec_ratio:.3f})",
     )
     free_all()
     torch.cuda.reset_peak_memory_stats()

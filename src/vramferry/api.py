@@ -33,7 +33,7 @@ from .planning.plan import Plan
 from .planning.planner import with_schedule
 from .planning.workload import Workload
 from .runtime.install import Runtime
-from .runtime.probe import device_profile
+from .runtime.probe import device_profile, measure_decode_speed
 from .runtime.reads import WeightReads
 from .runtime.transfer import TransferCounters
 
@@ -505,6 +505,8 @@ def plan_apply(
         measured.h2d_bytes_per_s[name] = profile.h2d_bytes_per_s
     work = workload if workload is not None else default_workload(inventory)
     coding = select_codec(config.compression, device, modules)
+    if profile is not None and coding.codec is not None and coding.codec.device_type == "cuda":
+        profile = _with_decode_speed(profile, coding.codec, device, name, measured)
     planning = _Planning(inventory, profile, free, work, name, measured, ratios=coding.ratios)
     if plan is not None:
         check_plan(plan, modules)
@@ -512,6 +514,17 @@ def plan_apply(
     else:
         the_plan = _first_plan(planning, config, work, coding.missing)
     return modules, device, planning, the_plan, coding
+
+
+def _with_decode_speed(profile, codec, device, name: str, measured: Measurements):
+    """``profile`` with ``codec``'s decode speed measured on ``device`` (once per device and codec)."""
+    key = (name, codec.name)
+    if key not in measured.decode_bytes_per_s:
+        measured.decode_bytes_per_s[key] = measure_decode_speed(codec, device)
+        logger.info(
+            "calibrated %s: %s decodes %.0f GB/s", name, codec.name, measured.decode_bytes_per_s[key] / 1e9
+        )
+    return replace(profile, decode_bytes_per_s=measured.decode_bytes_per_s[key])
 
 
 def _runtime(

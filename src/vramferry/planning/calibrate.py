@@ -59,6 +59,8 @@ class Measurements:
 
     block_times: dict[tuple, BlockTimes] = field(default_factory=dict)
     h2d_bytes_per_s: dict[str, float] = field(default_factory=dict)  # device name -> pinned bandwidth
+    # (device name, codec name) -> bytes of output decoded per second
+    decode_bytes_per_s: dict[tuple[str, str], float] = field(default_factory=dict)
 
     def record(self, device_name: str, size: ComponentSize, workload: Workload, times: BlockTimes) -> None:
         """Keep ``times``, measured on ``device_name`` for the DiT ``size`` running requests like ``workload``."""
