@@ -45,6 +45,27 @@ def _dynamo_counts() -> dict[str, int]:
     }
 
 
+def _issue_and_stalls(s: str, tag: str, handle, model, inputs, steps: int = 4) -> None:
+    """Where a step's time goes: how long the host takes to issue ``steps`` chained forwards (a host-bound step
+    issues as slowly as it runs), and per step the copy engine's busy time and the compute stream's waits."""
+    with torch.inference_mode():
+        model(**inputs)
+        torch.cuda.synchronize()
+        handle.reset_stats()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            model(**inputs)
+        issued = time.perf_counter() - t0
+        torch.cuda.synchronize()
+        ran = time.perf_counter() - t0
+    stats = handle.stats()
+    bench.log(s, f"{tag}_host_issue_per_step_s", round(issued / steps, 4))
+    bench.log(s, f"{tag}_gpu_per_step_s", round(ran / steps, 4))
+    bench.log(s, f"{tag}_copy_engine_per_step_s", round(stats.copy_seconds / steps, 4))
+    bench.log(s, f"{tag}_compute_waits_per_step_s", round(stats.wait_seconds / steps, 4))
+    bench.log(s, f"{tag}_decoded_GB_per_step", round(stats.bytes_decoded / steps / GB, 3))
+
+
 def hooks(s: str, model, inputs) -> None:
     """Per-step cost of the hooks alone: every block resident, so nothing is copied during the step."""
     bare = bench._step_times(model, inputs, reps=7)
@@ -102,9 +123,11 @@ def compiled(s: str, model, inputs, budget: float, compression: str, parts: list
             bench.log(s, f"{tag}_max_abs_diff", float((out - reference).abs().max()))
             if config.mode == "auto":
                 bench.log(s, f"{tag}_within_budget", torch.cuda.max_memory_reserved() <= budget * GB)
+                _issue_and_stalls(s, tag, handle, model, inputs)
                 bench.calibrate_and_remeasure(
                     s, tag, handle, lambda: bench._step_times(model, inputs), budget
                 )
+                _issue_and_stalls(s, f"{tag}_calibrated", handle, model, inputs)
         finally:
             handle.remove()
 

@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING
 
 from ..discovery.shapes import DitShape, VaeShape, dit_shape_from_config, itemsize_of
 from ..errors import PlanError
-from .codec import load_seconds, staging_bytes
+from .codec import CHUNK_BYTES, load_seconds, staging_bytes
 from .devices import DeviceProfile
 from .plan import RESIDENT, STREAMED, SWAPPED, Placement
 from .workload import Workload
@@ -186,10 +186,12 @@ def simulate_dit_calls(
 
     The runtime's contract modelled here: the copy of streamed block ``g`` (counted across calls) runs on a
     copy stream after the copy of ``g - 1``, into the slot released when block ``g - depth - 1`` finished
-    computing; block ``g`` computes once its copy has landed, ``per_block_overhead_s`` after. Compressed, the
-    copy lands in one of two staging buffers (free once the decode of block ``g - 2`` has run), the decode runs
-    on its own stream after the copy and after the decode of ``g - 1``, the block computes once it is decoded,
-    and each decode costs the compute stream ``decode_contention`` of its time.
+    computing; block ``g`` computes once its copy has landed, ``per_block_overhead_s`` after. Compressed, a
+    block crosses in chunks of :data:`~vramferry.planning.codec.CHUNK_BYTES` (raw): each chunk's copy lands in
+    one of two staging buffers, free once the decode of the chunk two before has run; a chunk decodes on its own
+    stream after its copy, after the previous decode and (its block's first chunk) once the slot is released.
+    So the link runs at most two chunks ahead of the slot it fills. The block computes once it is decoded, and
+    each decode costs the compute stream ``decode_contention`` of its time.
     """
     slots = depth + 1
     bandwidth = device.h2d_bytes_per_s
@@ -197,7 +199,8 @@ def simulate_dit_calls(
     slow = 1.0 + device.copy_contention if any(s for _, _, s in blocks) else 1.0
     compressed = ratio < 1.0
     finished: list[float] = []  # compute end of every streamed block so far
-    decoded: list[float] = []  # decode end of every streamed block so far (compressed)
+    stages = [0.0, 0.0]  # when each staging buffer is free again: the decode end of the chunk it last held
+    decode_free = 0.0
     copy_free = 0.0
     now = 0.0
     durations = []
@@ -213,12 +216,14 @@ def simulate_dit_calls(
                     now = max(now, copy_free) + overhead
                     now += compute * slow
                 else:
-                    stage_free = decoded[g - 2] if g >= 2 else 0.0
-                    copy_free = max(copy_free, stage_free) + ratio * nbytes / bandwidth
-                    decode_s = nbytes / device.decode_bytes_per_s
-                    decoded.append(max(copy_free, slot_free, decoded[-1] if decoded else 0.0) + decode_s)
-                    now = max(now, decoded[-1]) + overhead
-                    now += compute * slow + device.decode_contention * decode_s
+                    decode_free = max(decode_free, slot_free)
+                    for at in range(0, nbytes, CHUNK_BYTES):
+                        chunk = min(CHUNK_BYTES, nbytes - at)
+                        copy_free = max(copy_free, stages[0]) + ratio * chunk / bandwidth
+                        decode_free = max(decode_free, copy_free) + chunk / device.decode_bytes_per_s
+                        stages = [stages[1], decode_free]
+                    now = max(now, decode_free) + overhead
+                    now += compute * slow + device.decode_contention * nbytes / device.decode_bytes_per_s
                 finished.append(now)
             else:
                 now += compute * slow
