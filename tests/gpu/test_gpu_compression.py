@@ -13,6 +13,7 @@ from vramferry.api import apply
 from vramferry.discovery.inventory import inventory_of
 from vramferry.discovery.roles import discover
 from vramferry.planning.planner import plan
+from vramferry.runtime.probe import device_profile
 
 pytestmark = pytest.mark.gpu
 
@@ -25,9 +26,11 @@ def _needs_nvcomp():
 
 
 def _budget_that_streams(pipe) -> int:
-    """A budget under which auto must move part of the DiT: the resident plan's peak less half its weights."""
+    """A budget under which auto must move part of the DiT: the resident plan's peak on this device (its
+    allocator settings included) less half its weights."""
     inventory = inventory_of(discover(pipe))
-    full = plan(inventory, vramferry.OffloadConfig(mode="none"))
+    device = device_profile(torch.device("cuda"))
+    full = plan(inventory, vramferry.OffloadConfig(mode="none"), device=device)
     dit = max((c for c in inventory.components if c.role == "dit"), key=lambda c: c.bytes)
     return full.predicted_peak_bytes - dit.bytes // 2
 
