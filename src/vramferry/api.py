@@ -465,6 +465,7 @@ def apply(
     )
     patched = patch_pipeline_class(pipeline, device, reads)
     handle = OffloadHandle(pipeline, config, modules, the_plan, runtime, patched)
+    planning.pack(the_plan)
     handle._planning = planning
     _LIVE[pipeline] = handle
     for component in modules.components():

@@ -257,3 +257,33 @@ def test_cli_plan_prints_the_compression_choice_and_gain(capsys):
 def test_public_names():
     assert vramferry.OffloadConfig(compression="off").compression is vramferry.Compression.OFF
     assert issubclass(vramferry.CodecUnavailable, vramferry.OffloadError)
+
+
+def test_a_replan_keeps_the_codecs_the_host_store_was_packed_with():
+    from vramferry.planning import Workload
+
+    pipe, kwargs = DIFFUSERS_PIPELINES["flux"]()
+    expected = run(pipe, kwargs)
+    config = OffloadConfig(
+        mode="auto", onload_device="cpu", compression="lossless", vram_budget=_budget_that_streams(pipe)
+    )
+    with apply(pipe, config) as handle:
+        first = {c.name: c.codec for c in handle.plan.components}
+        assert first["transformer"] == "lossless"
+        dit_bytes = sum(p.numel() * p.element_size() for p in pipe.transformer.parameters())
+        packed = handle.stats().host_compressed_raw_bytes
+        # The whole DiT is kept compressed, its resident pieces too: any later placement moves it compressed.
+        assert packed >= dit_bytes
+        handle.replan(Workload(height=16, width=16, steps=2))
+        assert {c.name: c.codec for c in handle.plan.components} == first
+        assert handle.stats().host_compressed_raw_bytes == packed  # nothing was packed again
+        _equal(run(pipe, kwargs), expected)
+
+    # A store packed raw stays raw: a later plan cannot price compressed moves the store has no bytes for.
+    raw_plan = plan(inventory_of(discover(pipe)), config.replace(compression="off"))
+    assert all(c.codec == "raw" for c in raw_plan.components)
+    with apply(pipe, config, plan=raw_plan) as handle:
+        handle.replan(Workload(height=16, width=16, steps=2))
+        assert all(c.codec == "raw" for c in handle.plan.components)
+        assert handle.stats().host_compressed_bytes == 0
+        _equal(run(pipe, kwargs), expected)

@@ -6,7 +6,7 @@ import logging
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from ..config import OffloadConfig
+from ..config import Compression, OffloadConfig
 from .calibrate import Measurements, measurement_basis, with_measured_times
 from .devices import profile_from
 from .plan import Plan
@@ -38,6 +38,13 @@ class _Planning:
     plans: dict[tuple, tuple[Plan, dict[str, str], Any]] = field(default_factory=dict)
     losses: dict[tuple, float] = field(default_factory=dict)  # request seconds lost by keeping a placement
     ratios: dict[str, float] | None = None  # compression ratios per component; None: no codec available
+    # Once the host store is packed: per component the fraction of its bytes the store keeps (1.0: raw). Later
+    # plans keep each component's codec, which only a new apply could change.
+    packed: dict[str, float] | None = None
+
+    def pack(self, plan: Plan) -> None:
+        """Record the codecs the host store was packed with for ``plan``."""
+        self.packed = {c.name: c.codec_ratio if c.codec == "lossless" else 1.0 for c in plan.components}
 
 
 def _first_plan(planning: _Planning, config: OffloadConfig, work: Any, missing: str | None) -> Plan:
@@ -75,6 +82,11 @@ def _make_plan(planning: _Planning, config: OffloadConfig, workload: Any) -> tup
         planning.device_name,
         planning.profile or profile_from(),
     )
+    ratios = planning.ratios
+    if planning.packed is not None:
+        ratios = planning.packed  # a raw component (1.0) is not worth compressing: it stays raw
+        kept = Compression.LOSSLESS if any(r < 1.0 for r in ratios.values()) else Compression.OFF
+        config = config.replace(compression=kept)
     the_plan = make_plan(
         planning.inventory,
         config,
@@ -83,6 +95,6 @@ def _make_plan(planning: _Planning, config: OffloadConfig, workload: Any) -> tup
         free_bytes=planning.free,
         measured=planning.measured,
         device_name=planning.device_name,
-        compression_ratios=planning.ratios,
+        compression_ratios=ratios,
     )
     return the_plan, sources

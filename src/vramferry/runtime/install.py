@@ -270,13 +270,11 @@ def placed_pieces(pieces: dict[str, list[Piece]], plan: Plan, name: str) -> list
 
 
 def moved_pieces(modules: PipelineModules, pieces: dict[str, list[Piece]], plan: Plan) -> set[int]:
-    """Ids of the pieces ``plan`` compresses: those it moves, of components whose codec is lossless."""
+    """Ids of the pieces ``plan`` compresses: every piece of the components whose codec is lossless, the ones
+    it keeps resident too (decoded once as they load), so that a later plan for another request shape can move
+    any of them compressed without repacking the host store."""
     return {
-        id(piece)
-        for c in modules.components()
-        if plan.get(c.name).codec == "lossless"
-        for piece, where in placed_pieces(pieces, plan, c.name)
-        if where is not Placement.RESIDENT
+        id(piece) for c in modules.components() if plan.get(c.name).codec == "lossless" for piece in pieces[c.name]
     }
 
 
