@@ -384,7 +384,7 @@ class OffloadHandle:
             self.plan,
             planning.inventory,
             self.config,
-            device=planning.profile,
+            device=planning.plan_profile,
             workload=work,
             free_bytes=planning.free,
             measured=planning.measured,

@@ -157,3 +157,31 @@ def test_verify_watches_the_units_a_replacement_builds(flux_plans):
         handle.remove()
     for key in expected:
         np.testing.assert_array_equal(got[key], expected[key])
+
+
+def test_plans_a_handle_re_places_to_leave_room_for_what_the_allocator_keeps_cached():
+    from vramferry.planning.archs import get_arch
+    from vramferry.planning.costmodel import REPLACED_SLACK_CAP, reserved_bytes
+    from vramferry.planning.devices import profile_from
+
+    inventory = get_arch("flux1-dev").inventory()
+    config = vramferry.OffloadConfig(mode="auto", vram_budget="16GB")
+    work = Workload(height=1024, width=1024)
+    fresh_device = dataclasses.replace(profile_from("h200"), expandable_segments=True)
+    fresh = plan(inventory, config, device=fresh_device, workload=work)
+    switched = plan(inventory, config, device=dataclasses.replace(fresh_device, replacing=True), workload=work)
+    assert switched.predicted_peak_bytes <= 16e9 and fresh.predicted_peak_bytes <= 16e9
+    # Fewer weights stay resident, by about the extra cached memory, so that reserved memory keeps to the budget.
+    resident = {p.name: p for p in fresh.components}
+    kept_less = sum(
+        size
+        for c in switched.components
+        for size, was, now in zip(
+            inventory.get(c.name).block_bytes, resident[c.name].blocks, c.blocks, strict=False
+        )
+        if was is R and now is not R
+    )
+    assert kept_less >= REPLACED_SLACK_CAP - 0.015 * 16e9
+    gib = 2**30
+    assert reserved_bytes(12 * gib, True, True) - 12 * gib == REPLACED_SLACK_CAP
+    assert reserved_bytes(12 * gib, True) - 12 * gib < REPLACED_SLACK_CAP

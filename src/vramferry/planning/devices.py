@@ -30,6 +30,8 @@ class DeviceProfile:
         decode_bytes_per_s: lossless decode speed on the device, bytes of output per second; ``None``: 5 % of
             ``memory_bytes_per_s`` (nvCOMP ANS measured 231 GB/s on an H200, whose preset gives 216).
         decode_contention: fraction of a decode's time that the compute stream loses while it runs beside it.
+        replacing: plans for a handle that re-places its weights on the device (between request shapes): the
+            allocator then keeps more cached (:data:`~vramferry.planning.costmodel.REPLACED_SLACK_CAP`).
     """
 
     name: str
@@ -44,6 +46,7 @@ class DeviceProfile:
     expandable_segments: bool = False
     decode_bytes_per_s: float | None = None
     decode_contention: float = 0.3
+    replacing: bool = False
 
     def __post_init__(self) -> None:
         if self.attention_flops_per_s is None:

@@ -42,6 +42,14 @@ class _Planning:
     # plans keep each component's codec, which only a new apply could change.
     packed: dict[str, float] | None = None
 
+    @property
+    def plan_profile(self) -> Any:
+        """The device profile later plans are made with: once packed, a handle's plans are ones it re-places
+        to."""
+        if self.profile is None or self.packed is None:
+            return self.profile
+        return replace(self.profile, replacing=True)
+
     def pack(self, plan: Plan) -> None:
         """Record the codecs the host store was packed with for ``plan``."""
         self.packed = {c.name: c.codec_ratio if c.codec == "lossless" else 1.0 for c in plan.components}
@@ -82,7 +90,7 @@ def _make_plan(planning: _Planning, config: OffloadConfig, workload: Any) -> tup
         planning.device_name,
         planning.profile or profile_from(),
     )
-    ratios = planning.ratios
+    ratios, profile = planning.ratios, planning.plan_profile
     if planning.packed is not None:
         ratios = planning.packed  # a raw component (1.0) is not worth compressing: it stays raw
         kept = Compression.LOSSLESS if any(r < 1.0 for r in ratios.values()) else Compression.OFF
@@ -90,7 +98,7 @@ def _make_plan(planning: _Planning, config: OffloadConfig, workload: Any) -> tup
     the_plan = make_plan(
         planning.inventory,
         config,
-        device=planning.profile,
+        device=profile,
         workload=workload,
         free_bytes=planning.free,
         measured=planning.measured,

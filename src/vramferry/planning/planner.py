@@ -151,7 +151,10 @@ def _phase_items(ctx: PlanContext, choices: Mapping[str, Choice], phase: str) ->
     return [
         ("resident weights", resident),
         *items,
-        ("allocator cache", reserved_bytes(allocated, ctx.device.expandable_segments) - allocated),
+        (
+            "allocator cache",
+            reserved_bytes(allocated, ctx.device.expandable_segments, ctx.device.replacing) - allocated,
+        ),
     ]
 
 
@@ -161,7 +164,7 @@ def _budget_error(ctx: PlanContext, choices: Mapping[str, Choice], budget: int |
     phase = max(outcome.raw_peaks, key=outcome.raw_peaks.__getitem__)
     held = " + ".join(f"{label} {format_size(n)}" for label, n in _phase_items(ctx, choices, phase) if n)
     mode = ctx.config.mode
-    least = reserved_bytes(outcome.peak, ctx.device.expandable_segments)
+    least = reserved_bytes(outcome.peak, ctx.device.expandable_segments, ctx.device.replacing)
     fixes = [
         f"raise vram_budget (--vram-budget) to at least {format_size(least, up=True)}",
         "free device memory",
@@ -312,7 +315,9 @@ def _with_codec(
     it predicts a faster request (``auto``, when a codec is available: ``measured`` given)."""
     config = ctx.config
     lossless = config.compression is Compression.LOSSLESS
-    if config.mode is OffloadMode.NONE or not (lossless or measured is not None and wanted(config.compression, True)):
+    if config.mode is OffloadMode.NONE or not (
+        lossless or measured is not None and wanted(config.compression, True)
+    ):
         return ctx, choices, outcome, ()
     estimate = codec_estimate(ctx.inventory, measured)
     if not estimate.ratios:
@@ -382,7 +387,9 @@ def _context(inventory, config, device, workload, free_bytes, measured, device_n
         work, sources = with_measured_times(work, inventory, measured, device_name, profile)
     budget, budget_text = resolve_budget(config, device=device, free_bytes=free_bytes)
     # Plans place allocations; the caching allocator reserves a little more (see reserved_bytes).
-    allocatable = None if budget is None else allocatable_bytes(budget, profile.expandable_segments)
+    allocatable = (
+        None if budget is None else allocatable_bytes(budget, profile.expandable_segments, profile.replacing)
+    )
     ctx = PlanContext(inventory, config, profile, work, allocatable)
     notes = tuple(f"{name}: block compute {source} on {device_name}" for name, source in sources.items())
     return ctx, budget, budget_text, notes
@@ -396,7 +403,7 @@ def _finish(
     notes: Sequence[str],
 ) -> Plan:
     inventory, config = ctx.inventory, ctx.config
-    expandable = ctx.device.expandable_segments
+    expandable = (ctx.device.expandable_segments, ctx.device.replacing)
     components = []
     for size in inventory.components:
         choice = choices[size.name]
@@ -410,12 +417,12 @@ def _finish(
             ComponentPlan(size.name, size.role, size.bytes, choice.placement, blocks, depth, *codec)
         )
     activations = max((p.act for p in ctx.parts.values()), default=0)
-    weights = None if budget is None else max(0, allocatable_bytes(budget, expandable) - activations)
+    weights = None if budget is None else max(0, allocatable_bytes(budget, *expandable) - activations)
     the_plan = Plan(
         mode=config.mode,
         components=tuple(components),
         budget_bytes=budget,
-        predicted_peak_bytes=reserved_bytes(outcome.peak, expandable),
+        predicted_peak_bytes=reserved_bytes(outcome.peak, *expandable),
         predicted_step_s=outcome.step_s,
         predicted_request_s=outcome.request_s,
         notes=tuple(notes),
