@@ -366,11 +366,12 @@ class GenerationWorker:
             self.metrics.waiting.observe(max(0.0, now - job.queued))
 
     def _fit_offload(self, params: GenerationParams, images: int) -> None:
-        """In auto mode, re-plan when a call's shape (its request's, with ``images`` per call) differs from the
-        last one (it changes what fits), or when block times measured during earlier calls are not in the
-        plan yet."""
+        """Re-plan when a call's shape (its request's, with ``images`` per call) differs from the last one, or
+        when block times measured during earlier calls are not in the plan yet. In auto mode the shape changes
+        what fits; in every mode the plan's predictions follow it, and block times measured during the call are
+        kept for its own shape (a batch of three is not timed as one image)."""
         handle = self.handle
-        if handle is None or not hasattr(handle, "replan") or str(handle.config.mode) != "auto":
+        if handle is None or not hasattr(handle, "replan") or str(handle.config.mode) == "none":
             return
         workload = request_workload(params, batch=images)
         fresh = bool(getattr(handle, "has_new_measurements", False))
