@@ -300,11 +300,14 @@ def test_the_worker_caps_batches_at_the_planned_size():
     assert handle.planned == [1, 2, 3, 4, 5]  # planned once for the shape, then taken from the worker's cache
 
 
-def test_auto_mode_plans_for_the_images_of_the_call(fake_pipeline):
+@pytest.mark.parametrize("mode", ["auto", "layerwise"])
+def test_the_plan_follows_the_images_of_the_call(fake_pipeline, mode):
+    """In auto mode the images per call change what fits; in every mode the predictions and the block times
+    measured during a call belong to its own batch size."""
     import vramferry
 
     class Replanning(FakeHandle):
-        config = vramferry.OffloadConfig(mode="auto", onload_device="cpu")
+        config = vramferry.OffloadConfig(mode=mode, onload_device="cpu")
 
         def __init__(self):
             super().__init__()
