@@ -122,3 +122,16 @@ def test_the_compressed_cache_serves_the_gpu_codec(tmp_path):
         assert (stats.compressed_from_cache > 0) is from_cache
         assert (stats.compressed_at_apply == 0) is from_cache
         assert stats.bytes_decoded > 0
+
+
+def test_the_decode_speed_is_measured_on_the_device_and_planned_with():
+    pipe, kwargs = DIFFUSERS_PIPELINES["flux"]()
+    pipe.to("cuda", torch.bfloat16)
+    config = vramferry.OffloadConfig(mode="layerwise", compression="lossless")
+    with apply(pipe, config) as handle:
+        speeds = handle.measurements.decode_bytes_per_s
+        assert len(speeds) == 1
+        measured = next(iter(speeds.values()))
+        assert 10e9 < measured < 5e12  # bytes of output per second: tens to thousands of GB/s on a GPU
+        assert handle.device_profile.decode_bytes_per_s == measured
+        assert any(f"decode {measured / 1e9:.0f} GB/s" in note for note in handle.plan.notes)
