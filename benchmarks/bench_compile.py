@@ -2,6 +2,7 @@
 weights, 1024^2 = 4096 image tokens), all in one run:
 
     python benchmarks/bench_compile.py --out benchmarks/results/compile.json [--budget 16]
+        [--parts hooks,layerwise,auto] [--compression auto,off,lossless]
 
 - hooks: the eager resident step, bare and under a handle that keeps every block resident (auto, ample budget):
   the difference is what the offload hooks cost per step.
@@ -9,7 +10,8 @@ weights, 1024^2 = 4096 image tokens), all in one run:
   then the same compiled model streamed layerwise and planned by auto under the budget: step time, dynamo's graph
   and recompile counts before and after the offloaded steps, output against the compiled resident run, and auto's
   prediction (first on the cost model's estimates, then re-planned with the block times it measured) against the
-  measured step.
+  measured step, once per ``--compression`` value; for each auto plan, where the step's time goes (the host's
+  issue time, the copy engine's busy time, the compute stream's waits, the bytes decoded).
 """
 
 from __future__ import annotations
