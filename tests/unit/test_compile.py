@@ -90,3 +90,27 @@ def test_compiled_blocks_give_the_compiled_output_without_recompiling(mode, when
         np.testing.assert_array_equal(again[key], expected[key])
     # The hooks ran around the compiled blocks: the request moved what it moves with eager blocks.
     assert moved == _eager_bytes(mode) > 0
+
+
+def test_the_planner_expects_compiled_blocks_to_compute_faster_until_measured():
+    from vramferry.discovery.inventory import inventory_of
+    from vramferry.discovery.roles import discover
+    from vramferry.planning import Workload
+    from vramferry.planning.archs import get_arch
+    from vramferry.planning.costmodel import COMPILED_BLOCK_FACTOR, estimated_block_times
+    from vramferry.planning.devices import profile_from
+
+    pipe, _kwargs = DIFFUSERS_PIPELINES["flux"]()
+    assert not inventory_of(discover(pipe)).get("transformer").compiled_blocks
+    _compile(pipe)
+    sizes = inventory_of(discover(pipe))
+    assert sizes.get("transformer").compiled_blocks
+    assert not sizes.get("text_encoder").compiled_blocks  # its layers were not compiled
+
+    flux = get_arch("flux1-dev").inventory().get("transformer")
+    device, work = profile_from("h200"), Workload(height=1024, width=1024)
+    eager = estimated_block_times(flux, work, device)
+    compiled = estimated_block_times(dataclasses.replace(flux, compiled_blocks=True), work, device)
+    expected = [max(device.block_floor_s, COMPILED_BLOCK_FACTOR * e) for e in eager]
+    assert compiled == pytest.approx(expected)
+    assert sum(compiled) < sum(eager)

@@ -32,6 +32,8 @@ class ComponentSize:
         shape: what the cost model needs beyond bytes: a :class:`DitShape` for a DiT, a :class:`VaeShape` for a
             VAE; ``None`` when unknown (the planner then estimates from the bytes).
         formats: the tensor subclasses that hold some of its weights (``("Int8Tensor",)``); empty for plain ones.
+        compiled_blocks: its blocks were compiled (``block.compile()``, diffusers' ``compile_repeated_blocks``)
+            when the inventory was taken: the cost model then expects faster block compute until it is measured.
     """
 
     name: str
@@ -42,6 +44,7 @@ class ComponentSize:
     block_bytes: tuple[int, ...] = ()
     shape: DitShape | VaeShape | None = None
     formats: tuple[str, ...] = ()
+    compiled_blocks: bool = False
 
     @property
     def rest_bytes(self) -> int:
@@ -114,9 +117,10 @@ def inventory_of(modules: PipelineModules, order: Sequence[str] | None = None) -
         role = str(getattr(component.role, "value", component.role))
         shape = _shape_of(role, component.module, blocks, block_bytes, dtype)
         names = tuple(blockset.names) if blockset is not None else ()
+        compiled = bool(blocks) and all(getattr(b, "_compiled_call_impl", None) is not None for b in blocks)
         sizes.append(
             ComponentSize(
-                component.name, role, total, dtype, names, block_bytes, shape, tuple(sorted(formats))
+                component.name, role, total, dtype, names, block_bytes, shape, tuple(sorted(formats)), compiled
             )
         )
     if order is None:

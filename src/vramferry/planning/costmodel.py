@@ -310,19 +310,29 @@ def dit_shape_of(size: ComponentSize) -> DitShape:
     return dit_shape_from_config({}, size.block_bytes, itemsize_of(size.dtype))
 
 
+# Regionally compiled blocks (inductor) compute faster than eager ones: measured on an H200, FLUX.1-sized
+# transformer at 1024² under auto at 16 GB, 2.08 ms per block compiled against 3.05 ms eager (the resident step
+# 0.136 s against 0.175 s). The estimate of a compiled DiT's blocks is scaled by this until they are measured.
+COMPILED_BLOCK_FACTOR = 0.68
+
+
 def estimated_block_times(
     size: ComponentSize, workload: Workload, device: DeviceProfile
 ) -> tuple[float, ...]:
-    """The cost model's compute seconds of each of a DiT's blocks in one call (no measurement used)."""
+    """The cost model's compute seconds of each of a DiT's blocks in one call (no measurement used); compiled
+    blocks are expected :data:`COMPILED_BLOCK_FACTOR` times as long, never below the launch floor."""
     itemsize = itemsize_of(size.dtype)
     shape = dit_shape_of(size)
     n = len(size.block_bytes)
     text = shape.text_bytes if len(shape.text_bytes) == n else (0,) * n
     mod = shape.mod_bytes if len(shape.mod_bytes) == n else (0,) * n
-    return tuple(
+    eager = (
         block_compute_s(b // itemsize, shape, workload, device, t // itemsize, m // itemsize)
         for b, t, m in zip(size.block_bytes, text, mod, strict=True)
     )
+    if not size.compiled_blocks:
+        return tuple(eager)
+    return tuple(max(device.block_floor_s, COMPILED_BLOCK_FACTOR * t) for t in eager)
 
 
 def _dit_part(size: ComponentSize, calls: int, device: DeviceProfile, workload: Workload) -> PartCost:
