@@ -164,7 +164,7 @@ def _chosen(pipeline, modules, pieces: dict[str, list[Piece]], config: OffloadCo
     from .discovery.inventory import inventory_of
     from .planning.codec import codec_estimate
     from .runtime.codecs import estimated_ratios
-    from .runtime.install import moved_pieces
+    from .runtime.install import compressed_pieces
 
     names = [c.name for c in modules.components()]
     wanted = set(names) if only is None else set(only)
@@ -179,7 +179,7 @@ def _chosen(pipeline, modules, pieces: dict[str, list[Piece]], config: OffloadCo
         why = "no component's weights compress (tensor subclasses, or bytes an entropy coder cannot shrink)"
     else:
         _modules, device, _planning, plan, coding = plan_apply(pipeline, config)
-        moved = moved_pieces(modules, pieces, plan)
+        moved = compressed_pieces(modules, pieces, plan)
         chosen = [p for group in pieces.values() for p in group if id(p) in moved]
         why = (
             f"the plan for these options on {device} compresses nothing"

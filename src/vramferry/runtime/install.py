@@ -57,7 +57,7 @@ class Runtime:
         self.hooks = HookSet()
         self.verify = verify
         self.pieces, shared = collect_pieces(modules)
-        encode = moved_pieces(modules, self.pieces, plan) if codec is not None else set()
+        encode = compressed_pieces(modules, self.pieces, plan) if codec is not None else set()
         self._pack(shared, progress, encode, cache)
         self.shared: Unit | None = None
         if shared.refs:
@@ -269,7 +269,7 @@ def placed_pieces(pieces: dict[str, list[Piece]], plan: Plan, name: str) -> list
     return [(p, cplan.placement) for p in (rest, *blocks)]
 
 
-def moved_pieces(modules: PipelineModules, pieces: dict[str, list[Piece]], plan: Plan) -> set[int]:
+def compressed_pieces(modules: PipelineModules, pieces: dict[str, list[Piece]], plan: Plan) -> set[int]:
     """Ids of the pieces ``plan`` compresses: every piece of the components whose codec is lossless, the ones
     it keeps resident too (decoded once as they load), so that a later plan for another request shape can move
     any of them compressed without repacking the host store."""
