@@ -7,8 +7,9 @@
 Sections of the JSON: ``bandwidth`` (bench_offload's pinned, pageable and registered host->device figures; the
 library's 256 MiB probe with ``--probe-bandwidth``) and ``fp8``, whose parts are:
 
-- build: ``bf16_GB`` before quantizing, ``quantized_GB`` after (the bytes of every parameter's inner tensors:
-  fp8 data and float32 scales, ``quantized_by_dtype_GB``), ``formats`` (parameters per tensor class),
+- build: ``bf16_GB`` before quantizing, ``quantized_GB`` after (the bytes every parameter is stored in: fp8 data,
+  float32 scales, the bf16 biases and norms left as they were; ``quantized_by_dtype_GB``), ``formats`` (parameters
+  per tensor class),
   ``build_s`` and ``quantize_s``; the model moves to the host before ``apply`` (``to_host_s``).
 - resident: the quantized transformer on the device, ``resident_step_s`` and its peaks; its output is the
   reference every other part is compared with bit for bit (``<part>_bitwise_equal_resident``, and the largest
@@ -29,6 +30,10 @@ library's 256 MiB probe with ``--probe-bandwidth``) and ``fp8``, whose parts are
 
 Steps are the median of ``--reps`` samples of ``--chain`` back-to-back forwards (no host synchronisation between
 them, as a denoising loop runs), after one warm-up sample; the handle's counters cover the timed forwards only.
+Forwards run under ``torch.no_grad``, as diffusers' pipelines run them (``--inference-mode``: under
+``torch.inference_mode``, which the other benchmark files use). ``--smoke`` builds a three-block transformer on the
+CPU with a stand-in bandwidth (``onload_device="cpu"``, group offload without a stream): it checks the code paths,
+not the figures.
 """
 
 from __future__ import annotations
