@@ -32,7 +32,7 @@ from .planning.handle_state import _first_plan, _make_plan, _measured_inputs, _P
 from .planning.plan import Plan
 from .planning.planner import with_schedule
 from .planning.workload import Workload
-from .runtime.install import Runtime
+from .runtime.install import Runtime, mapped_flags
 from .runtime.probe import device_profile, measure_decode_speed
 from .runtime.reads import WeightReads
 from .runtime.transfer import TransferCounters
@@ -57,6 +57,8 @@ class OffloadStats:
             says how to give the order).
         peak_allocated, peak_reserved: device memory peaks in bytes (``torch.cuda``), 0 on CPU.
         host_pinned_bytes, host_pageable_bytes: where the canonical host copies live.
+        host_mapped_bytes: bytes left as views of their checkpoint files (``host_memory_limit`` below the
+            weights): in the page cache, not copied into the host store; copied to the device from pageable memory.
         host_compressed_bytes, host_compressed_raw_bytes: the compressed pieces' bytes in host memory, and what
             they decode to (0 without compression); ``bytes_decoded``: bytes decoded on the way in.
         compressed_from_cache, compressed_at_apply: compressed pieces (blocks, non-block parts) whose bytes were
@@ -83,6 +85,7 @@ class OffloadStats:
     peak_reserved: int = 0
     host_pinned_bytes: int = 0
     host_pageable_bytes: int = 0
+    host_mapped_bytes: int = 0
     host_compressed_bytes: int = 0
     host_compressed_raw_bytes: int = 0
     bytes_decoded: int = 0
@@ -189,6 +192,7 @@ class OffloadHandle:
             unplanned_phases=c.unplanned_phases,
             host_pinned_bytes=runtime.store.pinned_bytes,
             host_pageable_bytes=runtime.store.pageable_bytes,
+            host_mapped_bytes=runtime.store.mapped_bytes,
             host_compressed_bytes=runtime.store.encoded_bytes,
             host_compressed_raw_bytes=runtime.store.encoded_raw_bytes,
             bytes_decoded=c.bytes_decoded,
@@ -466,6 +470,7 @@ def apply(
     patched = patch_pipeline_class(pipeline, device, reads)
     handle = OffloadHandle(pipeline, config, modules, the_plan, runtime, patched)
     planning.pack(the_plan)
+    planning.pack_mapped(mapped_flags(runtime.pieces))
     handle._planning = planning
     _LIVE[pipeline] = handle
     for component in modules.components():

@@ -83,10 +83,12 @@ OFFLOAD_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "pin_memory": ("--pin-memory", {"action": _BOOL, "help": "page-locked host copies (default: on)"}),
     "host_memory_limit": (
-        "--host-memory-limit",
+        "--ram-budget",
         {
+            "aliases": ("--host-memory-limit",),
             "metavar": "SIZE",
-            "help": "most host bytes to page-lock; beyond it copies go through pageable memory",
+            "help": "most host memory the weights' copies may take; below the weights, the pieces that move least "
+            "stay mapped in their checkpoint files (pageable, counted by the planner) (alias --host-memory-limit)",
         },
     ),
     "prefetch_components": (
@@ -159,7 +161,9 @@ def add_offload_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("offload (OffloadConfig fields; flags override --config)")
     group.add_argument("--config", metavar="FILE.json", help="load an OffloadConfig saved as JSON")
     for field_name, (flag, options) in OFFLOAD_FLAGS.items():
-        group.add_argument(flag, dest=_DEST + field_name, default=argparse.SUPPRESS, **options)
+        options = dict(options)
+        names = (flag, *options.pop("aliases", ()))
+        group.add_argument(*names, dest=_DEST + field_name, default=argparse.SUPPRESS, **options)
 
 
 def given_offload_options(args: argparse.Namespace) -> dict[str, Any]:

@@ -77,8 +77,12 @@ class OffloadConfig:
             apply time, or ``None`` for the free memory minus ``safety_margin``.
         onload_device: where modules run. ``"cpu"`` runs the whole hook machinery without a GPU.
         pin_memory: keep host copies in page-locked memory (needed for full-speed, asynchronous copies).
-        host_memory_limit: most host bytes that may be page-locked; beyond it, copies go through pageable
-            memory with a warning. ``None``: no cap.
+        host_memory_limit: most host memory the host store may take (bytes or ``"48GiB"``; CLI
+            ``--ram-budget``). Below what it would hold, the pieces that move least often (resident first, then
+            swapped, streamed blocks last) stay as views of their checkpoint files (memory-mapped safetensors, in
+            the page cache, shared with other processes), copied to the device at the pageable bandwidth, which
+            the planner counts; weights that are not file views are page-locked up to the limit and kept pageable
+            beyond it, with a warning. ``None``: no cap.
         prefetch_components: start loading the next component while the current one computes.
         prefetch_depth: layerwise look-ahead, in blocks; ``None`` picks enough to keep the copy engine busy.
         keep_resident: component names kept on the device in every mode.

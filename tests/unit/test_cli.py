@@ -30,7 +30,7 @@ def test_every_config_field_has_exactly_one_flag():
 def test_flags_map_to_config_fields(command):
     args = build_parser().parse_args(
         [command, "--offload", "layerwise", "--vram-budget", "12GiB", "--onload-device", "cpu",
-         "--no-pin-memory", "--host-memory-limit", "64GiB", "--no-prefetch-components", "--prefetch-depth", "3",
+         "--no-pin-memory", "--ram-budget", "64GiB", "--no-prefetch-components", "--prefetch-depth", "3",
          "--keep-resident", "vae,text_encoder", "--block-attrs", "transformer=a,b", "--safety-margin", "2GiB",
          "--verify", "--strict"]
     )  # fmt: skip

@@ -61,6 +61,22 @@ def test_int8_weight_only_transformer_gives_the_quantized_output_and_is_restored
         np.testing.assert_array_equal(run(pipe, kwargs)[key], expected[key])
 
 
+@pytest.mark.parametrize("mode", ["model", "layerwise"])
+def test_int8_weight_only_transformer_runs_inside_inference_mode(mode):
+    # Servers call pipelines inside torch.inference_mode, where rebinding a torchao parameter's data fails.
+    pipe, kwargs = _quantized("flux")
+    expected = run(pipe, kwargs)
+    handle = vramferry.apply(pipe, _cfg(mode))
+    try:
+        with torch.inference_mode():
+            got = run(pipe, kwargs)
+    finally:
+        handle.remove()
+    for key in expected:
+        np.testing.assert_array_equal(got[key], expected[key])
+    assert all(not p.is_inference() for p in pipe.transformer.parameters())
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_lora_weights_switched_while_live_give_the_output_without_offload(mode):
     peft = pytest.importorskip("peft")

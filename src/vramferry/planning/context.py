@@ -20,6 +20,7 @@ class PlanContext(PipelineCost):
         workload: Workload,
         budget: int | None,
         ratios: dict[str, float] | None = None,
+        mapped: dict[str, tuple[bool, ...]] | None = None,
     ) -> None:
         super().__init__(
             inventory.components,
@@ -30,6 +31,7 @@ class PlanContext(PipelineCost):
             config.prefetch_components,
             exclusive=config.exclusive,
             ratios=ratios,
+            mapped=mapped,
         )
         self.inventory = inventory
         self.config = config

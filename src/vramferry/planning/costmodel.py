@@ -401,10 +401,14 @@ class PipelineCost:
         prefetch_components: bool = True,
         exclusive: bool = False,
         ratios: Mapping[str, float] | None = None,
+        mapped: Mapping[str, tuple[bool, ...]] | None = None,
     ) -> None:
         self.device, self.workload, self.budget = device, workload, budget
         # Components whose moved pieces cross the link compressed, with the fraction of bytes they keep.
         self.ratios = dict(ratios or {})
+        # Per component, which pieces (the non-block part, then each block) stay mapped in their checkpoint
+        # files: their copies run at the pageable bandwidth.
+        self.mapped = {name: flags for name, flags in (mapped or {}).items() if any(flags)}
         self.prefetch_components = prefetch_components
         self.exclusive = exclusive
         dits = sum(c.role == "dit" for c in components)
@@ -436,7 +440,13 @@ class PipelineCost:
         ratio = self.ratios.get(name, 1.0)
         key = (name, flags, depth, ratio)
         if key not in self._sims:
-            blocks = list(zip(part.size.block_bytes, part.block_s, flags, strict=True))
+            # A mapped block's copy takes as long as that of a pinned one this many times its size.
+            slower = self.device.h2d_bytes_per_s / self.device.pageable_bytes_per_s
+            sizes = [
+                round(b * slower) if m else b
+                for b, m in zip(part.size.block_bytes, self._blocks_mapped(name), strict=True)
+            ]
+            blocks = list(zip(sizes, part.block_s, flags, strict=True))
             self._sims[key] = simulate_dit_calls(blocks, part.rest_s, max(depth, 1), self.device, ratio=ratio)
         first, steady = self._sims[key]
         return first + (part.calls - 1) * steady, steady
@@ -469,6 +479,15 @@ class PipelineCost:
         stall = max(head, load_end - overlap, 0.0)
         return load_end - stall
 
+    def _blocks_mapped(self, name: str) -> list[bool]:
+        flags = self.mapped.get(name, ())
+        return [bool(m) for m in flags[1:]] + [False] * (len(self.parts[name].size.block_bytes) - len(flags[1:]))
+
+    def piece_load_s(self, name: str, nbytes: int, mapped: bool) -> float:
+        """Seconds to load one piece of component ``name``: from a checkpoint file's mapping at the pageable
+        bandwidth, else as :meth:`load_s`."""
+        return nbytes / self.device.pageable_bytes_per_s if mapped else self.load_s(name, nbytes)
+
     def load_s(self, name: str, nbytes: int) -> float:
         """Seconds to load ``nbytes`` of component ``name`` (compressed where :attr:`ratios` says)."""
         return load_seconds(
@@ -483,18 +502,20 @@ class PipelineCost:
         for name, choice in choices.items():
             part = self.parts[name]
             widest = moved = 0
-            for nbytes, where in pieces(part, choice):
+            flags = self.mapped.get(name, ())
+            for at, (nbytes, where) in enumerate(pieces(part, choice)):
+                load_s = self.piece_load_s(name, nbytes, at < len(flags) and flags[at])
                 if where == RESIDENT or where == SWAPPED and part.phase is None:
                     always += nbytes
                 elif where == SWAPPED:
                     swapped[part.phase] += nbytes
-                    swapped_s[part.phase] += self.load_s(name, nbytes)
+                    swapped_s[part.phase] += load_s
                 else:
                     widest = max(widest, nbytes)
                     streamed[part.phase] += self.ratios.get(name, 1.0) * nbytes
                 if where == SWAPPED:
                     loads += nbytes
-                    loads_s += self.load_s(name, nbytes)
+                    loads_s += load_s
                 moved = max(moved, nbytes) if where != RESIDENT else moved
             if part.phase is not None:
                 slots[part.phase] += (choice.depth + 1) * widest

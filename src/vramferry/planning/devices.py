@@ -32,6 +32,8 @@ class DeviceProfile:
         decode_contention: fraction of a decode's time that the compute stream loses while it runs beside it.
         replacing: plans for a handle that re-places its weights on the device (between request shapes): the
             allocator then keeps more cached (:data:`~vramferry.planning.costmodel.REPLACED_SLACK_CAP`).
+        pageable_bytes_per_s: host→device bandwidth from pageable memory (pieces left mapped in their checkpoint
+            files); ``None``: 15 % of ``h2d_bytes_per_s`` (an H200 measured 8.0 against 55 GB/s pinned).
     """
 
     name: str
@@ -47,12 +49,15 @@ class DeviceProfile:
     decode_bytes_per_s: float | None = None
     decode_contention: float = 0.3
     replacing: bool = False
+    pageable_bytes_per_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.attention_flops_per_s is None:
             object.__setattr__(self, "attention_flops_per_s", _ATTENTION_RATIO * self.flops_per_s)
         if self.decode_bytes_per_s is None:
             object.__setattr__(self, "decode_bytes_per_s", _DECODE_FRACTION * self.memory_bytes_per_s)
+        if self.pageable_bytes_per_s is None:
+            object.__setattr__(self, "pageable_bytes_per_s", _PAGEABLE_FRACTION * self.h2d_bytes_per_s)
         for name in (
             "memory_bytes",
             "h2d_bytes_per_s",
@@ -60,6 +65,7 @@ class DeviceProfile:
             "attention_flops_per_s",
             "memory_bytes_per_s",
             "decode_bytes_per_s",
+            "pageable_bytes_per_s",
         ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
@@ -82,6 +88,9 @@ _LINEAR_FRACTION, _ATTENTION_RATIO = 0.47, 1.36
 # Entropy decoding is bound by device memory: nvCOMP ANS decoded at 231 GB/s on an H200 (4.8 TB/s peak), about
 # 5 % of the achieved memory bandwidth; other devices are assumed to reach the same fraction.
 _DECODE_FRACTION = 0.05
+
+# Pageable copies against pinned ones (H200, PCIe Gen5: 7.7-8.4 GB/s against 54.9 GB/s, docs/benchmarks.md).
+_PAGEABLE_FRACTION = 0.15
 
 
 def _preset(name: str, memory: int, h2d: float, peak_flops: float, memory_bandwidth: float) -> DeviceProfile:

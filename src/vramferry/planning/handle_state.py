@@ -41,6 +41,8 @@ class _Planning:
     # Once the host store is packed: per component the fraction of its bytes the store keeps (1.0: raw). Later
     # plans keep each component's codec, which only a new apply could change.
     packed: dict[str, float] | None = None
+    # Once packed: per component, which pieces the host store left mapped in their checkpoint files (kept).
+    mapped: dict[str, tuple[bool, ...]] | None = None
 
     @property
     def plan_profile(self) -> Any:
@@ -53,6 +55,12 @@ class _Planning:
     def pack(self, plan: Plan) -> None:
         """Record the codecs the host store was packed with for ``plan``."""
         self.packed = {c.name: c.codec_ratio if c.codec == "lossless" else 1.0 for c in plan.components}
+        self.mapped = {c.name: c.mapped for c in plan.components if any(c.mapped)}
+
+    def pack_mapped(self, mapped: dict[str, tuple[bool, ...]]) -> None:
+        """Record which pieces the host store really left mapped (a piece that is not a clean file view is
+        packed instead)."""
+        self.mapped = {name: flags for name, flags in mapped.items() if any(flags)}
 
 
 def _first_plan(planning: _Planning, config: OffloadConfig, work: Any, missing: str | None) -> Plan:
@@ -104,5 +112,6 @@ def _make_plan(planning: _Planning, config: OffloadConfig, workload: Any) -> tup
         measured=planning.measured,
         device_name=planning.device_name,
         compression_ratios=ratios,
+        mapped=planning.mapped if planning.packed is not None else None,
     )
     return the_plan, sources

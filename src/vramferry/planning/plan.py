@@ -51,6 +51,9 @@ class ComponentPlan:
         codec: ``"raw"``, or ``"lossless"``: the pieces that move (swapped or streamed) are kept compressed in
             host memory and decoded on the device after the copy; resident pieces stay raw.
         codec_ratio: the fraction of the moved bytes that cross the link (1.0 when raw).
+        mapped: which of its pieces (its non-block part, then each block) the host store leaves as views of
+            their checkpoint files instead of copying them into page-locked memory (``host_memory_limit`` below
+            the weights): their copies to the device run at the pageable bandwidth. Empty: none.
     """
 
     name: str
@@ -61,6 +64,7 @@ class ComponentPlan:
     prefetch_depth: int = 0
     codec: str = "raw"
     codec_ratio: float = 1.0
+    mapped: tuple[bool, ...] = ()
 
     @property
     def streamed_blocks(self) -> int:
@@ -89,6 +93,8 @@ class Plan:
             a prefetch never takes what the plan left to activations. ``None``: no limit.
         exclusive: no ``vram_budget`` was given (:attr:`~vramferry.config.OffloadConfig.exclusive`): streaming
             slots are sized per block rather than uniformly.
+        host_limit_bytes: the ``host_memory_limit`` the host side was planned for (``None``: every piece is
+            copied into page-locked memory).
     """
 
     mode: OffloadMode
@@ -102,6 +108,7 @@ class Plan:
     schedule: tuple[Phase, ...] = ()
     weight_budget_bytes: int | None = None
     exclusive: bool = True
+    host_limit_bytes: int | None = None
 
     def get(self, name: str) -> ComponentPlan:
         for c in self.components:
@@ -130,7 +137,7 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
     data.update(mode=plan.mode.value, notes=list(plan.notes))
     data["components"] = [
         {f.name: getattr(c, f.name) for f in fields(ComponentPlan)}
-        | {"placement": c.placement.value, "blocks": [b.value for b in c.blocks]}
+        | {"placement": c.placement.value, "blocks": [b.value for b in c.blocks], "mapped": list(c.mapped)}
         for c in plan.components
     ]
     data["schedule"] = [
@@ -156,7 +163,12 @@ def plan_from_dict(data: Mapping[str, Any]) -> Plan:
     """Inverse of :func:`plan_to_dict`."""
     components = tuple(
         ComponentPlan(
-            **{**c, "placement": Placement(c["placement"]), "blocks": tuple(map(Placement, c["blocks"]))}
+            **{
+                **c,
+                "placement": Placement(c["placement"]),
+                "blocks": tuple(map(Placement, c["blocks"])),
+                "mapped": tuple(bool(m) for m in c.get("mapped", ())),
+            }
         )
         for c in data["components"]
     )

@@ -42,6 +42,7 @@ from .plan import ComponentPlan, Placement, Plan
 from .policy import phase_of
 from .schedule import Movable, build_schedule
 from .search import depths, forced, plan_auto, uniform
+from .tiers import host_note, map_pieces
 from .workload import Workload
 
 if TYPE_CHECKING:
@@ -258,6 +259,7 @@ def plan(
     measured: Measurements | None = None,
     device_name: str | None = None,
     compression_ratios: Mapping[str, float] | None = None,
+    mapped: Mapping[str, tuple[bool, ...]] | None = None,
 ) -> Plan:
     """Place every component and DiT block for ``config.mode`` within the budget.
 
@@ -279,6 +281,9 @@ def plan(
             dtype's default. Giving it (even empty) says a codec is available: ``compression="auto"`` then
             compresses where it predicts a faster request; without it only ``"lossless"`` compresses (with the
             defaults). The plan's notes give the choice and the predicted gain.
+        mapped: the pieces a host store already leaves mapped in their checkpoint files
+            (:attr:`ComponentPlan.mapped`), priced as they are; ``None``: with ``host_memory_limit`` below the
+            host store's bytes, the pieces that move least often are mapped (:mod:`~vramferry.planning.tiers`).
 
     Returns:
         A :class:`Plan` with its predicted peak, step and request times.
@@ -290,18 +295,59 @@ def plan(
     ctx, budget, budget_text, notes = _context(
         inventory, config, device, workload, free_bytes, measured, device_name
     )
+    if mapped:
+        ctx = PlanContext(inventory, config, ctx.device, ctx.workload, ctx.budget, mapped=dict(mapped))
     choices = _search(ctx)
     outcome = ctx.evaluate(choices)
     if not ctx.fits(outcome.peak):
         raise _budget_error(ctx, choices, budget)
     ctx, choices, outcome, codec_notes = _with_codec(ctx, choices, outcome, compression_ratios)
+    ctx, choices, outcome, host_notes = _with_host(ctx, choices, outcome, mapped)
     return _finish(
         ctx,
         choices,
         outcome,
         budget,
-        (*_notes(ctx, choices, outcome, budget, budget_text, device is None), *notes, *codec_notes),
+        (*_notes(ctx, choices, outcome, budget, budget_text, device is None), *notes, *codec_notes, *host_notes),
     )
+
+
+def _host_limit(config: OffloadConfig) -> int | None:
+    value = config.host_memory_limit
+    return parse_bytes(value, what="host_memory_limit") if value is not None else None
+
+
+def _with_host(
+    ctx: PlanContext,
+    choices: dict[str, Choice],
+    outcome: Outcome,
+    fixed: Mapping[str, tuple[bool, ...]] | None,
+) -> tuple[PlanContext, dict[str, Choice], Outcome, tuple[str, ...]]:
+    """The context priced with the pieces left mapped in their files: ``fixed`` ones (a host store already
+    packed), or those :func:`~vramferry.planning.tiers.map_pieces` picks to meet ``host_memory_limit``. When it
+    picks them in auto mode, the placement is searched once more with them priced (copies from mapped pieces are
+    slower, so it may keep other pieces resident), and the faster of the two is kept."""
+    limit = _host_limit(ctx.config)
+    if fixed is None and limit is None:
+        return ctx, choices, outcome, ()
+    flags, over = (dict(fixed), 0) if fixed is not None else map_pieces(ctx, choices, limit)
+    if flags != ctx.mapped:
+        base, ctx = ctx, _mapped_context(ctx, flags)
+        outcome = ctx.evaluate(choices)
+        if fixed is None and ctx.config.mode is OffloadMode.AUTO:
+            again = _search(ctx)
+            flags2, over2 = map_pieces(base, again, limit)
+            ctx2 = _mapped_context(base, flags2)
+            outcome2 = ctx2.evaluate(again)
+            if ctx2.fits(outcome2.peak) and outcome2.request_s < outcome.request_s:
+                ctx, choices, outcome, over = ctx2, again, outcome2, over2
+    if limit is None:
+        return ctx, choices, outcome, ()
+    return ctx, choices, outcome, (host_note(ctx, choices, ctx.mapped, limit, over),)
+
+
+def _mapped_context(ctx: PlanContext, mapped: dict[str, tuple[bool, ...]]) -> PlanContext:
+    return PlanContext(ctx.inventory, ctx.config, ctx.device, ctx.workload, ctx.budget, ctx.ratios, mapped)
 
 
 def _search(ctx: PlanContext) -> dict[str, Choice]:
@@ -322,7 +368,7 @@ def _with_codec(
     estimate = codec_estimate(ctx.inventory, measured)
     if not estimate.ratios:
         return ctx, choices, outcome, ("compression: off (no component of 16-bit or 32-bit plain weights)",)
-    cctx = PlanContext(ctx.inventory, config, ctx.device, ctx.workload, ctx.budget, dict(estimate.ratios))
+    cctx = PlanContext(ctx.inventory, config, ctx.device, ctx.workload, ctx.budget, dict(estimate.ratios), ctx.mapped)
     cchoices = _search(cctx)
     cout = cctx.evaluate(cchoices)
     gain = outcome.request_s / cout.request_s if cout.request_s > 0 else 1.0
@@ -357,8 +403,9 @@ def price(
         inventory, config, device, workload, free_bytes, measured, device_name
     )
     ratios = {c.name: c.codec_ratio for c in placed.components if c.codec == LOSSLESS}
-    if ratios:
-        ctx = PlanContext(inventory, config, ctx.device, ctx.workload, ctx.budget, ratios)
+    mapped = {c.name: c.mapped for c in placed.components if any(c.mapped)}
+    if ratios or mapped:
+        ctx = PlanContext(inventory, config, ctx.device, ctx.workload, ctx.budget, ratios, mapped)
     choices = {}
     for size in inventory.components:
         cplan = placed.get(size.name)
@@ -414,7 +461,9 @@ def _finish(
         moves = any(where is not _R for where in (choice.placement, *choice.blocks))
         codec = ("lossless", ratio) if ratio < 1.0 and moves else ("raw", 1.0)
         components.append(
-            ComponentPlan(size.name, size.role, size.bytes, choice.placement, blocks, depth, *codec)
+            ComponentPlan(
+                size.name, size.role, size.bytes, choice.placement, blocks, depth, *codec, ctx.mapped.get(size.name, ())
+            )
         )
     activations = max((p.act for p in ctx.parts.values()), default=0)
     weights = None if budget is None else max(0, allocatable_bytes(budget, *expandable) - activations)
@@ -429,6 +478,7 @@ def _finish(
         activation_bytes=activations,
         weight_budget_bytes=weights,
         exclusive=config.exclusive,
+        host_limit_bytes=_host_limit(config),
     )
     return with_schedule(the_plan, inventory, config)
 

@@ -58,7 +58,7 @@ class Runtime:
         self.verify = verify
         self.pieces, shared = collect_pieces(modules)
         encode = compressed_pieces(modules, self.pieces, plan) if codec is not None else set()
-        self._pack(shared, progress, encode, cache)
+        self._pack(shared, progress, encode, cache, mapped_pieces(modules, self.pieces, plan) - encode)
         self.shared: Unit | None = None
         if shared.refs:
             self.shared = Unit("shared", [])
@@ -67,10 +67,17 @@ class Runtime:
         self.states: list[ComponentState] = []
         self._install(plan, {})
 
-    def _pack(self, shared: Piece, progress: bool | None, encode: set[int], cache: CompressedCache | None) -> None:
+    def _pack(
+        self,
+        shared: Piece,
+        progress: bool | None,
+        encode: set[int],
+        cache: CompressedCache | None,
+        mapped: set[int],
+    ) -> None:
         """Fill the host store, one arena per component (and one for the shared piece), with one bar. The pieces
         in ``encode`` are kept compressed: read from ``cache`` where its entries match them, else compressed now
-        (with a bar of their own)."""
+        (with a bar of their own); those in ``mapped`` stay views of their checkpoint files where they are."""
         groups = [*self.pieces.items(), *([("shared", [shared])] if shared.refs else [])]
         coded = [p for _name, pieces in groups for p in pieces if id(p) in encode and p.encodable]
         files = FileMap.current()
@@ -79,12 +86,14 @@ class Runtime:
         try:
             if cache is not None and coded and self.store.codec is not None:
                 cached = cache.read(coded, files, filler.pool())
-            total = sum(p.layout() for _name, pieces in groups for p in pieces if id(p) not in cached)
+            total = sum(
+                p.layout() for _name, pieces in groups for p in pieces if id(p) not in cached and id(p) not in mapped
+            )
             bar = progress_bar(total, progress)
             filler.progress = bar.update if bar is not None else None
             try:
                 for name, pieces in groups:
-                    self.store.pack(name, pieces, encode, filler, cached)
+                    self.store.pack(name, pieces, encode, filler, cached, mapped)
             finally:
                 if bar is not None:
                     bar.close()
@@ -267,6 +276,20 @@ def placed_pieces(pieces: dict[str, list[Piece]], plan: Plan, name: str) -> list
         raise PlanError(f"{name}: only blocks can be streamed, and discovery found none in {name}")
     # A component kept whole: its blocks go where its placement says (one unit, packed contiguously).
     return [(p, cplan.placement) for p in (rest, *blocks)]
+
+
+def mapped_pieces(modules: PipelineModules, pieces: dict[str, list[Piece]], plan: Plan) -> set[int]:
+    """Ids of the pieces ``plan`` leaves mapped in their checkpoint files (:attr:`ComponentPlan.mapped`)."""
+    found = set()
+    for c in modules.components():
+        flags = plan.get(c.name).mapped
+        found.update(id(piece) for piece, m in zip(pieces[c.name], flags, strict=False) if m)
+    return found
+
+
+def mapped_flags(pieces: dict[str, list[Piece]]) -> dict[str, tuple[bool, ...]]:
+    """Per component, which of its pieces the host store really left mapped."""
+    return {name: tuple(p.mapped for p in found) for name, found in pieces.items() if any(p.mapped for p in found)}
 
 
 def compressed_pieces(modules: PipelineModules, pieces: dict[str, list[Piece]], plan: Plan) -> set[int]:

@@ -1,0 +1,131 @@
+"""Host memory as a budget: below the weights, the pieces that move least stay mapped in their checkpoint files
+(priced at the pageable bandwidth by the planner, never copied into the host store), with outputs unchanged."""
+
+from __future__ import annotations
+
+import gc
+
+import numpy as np
+import pytest
+
+import vramferry
+from pipelines.diffusers_pipes import run
+from vramferry.config import OffloadConfig
+from vramferry.planning.archs import ARCHS
+from vramferry.planning.devices import PRESETS
+from vramferry.planning.plan import Placement, plan_from_dict, plan_to_dict
+from vramferry.planning.planner import plan
+
+GiB = 2**30
+CPU = {"onload_device": "cpu", "pin_memory": False}
+
+
+def _flux_plan(**config):
+    inventory = ARCHS["flux1-dev"].inventory()
+    return inventory, plan(inventory, OffloadConfig(**config), device=PRESETS["h200"])
+
+
+def _mapped_by_placement(inventory, the_plan) -> dict[str, int]:
+    """Bytes mapped, by where the piece is placed."""
+    found: dict[str, int] = {}
+    for size in inventory.components:
+        cplan = the_plan.get(size.name)
+        blocks = cplan.blocks or (cplan.placement,) * len(size.block_bytes)
+        sizes = [size.rest_bytes if size.block_bytes else size.bytes, *size.block_bytes]
+        for nbytes, where, mapped in zip(sizes, (cplan.placement, *blocks), cplan.mapped or (), strict=False):
+            if mapped:
+                found[str(where)] = found.get(str(where), 0) + nbytes
+    return found
+
+
+def test_without_a_host_limit_nothing_is_mapped():
+    _inventory, the_plan = _flux_plan(mode="auto", vram_budget="16GiB")
+    assert all(not any(c.mapped) for c in the_plan.components)
+    assert the_plan.host_limit_bytes is None
+    assert not any(note.startswith("host:") for note in the_plan.notes)
+
+
+def test_a_host_limit_maps_the_resident_pieces_first_and_costs_nothing_per_request():
+    inventory, free = _flux_plan(mode="auto", vram_budget="16GiB")
+    _inventory, limited = _flux_plan(mode="auto", vram_budget="16GiB", host_memory_limit="20GiB")
+    by_place = _mapped_by_placement(inventory, limited)
+    assert set(by_place) == {str(Placement.RESIDENT)}  # resident pieces cross the link once, at apply
+    assert sum(by_place.values()) >= inventory.total_bytes - 20 * GiB
+    assert limited.predicted_request_s == pytest.approx(free.predicted_request_s)
+    (note,) = [n for n in limited.notes if n.startswith("host:")]
+    assert "left mapped in the checkpoint files" in note and "0 B per request" in note
+
+
+def test_a_tighter_host_limit_maps_moved_pieces_and_prices_them_at_the_pageable_bandwidth():
+    inventory, free = _flux_plan(mode="layerwise")
+    _inventory, limited = _flux_plan(mode="layerwise", host_memory_limit="8GiB")
+    by_place = _mapped_by_placement(inventory, limited)
+    assert by_place.get(str(Placement.STREAMED), 0) > 0
+    pinned = inventory.total_bytes - sum(by_place.values())
+    assert pinned <= 8 * GiB
+    # Streamed blocks copied from pageable memory: the step is slower, by about the bandwidth ratio on the
+    # share of the bytes that is mapped.
+    assert limited.predicted_step_s > 2 * free.predicted_step_s
+    assert plan_from_dict(plan_to_dict(limited)) == limited
+
+
+def test_a_saved_pipeline_leaves_pieces_mapped_under_a_host_limit(tiny_flux, tmp_path):
+    import diffusers
+
+    pipe, kwargs = tiny_flux
+    expected = run(pipe, kwargs)
+    pipe.save_pretrained(tmp_path)
+    loaded = diffusers.DiffusionPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    weights = sum(p.numel() * p.element_size() for c in loaded.components.values() if hasattr(c, "parameters")
+                  for p in c.parameters())  # fmt: skip
+    handle = vramferry.apply(loaded, mode="layerwise", host_memory_limit=weights // 4, verify=True, **CPU)
+    try:
+        stats = handle.stats()
+        assert stats.host_mapped_bytes >= weights - weights // 4 - 2**20
+        assert stats.host_pinned_bytes + stats.host_pageable_bytes < weights // 2
+        mapped = [c for c in handle.plan.components if any(c.mapped)]
+        assert mapped, "the plan names the mapped pieces"
+        for _ in range(2):
+            got = run(loaded, kwargs)
+            for key in expected:
+                np.testing.assert_array_equal(got[key], expected[key])
+    finally:
+        handle.remove()
+    got = run(loaded, kwargs)
+    for key in expected:
+        np.testing.assert_array_equal(got[key], expected[key])
+
+
+def test_load_with_a_ram_budget_keeps_the_checkpoint_mapped(saved_flux_dir, tiny_flux):
+    pipe, kwargs = tiny_flux
+    expected = run(pipe, kwargs)
+    with vramferry.load(saved_flux_dir, mode="layerwise", host_memory_limit="1KiB", **CPU) as handle:
+        handle.pipeline.set_progress_bar_config(disable=True)
+        stats = handle.stats()
+        assert stats.host_mapped_bytes > 0
+        gc.collect()
+        with open("/proc/self/maps") as maps:
+            assert any(str(saved_flux_dir) in line for line in maps), "mapped pieces keep their files mapped"
+        got = run(handle.pipeline, kwargs)
+    for key in expected:
+        np.testing.assert_array_equal(got[key], expected[key])
+
+
+def test_weights_in_memory_are_packed_whatever_the_host_limit(tiny_flux):
+    pipe, kwargs = tiny_flux
+    expected = run(pipe, kwargs)
+    with vramferry.apply(pipe, mode="layerwise", host_memory_limit="1KiB", **CPU) as handle:
+        stats = handle.stats()
+        assert stats.host_mapped_bytes == 0 and stats.host_pageable_bytes > 0
+        got = run(pipe, kwargs)
+    for key in expected:
+        np.testing.assert_array_equal(got[key], expected[key])
+
+
+def test_the_cli_takes_a_ram_budget_and_shows_the_host_side(capsys):
+    from vramferry.cli import main
+
+    assert main(["plan", "--arch", "flux1-dev", "--gpu", "h200", "--vram-budget", "16GiB", "--ram-budget", "8GiB"]) == 0
+    out = capsys.readouterr().out
+    assert "host: " in out and "left mapped in the checkpoint files (host_memory_limit 8.00 GiB)" in out
