@@ -337,8 +337,9 @@ def _planes(raw: torch.Tensor) -> torch.Tensor:
 
 #: Bits the entropy coder spends beyond the high plane's entropy (table headers, chunking, rounding).
 CODER_OVERHEAD_BITS = 0.25
-#: High bytes sampled per tensor for the histogram.
-SAMPLE_BYTES = 1 << 20
+#: High bytes sampled per tensor for the histogram: windows of consecutive words spread over the tensor, so that
+#: the estimate of a memory-mapped checkpoint reads a few pages of each tensor, not every page.
+SAMPLE_WINDOWS, SAMPLE_WINDOW = 16, 4096
 
 
 def estimated_ratio(tensors: Iterable[torch.Tensor]) -> float | None:
@@ -353,15 +354,23 @@ def estimated_ratio(tensors: Iterable[torch.Tensor]) -> float | None:
         flat = tensor.detach().reshape(-1)
         if flat.numel() == 0 or flat.element_size() % 2:
             continue
-        high = flat.view(torch.uint8).view(-1, 2)[:, 1]
-        step = max(1, high.numel() // SAMPLE_BYTES)
-        counts += torch.bincount(high[::step].to("cpu", torch.int64), minlength=256).double()
+        words = flat.view(torch.uint8).view(-1, 2)
+        for start in _sample_starts(words.shape[0]):
+            high = words[start : start + SAMPLE_WINDOW, 1]
+            counts += torch.bincount(high.to("cpu", torch.int64), minlength=256).double()
         total += flat.numel() * flat.element_size()
     if not total:
         return None
     p = counts[counts > 0] / counts.sum()
     entropy = float(-(p * p.log2()).sum())
     return min(1.0, (8 + entropy + CODER_OVERHEAD_BITS) / 16)
+
+
+def _sample_starts(words: int) -> range:
+    """Where the sampled windows of a tensor of ``words`` 16-bit words begin (the whole tensor when small)."""
+    if words <= SAMPLE_WINDOWS * SAMPLE_WINDOW:
+        return range(0, words, SAMPLE_WINDOW)
+    return range(0, words - SAMPLE_WINDOW + 1, (words - SAMPLE_WINDOW) // (SAMPLE_WINDOWS - 1))[:SAMPLE_WINDOWS]
 
 
 def estimated_ratios(modules) -> dict[str, float]:
