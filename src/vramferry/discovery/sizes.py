@@ -10,6 +10,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from . import bnb
 from .leaves import format_name, storage_bytes
 
 
@@ -34,18 +35,23 @@ def _count(
     the dtype that stores them, ``formats`` the tensor subclasses met (quantized weights)."""
     total = 0
     for module in modules:
-        for tensor in itertools.chain(module.parameters(), module.buffers()):
-            key = tensor_key(tensor)
-            if key in seen:
-                continue
-            seen.add(key)
-            # A quantized tensor's real bytes (data and scales), by the dtypes that store them.
-            for dtype, nbytes in storage_bytes(tensor).items():
-                total += nbytes
-                by_dtype[dtype] = by_dtype.get(dtype, 0) + nbytes
-            if formats is not None and (name := format_name(tensor)) is not None:
-                formats.add(name)
+        for owner in module.modules():
+            for tensor in itertools.chain(owner._parameters.values(), owner._buffers.values()):
+                if tensor is None or (key := tensor_key(tensor)) in seen:
+                    continue
+                seen.add(key)
+                # A quantized tensor's real bytes (data and scales, bitsandbytes' quantization state too), by
+                # the dtypes that store them.
+                for dtype, nbytes in storage_bytes(bnb.held_of(tensor, owner)).items():
+                    total += nbytes
+                    by_dtype[dtype] = by_dtype.get(dtype, 0) + nbytes
+                if formats is not None and (name := _format(tensor)) is not None:
+                    formats.add(name)
     return total
+
+
+def _format(tensor: torch.Tensor) -> str | None:
+    return bnb.format_of(tensor) if bnb.kind_of(tensor) is not None else format_name(tensor)
 
 
 def param_bytes(module: nn.Module) -> int:
