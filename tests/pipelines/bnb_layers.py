@@ -19,16 +19,16 @@ FORMATS = {
 }
 
 
-def quantize_linears(module: torch.nn.Module, fmt: str, skip: tuple[str, ...] = ()) -> int:
-    """Replace every ``nn.Linear`` under ``module`` (except those whose path contains a name in ``skip``) by the
-    bitsandbytes layer of format ``fmt``, with the same weights, quantized; returns how many were replaced."""
+def quantize_linears(module: torch.nn.Module, fmt: str, device: str = "cpu") -> int:
+    """Replace every ``nn.Linear`` under ``module`` by the bitsandbytes layer of format ``fmt``, with the same
+    weights, quantized on ``device`` (where it then lies); returns how many were replaced."""
     import bitsandbytes as bnb
 
     layer, options = FORMATS[fmt]
     replaced = 0
-    for path, child in list(module.named_modules()):
+    for child in list(module.modules()):
         for name, old in list(child.named_children()):
-            if type(old) is not torch.nn.Linear or any(s in f"{path}.{name}" for s in skip):
+            if type(old) is not torch.nn.Linear:
                 continue
             new = getattr(bnb.nn, layer)(old.in_features, old.out_features, bias=old.bias is not None, **options)
             if layer == "Linear4bit":
@@ -37,7 +37,7 @@ def quantize_linears(module: torch.nn.Module, fmt: str, skip: tuple[str, ...] = 
                 # forward; a GPU never does, and offload refuses it. Keep the layout the GPU kernels read.
                 new.support_avx512bf16_for_cpu = False
             new.load_state_dict(old.state_dict())
-            setattr(child, name, new.to("cpu"))  # quantizes on the move
+            setattr(child, name, new.to(device))  # quantizes on the move
             replaced += 1
     return replaced
 
