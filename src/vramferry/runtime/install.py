@@ -287,17 +287,20 @@ def check_weights_materialised(modules: PipelineModules, device: torch.device) -
             for name, tensor in [*owner._parameters.items(), *owner._buffers.items()]:
                 if tensor is None:
                     continue
-                where = f"{component.name}.{path}.{name}" if path else f"{component.name}.{name}"
                 if tensor.device.type == "meta":
                     raise OffloadError(
-                        f"{where} is on the meta device; load the weights (from_pretrained or to_empty + "
-                        "load_state_dict) before applying offload"
+                        f"{_path(component.name, path, name)} is on the meta device; load the weights "
+                        "(from_pretrained or to_empty + load_state_dict) before applying offload"
                     )
                 kind = bnb.kind_of(tensor)
                 why = bnb.refusal(tensor, owner, device) if kind is not None else None
                 if why is not None:
                     raise OffloadError(
-                        f"{where} (a bitsandbytes {kind} in {type(owner).__name__} {component.name}.{path}) {why}; "
-                        "or quantize the component with torchao or load a GGUF checkpoint, or run it without "
-                        "offload."
+                        f"{_path(component.name, path, name)} (a bitsandbytes {kind} in {type(owner).__name__} "
+                        f"{_path(component.name, path)}) {why}; or quantize the component with torchao or load "
+                        "a GGUF checkpoint, or run it without offload."
                     )
+
+
+def _path(*names: str) -> str:
+    return ".".join(n for n in names if n)
