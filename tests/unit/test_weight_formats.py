@@ -271,3 +271,12 @@ def test_bitsandbytes_layouts_offload_cannot_move_are_refused_naming_the_layer_a
     assert {key: type(p) for key, p in pipe.transformer.named_parameters()} == before
     pipe.transformer.proj_out = old
     vramferry.apply(pipe, _cfg("layerwise")).remove()
+
+
+def test_bitsandbytes_weights_sharing_one_quant_state_are_refused():
+    pipe, _kwargs = _bnb_flux("nf4")
+    attn = pipe.transformer.transformer_blocks[0].attn
+    attn.to_k.weight.quant_state = attn.to_q.weight.quant_state
+    shared = r"attn\.to_k\.weight .*shares its quant_state with transformer\.transformer_blocks\.0\.attn\.to_q\.weight"
+    with pytest.raises(vramferry.OffloadError, match=shared):
+        vramferry.apply(pipe, _cfg("model"))

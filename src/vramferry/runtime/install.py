@@ -7,7 +7,7 @@ import logging
 import torch
 from torch import nn
 
-from ..discovery import bnb
+from ..discovery.bnb import kind_of, refusal
 from ..discovery.modules import PipelineModules
 from ..errors import OffloadError, PlanError
 from ..planning.plan import Plan
@@ -282,6 +282,9 @@ def compressed_pieces(modules: PipelineModules, pieces: dict[str, list[Piece]], 
 def check_weights_materialised(modules: PipelineModules, device: torch.device) -> None:
     """Raise if any weight is on the meta device (nothing to copy) or in a layout the host store cannot move for
     layers run on ``device`` (bitsandbytes parameters that are not quantized, or hold training weights)."""
+    # bitsandbytes quantization state objects by id, with the weight holding each: binding points a state at one
+    # weight's copy, so no two weights may share one.
+    states: dict[int, tuple[torch.Tensor, str]] = {}
     for component in modules.components():
         for path, owner in component.module.named_modules():
             for name, tensor in [*owner._parameters.items(), *owner._buffers.items()]:
@@ -292,8 +295,13 @@ def check_weights_materialised(modules: PipelineModules, device: torch.device) -
                         f"{_path(component.name, path, name)} is on the meta device; load the weights "
                         "(from_pretrained or to_empty + load_state_dict) before applying offload"
                     )
-                kind = bnb.kind_of(tensor)
-                why = bnb.refusal(tensor, owner, device) if kind is not None else None
+                kind = kind_of(tensor)
+                why = refusal(tensor, owner, device) if kind is not None else None
+                state = getattr(tensor, "quant_state", None) if kind is not None else None
+                if why is None and state is not None:
+                    other, where = states.setdefault(id(state), (tensor, _path(component.name, path, name)))
+                    if other is not tensor:
+                        why = f"shares its quant_state with {where}: give each weight a state of its own"
                 if why is not None:
                     raise OffloadError(
                         f"{_path(component.name, path, name)} (a bitsandbytes {kind} in {type(owner).__name__} "

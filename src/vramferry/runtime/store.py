@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..discovery import bnb
+from ..discovery.bnb import bind_state, held_of
 from ..discovery.leaves import Held, Layout, Leaf, Stateful, align, layout_of, leaves, rebuild, view_in
 from ..discovery.sizes import tensor_key
 from ..units import format_bytes
@@ -61,7 +61,7 @@ class TensorRef:
             modules = [module for module, _name in self.owners]
             for param in self.params:
                 param.data = tensor.data  # first: Int8Params' CB follows the data
-                bnb.bind_state(param, modules, tensor.state)
+                bind_state(param, modules, tensor.state)
             return
         for param in self.params:
             param.data = tensor
@@ -72,7 +72,7 @@ class TensorRef:
     def current(self) -> torch.Tensor | Held:
         if self.param is not None:
             if isinstance(self.layout, Stateful):
-                return bnb.held_of(self.param, self.owners[0][0])
+                return held_of(self.param, self.owners[0][0])
             return self.param.data
         module, name = self.owners[0]
         return module._buffers[name]
@@ -207,8 +207,9 @@ class Piece:
 
     @property
     def encodable(self) -> bool:
-        """Made of plain parameters only. A tensor subclass keeps its raw leaves; a piece with buffers stays raw
-        too, since pipeline code may read a buffer on the host between loads (a placeholder would read zeros)."""
+        """Made of plain parameters only. A tensor subclass or a bitsandbytes parameter keeps its raw leaves; a
+        piece with buffers stays raw too, since pipeline code may read a buffer on the host between loads (a
+        placeholder would read zeros)."""
         return bool(self.refs) and all(isinstance(ref.layout, Leaf) and ref.param is not None for ref in self.refs)
 
     def layout(self) -> int:
@@ -300,7 +301,7 @@ def _add_ref(new, seen, claimed, module, name, tensor, *, is_param: bool) -> Non
         if ref not in new:
             seen.append(ref)
         return
-    layout, nbytes = layout_of(bnb.held_of(tensor, module) if is_param else tensor)
+    layout, nbytes = layout_of(held_of(tensor, module) if is_param else tensor)
     ref = TensorRef(
         param=tensor if is_param else None,
         owners=[(module, name)],
