@@ -170,13 +170,16 @@ def _unit_of(handle, block: str) -> str:
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("fmt", ["nf4", "nf4-plain", "fp4", "int8"])
+@pytest.mark.parametrize("fmt", ["nf4", "nf4-plain", "fp4", "int8", "int8-ran"])
 def test_bitsandbytes_transformer_gives_the_quantized_output_and_is_restored(fmt, mode):
     from pipelines.bnb_layers import quant_state_bytes, quant_tensors
 
+    fmt, ran = fmt.removesuffix("-ran"), fmt.endswith("-ran")
     twin, kwargs = _bnb_flux(fmt)
     expected = run(twin, kwargs)  # the same quantized pipeline (the fixtures are seeded), never offloaded
-    pipe, _kwargs = _bnb_flux(fmt)  # never run before apply: Linear8bitLt's SCB is still on its weight
+    pipe, _kwargs = _bnb_flux(fmt)
+    if ran:  # Linear8bitLt's first forward moved SCB from its weight into its MatmulLtState
+        run(pipe, kwargs)
     transformer = pipe.transformer
     params = dict(transformer.named_parameters())
     quantized = {k: p for k, p in params.items() if type(p).__name__ in ("Params4bit", "Int8Params")}
