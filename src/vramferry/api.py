@@ -497,7 +497,7 @@ def plan_apply(
     device = resolve_device(config)
     modules = discover(pipeline, strict=config.strict, block_attrs=dict(config.block_attrs) or None)
     check_foreign_hooks(modules, _LIVE)
-    check_weights_materialised(modules)
+    check_weights_materialised(modules, device)
     check_component_names(config, modules)
     inventory = inventory_of(modules, request_order_of(config, modules))
     if plan is not None and workload is not None:

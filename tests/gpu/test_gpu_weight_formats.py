@@ -1,5 +1,5 @@
-"""On a CUDA device: torchao fp8 tensors (weight-only and dynamic activations) streamed in every mode give the output
-of the same quantized pipeline resident on the device."""
+"""On a CUDA device: torchao fp8 tensors (weight-only and dynamic activations) and bitsandbytes layers (nf4, int8)
+streamed in every mode give the output of the same quantized pipeline resident on the device."""
 
 from __future__ import annotations
 
@@ -51,3 +51,30 @@ def test_fp8_transformer_streamed_gives_the_resident_quantized_output(variant, m
         handle.remove()
     assert {type(p).__name__ for p in pipe.transformer.parameters()} == kinds
     assert all(p.device.type == "cuda" for p in pipe.transformer.parameters())
+
+
+@pytest.mark.parametrize("mode", ["model", "layerwise", "auto"])
+@pytest.mark.parametrize("fmt", ["nf4", "int8"])
+def test_bitsandbytes_transformer_streamed_gives_the_resident_quantized_output(fmt, mode):
+    pytest.importorskip("bitsandbytes")
+    from pipelines.bnb_layers import quant_state_bytes, quantize_linears
+
+    pipe, kwargs = DIFFUSERS_PIPELINES["flux_production"]()
+    pipe.to(device="cuda", dtype=torch.float16 if fmt == "int8" else torch.bfloat16)
+    assert quantize_linears(pipe.transformer, fmt, device="cuda") >= 20
+    params = dict(pipe.transformer.named_parameters())
+    expected = run(pipe, kwargs)
+    state_bytes = quant_state_bytes(pipe.transformer)
+    handle = vramferry.apply(pipe, vramferry.OffloadConfig(mode=mode, verify=True))
+    try:
+        assert_runs_equal(pipe, kwargs, expected)
+        entry = handle.inventory.get("transformer")
+        plain = sum(p.numel() * p.element_size() for p in params.values())
+        assert entry.bytes == plain + state_bytes + sum(
+            b.numel() * b.element_size() for b in pipe.transformer.buffers()
+        )
+    finally:
+        handle.remove()
+    after = dict(pipe.transformer.named_parameters())
+    assert all(after[k] is params[k] and after[k].device.type == "cuda" for k in params)
+    assert_runs_equal(pipe, kwargs, expected, times=1)

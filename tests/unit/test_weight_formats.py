@@ -1,4 +1,4 @@
-"""Quantized tensors (tensor subclasses) and live LoRA adapters in every mode, on the CPU."""
+"""Quantized weights (tensor subclasses, GGUF, bitsandbytes) and live LoRA adapters in every mode, on the CPU."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import torch
 
 import vramferry
 from pipelines.diffusers_pipes import DIFFUSERS_PIPELINES, run
+from vramferry.discovery.inventory import inventory_of
 
 MODES = ["model", "layerwise", "auto"]
 
@@ -165,20 +166,136 @@ def test_gguf_transformer_loaded_from_a_file_gives_the_quantized_output_and_is_r
         np.testing.assert_array_equal(run(pipe, kwargs)[key], expected[key])
 
 
-@pytest.mark.parametrize("layer", ["Linear4bit", "Linear8bitLt"])
-def test_bitsandbytes_layers_are_refused_at_apply_naming_the_weight_and_the_fix(layer):
+def _bnb_flux(fmt: str):
+    """The tiny Flux pipeline with its transformer's linear layers in bitsandbytes format ``fmt``."""
+    pytest.importorskip("bitsandbytes")
+    from pipelines.bnb_layers import quantize_linears
+
+    pipe, kwargs = DIFFUSERS_PIPELINES["flux"]()
+    assert quantize_linears(pipe.transformer, fmt) >= 20
+    return pipe, kwargs
+
+
+def _unit_of(handle, block: str) -> str:
+    """Where the unit holding the transformer's block ``block`` is bound now (``"device"`` or ``"host"``)."""
+    units = {u.name: u for u in handle.units()}
+    for name in (f"transformer.{block}", "transformer:swap", f"transformer.{block}:resident"):
+        if name in units:
+            return units[name].where
+    raise AssertionError(f"no unit holds transformer.{block}: {sorted(units)}")
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("fmt", ["nf4", "nf4-plain", "fp4", "int8", "int8-ran"])
+def test_bitsandbytes_transformer_gives_the_quantized_output_and_is_restored(fmt, mode):
+    from pipelines.bnb_layers import quant_state_bytes, quant_tensors
+
+    fmt, ran = fmt.removesuffix("-ran"), fmt.endswith("-ran")
+    twin, kwargs = _bnb_flux(fmt)
+    expected = run(twin, kwargs)  # the same quantized pipeline (the fixtures are seeded), never offloaded
+    pipe, _kwargs = _bnb_flux(fmt)
+    if ran:  # Linear8bitLt's first forward moved SCB from its weight into its MatmulLtState
+        run(pipe, kwargs)
+    transformer = pipe.transformer
+    params = dict(transformer.named_parameters())
+    quantized = {k: p for k, p in params.items() if type(p).__name__ in ("Params4bit", "Int8Params")}
+    states = {k: p.quant_state for k, p in quantized.items() if fmt != "int8"}
+    grads = {k: p.requires_grad for k, p in params.items()}
+    plain = sum(p.numel() * p.element_size() for p in params.values()) + sum(
+        b.numel() * b.element_size() for b in transformer.buffers()
+    )
+    state_bytes = quant_state_bytes(transformer)
+    assert state_bytes > 0
+    layer = transformer.transformer_blocks[0].attn.to_q
+    seen = []
+
+    def read(module, args):
+        tensors = quant_tensors(module)
+        seen.append(({t.untyped_storage().data_ptr() for t in tensors}, [t.is_inference() for t in tensors]))
+
+    probe = layer.register_forward_pre_hook(read)
+    budget = None
+    if mode == "auto":  # a budget under which auto moves part of the DiT
+        full = vramferry.planning.plan(inventory_of(vramferry.discover(pipe)), _cfg("none"))
+        budget = full.predicted_peak_bytes - plain // 2
+    config = vramferry.OffloadConfig(mode=mode, onload_device="cpu", verify=True, vram_budget=budget)
+    handle = vramferry.apply(pipe, config)
+    try:
+        for _ in range(2):
+            with torch.inference_mode():
+                got = run(pipe, kwargs)
+            for key in expected:
+                np.testing.assert_array_equal(got[key], expected[key])
+            # In its forward, the layer read its data and every state tensor from one buffer (its unit's device
+            # copy), never an inference tensor; a unit dropped after the request is bound back to the host store.
+            storages, inference = seen[-1]
+            assert len(storages) == 1 and not any(inference)
+            after = {t.untyped_storage().data_ptr() for t in quant_tensors(layer)}
+            assert len(after) == 1
+            if _unit_of(handle, "transformer_blocks.0") == "host":
+                assert after != storages
+        inventory = handle.inventory.get("transformer")
+        shown = vramferry.planning.format_plan(handle.plan, handle.inventory)
+        moved = [c for c in handle.plan.components if c.name == "transformer"][0]
+    finally:
+        probe.remove()
+        handle.remove()
+    if mode != "model":
+        assert any(str(p) != "resident" for p in (moved.placement, *moved.blocks))
+    # The inventory counts the bytes that cross: the packed data (uint8 or int8) and the quantization state.
+    assert inventory.bytes == plain + state_bytes
+    name = "Int8Params" if fmt == "int8" else f"Params4bit {fmt.split('-')[0]}"
+    assert inventory.formats == (name,)
+    assert f"({name}, " in shown
+    # remove() gives back the same parameter objects, of the same type, with the same quantization state objects
+    # holding tensors of their own on the CPU.
+    after = dict(transformer.named_parameters())
+    assert all(after[k] is params[k] and after[k].requires_grad == grads[k] for k in params)
+    assert all(type(after[k]) is type(quantized[k]) for k in quantized)
+    for key, state in states.items():
+        assert after[key].quant_state is state and after[key].module.quant_state is state
+    for module in transformer.modules():
+        if type(getattr(module, "weight", None)).__name__ in ("Params4bit", "Int8Params"):
+            assert all(t.device.type == "cpu" and not t.is_inference() for t in quant_tensors(module))
+    for key in expected:
+        np.testing.assert_array_equal(run(pipe, kwargs)[key], expected[key])
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        ("Linear8bitLt", dict(has_fp16_weights=True), True, "holds training weights.*has_fp16_weights=False"),
+        ("Linear4bit", dict(quant_type="nf4"), False, "is not quantized yet.*BitsAndBytesConfig"),
+        ("Linear4bit", dict(quant_type="nf4"), True, "repacked for bitsandbytes' CPU kernel.*avx512bf16_for_cpu"),
+    ],
+    ids=["int8-training", "4bit-unquantized", "4bit-cpu-repack"],
+)
+def test_bitsandbytes_layouts_offload_cannot_move_are_refused_naming_the_layer_and_the_fix(case):
     bnb = pytest.importorskip("bitsandbytes")
+    layer, options, quantize, refused = case
     pipe, kwargs = DIFFUSERS_PIPELINES["flux"]()
     old = pipe.transformer.proj_out
-    new = getattr(bnb.nn, layer)(old.in_features, old.out_features, bias=old.bias is not None)
+    new = getattr(bnb.nn, layer)(old.in_features, old.out_features, bias=old.bias is not None, **options)
     new.load_state_dict(old.state_dict())
-    pipe.transformer.proj_out = new.to("cpu")  # quantizes on the move, as bitsandbytes does
+    if quantize:
+        new = new.to("cpu")  # quantizes on the move, as bitsandbytes does
+    if layer == "Linear4bit":
+        new.support_avx512bf16_for_cpu = "repacked" in refused
+    pipe.transformer.proj_out = new
     before = {key: type(p) for key, p in pipe.transformer.named_parameters()}
-    refused = r"transformer\.proj_out\.weight is a bitsandbytes .*torchao"
-    with pytest.raises(vramferry.OffloadError, match=refused):
+    named = rf"transformer\.proj_out\.weight \(a bitsandbytes .*{layer}.*{refused}"
+    with pytest.raises(vramferry.OffloadError, match=named):
         vramferry.apply(pipe, _cfg("layerwise"))
-    # Nothing was changed: the pipeline runs as before, and it can be offloaded once the layer is replaced.
+    # Nothing was changed, and the pipeline can be offloaded once the layer is replaced.
     assert {key: type(p) for key, p in pipe.transformer.named_parameters()} == before
-    run(pipe, kwargs)
     pipe.transformer.proj_out = old
     vramferry.apply(pipe, _cfg("layerwise")).remove()
+
+
+def test_bitsandbytes_weights_sharing_one_quant_state_are_refused():
+    pipe, _kwargs = _bnb_flux("nf4")
+    attn = pipe.transformer.transformer_blocks[0].attn
+    attn.to_k.weight.quant_state = attn.to_q.weight.quant_state
+    shared = r"attn\.to_k\.weight .*shares its quant_state with transformer\.transformer_blocks\.0\.attn\.to_q\.weight"
+    with pytest.raises(vramferry.OffloadError, match=shared):
+        vramferry.apply(pipe, _cfg("model"))

@@ -1,6 +1,7 @@
 """Any tensor as host bytes and back: a plain tensor is one leaf; a tensor subclass (torchao's quantized tensors,
 diffusers' ``GGUFParameter`` and the like) is its ``__tensor_flatten__`` leaves plus the metadata that
-``__tensor_unflatten__`` needs to rebuild it.
+``__tensor_unflatten__`` needs to rebuild it; a bitsandbytes parameter is a :class:`Held`, its data and the
+quantization state its layer reads (:mod:`~vramferry.discovery.bnb`), one leaf each.
 
 A tensor's leaves are laid out back to back, each aligned, in a byte range of its unit; :func:`rebuild` makes the
 tensor again from such a range (on the host or on the device), the subclass, its metadata and its outer size and
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
@@ -46,11 +48,35 @@ class Wrapped:
     inner: tuple[tuple[str, Leaf | Wrapped], ...]
 
 
-Layout = Leaf | Wrapped
+@dataclass(frozen=True)
+class Stateful:
+    """A parameter whose layer reads tensors kept beside it: its data, then each state tensor by name."""
+
+    data: Leaf
+    state: tuple[tuple[str, Leaf], ...]
 
 
-def layout_of(tensor: torch.Tensor, offset: int = 0) -> tuple[Layout, int]:
+Layout = Leaf | Wrapped | Stateful
+
+
+class Held(NamedTuple):
+    """A bitsandbytes parameter's tensors: its data and the state tensors its layer reads, by name
+    (:func:`~vramferry.discovery.bnb.state_tensors`). What a :class:`Stateful` layout is read from and rebuilt
+    as; :class:`~vramferry.runtime.store.TensorRef` binds both parts."""
+
+    data: torch.Tensor
+    state: dict[str, torch.Tensor]
+
+
+def layout_of(tensor: torch.Tensor | Held, offset: int = 0) -> tuple[Layout, int]:
     """The layout of ``tensor``'s leaves starting at ``offset``, and the aligned end of its range."""
+    if isinstance(tensor, Held):
+        data, offset = layout_of(tensor.data, offset)
+        state = []
+        for name, part in tensor.state.items():
+            leaf, offset = layout_of(part, offset)
+            state.append((name, leaf))
+        return Stateful(data, tuple(state)), offset
     if not is_traceable_wrapper_subclass(tensor):
         leaf = Leaf(offset, tensor.shape, tensor.dtype)
         return leaf, align(offset + leaf.nbytes)
@@ -62,18 +88,25 @@ def layout_of(tensor: torch.Tensor, offset: int = 0) -> tuple[Layout, int]:
     return Wrapped(type(tensor), context, tensor.size(), tuple(tensor.stride()), tuple(inner)), offset
 
 
-def rebuild(layout: Layout, view: Callable[[Leaf], torch.Tensor]) -> torch.Tensor:
+def rebuild(layout: Layout, view: Callable[[Leaf], torch.Tensor]) -> torch.Tensor | Held:
     """The tensor of ``layout`` with each leaf given by ``view`` (a view into bytes, or a copy)."""
     if isinstance(layout, Leaf):
         return view(layout)
+    if isinstance(layout, Stateful):
+        return Held(view(layout.data), {name: view(leaf) for name, leaf in layout.state})
     inner = {name: rebuild(child, view) for name, child in layout.inner}
     return layout.cls.__tensor_unflatten__(inner, layout.context, layout.size, layout.stride)
 
 
-def leaves(tensor: torch.Tensor, layout: Layout) -> Iterator[tuple[torch.Tensor, Leaf]]:
+def leaves(tensor: torch.Tensor | Held, layout: Layout) -> Iterator[tuple[torch.Tensor, Leaf]]:
     """``tensor``'s plain leaves, each with its place in ``layout``."""
     if isinstance(layout, Leaf):
         yield tensor, layout
+        return
+    if isinstance(layout, Stateful):
+        yield tensor.data, layout.data
+        for name, leaf in layout.state:
+            yield tensor.state[name], leaf
         return
     for name, child in layout.inner:
         yield from leaves(getattr(tensor, name), child)
@@ -88,24 +121,29 @@ def view_in(raw: torch.Tensor) -> Callable[[Leaf], torch.Tensor]:
     return view
 
 
-def tensor_bytes(tensor: torch.Tensor) -> int:
+def tensor_bytes(tensor: torch.Tensor | Held) -> int:
     """The bytes that hold ``tensor``'s data: a subclass's inner tensors (int8 data and scales, say), not its
-    outer dtype times its elements."""
+    outer dtype times its elements; a :class:`Held`'s data and state."""
+    if isinstance(tensor, Held):
+        return sum(tensor_bytes(part) for part in (tensor.data, *tensor.state.values()))
     if not is_traceable_wrapper_subclass(tensor):
         return tensor.numel() * tensor.element_size()
     names, _context = tensor.__tensor_flatten__()
     return sum(tensor_bytes(getattr(tensor, name)) for name in names)
 
 
-def storage_bytes(tensor: torch.Tensor) -> dict[str, int]:
+def storage_bytes(tensor: torch.Tensor | Held) -> dict[str, int]:
     """The bytes of ``tensor`` by the dtype that stores them (``{"torch.int8": ..., "torch.float32": ...}`` for
     an int8 weight with float32 scales); a plain tensor's are all of its own dtype."""
-    if not is_traceable_wrapper_subclass(tensor):
+    if isinstance(tensor, Held):
+        parts = [tensor.data, *tensor.state.values()]
+    elif is_traceable_wrapper_subclass(tensor):
+        parts = [getattr(tensor, name) for name in tensor.__tensor_flatten__()[0]]
+    else:
         return {str(tensor.dtype): tensor.numel() * tensor.element_size()}
     found: dict[str, int] = {}
-    names, _context = tensor.__tensor_flatten__()
-    for name in names:
-        for dtype, nbytes in storage_bytes(getattr(tensor, name)).items():
+    for part in parts:
+        for dtype, nbytes in storage_bytes(part).items():
             found[dtype] = found.get(dtype, 0) + nbytes
     return found
 

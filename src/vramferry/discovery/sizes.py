@@ -10,6 +10,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from .bnb import format_of, held_of, kind_of
 from .leaves import format_name, storage_bytes
 
 
@@ -31,21 +32,27 @@ def _count(
     modules: Iterable[nn.Module], seen: set, by_dtype: dict[str, int], formats: set | None = None
 ) -> int:
     """Parameter and buffer bytes of ``modules`` not in ``seen`` (which is updated); ``by_dtype`` gathers them by
-    the dtype that stores them, ``formats`` the tensor subclasses met (quantized weights)."""
+    the dtype that stores them, ``formats`` the quantized formats met (:func:`~vramferry.discovery.leaves.format_name`,
+    :func:`~vramferry.discovery.bnb.format_of`)."""
     total = 0
     for module in modules:
-        for tensor in itertools.chain(module.parameters(), module.buffers()):
-            key = tensor_key(tensor)
-            if key in seen:
-                continue
-            seen.add(key)
-            # A quantized tensor's real bytes (data and scales), by the dtypes that store them.
-            for dtype, nbytes in storage_bytes(tensor).items():
-                total += nbytes
-                by_dtype[dtype] = by_dtype.get(dtype, 0) + nbytes
-            if formats is not None and (name := format_name(tensor)) is not None:
-                formats.add(name)
+        for owner in module.modules():
+            for tensor in itertools.chain(owner._parameters.values(), owner._buffers.values()):
+                if tensor is None or (key := tensor_key(tensor)) in seen:
+                    continue
+                seen.add(key)
+                # A quantized tensor's real bytes (data and scales, bitsandbytes' quantization state too), by
+                # the dtypes that store them.
+                for dtype, nbytes in storage_bytes(held_of(tensor, owner)).items():
+                    total += nbytes
+                    by_dtype[dtype] = by_dtype.get(dtype, 0) + nbytes
+                if formats is not None and (name := _format(tensor)) is not None:
+                    formats.add(name)
     return total
+
+
+def _format(tensor: torch.Tensor) -> str | None:
+    return format_of(tensor) if kind_of(tensor) is not None else format_name(tensor)
 
 
 def param_bytes(module: nn.Module) -> int:

@@ -7,6 +7,7 @@ import logging
 import torch
 from torch import nn
 
+from ..discovery.bnb import kind_of, refusal
 from ..discovery.modules import PipelineModules
 from ..errors import OffloadError, PlanError
 from ..planning.plan import Plan
@@ -301,28 +302,36 @@ def compressed_pieces(modules: PipelineModules, pieces: dict[str, list[Piece]], 
     }
 
 
-# Parameter types whose data needs tensors held elsewhere (the parameter's attributes, the layer's state), by
-# the tensors they need: moving the parameter's own bytes would leave those behind on the host.
-_STATE_OUTSIDE = {"Params4bit": "quant_state: absmax, code", "Int8Params": "SCB, the layer's MatmulLtState"}
-
-
-def check_weights_materialised(modules: PipelineModules) -> None:
-    """Raise if any weight is on the meta device (nothing to copy) or of a type the host store cannot move."""
+def check_weights_materialised(modules: PipelineModules, device: torch.device) -> None:
+    """Raise if any weight is on the meta device (nothing to copy) or in a layout the host store cannot move for
+    layers run on ``device`` (bitsandbytes parameters that are not quantized, or hold training weights)."""
+    # bitsandbytes quantization state objects by id, with the weight holding each: binding points a state at one
+    # weight's copy, so no two weights may share one.
+    states: dict[int, tuple[torch.Tensor, str]] = {}
     for component in modules.components():
-        for name, tensor in list(component.module.named_parameters()) + list(
-            component.module.named_buffers()
-        ):
-            if tensor.device.type == "meta":
-                raise OffloadError(
-                    f"{component.name}.{name} is on the meta device; load the weights (from_pretrained or "
-                    "to_empty + load_state_dict) before applying offload"
-                )
-            kind = type(tensor).__name__
-            if kind in _STATE_OUTSIDE:
-                raise OffloadError(
-                    f"{component.name}.{name} is a bitsandbytes {kind}: its quantization state "
-                    f"({_STATE_OUTSIDE[kind]}) lives outside the tensor, where the host store cannot move it with "
-                    "the weights. Quantize this component with torchao (quantize_(module, "
-                    "Int8WeightOnlyConfig()) or Float8WeightOnlyConfig()) or load a GGUF checkpoint, which "
-                    "offload handles in every mode; or run the component without offload."
-                )
+        for path, owner in component.module.named_modules():
+            for name, tensor in [*owner._parameters.items(), *owner._buffers.items()]:
+                if tensor is None:
+                    continue
+                if tensor.device.type == "meta":
+                    raise OffloadError(
+                        f"{_path(component.name, path, name)} is on the meta device; load the weights "
+                        "(from_pretrained or to_empty + load_state_dict) before applying offload"
+                    )
+                kind = kind_of(tensor)
+                why = refusal(tensor, owner, device) if kind is not None else None
+                state = getattr(tensor, "quant_state", None) if kind is not None else None
+                if why is None and state is not None:
+                    other, where = states.setdefault(id(state), (tensor, _path(component.name, path, name)))
+                    if other is not tensor:
+                        why = f"shares its quant_state with {where}: give each weight a state of its own"
+                if why is not None:
+                    raise OffloadError(
+                        f"{_path(component.name, path, name)} (a bitsandbytes {kind} in {type(owner).__name__} "
+                        f"{_path(component.name, path)}) {why}; or quantize the component with torchao or load "
+                        "a GGUF checkpoint, or run it without offload."
+                    )
+
+
+def _path(*names: str) -> str:
+    return ".".join(n for n in names if n)

@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..discovery.leaves import Layout, Leaf, align, layout_of, leaves, rebuild, view_in
+from ..discovery.bnb import bind_state, held_of
+from ..discovery.leaves import Held, Layout, Leaf, Stateful, align, layout_of, leaves, rebuild, view_in
 from ..discovery.sizes import tensor_key
 from ..units import format_bytes
 from .codecs import Codec, Encoded, encode_piece
@@ -46,7 +47,9 @@ class TensorRef:
 
     ``param`` is set for parameters (rebinding ``param.data`` keeps the Parameter object, so tied weights and
     references elsewhere stay valid), and ``params`` holds every Parameter object over the same weights
-    (:func:`~vramferry.discovery.sizes.tensor_key`); buffers are rebound in each owner's ``_buffers``.
+    (:func:`~vramferry.discovery.sizes.tensor_key`); buffers are rebound in each owner's ``_buffers``. A
+    bitsandbytes parameter is bound as a :class:`~vramferry.discovery.leaves.Held`: its data, and its
+    quantization state in the objects that hold it (:func:`~vramferry.discovery.bnb.bind_state`).
     """
 
     param: nn.Parameter | None
@@ -57,10 +60,10 @@ class TensorRef:
     original_device: torch.device
     layout: Layout | None = None  # how its leaves lie in its byte range (one leaf for a plain tensor)
     offset: int = 0  # within the unit
-    host: torch.Tensor | None = None  # view into the unit's host buffer
+    host: torch.Tensor | Held | None = None  # view into the unit's host buffer
     params: list[nn.Parameter] = field(default_factory=list)
 
-    def bind(self, tensor: torch.Tensor) -> None:
+    def bind(self, tensor: torch.Tensor | Held) -> None:
         """Point every holder at ``tensor`` (a pointer swap; no bytes move)."""
         if torch.is_inference_mode_enabled():
             # ``param.data = ...`` of a tensor subclass (torchao's) fails inside inference mode, and a parameter
@@ -68,14 +71,22 @@ class TensorRef:
             with torch.inference_mode(False):
                 self.bind(tensor)
             return
+        if isinstance(tensor, Held):
+            modules = [module for module, _name in self.owners]
+            for param in self.params:
+                param.data = tensor.data  # first: Int8Params' CB follows the data
+                bind_state(param, modules, tensor.state)
+            return
         for param in self.params:
             param.data = tensor
         for module, name in self.owners:
             if name in module._buffers:
                 module._buffers[name] = tensor
 
-    def current(self) -> torch.Tensor:
+    def current(self) -> torch.Tensor | Held:
         if self.param is not None:
+            if isinstance(self.layout, Stateful):
+                return held_of(self.param, self.owners[0][0])
             return self.param.data
         module, name = self.owners[0]
         return module._buffers[name]
@@ -218,8 +229,9 @@ class Piece:
 
     @property
     def encodable(self) -> bool:
-        """Made of plain parameters only. A tensor subclass keeps its raw leaves; a piece with buffers stays raw
-        too, since pipeline code may read a buffer on the host between loads (a placeholder would read zeros)."""
+        """Made of plain parameters only. A tensor subclass or a bitsandbytes parameter keeps its raw leaves; a
+        piece with buffers stays raw too, since pipeline code may read a buffer on the host between loads (a
+        placeholder would read zeros)."""
         return bool(self.refs) and all(isinstance(ref.layout, Leaf) and ref.param is not None for ref in self.refs)
 
     def layout(self) -> int:
@@ -311,7 +323,7 @@ def _add_ref(new, seen, claimed, module, name, tensor, *, is_param: bool) -> Non
         if ref not in new:
             seen.append(ref)
         return
-    layout, nbytes = layout_of(tensor)
+    layout, nbytes = layout_of(held_of(tensor, module) if is_param else tensor)
     ref = TensorRef(
         param=tensor if is_param else None,
         owners=[(module, name)],
