@@ -62,6 +62,28 @@ def test_int8_weight_only_transformer_gives_the_quantized_output_and_is_restored
         np.testing.assert_array_equal(run(pipe, kwargs)[key], expected[key])
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_quantized_weights_are_held_by_the_host_store_alone(mode):
+    # Binding a torchao parameter must replace its inner tensors too: kernels read ``weight.qdata``, and a
+    # parameter still holding the originals would compute with them (and keep them in memory beside the store).
+    import gc
+    import weakref
+
+    pipe, kwargs = _quantized("flux")
+    expected = run(pipe, kwargs)
+    originals = [weakref.ref(p.qdata) for p in pipe.transformer.parameters() if hasattr(p, "qdata")]
+    assert originals
+    handle = vramferry.apply(pipe, _cfg(mode))
+    try:
+        gc.collect()
+        assert all(ref() is None for ref in originals), "a quantized parameter still holds its original data"
+        got = run(pipe, kwargs)
+    finally:
+        handle.remove()
+    for key in expected:
+        np.testing.assert_array_equal(got[key], expected[key])
+
+
 @pytest.mark.parametrize("mode", ["model", "layerwise"])
 def test_int8_weight_only_transformer_runs_inside_inference_mode(mode):
     # Servers call pipelines inside torch.inference_mode, where rebinding a torchao parameter's data fails.

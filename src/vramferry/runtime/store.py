@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from ..discovery.bnb import bind_state, held_of
 from ..discovery.leaves import Held, Layout, Leaf, Stateful, align, layout_of, leaves, rebuild, view_in
@@ -77,8 +78,13 @@ class TensorRef:
                 param.data = tensor.data  # first: Int8Params' CB follows the data
                 bind_state(param, modules, tensor.state)
             return
+        inner = tensor.__tensor_flatten__()[0] if is_traceable_wrapper_subclass(tensor) else ()
         for param in self.params:
             param.data = tensor
+            # A wrapper subclass parameter (torchao's) keeps its inner tensors as attributes of the Python
+            # object, which ``.data`` does not replace: its kernels would read the old ones.
+            for name in inner:
+                setattr(param, name, getattr(tensor, name))
         for module, name in self.owners:
             if name in module._buffers:
                 module._buffers[name] = tensor
