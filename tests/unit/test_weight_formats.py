@@ -53,8 +53,8 @@ def test_int8_weight_only_transformer_gives_the_quantized_output_and_is_restored
     quantized = sum(p.qdata.numel() for p in params.values() if hasattr(p, "qdata"))
     assert inventory.bytes < sum(p.numel() * 4 for p in params.values())
     assert inventory.bytes >= quantized
-    assert inventory.formats == ("Int8Tensor",) and inventory.dtype == "torch.int8"
-    assert "(Int8Tensor, int8)" in shown
+    assert inventory.formats == ("Int8Tensor weight-only",) and inventory.dtype == "torch.int8"
+    assert "(Int8Tensor weight-only, int8)" in shown
     # remove() gives back the same parameter objects, of the same subclass.
     after = dict(pipe.transformer.named_parameters())
     assert all(after[key] is params[key] and type(after[key]) is kinds[key] for key in params)

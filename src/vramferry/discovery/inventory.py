@@ -31,7 +31,7 @@ class ComponentSize:
         block_names, block_bytes: the repeated blocks of a DiT or an encoder in execution order, and their bytes.
         shape: what the cost model needs beyond bytes: a :class:`DitShape` for a DiT, a :class:`VaeShape` for a
             VAE; ``None`` when unknown (the planner then estimates from the bytes).
-        formats: the quantized formats that hold some of its weights (``("Int8Tensor",)``, ``("Params4bit nf4",)``);
+        formats: the quantized formats that hold some of its weights (``("Int8Tensor weight-only",)``, ``("Params4bit nf4",)``);
             empty for plain ones.
         compiled_blocks: its blocks were compiled (``block.compile()``, diffusers' ``compile_repeated_blocks``)
             when the inventory was taken: the cost model then expects faster block compute until it is measured.

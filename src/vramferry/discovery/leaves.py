@@ -149,10 +149,13 @@ def storage_bytes(tensor: torch.Tensor | Held) -> dict[str, int]:
 
 
 def format_name(tensor: torch.Tensor) -> str | None:
-    """The format that holds ``tensor``'s data: its tensor subclass (``"Int8Tensor"``), a quantized parameter
+    """The format that holds ``tensor``'s data: its tensor subclass (``"Int8Tensor"``; ``"Float8Tensor weight-only"``
+    for torchao's weight-only configs, whose activations stay unquantized), a quantized parameter
     with its block type (diffusers' GGUF weights: ``"GGUFParameter Q8_0"``), or ``None`` for a plain tensor."""
     if is_traceable_wrapper_subclass(tensor):
-        return type(tensor).__name__
+        # torchao's weight-only configs leave the activations unquantized: the weight is dequantized per matmul.
+        only = hasattr(tensor, "act_quant_kwargs") and tensor.act_quant_kwargs is None
+        return type(tensor).__name__ + (" weight-only" if only else "")
     # diffusers' GGUFParameter: raw GGML blocks as uint8, dequantized in the layer's forward.
     quant = getattr(tensor, "quant_type", None)
     if quant is not None:

@@ -316,11 +316,32 @@ def dit_shape_of(size: ComponentSize) -> DitShape:
 COMPILED_BLOCK_FACTOR = 0.68
 
 
+# Weight formats whose matmuls take longer than bf16 ones, by how much. torchao's fp8 weight-only dequantizes every
+# weight before its matmul: measured on an H200, FLUX.1-sized transformer at 1024², 0.272 s per resident step
+# against 0.175 s in bf16. Formats not listed are estimated as bf16 until their blocks are measured.
+FORMAT_BLOCK_FACTORS = {"Float8Tensor weight-only": 1.55}
+
+# A quantized matmul dequantizes its weight first (torchao weight-only, GGUF, bitsandbytes 4-bit): two 16-bit
+# copies of the largest weight, (d + d_ffn) · d elements, in flight. Measured on an H200 (FLUX.1-sized, fp8
+# weight-only, auto at 8 GB): 0.48 GB allocated beyond the plan's peak when activations were counted at the
+# storage dtype's single byte; 16-bit activations (0.28 GB more) and this workspace (0.19 GB) account for it.
+DEQUANTIZED_BYTES_PER_ELEMENT = 4
+
+
+def dequantize_workspace_bytes(size: ComponentSize) -> int:
+    """Device bytes a DiT whose weights are quantized spends dequantizing them per matmul (0 for plain ones)."""
+    if not size.formats:
+        return 0
+    shape = dit_shape_of(size)
+    return DEQUANTIZED_BYTES_PER_ELEMENT * (shape.hidden_size + shape.ffn) * shape.hidden_size
+
+
 def estimated_block_times(
     size: ComponentSize, workload: Workload, device: DeviceProfile
 ) -> tuple[float, ...]:
     """The cost model's compute seconds of each of a DiT's blocks in one call (no measurement used); compiled
-    blocks are expected :data:`COMPILED_BLOCK_FACTOR` times as long, never below the launch floor."""
+    blocks are expected :data:`COMPILED_BLOCK_FACTOR` times as long, never below the launch floor, and weight
+    formats slower than bf16 :data:`FORMAT_BLOCK_FACTORS` times as long."""
     itemsize = itemsize_of(size.dtype)
     shape = dit_shape_of(size)
     n = len(size.block_bytes)
@@ -330,9 +351,10 @@ def estimated_block_times(
         block_compute_s(b // itemsize, shape, workload, device, t // itemsize, m // itemsize)
         for b, t, m in zip(size.block_bytes, text, mod, strict=True)
     )
+    slower = max((FORMAT_BLOCK_FACTORS.get(f, 1.0) for f in size.formats), default=1.0)
     if not size.compiled_blocks:
-        return tuple(eager)
-    return tuple(max(device.block_floor_s, COMPILED_BLOCK_FACTOR * t) for t in eager)
+        return tuple(slower * t for t in eager)
+    return tuple(max(device.block_floor_s, COMPILED_BLOCK_FACTOR * slower * t) for t in eager)
 
 
 def _dit_part(size: ComponentSize, calls: int, device: DeviceProfile, workload: Workload) -> PartCost:
@@ -352,7 +374,9 @@ def _dit_part(size: ComponentSize, calls: int, device: DeviceProfile, workload: 
         block_s = estimated_block_times(size, workload, device)
     tokens = workload.sequence_of(shape) * workload.batch
     rest = size.rest_bytes if size.block_bytes else size.bytes
-    act = dit_activation_bytes(shape, workload, itemsize)
+    # Quantized weights compute in a 16-bit dtype: their activations are not of the storage dtype.
+    act_itemsize = max(itemsize, 2) if size.formats else itemsize
+    act = dit_activation_bytes(shape, workload, act_itemsize) + dequantize_workspace_bytes(size)
     return PartCost(size, size.name, act, calls, block_s, linear_compute_s(rest // itemsize, tokens, device))
 
 
