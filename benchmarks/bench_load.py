@@ -21,6 +21,9 @@ Sections:
   compress        ``vramferry compress`` of the transformer (lossless: every block; the compressed cache beside it)
   load_compressing  ``vramferry.load`` in layerwise mode with compression, the cache off: compressed at apply
   load_cached     the same reading the compressed cache: no raw bytes read, nothing compressed at apply
+  shared          two processes load the same folder with ``host_memory_limit`` below the weights (every piece
+                  mapped in the files) and hold it: each one's private and file-backed RSS, and how far the
+                  machine's available memory fell (one copy of the weights in the page cache, shared)
 
     # the compressed cache on the GPU (nvCOMP), cold figures:
     python benchmarks/bench_load.py --drop-caches --folder /tmp/flux1-sized \
@@ -280,6 +283,99 @@ def section_load_cached(folder: Path, args) -> dict:
     return _load(folder, args, True, mode="layerwise", compression="lossless")
 
 
+def _memory_gb(fields: tuple[str, ...], path: str = "/proc/self/status") -> dict:
+    found = {}
+    for line in Path(path).read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in fields:
+            found[key] = int(value.split()[0]) * 1024 / GB
+    return found
+
+
+def hold(folder: Path, args) -> None:
+    """One of the ``shared`` section's processes: load with every piece left mapped, run a request, report its
+    memory, and hold the handle until stdin closes."""
+    import vramferry
+
+    handle = vramferry.load(folder, _config(args).replace(host_memory_limit="1MiB"), dtype="bfloat16")
+    if args.cpu:  # one transformer call on a few tokens (the CPU folder's encoders do not fit it): every block read
+        start = time.perf_counter()
+        _transformer_call(handle.pipeline.transformer)
+        request_s = time.perf_counter() - start
+    else:
+        request_s = _request(handle.pipeline, args)
+    stats = handle.stats()
+    found = {
+        "request_s": request_s,
+        "host_mapped_gb": stats.host_mapped_bytes / GB,
+        "host_store_gb": (stats.host_pinned_bytes + stats.host_pageable_bytes) / GB,
+        **_memory_gb(("VmRSS", "RssAnon", "RssFile")),
+    }
+    print("RESULT " + json.dumps(found), flush=True)
+    sys.stdin.readline()  # the parent reads this process's share once both have loaded
+    print("RESULT " + json.dumps(_rollup_gb()), flush=True)
+    sys.stdin.read()
+
+
+def _rollup_gb() -> dict:
+    """This process's proportional set size (``Pss``: each shared page counted once across the processes that map
+    it, split between them), private and file-backed."""
+    found = {}
+    for line in Path("/proc/self/smaps_rollup").read_text().splitlines()[1:]:
+        key, _, value = line.partition(":")
+        if key in ("Pss", "Pss_Anon", "Pss_File", "Shared_Clean"):
+            found[key] = int(value.split()[0]) * 1024 / GB
+    return found
+
+
+def _transformer_call(transformer) -> None:
+    import torch
+
+    cfg = transformer.config
+    dtype = torch.bfloat16
+    with torch.no_grad():
+        transformer(
+            hidden_states=torch.randn(1, 16, cfg.in_channels, dtype=dtype),
+            encoder_hidden_states=torch.randn(1, 8, cfg.joint_attention_dim, dtype=dtype),
+            pooled_projections=torch.randn(1, cfg.pooled_projection_dim, dtype=dtype),
+            timestep=torch.ones(1, dtype=dtype),
+            img_ids=torch.zeros(16, 3, dtype=dtype),
+            txt_ids=torch.zeros(8, 3, dtype=dtype),
+            guidance=torch.ones(1, dtype=dtype) if cfg.guidance_embeds else None,
+        )
+
+
+def section_shared(folder: Path, args) -> dict:
+    """Two processes serving the same folder (``host_memory_limit`` below the weights, so every piece stays mapped
+    in the files): each one's RSS, private (``RssAnon``) and file-backed, and its proportional share (``Pss``)
+    while both hold the weights: the file-backed shares sum to one copy of the weights (the page cache's)."""
+    _drop_caches()
+    child = [sys.executable, __file__, "--hold", *sys.argv[1:]]
+    procs = [subprocess.Popen(child, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    found: dict = {"processes": []}
+
+    def result(proc) -> dict:
+        for line in proc.stdout:
+            if line.startswith("RESULT "):
+                return json.loads(line[len("RESULT ") :])
+        raise RuntimeError("a holding process ended without its result")
+
+    try:
+        found["processes"] = [result(proc) for proc in procs]
+        for proc in procs:  # both hold the weights now: their shares of the pages
+            proc.stdin.write("\n")
+            proc.stdin.flush()
+        for entry, proc in zip(found["processes"], procs, strict=True):
+            entry.update(result(proc))
+        found["pss_total_gb"] = sum(p["Pss"] for p in found["processes"])
+        found["pss_file_total_gb"] = sum(p["Pss_File"] for p in found["processes"])
+    finally:
+        for proc in procs:
+            proc.stdin.close()
+            proc.wait()
+    return found
+
+
 SECTIONS = {
     "raw_read": section_raw_read,
     "load": section_load,
@@ -290,6 +386,7 @@ SECTIONS = {
     "compress": section_compress,
     "load_compressing": section_load_compressing,
     "load_cached": section_load_cached,
+    "shared": section_shared,
 }
 
 
@@ -329,10 +426,14 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=Path("load.json"))
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--hold", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.mode = args.mode or ("layerwise" if args.cpu else "auto")
     global DROP
     DROP = args.drop_caches
+    if args.hold:
+        hold(args.folder, args)
+        return
     if args.child:
         found = SECTIONS[args.child](args.folder, args)
         print("RESULT " + json.dumps(found), flush=True)

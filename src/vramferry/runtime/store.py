@@ -449,12 +449,14 @@ class HostStore:
         if total == 0:
             return
         arena = host_buffer(total)
-        pinned = self._register(arena, name)
         offset = 0
         for piece in raw:
             piece.host = arena[offset : offset + piece.nbytes]
             offset += piece.nbytes
         filler.fill(raw)
+        # Page-locked once filled: the fill's threads fault the fresh pages in (the kernel zeroes each on its first
+        # touch), where registering first would fault them all in on this one thread.
+        pinned = self._register(arena, name)
         self._arenas.append((arena, pinned, raw))
         if pinned:
             self.pinned_bytes += total
