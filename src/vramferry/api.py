@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+import time
 import weakref
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -36,92 +37,9 @@ from .runtime.install import Runtime, mapped_flags
 from .runtime.probe import device_profile, measure_decode_speed
 from .runtime.reads import WeightReads
 from .runtime.transfer import TransferCounters
+from .stats import OffloadStats, UnitInfo
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class OffloadStats:
-    """Counters since ``apply`` (or the last ``reset``).
-
-    Attributes:
-        mode: the configured mode.
-        bytes_h2d, bytes_d2h: weight bytes copied host→device and device→host (the latter stays 0 by design).
-        copy_seconds: time the copy engine spent on weight copies (measured with events on CUDA).
-        h2d_gbps: achieved host→device bandwidth, GB/s (1e9 bytes).
-        wait_seconds: time compute waited for weights that were not ready yet.
-        swaps: component onloads.
-        blocks_streamed: block copies made by layerwise streaming.
-        sync_loads: loads that were not prefetched (out-of-order or skipped blocks, first use).
-        unplanned_phases: phases that began out of the plan's order (their loads were synchronous; a warning
-            says how to give the order).
-        peak_allocated, peak_reserved: device memory peaks in bytes (``torch.cuda``), 0 on CPU.
-        host_pinned_bytes, host_pageable_bytes: where the canonical host copies live.
-        host_mapped_bytes: bytes left as views of their checkpoint files (``host_memory_limit`` below the
-            weights): in the page cache, not copied into the host store; copied to the device from pageable memory.
-        host_compressed_bytes, host_compressed_raw_bytes: the compressed pieces' bytes in host memory, and what
-            they decode to (0 without compression); ``bytes_decoded``: bytes decoded on the way in.
-        compressed_from_cache, compressed_at_apply: compressed pieces (blocks, non-block parts) whose bytes were
-            read from the compressed cache (``vramferry compress``), and those compressed at ``apply``.
-        host_file_bytes: bytes of the host store read straight from checkpoint files when it was filled (the
-            rest was copied from memory); host_fill_seconds: the time filling it took.
-        dit_calls, dit_call_seconds: DiT forwards run, and their mean duration (GPU time on CUDA).
-        predicted_step_seconds: the plan's predicted denoising step, to compare with the measured calls.
-        block_seconds: per DiT, the measured compute seconds of all its blocks in one call (the sum of the
-            per-block times measured during its first calls; see :meth:`OffloadHandle.block_times`).
-    """
-
-    mode: str = "none"
-    bytes_h2d: int = 0
-    bytes_d2h: int = 0
-    copy_seconds: float = 0.0
-    h2d_gbps: float = 0.0
-    wait_seconds: float = 0.0
-    swaps: int = 0
-    blocks_streamed: int = 0
-    sync_loads: int = 0
-    unplanned_phases: int = 0
-    peak_allocated: int = 0
-    peak_reserved: int = 0
-    host_pinned_bytes: int = 0
-    host_pageable_bytes: int = 0
-    host_mapped_bytes: int = 0
-    host_compressed_bytes: int = 0
-    host_compressed_raw_bytes: int = 0
-    bytes_decoded: int = 0
-    compressed_from_cache: int = 0
-    compressed_at_apply: int = 0
-    host_file_bytes: int = 0
-    host_fill_seconds: float = 0.0
-    dit_calls: int = 0
-    dit_call_seconds: float = 0.0
-    predicted_step_seconds: float | None = None
-    block_seconds: dict[str, float] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass(frozen=True)
-class UnitInfo:
-    """One unit of the host store: what moves to the device as one copy.
-
-    Attributes:
-        name: ``"<component>:resident"``, ``"<component>:swap"``, ``"<component>.<block path>"`` (a streamed
-            block) or ``"shared"`` (tensors reached from several units, kept on the device).
-        component: the component it belongs to (``""`` for ``"shared"``).
-        kind: ``"resident"``, ``"swap"``, ``"block"`` (streamed) or ``"shared"``.
-        nbytes: its packed size (each tensor aligned to 512 bytes): what one copy of it moves.
-        where: ``"device"`` or ``"host"``: where its weights are bound right now.
-        stages: for a staged swapped part (a DiT's), how many stages its copy is issued in; 0 otherwise.
-    """
-
-    name: str
-    component: str
-    kind: str
-    nbytes: int
-    where: str
-    stages: int = 0
 
 
 _LIVE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # pipeline or module -> live handle
@@ -193,6 +111,7 @@ class OffloadHandle:
             host_pinned_bytes=runtime.store.pinned_bytes,
             host_pageable_bytes=runtime.store.pageable_bytes,
             host_mapped_bytes=runtime.store.mapped_bytes,
+            apply_seconds=dict(runtime.apply_seconds),
             host_compressed_bytes=runtime.store.encoded_bytes,
             host_compressed_raw_bytes=runtime.store.encoded_raw_bytes,
             bytes_decoded=c.bytes_decoded,
@@ -463,7 +382,15 @@ def apply(
     _check_live(pipeline)
     modules, device, planning, the_plan, coding = plan_apply(pipeline, config, workload, plan, measured)
     cache = open_cache(pipeline, config.compression_cache, coding.codec, modules)
+    start = time.perf_counter()
     runtime = _runtime(modules, the_plan, config, device, progress, coding.codec, cache)
+    runtime.apply_seconds = {
+        **planning.seconds,
+        "host store": round(runtime.pack_seconds, 4),
+        "of which filling": round(runtime.filled.seconds, 4),
+        "of which page-locking": round(runtime.store.register_seconds, 4),
+        "device loads and hooks": round(time.perf_counter() - start - runtime.pack_seconds, 4),
+    }
     reads = (
         WeightReads(runtime.all_units, [c.module for c in modules.components()]) if config.verify else None
     )
@@ -475,7 +402,12 @@ def apply(
     _LIVE[pipeline] = handle
     for component in modules.components():
         _LIVE[component.module] = handle
-    logger.info("vramferry: %s applied to %s", the_plan.mode.value, type(pipeline).__name__)
+    logger.info(
+        "vramferry: %s applied to %s (%s)",
+        the_plan.mode.value,
+        type(pipeline).__name__,
+        ", ".join(f"{what} {seconds:.2f} s" for what, seconds in runtime.apply_seconds.items()),
+    )
     return handle
 
 
@@ -494,6 +426,7 @@ def plan_apply(
     from .runtime.codecs import select_codec
     from .runtime.install import check_weights_materialised
 
+    clock = _Clock()
     device = resolve_device(config)
     modules = discover(pipeline, strict=config.strict, block_attrs=dict(config.block_attrs) or None)
     check_foreign_hooks(modules, _LIVE)
@@ -502,6 +435,7 @@ def plan_apply(
     inventory = inventory_of(modules, request_order_of(config, modules))
     if plan is not None and workload is not None:
         raise PlanError("apply: give either plan= or workload= (the plan was sized for its own workload)")
+    clock.lap("discovery")
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
     measured = measured if measured is not None else Measurements()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -509,17 +443,35 @@ def plan_apply(
     if device.type == "cuda":
         profile = device_profile(device, measured.h2d_bytes_per_s.get(name))
         measured.h2d_bytes_per_s[name] = profile.h2d_bytes_per_s
+    clock.lap("device")
     work = workload if workload is not None else default_workload(inventory)
     coding = select_codec(config.compression, device, modules)
+    clock.lap("compression estimate")
     if profile is not None and coding.codec is not None and coding.codec.device_type == "cuda":
         profile = _with_decode_speed(profile, coding.codec, device, name, measured)
+    clock.lap("decode probe")
     planning = _Planning(inventory, profile, free, work, name, measured, ratios=coding.ratios)
     if plan is not None:
         check_plan(plan, modules)
         the_plan = plan if plan.schedule else with_schedule(plan, inventory, config)
     else:
         the_plan = _first_plan(planning, config, work, coding.missing)
+    clock.lap("planning")
+    planning.seconds = clock.seconds
     return modules, device, planning, the_plan, coding
+
+
+class _Clock:
+    """Seconds per step of ``apply``, for :attr:`OffloadStats.apply_seconds`."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, what: str) -> None:
+        now = time.perf_counter()
+        self.seconds[what] = round(self.seconds.get(what, 0.0) + now - self._last, 4)
+        self._last = now
 
 
 def _with_decode_speed(profile, codec, device, name: str, measured: Measurements):

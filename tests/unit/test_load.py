@@ -315,3 +315,12 @@ def test_prefetch_starts_only_when_the_files_fit(tmp_path, monkeypatch):
     monkeypatch.setattr(files, "available_memory", lambda: 1 << 20)  # half of it is less than the file
     assert files.prefetch([path]) is None
     assert files.prefetch([str(tmp_path / "missing.safetensors")]) is None
+
+
+def test_stats_say_where_apply_spent_its_time(saved_flux_dir):
+    with vramferry.load(saved_flux_dir, mode="layerwise", **CPU) as handle:
+        seconds = handle.stats().apply_seconds
+    assert {"discovery", "planning", "host store", "of which filling", "device loads and hooks"} <= set(seconds)
+    assert all(value >= 0 for value in seconds.values())
+    assert seconds["of which filling"] <= seconds["host store"]
+    assert seconds["of which filling"] == pytest.approx(handle.stats().host_fill_seconds, abs=1e-3)

@@ -39,7 +39,7 @@ def test_stages_cover_the_unit_block_by_block_in_order(monkeypatch, stage_bytes)
 def test_stages_tile_the_unit_block_by_block_in_order():
     import torch
 
-    from vramferry.runtime.store import collect_refs
+    from vramferry.runtime.refs import collect_refs
 
     pipe, _kwargs = DIFFUSERS_PIPELINES["flux"]()
     blocks = _dit_blocks(pipe)

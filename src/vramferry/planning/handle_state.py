@@ -43,6 +43,7 @@ class _Planning:
     packed: dict[str, float] | None = None
     # Once packed: per component, which pieces the host store left mapped in their checkpoint files (kept).
     mapped: dict[str, tuple[bool, ...]] | None = None
+    seconds: dict[str, float] = field(default_factory=dict)  # how long apply's decisions took, by step
 
     @property
     def plan_profile(self) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 from torch import nn
@@ -20,7 +21,8 @@ from .fill import Filler, progress_bar
 from .hooks import HookSet
 from .layerwise import BlockStreamer
 from .model import ComponentState, SwapScheduler
-from .store import HostStore, Piece, TensorRef, Unit, collect_refs
+from .refs import collect_refs
+from .store import HostStore, Piece, TensorRef, Unit
 from .transfer import Mover
 
 logger = logging.getLogger(__name__)
@@ -59,7 +61,10 @@ class Runtime:
         self.verify = verify
         self.pieces, shared = collect_pieces(modules)
         encode = compressed_pieces(modules, self.pieces, plan) if codec is not None else set()
+        start = time.perf_counter()
         self._pack(shared, progress, encode, cache, mapped_pieces(modules, self.pieces, plan) - encode)
+        self.pack_seconds = time.perf_counter() - start
+        self.apply_seconds: dict[str, float] = {}
         self.shared: Unit | None = None
         if shared.refs:
             self.shared = Unit("shared", [])

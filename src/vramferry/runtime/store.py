@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import mmap
+import time
 import warnings
 from dataclasses import dataclass, field
 
@@ -32,8 +33,7 @@ from torch import nn
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from ..discovery.bnb import bind_state, held_of
-from ..discovery.leaves import Held, Layout, Leaf, Stateful, align, layout_of, leaves, rebuild, view_in
-from ..discovery.sizes import tensor_key
+from ..discovery.leaves import Held, Layout, Leaf, Stateful, align, leaves, rebuild, view_in
 from ..units import format_bytes
 from .codecs import Codec, Encoded, encode_piece
 from .files import FileMap
@@ -286,64 +286,6 @@ def _joined(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
     return first.as_strided((first.numel() + second.numel(),), (1,), first.storage_offset())
 
 
-def collect_refs(
-    module: nn.Module, exclude: set[int], claimed: dict[tuple, TensorRef]
-) -> tuple[list[TensorRef], list[TensorRef]]:
-    """Tensors of ``module`` outside the excluded submodules (by id).
-
-    Returns:
-        ``(new, seen)``: tensors claimed now, and tensors already claimed by an earlier call (tied weights).
-    """
-    new: list[TensorRef] = []
-    seen: list[TensorRef] = []
-    for sub in _modules_outside(module, exclude):
-        for name, param in list(sub._parameters.items()):
-            if param is not None:
-                _add_ref(new, seen, claimed, sub, name, param, is_param=True)
-        for name, buf in list(sub._buffers.items()):
-            if buf is not None:
-                _add_ref(new, seen, claimed, sub, name, buf, is_param=False)
-    return new, seen
-
-
-def _modules_outside(root: nn.Module, exclude: set[int]):
-    stack = [root]
-    seen: set[int] = set()
-    while stack:
-        module = stack.pop()
-        if id(module) in seen or (module is not root and id(module) in exclude):
-            continue
-        seen.add(id(module))
-        yield module
-        stack.extend(reversed(list(module._modules.values())))
-
-
-def _add_ref(new, seen, claimed, module, name, tensor, *, is_param: bool) -> None:
-    key = tensor_key(tensor)
-    if key in claimed:
-        ref = claimed[key]
-        if not any(m is module and n == name for m, n in ref.owners):
-            ref.owners.append((module, name))
-        if is_param and ref.param is not None and not any(p is tensor for p in ref.params):
-            ref.params.append(tensor)
-        if ref not in new:
-            seen.append(ref)
-        return
-    layout, nbytes = layout_of(held_of(tensor, module) if is_param else tensor)
-    ref = TensorRef(
-        param=tensor if is_param else None,
-        owners=[(module, name)],
-        shape=tensor.shape,
-        dtype=tensor.dtype,
-        nbytes=nbytes,
-        original_device=tensor.device,
-        layout=layout,
-        params=[tensor] if is_param else [],
-    )
-    claimed[key] = ref
-    new.append(ref)
-
-
 def host_buffer(nbytes: int) -> torch.Tensor:
     """``nbytes`` of page-aligned host memory, backed by transparent huge pages where the kernel offers them.
 
@@ -382,6 +324,7 @@ class HostStore:
         self.encoded_bytes = 0  # compressed bytes held for encoded pieces
         self.encoded_raw_bytes = 0  # what those pieces decode to
         self.cached_pieces = 0  # encoded pieces whose bytes came from the compressed cache
+        self.register_seconds = 0.0  # spent page-locking arenas
         self.mapped_bytes = 0  # pieces left as views of their checkpoint files
         self.unmappable_bytes = 0  # pieces asked to stay mapped that are not clean file views (packed instead)
         self._mapped: list[Piece] = []
@@ -527,7 +470,9 @@ class HostStore:
                 name, f"the host page-lock limit of {format_bytes(self.pin_limit)} is reached"
             )
             return False
+        start = time.perf_counter()
         err = torch.cuda.cudart().cudaHostRegister(arena.data_ptr(), size, 0)
+        self.register_seconds += time.perf_counter() - start
         if int(err) != 0:
             self._warn_pageable(name, f"cudaHostRegister failed ({err})")
             return False
