@@ -21,7 +21,7 @@ from .compat import (
 from .config import OffloadConfig
 from .discovery.inventory import Inventory
 from .discovery.modules import PipelineModules
-from .errors import ConflictError, OffloadError, PlanError
+from .errors import ConflictError, DeviceError, OffloadError, PlanError
 from .planning.calibrate import (
     BlockTimes,
     Measurements,
@@ -34,7 +34,7 @@ from .planning.plan import Plan
 from .planning.planner import with_schedule
 from .planning.workload import Workload
 from .runtime.install import Runtime, mapped_flags
-from .runtime.probe import device_profile, measure_decode_speed
+from .runtime.probe import device_profile, helper_links, measure_decode_speed
 from .runtime.reads import WeightReads
 from .runtime.transfer import TransferCounters
 from .stats import OffloadStats, UnitInfo
@@ -112,6 +112,7 @@ class OffloadHandle:
             host_pageable_bytes=runtime.store.pageable_bytes,
             host_mapped_bytes=runtime.store.mapped_bytes,
             apply_seconds=dict(runtime.apply_seconds),
+            link_bytes=tuple(runtime.mover.links.bytes_by_link) if runtime.mover.links is not None else (),
             host_compressed_bytes=runtime.store.encoded_bytes,
             host_compressed_raw_bytes=runtime.store.encoded_raw_bytes,
             bytes_decoded=c.bytes_decoded,
@@ -187,6 +188,8 @@ class OffloadHandle:
         mover = self._runtime.mover
         mover.fold(block=True)
         mover.counters = TransferCounters()
+        if mover.links is not None:
+            mover.links.bytes_by_link = [0] * len(mover.links.bytes_by_link)
         if self._runtime.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self._runtime.device)
 
@@ -383,7 +386,7 @@ def apply(
     modules, device, planning, the_plan, coding = plan_apply(pipeline, config, workload, plan, measured)
     cache = open_cache(pipeline, config.compression_cache, coding.codec, modules)
     start = time.perf_counter()
-    runtime = _runtime(modules, the_plan, config, device, progress, coding.codec, cache)
+    runtime = _runtime(modules, the_plan, config, device, progress, coding.codec, cache, planning)
     runtime.apply_seconds = {
         **planning.seconds,
         "host store": round(runtime.pack_seconds, 4),
@@ -443,6 +446,9 @@ def plan_apply(
     if device.type == "cuda":
         profile = device_profile(device, measured.h2d_bytes_per_s.get(name))
         measured.h2d_bytes_per_s[name] = profile.h2d_bytes_per_s
+    links = _helper_links(config, device)
+    if links:
+        profile = replace(profile, helper_bytes_per_s=tuple(rate for _d, _distinct, rate in links))
     clock.lap("device")
     work = workload if workload is not None else default_workload(inventory)
     coding = select_codec(config.compression, device, modules)
@@ -451,6 +457,7 @@ def plan_apply(
         profile = _with_decode_speed(profile, coding.codec, device, name, measured)
     clock.lap("decode probe")
     planning = _Planning(inventory, profile, free, work, name, measured, ratios=coding.ratios)
+    planning.links = links
     if plan is not None:
         check_plan(plan, modules)
         the_plan = plan if plan.schedule else with_schedule(plan, inventory, config)
@@ -459,6 +466,18 @@ def plan_apply(
     clock.lap("planning")
     planning.seconds = clock.seconds
     return modules, device, planning, the_plan, coding
+
+
+def _helper_links(config: OffloadConfig, device: torch.device) -> list:
+    """The helper GPUs' links, measured (``[]`` without ``helper_devices``)."""
+    if not config.helper_devices:
+        return []
+    if device.type != "cuda":
+        raise DeviceError(
+            f"helper_devices={list(config.helper_devices)}: helper GPUs lend their links to a CUDA execution "
+            f"device, and onload_device is {config.onload_device!r}; drop helper_devices or run on a GPU"
+        )
+    return helper_links(device, config.helper_devices)
 
 
 class _Clock:
@@ -493,10 +512,17 @@ def _runtime(
     progress: bool | None,
     codec: Any = None,
     cache: Any = None,
+    planning: _Planning | None = None,
 ) -> Runtime:
+    from .runtime.links import Links, link_shares
     from .units import parse_bytes
 
     limit = parse_bytes(config.host_memory_limit) if config.host_memory_limit is not None else None
+    helpers = None
+    if planning is not None and planning.links:
+        rates = [(distinct, rate) for _device, distinct, rate in planning.links]
+        shares = link_shares(planning.profile.h2d_bytes_per_s, rates)
+        helpers = Links(device, [helper for helper, _distinct, _rate in planning.links], shares)
     return Runtime(
         modules,
         plan,
@@ -507,6 +533,7 @@ def _runtime(
         codec=codec,
         cache=cache,
         progress=progress,
+        links=helpers,
     )
 
 

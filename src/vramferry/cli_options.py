@@ -149,6 +149,14 @@ OFFLOAD_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
             "cache folder (default: auto)",
         },
     ),
+    "helper_devices": (
+        "--helper-devices",
+        {
+            "type": _comma_list,
+            "metavar": "DEVICES",
+            "help": "other GPUs whose PCIe links carry part of every streamed block (e.g. cuda:1,cuda:2)",
+        },
+    ),
 }
 """OffloadConfig field → (flag, argparse options). The only place where offload flags are spelled."""
 

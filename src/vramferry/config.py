@@ -67,6 +67,23 @@ def _valid_budget(value: int | str | None) -> int | str | None:
     return value
 
 
+def _valid_helpers(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        raise ValueError(f"helper_devices: give a list of devices, not the string {value!r}")
+    found = []
+    for name in value:
+        try:
+            device = torch.device(name)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"helper_devices: {name!r} is not a device; use 'cuda:1'") from None
+        if device.type != "cuda" or device.index is None:
+            raise ValueError(f"helper_devices: {name!r} must be a numbered CUDA device such as 'cuda:1'")
+        if str(device) in found:
+            raise ValueError(f"helper_devices: {name!r} is listed twice")
+        found.append(str(device))
+    return tuple(found)
+
+
 @dataclass(frozen=True)
 class OffloadConfig:
     """What to offload and how.
@@ -102,6 +119,11 @@ class OffloadConfig:
             (written by ``vramferry compress``): ``"auto"``, in the pipeline's own folder when it was loaded from
             one (``MODEL_DIR/.vramferry/compressed``); ``"off"``, never; or a cache folder (``vramferry compress
             --cache-dir``). An entry is used only when it matches the weights; the rest are compressed at apply.
+        helper_devices: other GPUs (``("cuda:1",)``) whose PCIe links carry part of every streamed block: each
+            copies its slice into a staging buffer of its own, then peer to peer into the execution device's slot
+            (:mod:`~vramferry.runtime.links`); their bandwidths are measured at apply and the plan counts them.
+            Compressed and staged loads use the execution device's link alone. The execution device itself may
+            be named (it adds no link; the helper path runs, for testing).
     """
 
     mode: OffloadMode = OffloadMode.AUTO
@@ -119,6 +141,7 @@ class OffloadConfig:
     strict: bool = False
     compression: Compression = Compression.AUTO
     compression_cache: str = "auto"
+    helper_devices: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         try:
@@ -177,6 +200,7 @@ class OffloadConfig:
                 names = (names,)
             attrs[str(dit)] = tuple(names)
         object.__setattr__(self, "block_attrs", attrs)
+        object.__setattr__(self, "helper_devices", _valid_helpers(self.helper_devices))
 
     @property
     def exclusive(self) -> bool:
@@ -203,6 +227,7 @@ class OffloadConfig:
         data["keep_resident"] = list(self.keep_resident)
         data["order"] = list(self.order)
         data["block_attrs"] = {k: list(v) for k, v in self.block_attrs.items()}
+        data["helper_devices"] = list(self.helper_devices)
         return {"version": CONFIG_VERSION, **data}
 
     @classmethod

@@ -26,6 +26,8 @@ class OffloadStats:
         apply_seconds: where ``apply`` spent its time: discovery, the device's bandwidth probe, the compression
             estimate, the decode probe, planning, the host store (filling it and page-locking it, within), device
             loads and hooks.
+        link_bytes: with ``helper_devices``, the bytes copied into streaming slots over each link: the execution
+            device's own, then each helper's; empty without helpers.
         host_mapped_bytes: bytes left as views of their checkpoint files (``host_memory_limit`` below the
             weights): in the page cache, not copied into the host store; copied to the device from pageable memory.
         host_compressed_bytes, host_compressed_raw_bytes: the compressed pieces' bytes in host memory, and what
@@ -56,6 +58,7 @@ class OffloadStats:
     host_pageable_bytes: int = 0
     host_mapped_bytes: int = 0
     apply_seconds: dict[str, float] = field(default_factory=dict)
+    link_bytes: tuple[int, ...] = ()
     host_compressed_bytes: int = 0
     host_compressed_raw_bytes: int = 0
     bytes_decoded: int = 0

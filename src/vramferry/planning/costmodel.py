@@ -206,10 +206,11 @@ def simulate_dit_calls(
     each decode costs the compute stream ``decode_contention`` of its time.
     """
     slots = depth + 1
-    bandwidth = device.h2d_bytes_per_s
+    compressed = ratio < 1.0
+    # Raw blocks cross every link at once (helper GPUs' too); compressed ones the device's own link alone.
+    bandwidth = device.h2d_bytes_per_s if compressed else device.stream_bytes_per_s
     overhead = device.per_block_overhead_s
     slow = 1.0 + device.copy_contention if any(s for _, _, s in blocks) else 1.0
-    compressed = ratio < 1.0
     finished: list[float] = []  # compute end of every streamed block so far
     stages = [0.0, 0.0]  # when each staging buffer is free again: the decode end of the chunk it last held
     decode_free = 0.0
@@ -465,7 +466,7 @@ class PipelineCost:
         key = (name, flags, depth, ratio)
         if key not in self._sims:
             # A mapped block's copy takes as long as that of a pinned one this many times its size.
-            slower = self.device.h2d_bytes_per_s / self.device.pageable_bytes_per_s
+            slower = self.device.stream_bytes_per_s / self.device.pageable_bytes_per_s
             sizes = [
                 round(b * slower) if m else b
                 for b, m in zip(part.size.block_bytes, self._blocks_mapped(name), strict=True)
@@ -558,7 +559,7 @@ class PipelineCost:
                 total, steady = self.dit_time(name, choices[name])
                 compute[name] = total
                 dit_s, call_s = dit_s + total, call_s + part.calls * steady
-        bandwidth = self.device.h2d_bytes_per_s
+        bandwidth = self.device.stream_bytes_per_s
         if ENCODER_PHASE in compute:
             # Streamed encoder blocks keep the copy engine busy: only its idle time can hide the next load.
             busy = streamed[ENCODER_PHASE] / bandwidth  # bytes that cross the link

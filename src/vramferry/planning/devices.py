@@ -34,6 +34,9 @@ class DeviceProfile:
             allocator then keeps more cached (:data:`~vramferry.planning.costmodel.REPLACED_SLACK_CAP`).
         pageable_bytes_per_s: host→device bandwidth from pageable memory (pieces left mapped in their checkpoint
             files); ``None``: 15 % of ``h2d_bytes_per_s`` (an H200 measured 8.0 against 55 GB/s pinned).
+        helper_bytes_per_s: per helper GPU (:attr:`~vramferry.config.OffloadConfig.helper_devices`), the rate at
+            which its link adds bytes to a streamed block: the lesser of its own host→device bandwidth and its
+            peer bandwidth to this device (0 for a helper that is this device).
     """
 
     name: str
@@ -50,6 +53,7 @@ class DeviceProfile:
     decode_contention: float = 0.3
     replacing: bool = False
     pageable_bytes_per_s: float | None = None
+    helper_bytes_per_s: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         if self.attention_flops_per_s is None:
@@ -70,10 +74,18 @@ class DeviceProfile:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f"{name}: must be a positive number, got {value!r}")
+        object.__setattr__(self, "helper_bytes_per_s", tuple(self.helper_bytes_per_s))
+        if any(isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 for v in self.helper_bytes_per_s):
+            raise ValueError(f"helper_bytes_per_s: must be numbers ≥ 0, got {self.helper_bytes_per_s!r}")
         for name in ("per_block_overhead_s", "block_floor_s", "copy_contention", "decode_contention"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise ValueError(f"{name}: must be a number ≥ 0, got {value!r}")
+
+    @property
+    def stream_bytes_per_s(self) -> float:
+        """The rate at which a raw streamed block crosses: this device's link plus its helpers'."""
+        return self.h2d_bytes_per_s + sum(self.helper_bytes_per_s)
 
     @property
     def tokens_for_free_streaming(self) -> float:

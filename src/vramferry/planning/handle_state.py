@@ -44,6 +44,7 @@ class _Planning:
     # Once packed: per component, which pieces the host store left mapped in their checkpoint files (kept).
     mapped: dict[str, tuple[bool, ...]] | None = None
     seconds: dict[str, float] = field(default_factory=dict)  # how long apply's decisions took, by step
+    links: list = field(default_factory=list)  # helper GPUs: (device, another device?, bytes per second added)
 
     @property
     def plan_profile(self) -> Any:

@@ -427,6 +427,19 @@ def price(
 def _context(inventory, config, device, workload, free_bytes, measured, device_name):
     """The cost model for one planning call, the budget, where it came from, and notes on measured times."""
     profile = device if device is not None else profile_from()
+    helpers = len(config.helper_devices)
+    link_notes: tuple[str, ...] = ()
+    if helpers and len(profile.helper_bytes_per_s) != helpers:
+        # Not measured here (no such GPUs, or a dry run): each helper's link assumed as fast as this device's.
+        profile = dataclasses.replace(profile, helper_bytes_per_s=(profile.h2d_bytes_per_s,) * helpers)
+        link_notes = ("links: helper bandwidths not measured; each assumed equal to the device's",)
+    if helpers:
+        rates = " + ".join(f"{r / 1e9:.1f}" for r in profile.helper_bytes_per_s)
+        link_notes = (
+            *link_notes,
+            f"links: raw streamed blocks cross at {profile.stream_bytes_per_s / 1e9:.1f} GB/s "
+            f"({profile.h2d_bytes_per_s / 1e9:.1f} own + {rates} by {', '.join(config.helper_devices)})",
+        )
     work = workload if workload is not None else default_workload(inventory)
     sources: dict[str, str] = {}
     if measured is not None:
@@ -439,7 +452,7 @@ def _context(inventory, config, device, workload, free_bytes, measured, device_n
     )
     ctx = PlanContext(inventory, config, profile, work, allocatable)
     notes = tuple(f"{name}: block compute {source} on {device_name}" for name, source in sources.items())
-    return ctx, budget, budget_text, notes
+    return ctx, budget, budget_text, (*notes, *link_notes)
 
 
 def _finish(

@@ -20,6 +20,7 @@ from .files import FileMap
 from .fill import Filler, progress_bar
 from .hooks import HookSet
 from .layerwise import BlockStreamer
+from .links import Links
 from .model import ComponentState, SwapScheduler
 from .refs import collect_refs
 from .store import HostStore, Piece, TensorRef, Unit
@@ -52,11 +53,14 @@ class Runtime:
         codec: Codec | None = None,
         cache: CompressedCache | None = None,
         progress: bool | None = None,
+        links: Links | None = None,
     ) -> None:
         self.modules = modules
         self.device = device
-        self.mover = Mover(device)
-        self.store = HostStore(pin=pin and device.type == "cuda", pin_limit=pin_limit, codec=codec)
+        self.mover = Mover(device, links=links)
+        self.store = HostStore(
+            pin=pin and device.type == "cuda", pin_limit=pin_limit, codec=codec, portable=links is not None
+        )
         self.hooks = HookSet()
         self.verify = verify
         self.pieces, shared = collect_pieces(modules)

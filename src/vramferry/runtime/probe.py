@@ -35,6 +35,47 @@ def measure_h2d_bandwidth(device: torch.device, nbytes: int = _PROBE_BYTES) -> f
     return nbytes * reps / seconds
 
 
+def measure_peer_bandwidth(src: torch.device, dst: torch.device, nbytes: int = _PROBE_BYTES) -> float:
+    """Device-to-device bytes per second from ``src`` to ``dst`` (256 MiB copied four times on ``src``'s stream)."""
+    source = torch.empty(nbytes, dtype=torch.uint8, device=src)
+    target = torch.empty(nbytes, dtype=torch.uint8, device=dst)
+    target.copy_(source)
+    torch.cuda.synchronize(src)  # calibration only: a clean start for the timer
+    torch.cuda.synchronize(dst)
+    reps = 4
+    start = time.perf_counter()
+    for _ in range(reps):
+        target.copy_(source, non_blocking=True)
+    torch.cuda.synchronize(src)
+    torch.cuda.synchronize(dst)
+    return nbytes * reps / (time.perf_counter() - start)
+
+
+def helper_links(device: torch.device, helpers: tuple[str, ...]) -> list[tuple[torch.device, bool, float]]:
+    """Each helper GPU with whether it is another device than ``device`` and the rate its link adds to a
+    streamed block: the lesser of its host→device and its peer bandwidth to ``device`` (measured here)."""
+    from ..errors import DeviceError
+
+    count = torch.cuda.device_count()
+    found = []
+    for name in helpers:
+        helper = torch.device(name)
+        if helper.index >= count:
+            raise DeviceError(
+                f"helper_devices: {name} does not exist: this machine has {count} CUDA device(s) "
+                f"(cuda:0..cuda:{count - 1}); name only devices it has"
+            )
+        if helper.index == device.index:
+            logger.info("helper %s is the execution device itself: it adds no link (the helper path still runs)", name)
+            found.append((helper, False, 0.0))
+            continue
+        own = measure_h2d_bandwidth(helper)
+        peer = measure_peer_bandwidth(helper, device)
+        logger.info("calibrated helper %s: %.1f GB/s host->device, %.1f GB/s to %s", name, own / 1e9, peer / 1e9, device)
+        found.append((helper, True, min(own, peer)))
+    return found
+
+
 _DECODE_PROBE_BYTES = 64 * 2**20
 
 

@@ -160,8 +160,9 @@ class Unit:
             offset += host.numel()
         self.runs = runs
 
-    def copy_into(self, buffer: torch.Tensor, begin: int = 0, end: int | None = None, **kw) -> None:
-        """Copy the bytes ``[begin, end)`` of the unit's layout from the host arenas into ``buffer``."""
+    def copy_into(self, buffer: torch.Tensor, begin: int = 0, end: int | None = None, *, base: int = 0, **kw) -> None:
+        """Copy the bytes ``[begin, end)`` of the unit's layout from the host arenas into ``buffer``, whose byte 0
+        is the layout's byte ``base`` (a staging buffer for a slice of it)."""
         end = self.nbytes if end is None else end
         for host, start in self.runs:
             size = host.nbytes if isinstance(host, Encoded) else host.numel()
@@ -169,9 +170,9 @@ class Unit:
             if lo >= hi:
                 continue
             if isinstance(host, Encoded):
-                decode_range(host, buffer[lo:hi], lo - start)
+                decode_range(host, buffer[lo - base : hi - base], lo - start)
             else:
-                buffer[lo:hi].copy_(host[lo - start : hi - start], **kw)
+                buffer[lo - base : hi - base].copy_(host[lo - start : hi - start], **kw)
 
     @property
     def encoded(self) -> bool:
@@ -313,10 +314,15 @@ class HostStore:
         pin: page-lock the arenas (needs CUDA).
         pin_limit: most bytes to page-lock; arenas beyond it stay pageable (slower copies, one warning).
         codec: the lossless codec that keeps the pieces :meth:`pack` is asked to encode; ``None``: all raw.
+        portable: page-lock for every GPU (helper GPUs copy from the store too).
     """
 
-    def __init__(self, *, pin: bool, pin_limit: int | None = None, codec: Codec | None = None) -> None:
+    def __init__(
+        self, *, pin: bool, pin_limit: int | None = None, codec: Codec | None = None, portable: bool = False
+    ) -> None:
         self.pin = pin and torch.cuda.is_available()
+        # cudaHostRegisterPortable: page-locked for every GPU's context, so helper GPUs copy from it at full speed.
+        self._flags = 1 if portable else 0
         self.pin_limit = pin_limit
         self.codec = codec
         self.pinned_bytes = 0
@@ -471,7 +477,7 @@ class HostStore:
             )
             return False
         start = time.perf_counter()
-        err = torch.cuda.cudart().cudaHostRegister(arena.data_ptr(), size, 0)
+        err = torch.cuda.cudart().cudaHostRegister(arena.data_ptr(), size, self._flags)
         self.register_seconds += time.perf_counter() - start
         if int(err) != 0:
             self._warn_pageable(name, f"cudaHostRegister failed ({err})")

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .codecs import Encoded
+from .links import Links
 from .store import Unit
 
 
@@ -47,10 +48,13 @@ class Mover:
     Args:
         device: the execution device.
         timing: record CUDA events around copies and waits so ``stats()`` can report GB/s and stall time.
+        links: helper GPUs' links (:class:`~vramferry.runtime.links.Links`): copies into slots are split across
+            them.
     """
 
-    def __init__(self, device: torch.device, *, timing: bool = True) -> None:
+    def __init__(self, device: torch.device, *, timing: bool = True, links: Links | None = None) -> None:
         self.device = device
+        self.links = links  # helper GPUs' links, for copies into slots (streamed blocks)
         self.cuda = device.type == "cuda"
         self.timing = timing and self.cuda
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
@@ -122,6 +126,12 @@ class Mover:
                 ready = self._copy_encoded(unit, buffer, after)
             elif staged:
                 ready = self._copy_staged(unit, buffer)
+            elif self.links is not None and slot is not None:
+                # Slices over the helpers' links too; the unit is ready once every slice has landed.
+                for landed in self.links.copy(unit, buffer, self.copy_stream, after):
+                    self.copy_stream.wait_event(landed)
+                ready = torch.cuda.Event(enable_timing=self.timing)
+                ready.record(self.copy_stream)
             else:
                 unit.copy_into(buffer, non_blocking=True)
                 ready = torch.cuda.Event(enable_timing=self.timing)
