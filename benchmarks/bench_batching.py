@@ -4,8 +4,8 @@ pipeline (random bf16 weights, built on the GPU by ``fullsize.flux_pipeline()``)
     # H200, 8 steps instead of 28 and 8 clients x 2 requests per run, to stay within about 5 minutes (an
     # estimate from the planner's predicted request times and the apply times of docs/benchmarks.md):
     python benchmarks/bench_batching.py --out benchmarks/results/batching_h200.json
-    # the same at the full 28 steps (about three times as long):
-    python benchmarks/bench_batching.py --steps 28 --out batching_28.json
+    # the same at the full 28 steps (about three times as long), one mode per call, raw streaming:
+    python benchmarks/bench_batching.py --steps 28 --modes layerwise --compression off --out batching_28.json
     # CPU, the demo pipeline (seconds; checks the script, measures nothing of interest):
     python benchmarks/bench_batching.py --smoke --out batching_smoke.json
 
@@ -256,7 +256,9 @@ def predicted(handle, args: argparse.Namespace) -> list[dict]:
 
 
 def bench_mode(pipe, mode: str, args: argparse.Namespace, report: dict, write) -> list[str]:
-    config = vramferry.OffloadConfig(mode=mode, vram_budget=args.budget, onload_device=args.device)
+    config = vramferry.OffloadConfig(
+        mode=mode, vram_budget=args.budget, onload_device=args.device, compression=args.compression
+    )
     budget = parse_bytes(args.budget) if args.budget and args.cuda else None
     start = time.perf_counter()
     handle = vramferry.apply(pipe, config)
@@ -321,6 +323,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--size", help="request size (default 1024x1024; --smoke: 64x64)")
     parser.add_argument(
         "--steps", type=int, help="denoising steps (default 8 to stay within ~5 min; --smoke: 2)"
+    )
+    parser.add_argument(
+        "--compression",
+        default="auto",
+        choices=["auto", "off", "lossless"],
+        help="the offload's compression (off: raw streaming, where a step is furthest above one image's compute)",
     )
     parser.add_argument("--clients", type=int, default=8, help="concurrent clients")
     parser.add_argument("--requests", type=int, default=2, help="requests per client, one after another")
