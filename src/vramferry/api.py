@@ -61,6 +61,9 @@ class OffloadStats:
             they decode to (0 without compression); ``bytes_decoded``: bytes decoded on the way in.
         compressed_from_cache, compressed_at_apply: compressed pieces (blocks, non-block parts) whose bytes were
             read from the compressed cache (``vramferry compress``), and those compressed at ``apply``.
+        repacked_bytes, repacked_pieces: bytes and pieces (blocks, non-block parts) packed into the host store
+            again because their tensors changed while the handle was live (adapters added, deleted, fused or
+            unfused; see :meth:`OffloadHandle.refresh`).
         host_file_bytes: bytes of the host store read straight from checkpoint files when it was filled (the
             rest was copied from memory); host_fill_seconds: the time filling it took.
         dit_calls, dit_call_seconds: DiT forwards run, and their mean duration (GPU time on CUDA).
@@ -88,6 +91,8 @@ class OffloadStats:
     bytes_decoded: int = 0
     compressed_from_cache: int = 0
     compressed_at_apply: int = 0
+    repacked_bytes: int = 0
+    repacked_pieces: int = 0
     host_file_bytes: int = 0
     host_fill_seconds: float = 0.0
     dit_calls: int = 0
@@ -194,6 +199,8 @@ class OffloadHandle:
             bytes_decoded=c.bytes_decoded,
             compressed_from_cache=runtime.store.cached_pieces,
             compressed_at_apply=runtime.store.encoded_pieces,
+            repacked_bytes=c.repacked_bytes,
+            repacked_pieces=c.repacked_pieces,
             host_file_bytes=runtime.filled.file_bytes,
             host_fill_seconds=round(runtime.filled.seconds, 6),
             dit_calls=c.dit_calls,
@@ -272,6 +279,14 @@ class OffloadHandle:
         if self._removed:
             return
         runtime = self._runtime
+        try:
+            # Changes made since the last request (an adapter fused into a device copy) reach the host copies,
+            # which become the module's own tensors below.
+            changes = runtime.changes()
+            if changes is not None:
+                runtime.repack(changes, None)
+        except OffloadError as exc:
+            logger.warning("vramferry: remove() restores the weights as they were last packed: %s", exc)
         runtime.hooks.remove()
         runtime.mover.synchronize()  # copies in flight must land before their buffers are released
         for state in runtime.states:
@@ -315,6 +330,7 @@ class OffloadHandle:
         """
         if self._removed:
             raise OffloadError(f"{self!r} was removed; apply again instead of replanning")
+        self.refresh()
         self.block_times()  # keep what was measured under the current shape before planning another
         planning = self._planning
         work = workload if workload is not None else planning.workload
@@ -322,8 +338,10 @@ class OffloadHandle:
             check_plan(plan, self.modules)
             new = plan if plan.schedule else with_schedule(plan, planning.inventory, self.config)
             sources = planning.sources
+            planning.given = True
         else:
             new, sources = self._cached_plan(work)
+            planning.given = False
             if new.placements != self.plan.placements:
                 new = self._kept_placement(new, work) or new
         if new.placements == self.plan.placements:
@@ -345,6 +363,53 @@ class OffloadHandle:
             "vramferry: re-placed %s for a new request shape (%.2f GB copied)",
             type(self.pipeline).__name__,
             moved / 1e9,
+        )
+        return True
+
+    def refresh(self) -> bool:
+        """Take in what was changed in the components' tensors since the last request: adapters added
+        (``add_adapter``, ``load_lora_weights``), deleted (``delete_adapters``, ``unload_lora_weights``), fused
+        or unfused (``fuse_lora``, ``unfuse_lora``). Only the pieces whose tensors changed (a component's non-block
+        part, each of its blocks) are packed into the host store again, from the tensors as they are now; the
+        pieces they replace are released. The pipeline is then planned again for its new sizes (a plan given to
+        :func:`apply` or :meth:`replan` keeps its placements) and its weights re-placed.
+
+        A pipeline call does this first on its own, and so do :meth:`replan` and :meth:`remove`; call it after a
+        change when a component is then called on its own (``pipe.vae.decode(...)``), which otherwise raises.
+
+        Returns:
+            True if something changed.
+
+        Raises:
+            BudgetError: the pipeline no longer fits the budget with its new sizes; nothing was changed.
+            OffloadError: the change cannot be taken in (the message names it and the fix).
+        """
+        from .discovery.inventory import inventory_of
+
+        if self._removed:
+            raise OffloadError(f"{self!r} was removed; apply again instead")
+        runtime = self._runtime
+        changes = runtime.changes()
+        if changes is None:
+            return False
+        self.block_times()  # what was measured under the old sizes is kept
+        inventory = inventory_of(self.modules, request_order_of(self.config, self.modules))
+        planning = replace(self._planning, inventory=inventory, plans={}, losses={}, recorded=set())
+        if planning.given:
+            new = self.plan
+        else:
+            key = (workload_key(planning.workload), _measured_inputs(planning, planning.workload))
+            made, planning.sources = _make_plan(planning, self.config, planning.workload)
+            planning.plans[key] = (made, planning.sources, planning.workload)
+            new = made
+        nbytes = runtime.repack(changes, new)
+        self.plan = new
+        self._planning = planning
+        logger.info(
+            "vramferry: packed %s again after their tensors changed (%d pieces, %.3f GB)",
+            ", ".join(changes.new),
+            sum(len(pieces) for pieces in changes.new.values()),
+            nbytes / 1e9,
         )
         return True
 
@@ -463,9 +528,12 @@ def apply(
     reads = (
         WeightReads(runtime.all_units, [c.module for c in modules.components()]) if config.verify else None
     )
-    patched = patch_pipeline_class(pipeline, device, reads)
+    holder: list[weakref.ref] = []
+    patched = patch_pipeline_class(pipeline, device, reads, before_call=lambda: _refresh(holder))
     handle = OffloadHandle(pipeline, config, modules, the_plan, runtime, patched)
+    holder.append(weakref.ref(handle))
     planning.pack(the_plan)
+    planning.given = plan is not None
     handle._planning = planning
     _LIVE[pipeline] = handle
     for component in modules.components():
@@ -551,6 +619,13 @@ def _runtime(
         cache=cache,
         progress=progress,
     )
+
+
+def _refresh(holder: list[weakref.ref]) -> None:
+    """Before each pipeline call: take in changes made to the components' tensors since the last one."""
+    handle = holder[0]() if holder else None
+    if handle is not None and handle.active:
+        handle.refresh()
 
 
 def _check_live(pipeline: object) -> None:

@@ -41,6 +41,8 @@ class _Planning:
     # Once the host store is packed: per component the fraction of its bytes the store keeps (1.0: raw). Later
     # plans keep each component's codec, which only a new apply could change.
     packed: dict[str, float] | None = None
+    # The current plan was given (apply(plan=...), replan(plan=...)): a change of sizes keeps its placements.
+    given: bool = False
 
     @property
     def plan_profile(self) -> Any:
