@@ -189,7 +189,7 @@ class Runtime:
 
     def changes(self) -> Changes | None:
         """What changed in the components' tensors since their pieces were packed; ``None``: nothing."""
-        return find_changes(self.modules, self.pieces, self.shared_piece, self.signatures)
+        return find_changes(self.modules, self.pieces, self.shared_piece, self.signatures, collect_pieces)
 
     def repack(self, changes: Changes, plan: Plan | None) -> int:
         """Pack the new pieces of ``changes`` into the host store, release the ones they replace, and carry out
@@ -214,6 +214,15 @@ class Runtime:
                 if piece.encoded is not None:
                     bind_decoded(piece)  # their bytes are read from here below, not from placeholders
             nbytes = changes.new_bytes
+            if self.device.type != "cpu":
+                # Tensors bound to device copies are read back from them (a fuse may have written them in place).
+                self.mover.counters.bytes_d2h += sum(
+                    ref.nbytes
+                    for pieces in changes.new.values()
+                    for piece in pieces
+                    for ref in piece.refs
+                    if ref.current().device.type == self.device.type
+                )
             # A compressed component stays compressed (a later plan may move any of its pieces compressed).
             compressed = {p.component for p in changes.dead if p.encoded is not None}
             encode = {id(p) for name, pieces in changes.new.items() if name in compressed for p in pieces}

@@ -9,6 +9,7 @@ fused state changed are found, so that only those are packed again; the others k
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -70,20 +71,26 @@ class Changes:
 
 
 def find_changes(
-    modules: PipelineModules, packed: dict[str, list[Piece]], shared: Piece | None, signatures: dict[str, tuple]
+    modules: PipelineModules,
+    packed: dict[str, list[Piece]],
+    shared: Piece | None,
+    signatures: dict[str, tuple],
+    collect: Callable[[PipelineModules], tuple[dict[str, list[Piece]], Piece]],
 ) -> Changes | None:
     """The pieces to pack again, or ``None`` when no component changed since ``signatures`` were taken.
+
+    Args:
+        collect: how the pieces were collected when they were packed
+            (:func:`~vramferry.runtime.install.collect_pieces`); called only when something changed.
 
     Raises:
         OffloadError: the change reaches tensors shared by two pieces (tied weights), which stay where they are.
     """
-    from .install import collect_pieces
-
     now = {c.name: signature(c.module) for c in modules.components()}
     changed = [name for name, sig in now.items() if sig != signatures[name]]
     if not changed:
         return None
-    collected, now_shared = collect_pieces(modules)
+    collected, now_shared = collect(modules)
     if piece_key(now_shared) != (piece_key(shared) if shared is not None else ()):
         raise OffloadError(
             f"{', '.join(changed)}: the change reaches tensors that several parts of the pipeline share (tied "
