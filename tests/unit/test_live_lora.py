@@ -179,3 +179,56 @@ def test_a_component_called_on_its_own_after_a_change_raises_until_refreshed():
             assert torch.equal(linear(x), expected)
     finally:
         handle.remove()
+
+
+def test_auto_plans_again_for_the_new_sizes_under_a_budget():
+    from vramferry.discovery.inventory import inventory_of
+    from vramferry.planning import plan
+
+    reference, kwargs = DIFFUSERS_PIPELINES["flux"]()
+    _add(reference)
+    expected = run(reference, kwargs)
+    pipe, kwargs = DIFFUSERS_PIPELINES["flux"]()
+    inventory = inventory_of(vramferry.discover(pipe))
+    resident = plan(inventory, vramferry.OffloadConfig(mode="none")).predicted_peak_bytes
+    budget = resident - inventory.get("transformer").bytes // 2  # part of the DiT must move
+    handle = vramferry.apply(pipe, mode="auto", onload_device="cpu", verify=True, vram_budget=budget)
+    try:
+        run(pipe, kwargs)
+        before = handle.inventory.get("transformer").bytes
+        _add(pipe)
+        _equal(run(pipe, kwargs), expected, "auto under a budget")
+        # Planned for the transformer with its adapter, within the budget.
+        assert handle.inventory.get("transformer").bytes > before
+        assert handle.plan.predicted_peak_bytes <= budget
+        _equal(run(pipe, kwargs), expected, "next request")
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("mode", ["model", "layerwise"])
+def test_adapters_added_and_deleted_on_compressed_weights_while_live(mode):
+    pytest.importorskip("zstandard")
+    reference, kwargs = DIFFUSERS_PIPELINES["flux"]()
+    _add(reference)
+    expected = run(reference, kwargs)
+    reference.transformer.delete_adapters("a")
+    deleted = run(reference, kwargs)
+    pipe, kwargs = DIFFUSERS_PIPELINES["flux"]()
+    handle = vramferry.apply(pipe, _cfg(mode).replace(compression="lossless"))
+    try:
+        run(pipe, kwargs)
+        assert handle.stats().host_compressed_bytes > 0
+        _add(pipe)  # the blocks' old bytes are decoded to pack them again with the adapter
+        _equal(run(pipe, kwargs), expected, "added")
+        # Still compressed, the adapter with them.
+        stats = handle.stats()
+        assert stats.host_compressed_raw_bytes > 0 and stats.repacked_pieces == 2
+        # Between loads the weights are placeholders: peft's fuse cannot write into them.
+        with pytest.raises(RuntimeError, match="single memory location"):
+            pipe.transformer.fuse_lora()
+        pipe.transformer.delete_adapters("a")
+        _equal(run(pipe, kwargs), deleted, "deleted")
+    finally:
+        handle.remove()
+    _equal(run(pipe, kwargs), deleted, "after remove")
