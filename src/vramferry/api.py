@@ -11,17 +11,14 @@ from typing import Any
 import torch
 
 from .compat import (
-    check_component_names,
-    check_foreign_hooks,
     check_plan,
     patch_pipeline_class,
     request_order_of,
-    resolve_device,
 )
 from .config import OffloadConfig
 from .discovery.inventory import Inventory
 from .discovery.modules import PipelineModules
-from .errors import ConflictError, DeviceError, OffloadError, PlanError
+from .errors import ConflictError, OffloadError
 from .planning.calibrate import (
     BlockTimes,
     Measurements,
@@ -29,12 +26,13 @@ from .planning.calibrate import (
     workload_key,
 )
 from .planning.devices import DeviceProfile, profile_from
-from .planning.handle_state import _first_plan, _make_plan, _measured_inputs, _Planning
+from .planning.handle_state import _make_plan, _measured_inputs, _Planning
 from .planning.plan import Plan
 from .planning.planner import with_schedule
 from .planning.workload import Workload
+from .preparing import LIVE as _LIVE
+from .preparing import plan_apply
 from .runtime.install import Runtime, mapped_flags
-from .runtime.probe import device_profile, helper_links, measure_decode_speed
 from .runtime.reads import WeightReads
 from .runtime.transfer import TransferCounters
 from .stats import OffloadStats, UnitInfo
@@ -42,7 +40,6 @@ from .stats import OffloadStats, UnitInfo
 logger = logging.getLogger(__name__)
 
 
-_LIVE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # pipeline or module -> live handle
 
 
 class OffloadHandle:
@@ -118,6 +115,8 @@ class OffloadHandle:
             bytes_decoded=c.bytes_decoded,
             compressed_from_cache=runtime.store.cached_pieces,
             compressed_at_apply=runtime.store.encoded_pieces,
+            repacked_bytes=c.repacked_bytes,
+            repacked_pieces=c.repacked_pieces,
             host_file_bytes=runtime.filled.file_bytes,
             host_fill_seconds=round(runtime.filled.seconds, 6),
             dit_calls=c.dit_calls,
@@ -198,6 +197,14 @@ class OffloadHandle:
         if self._removed:
             return
         runtime = self._runtime
+        try:
+            # Changes made since the last request (an adapter fused into a device copy) reach the host copies,
+            # which become the module's own tensors below.
+            changes = runtime.changes()
+            if changes is not None:
+                runtime.repack(changes, None)
+        except OffloadError as exc:
+            logger.warning("vramferry: remove() restores the weights as they were last packed: %s", exc)
         runtime.hooks.remove()
         runtime.mover.synchronize()  # copies in flight must land before their buffers are released
         for state in runtime.states:
@@ -241,6 +248,7 @@ class OffloadHandle:
         """
         if self._removed:
             raise OffloadError(f"{self!r} was removed; apply again instead of replanning")
+        self.refresh()
         self.block_times()  # keep what was measured under the current shape before planning another
         planning = self._planning
         work = workload if workload is not None else planning.workload
@@ -248,8 +256,10 @@ class OffloadHandle:
             check_plan(plan, self.modules)
             new = plan if plan.schedule else with_schedule(plan, planning.inventory, self.config)
             sources = planning.sources
+            planning.given = True
         else:
             new, sources = self._cached_plan(work)
+            planning.given = False
             if new.placements != self.plan.placements:
                 new = self._kept_placement(new, work) or new
         if new.placements == self.plan.placements:
@@ -271,6 +281,54 @@ class OffloadHandle:
             "vramferry: re-placed %s for a new request shape (%.2f GB copied)",
             type(self.pipeline).__name__,
             moved / 1e9,
+        )
+        return True
+
+    def refresh(self) -> bool:
+        """Take in what was changed in the components' tensors since the last request: adapters added
+        (``add_adapter``, ``load_lora_weights``), deleted (``delete_adapters``, ``unload_lora_weights``), fused
+        or unfused (``fuse_lora``, ``unfuse_lora``). Only the pieces whose tensors changed (a component's non-block
+        part, each of its blocks) are packed into the host store again, from the tensors as they are now; the
+        pieces they replace are released. The pipeline is then planned again for its new sizes (a plan given to
+        :func:`apply` or :meth:`replan` keeps its placements) and its weights re-placed.
+
+        A pipeline call does this first on its own, and so do :meth:`replan` and :meth:`remove`; call it after a
+        change when a component is then called on its own (``pipe.vae.decode(...)``), which otherwise raises.
+
+        Returns:
+            True if something changed.
+
+        Raises:
+            BudgetError: the pipeline no longer fits the budget with its new sizes; nothing was changed.
+            OffloadError: the change cannot be taken in (the message names it and the fix).
+        """
+        from .discovery.inventory import inventory_of
+
+        if self._removed:
+            raise OffloadError(f"{self!r} was removed; apply again instead")
+        runtime = self._runtime
+        changes = runtime.changes()
+        if changes is None:
+            return False
+        self.block_times()  # what was measured under the old sizes is kept
+        inventory = inventory_of(self.modules, request_order_of(self.config, self.modules))
+        planning = replace(self._planning, inventory=inventory, plans={}, losses={}, recorded=set())
+        if planning.given:
+            new = self.plan
+        else:
+            key = (workload_key(planning.workload), _measured_inputs(planning, planning.workload))
+            made, planning.sources = _make_plan(planning, self.config, planning.workload)
+            planning.plans[key] = (made, planning.sources, planning.workload)
+            new = made
+        nbytes = runtime.repack(changes, new)
+        self.plan = new
+        planning.pack_mapped(mapped_flags(runtime.pieces))  # pieces packed again are no longer mapped
+        self._planning = planning
+        logger.info(
+            "vramferry: packed %s again after their tensors changed (%d pieces, %.3f GB)",
+            ", ".join(changes.new),
+            sum(len(pieces) for pieces in changes.new.values()),
+            nbytes / 1e9,
         )
         return True
 
@@ -397,10 +455,13 @@ def apply(
     reads = (
         WeightReads(runtime.all_units, [c.module for c in modules.components()]) if config.verify else None
     )
-    patched = patch_pipeline_class(pipeline, device, reads)
+    holder: list[weakref.ref] = []
+    patched = patch_pipeline_class(pipeline, device, reads, before_call=lambda: _refresh(holder))
     handle = OffloadHandle(pipeline, config, modules, the_plan, runtime, patched)
+    holder.append(weakref.ref(handle))
     planning.pack(the_plan)
     planning.pack_mapped(mapped_flags(runtime.pieces))
+    planning.given = plan is not None
     handle._planning = planning
     _LIVE[pipeline] = handle
     for component in modules.components():
@@ -412,96 +473,6 @@ def apply(
         ", ".join(f"{what} {seconds:.2f} s" for what, seconds in runtime.apply_seconds.items()),
     )
     return handle
-
-
-def plan_apply(
-    pipeline: object,
-    config: OffloadConfig,
-    workload: Any = None,
-    plan: Plan | None = None,
-    measured: Any = None,
-) -> tuple[PipelineModules, torch.device, _Planning, Plan, Any]:
-    """What :func:`apply` decides before it changes anything: ``(modules, device, planning, plan, codec choice)``
-    (``vramferry compress`` compresses the pieces this plan compresses)."""
-    from .discovery.inventory import inventory_of
-    from .discovery.roles import discover
-    from .planning.planner import default_workload, with_schedule
-    from .runtime.codecs import select_codec
-    from .runtime.install import check_weights_materialised
-
-    clock = _Clock()
-    device = resolve_device(config)
-    modules = discover(pipeline, strict=config.strict, block_attrs=dict(config.block_attrs) or None)
-    check_foreign_hooks(modules, _LIVE)
-    check_weights_materialised(modules, device)
-    check_component_names(config, modules)
-    inventory = inventory_of(modules, request_order_of(config, modules))
-    if plan is not None and workload is not None:
-        raise PlanError("apply: give either plan= or workload= (the plan was sized for its own workload)")
-    clock.lap("discovery")
-    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
-    measured = measured if measured is not None else Measurements()
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    profile = None
-    if device.type == "cuda":
-        profile = device_profile(device, measured.h2d_bytes_per_s.get(name))
-        measured.h2d_bytes_per_s[name] = profile.h2d_bytes_per_s
-    links = _helper_links(config, device)
-    if links:
-        profile = replace(profile, helper_bytes_per_s=tuple(rate for _d, _distinct, rate in links))
-    clock.lap("device")
-    work = workload if workload is not None else default_workload(inventory)
-    coding = select_codec(config.compression, device, modules)
-    clock.lap("compression estimate")
-    if profile is not None and coding.codec is not None and coding.codec.device_type == "cuda":
-        profile = _with_decode_speed(profile, coding.codec, device, name, measured)
-    clock.lap("decode probe")
-    planning = _Planning(inventory, profile, free, work, name, measured, ratios=coding.ratios)
-    planning.links = links
-    if plan is not None:
-        check_plan(plan, modules)
-        the_plan = plan if plan.schedule else with_schedule(plan, inventory, config)
-    else:
-        the_plan = _first_plan(planning, config, work, coding.missing)
-    clock.lap("planning")
-    planning.seconds = clock.seconds
-    return modules, device, planning, the_plan, coding
-
-
-def _helper_links(config: OffloadConfig, device: torch.device) -> list:
-    """The helper GPUs' links, measured (``[]`` without ``helper_devices``)."""
-    if not config.helper_devices:
-        return []
-    if device.type != "cuda":
-        raise DeviceError(
-            f"helper_devices={list(config.helper_devices)}: helper GPUs lend their links to a CUDA execution "
-            f"device, and onload_device is {config.onload_device!r}; drop helper_devices or run on a GPU"
-        )
-    return helper_links(device, config.helper_devices)
-
-
-class _Clock:
-    """Seconds per step of ``apply``, for :attr:`OffloadStats.apply_seconds`."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-        self._last = time.perf_counter()
-
-    def lap(self, what: str) -> None:
-        now = time.perf_counter()
-        self.seconds[what] = round(self.seconds.get(what, 0.0) + now - self._last, 4)
-        self._last = now
-
-
-def _with_decode_speed(profile, codec, device, name: str, measured: Measurements):
-    """``profile`` with ``codec``'s decode speed measured on ``device`` (once per device and codec)."""
-    key = (name, codec.name)
-    if key not in measured.decode_bytes_per_s:
-        measured.decode_bytes_per_s[key] = measure_decode_speed(codec, device)
-        logger.info(
-            "calibrated %s: %s decodes %.0f GB/s", name, codec.name, measured.decode_bytes_per_s[key] / 1e9
-        )
-    return replace(profile, decode_bytes_per_s=measured.decode_bytes_per_s[key])
 
 
 def _runtime(
@@ -535,6 +506,13 @@ def _runtime(
         progress=progress,
         links=helpers,
     )
+
+
+def _refresh(holder: list[weakref.ref]) -> None:
+    """Before each pipeline call: take in changes made to the components' tensors since the last one."""
+    handle = holder[0]() if holder else None
+    if handle is not None and handle.active:
+        handle.refresh()
 
 
 def _check_live(pipeline: object) -> None:

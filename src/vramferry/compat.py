@@ -114,10 +114,14 @@ def check_plan(the_plan: Plan, modules: PipelineModules) -> None:
             )
 
 
-def patch_pipeline_class(pipeline: object, device: torch.device, reads: Any = None) -> type | None:
+def patch_pipeline_class(
+    pipeline: object, device: torch.device, reads: Any = None, before_call: Any = None
+) -> type | None:
     """Swap in a subclass of the pipeline's class (same name and module; ``remove()`` swaps the original back)
-    that makes a diffusers pipeline create its latents and embeddings on the execution device and, given
-    ``reads`` (a :class:`~vramferry.runtime.reads.WeightReads`, under ``verify=True``), runs every call inside it.
+    that makes a diffusers pipeline create its latents and embeddings on the execution device, calls
+    ``before_call()`` at the start of every call (outside every module's forward, where the offload may re-place
+    weights and hooks) and, given ``reads`` (a :class:`~vramferry.runtime.reads.WeightReads`, under
+    ``verify=True``), runs every call inside it.
 
     diffusers infers ``_execution_device`` from where the components' weights are, which is the host for
     offloaded ones. Returns the original class, or ``None`` when nothing needed patching.
@@ -126,11 +130,15 @@ def patch_pipeline_class(pipeline: object, device: torch.device, reads: Any = No
     members: dict[str, Any] = {}
     if isinstance(getattr(cls, "_execution_device", None), property):
         members["_execution_device"] = property(lambda self: device)
-    if reads is not None and callable(pipeline):
+    if (reads is not None or before_call is not None) and callable(pipeline):
 
         # wraps: the signature stays the pipeline's own (callers inspect it to see which arguments it takes).
         @functools.wraps(cls.__call__)
         def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            if before_call is not None:
+                before_call()
+            if reads is None:
+                return cls.__call__(self, *args, **kwargs)
             with reads.around_call():
                 return cls.__call__(self, *args, **kwargs)
 

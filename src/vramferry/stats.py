@@ -12,7 +12,9 @@ class OffloadStats:
 
     Attributes:
         mode: the configured mode.
-        bytes_h2d, bytes_d2h: weight bytes copied host→device and device→host (the latter stays 0 by design).
+        bytes_h2d, bytes_d2h: weight bytes copied host→device and device→host (the latter stays 0 by design,
+            unless tensors changed while live were packed again from their device copies: see
+            :meth:`OffloadHandle.refresh`).
         copy_seconds: time the copy engine spent on weight copies (measured with events on CUDA).
         h2d_gbps: achieved host→device bandwidth, GB/s (1e9 bytes).
         wait_seconds: time compute waited for weights that were not ready yet.
@@ -34,6 +36,9 @@ class OffloadStats:
             they decode to (0 without compression); ``bytes_decoded``: bytes decoded on the way in.
         compressed_from_cache, compressed_at_apply: compressed pieces (blocks, non-block parts) whose bytes were
             read from the compressed cache (``vramferry compress``), and those compressed at ``apply``.
+        repacked_bytes, repacked_pieces: bytes and pieces (blocks, non-block parts) packed into the host store
+            again because their tensors changed while the handle was live (adapters added, deleted, fused or
+            unfused; see :meth:`OffloadHandle.refresh`).
         host_file_bytes: bytes of the host store read straight from checkpoint files when it was filled (the
             rest was copied from memory); host_fill_seconds: the time filling it took.
         dit_calls, dit_call_seconds: DiT forwards run, and their mean duration (GPU time on CUDA).
@@ -64,6 +69,8 @@ class OffloadStats:
     bytes_decoded: int = 0
     compressed_from_cache: int = 0
     compressed_at_apply: int = 0
+    repacked_bytes: int = 0
+    repacked_pieces: int = 0
     host_file_bytes: int = 0
     host_fill_seconds: float = 0.0
     dit_calls: int = 0

@@ -129,3 +129,36 @@ def test_the_cli_takes_a_ram_budget_and_shows_the_host_side(capsys):
     assert main(["plan", "--arch", "flux1-dev", "--gpu", "h200", "--vram-budget", "16GiB", "--ram-budget", "8GiB"]) == 0
     out = capsys.readouterr().out
     assert "host: " in out and "left mapped in the checkpoint files (host_memory_limit 8.00 GiB)" in out
+
+
+def test_an_adapter_added_to_mapped_pieces_packs_them_and_gives_the_adapted_output(saved_flux_dir, tiny_flux):
+    import diffusers
+
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k"], init_lora_weights=False)
+    reference = diffusers.DiffusionPipeline.from_pretrained(saved_flux_dir)
+    reference.set_progress_bar_config(disable=True)
+    _pipe, kwargs = tiny_flux
+    with vramferry.load(saved_flux_dir, mode="layerwise", host_memory_limit="1KiB", **CPU) as handle:
+        handle.pipeline.set_progress_bar_config(disable=True)
+        mapped = handle.stats().host_mapped_bytes
+        assert mapped > 0
+        lora = _with_adapter(handle.pipeline.transformer, config)
+        _with_adapter(reference.transformer, config, lora)
+        got = run(handle.pipeline, kwargs)
+        stats = handle.stats()
+        assert stats.repacked_pieces > 0
+        assert stats.host_mapped_bytes < mapped  # the pieces holding the adapter were packed
+    expected = run(reference, kwargs)
+    for key in expected:
+        np.testing.assert_array_equal(got[key], expected[key])
+
+
+def _with_adapter(transformer, config, state=None):
+    """Add adapter ``a`` with the given LoRA weights (or fresh ones, returned)."""
+    transformer.add_adapter(config, adapter_name="a")
+    lora = {k: v for k, v in transformer.state_dict().items() if "lora_" in k}
+    if state is None:
+        return {k: v.clone() for k, v in lora.items()}
+    transformer.load_state_dict(state, strict=False)
+    return state

@@ -45,6 +45,8 @@ class _Planning:
     mapped: dict[str, tuple[bool, ...]] | None = None
     seconds: dict[str, float] = field(default_factory=dict)  # how long apply's decisions took, by step
     links: list = field(default_factory=list)  # helper GPUs: (device, another device?, bytes per second added)
+    # The current plan was given (apply(plan=...), replan(plan=...)): a change of sizes keeps its placements.
+    given: bool = False
 
     @property
     def plan_profile(self) -> Any:

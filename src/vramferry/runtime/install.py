@@ -23,6 +23,7 @@ from .layerwise import BlockStreamer
 from .links import Links
 from .model import ComponentState, SwapScheduler
 from .refs import collect_refs
+from .repack import Changes, bind_decoded, find_changes, signature
 from .store import HostStore, Piece, TensorRef, Unit
 from .transfer import Mover
 
@@ -38,7 +39,8 @@ class Runtime:
 
     The host store is packed once, in pieces (each component's non-block part and each of its blocks) that do
     not depend on the plan. A plan groups pieces into units: one per resident piece, one swapped part per
-    component, one per streamed block. :meth:`transition` moves to another plan on the device alone.
+    component, one per streamed block. :meth:`transition` moves to another plan on the device alone;
+    :meth:`repack` packs again the pieces whose tensors the user changed (:func:`~vramferry.runtime.repack.find_changes`).
     """
 
     def __init__(
@@ -64,12 +66,14 @@ class Runtime:
         self.hooks = HookSet()
         self.verify = verify
         self.pieces, shared = collect_pieces(modules)
+        self.signatures = {c.name: signature(c.module) for c in modules.components()}
         encode = compressed_pieces(modules, self.pieces, plan) if codec is not None else set()
         start = time.perf_counter()
         self._pack(shared, progress, encode, cache, mapped_pieces(modules, self.pieces, plan) - encode)
         self.pack_seconds = time.perf_counter() - start
         self.apply_seconds: dict[str, float] = {}
         self.shared: Unit | None = None
+        self.shared_piece = shared if shared.refs else None
         if shared.refs:
             self.shared = Unit("shared", [])
             self.shared.set_runs([shared])
@@ -122,7 +126,9 @@ class Runtime:
         self.states = []
         to_load: list[Unit] = []
         for component in self.modules.components():
-            state = ComponentState(component.name, str(component.role), component.module)
+            state = ComponentState(
+                component.name, str(component.role), component.module, signature=self.signatures[component.name]
+            )
             placed = placed_pieces(self.pieces, plan, component.name)
             for piece, where in placed:
                 if where is Placement.RESIDENT and piece.refs:
@@ -172,11 +178,19 @@ class Runtime:
         parts are rebuilt; the host store is left as it is. Call it between requests. Returns the bytes copied.
         """
         self.hooks.remove()
+        kept = self._teardown(plan)
+        self.mover.trim_cache(0)  # what was dropped goes back before the new resident pieces are allocated
+        loaded = self._install(plan, kept)
+        return sum(unit.nbytes for unit in loaded)
+
+    def _teardown(self, plan: Plan | None) -> dict[int, Unit]:
+        """Drop the current plan's device copies (every tensor then points at its host copy), except the resident
+        pieces that stay resident under ``plan`` (``None``: none stay). Returns those units, by piece."""
         kept: dict[int, Unit] = {}
         now_resident = {
             id(piece)
             for c in self.modules.components()
-            for piece, where in placed_pieces(self.pieces, plan, c.name)
+            for piece, where in (placed_pieces(self.pieces, plan, c.name) if plan is not None else ())
             if where is Placement.RESIDENT
         }
         for state in self.states:
@@ -188,11 +202,76 @@ class Runtime:
                 pieces = unit.extra["pieces"]
                 if len(pieces) == 1 and pieces[0] in now_resident:
                     kept[pieces[0]] = unit
-                else:
+                elif unit.on_device:
                     self.mover.drop(unit)
-        self.mover.trim_cache(0)  # what was dropped goes back before the new resident pieces are allocated
-        loaded = self._install(plan, kept)
-        return sum(unit.nbytes for unit in loaded)
+        return kept
+
+    def changes(self) -> Changes | None:
+        """What changed in the components' tensors since their pieces were packed; ``None``: nothing."""
+        return find_changes(self.modules, self.pieces, self.shared_piece, self.signatures, collect_pieces)
+
+    def repack(self, changes: Changes, plan: Plan | None) -> int:
+        """Pack the new pieces of ``changes`` into the host store, release the ones they replace, and carry out
+        ``plan`` (``None``: leave every weight bound to its host copy, for ``remove``). Call it between requests.
+        Returns the raw bytes packed.
+
+        Raises:
+            OffloadError: adapters were fused into (or unfused from) compressed weights while they were not
+                loaded: what the fuse read was a placeholder. Nothing was changed here.
+        """
+        for piece in changes.dead:
+            if id(piece) in changes.fused and piece.encoded is not None and not self._loaded(piece):
+                raise OffloadError(
+                    f"{piece.name}: adapters were fused into or unfused from its weights while they were kept "
+                    "compressed in host memory and not loaded, so the fuse read placeholders and its result is "
+                    "lost. Load the pipeline again; fuse before apply, or apply with compression='off' to fuse "
+                    "while live."
+                )
+        # Outside inference mode, whatever the caller runs in: the host copies made here are bound as weights.
+        with torch.inference_mode(False):
+            for piece in changes.dead:
+                if piece.encoded is not None:
+                    bind_decoded(piece)  # their bytes are read from here below, not from placeholders
+            nbytes = changes.new_bytes
+            if self.device.type != "cpu":
+                # Tensors bound to device copies are read back from them (a fuse may have written them in place).
+                self.mover.counters.bytes_d2h += sum(
+                    ref.nbytes
+                    for pieces in changes.new.values()
+                    for piece in pieces
+                    for ref in piece.refs
+                    if ref.current().device.type == self.device.type
+                )
+            # A compressed component stays compressed (a later plan may move any of its pieces compressed).
+            compressed = {p.component for p in changes.dead if p.encoded is not None}
+            encode = {id(p) for name, pieces in changes.new.items() if name in compressed for p in pieces}
+            filler = Filler(FileMap([]))  # the tensors' current values, never the checkpoint files' bytes
+            try:
+                for name, pieces in changes.new.items():
+                    # Read from the tensors as they are bound now: a fuse may have changed a device copy in place.
+                    self.store.pack(name, pieces, encode, filler)
+            finally:
+                filler.close()
+            self.hooks.remove()
+            self.pieces = changes.pieces
+            kept = self._teardown(plan)
+            # Dropping the old units pointed their tensors back at the old host copies: point them at the new.
+            for pieces in changes.new.values():
+                for piece in pieces:
+                    for ref in piece.refs:
+                        ref.bind(ref.host)
+            self.store.release(changes.dead)
+            self.signatures.update(changes.signatures)
+            self.mover.counters.repacked_bytes += nbytes
+            self.mover.counters.repacked_pieces += sum(len(p) for p in changes.new.values())
+            self.mover.trim_cache(0)
+            if plan is not None:
+                self._install(plan, kept)
+        return nbytes
+
+    def _loaded(self, piece: Piece) -> bool:
+        """Whether a unit holding ``piece`` is on the device now."""
+        return any(id(piece) in unit.extra.get("pieces", ()) and unit.on_device for unit in self.all_units())
 
     def all_units(self) -> list[Unit]:
         units = []

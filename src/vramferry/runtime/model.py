@@ -16,6 +16,7 @@ from torch import nn
 
 from ..errors import OffloadError
 from ..planning.schedule import Phase
+from .repack import signature
 from .store import Unit
 from .transfer import Mover
 
@@ -36,19 +37,6 @@ def _executing(ids: set[int]) -> bool:
     return False
 
 
-def merged_adapters(module: nn.Module) -> tuple:
-    """Which adapters are fused into which layers (peft's ``merged_adapters``), to notice a fuse or unfuse."""
-    return tuple(
-        (path, tuple(merged))
-        for path, sub in module.named_modules()
-        if isinstance(merged := getattr(sub, "merged_adapters", None), list) and merged
-    )
-
-
-def count_tensors(module: nn.Module) -> int:
-    return sum(1 for _ in module.parameters()) + sum(1 for _ in module.buffers())
-
-
 @dataclass(eq=False)
 class ComponentState:
     """A component at run time.
@@ -63,7 +51,7 @@ class ComponentState:
             :meth:`running_now`.
         entries: ids of the modules whose hooks count ``running``.
         engaged: the component has run since its swap part was loaded (exclusion already applied).
-        tensors: how many parameters and buffers the module held when its units were packed.
+        signature: the module's :func:`~vramferry.runtime.repack.signature` when its pieces were packed.
     """
 
     name: str
@@ -77,29 +65,17 @@ class ComponentState:
     entries: set[int] = field(default_factory=set)
     engaged: bool = False
     last_used: int = 0
-    tensors: int = -1
-    merged: tuple = ()
-
-    def __post_init__(self) -> None:
-        self.tensors = count_tensors(self.module)
-        self.merged = merged_adapters(self.module)
+    signature: tuple = ()
 
     def check_unchanged(self) -> None:
-        """Raise if tensors were added to or removed from the module since apply (an adapter loaded, a layer
-        replaced), or adapters were fused into or unfused from its weights: the host store holds the weights as
-        they were, and the change would be lost or never reach the device."""
-        now = count_tensors(self.module)
-        if now != self.tensors:
+        """Raise if the module's tensors changed since its pieces were packed (an adapter added, deleted, fused or
+        unfused, a layer replaced) and the change was not taken in: a pipeline call takes it in before it runs,
+        but a component called on its own would run on weights the host store does not hold."""
+        if signature(self.module) != self.signature:
             raise OffloadError(
-                f"{self.name}: it holds {now} parameters and buffers, {self.tensors} when offload was applied "
-                "(an adapter such as LoRA loaded, deleted or unloaded, or a layer replaced, while the handle was "
-                "live). Call handle.remove(), make the change, then apply again."
-            )
-        if merged_adapters(self.module) != self.merged:
-            raise OffloadError(
-                f"{self.name}: adapters were fused into or unfused from its weights (fuse_lora, unfuse_lora) while "
-                "the handle was live; the offloaded copies do not have the change. Call handle.remove(), fuse or "
-                "unfuse, then apply again."
+                f"{self.name}: its tensors changed while the handle was live (an adapter added, deleted, fused or "
+                "unfused, or a layer replaced) and it runs outside a pipeline call, which would have taken the "
+                "change in first. Call handle.refresh() after the change, before calling the component."
             )
 
     def running_now(self) -> bool:

@@ -495,6 +495,36 @@ class HostStore:
             )
             self._warned = True
 
+    def release(self, pieces: list[Piece]) -> None:
+        """Forget ``pieces`` (replaced by pieces packed again): an arena none of whose pieces is left is unpinned and
+        freed once the last view of it goes; one that still holds other pieces stays whole."""
+        gone = {id(piece) for piece in pieces}
+        kept = []
+        for arena, pinned, held in self._arenas:
+            left = [piece for piece in held if id(piece) not in gone]
+            if left:
+                kept.append((arena, pinned, left))
+                continue
+            size = arena.numel()
+            if pinned:
+                torch.cuda.cudart().cudaHostUnregister(arena.data_ptr())
+                self.pinned_bytes -= size
+            else:
+                self.pageable_bytes -= size
+            for piece in held:
+                if piece.encoded is not None:
+                    self.encoded_bytes -= size
+                    self.encoded_raw_bytes -= piece.nbytes
+        self._arenas = kept
+        for piece in self._mapped:
+            if id(piece) in gone:
+                self.mapped_bytes -= piece.nbytes
+        self._mapped = [piece for piece in self._mapped if id(piece) not in gone]
+        for piece in pieces:
+            piece.host = None
+            piece.encoded = None
+            piece.mapped = False
+
     def restore(self) -> None:
         """Give every tensor back its own storage on its original device and free the arenas one by one.
 

@@ -30,6 +30,8 @@ class TransferCounters:
     sync_loads: int = 0
     unplanned_phases: int = 0
     bytes_decoded: int = 0  # raw bytes that encoded pieces decoded to
+    repacked_bytes: int = 0  # raw bytes of pieces packed again after their tensors changed
+    repacked_pieces: int = 0
     copy_seconds: float = 0.0
     wait_seconds: float = 0.0
     # (start, end) CUDA events of copies not yet folded into copy_seconds

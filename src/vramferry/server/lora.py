@@ -1,8 +1,9 @@
 """LoRA adapters of a served pipeline: loading them before offload, and switching them between requests.
 
-Adapters are loaded with diffusers' ``pipeline.load_lora_weights`` before ``vramferry.apply`` (peft adds modules,
-which an applied offload does not allow). Switching weights afterwards only changes the adapters' scales
-(``set_adapters``, ``disable_lora``), which leaves the offload's placement alone.
+Adapters are loaded with diffusers' ``pipeline.load_lora_weights`` before ``vramferry.apply``, so that the host
+store is packed once with them (one loaded while live is packed again at the next request). Switching weights
+afterwards only changes the adapters' scales (``set_adapters``, ``disable_lora``), which leaves the offload's
+placement alone.
 """
 
 from __future__ import annotations
