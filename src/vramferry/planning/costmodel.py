@@ -322,11 +322,12 @@ COMPILED_BLOCK_FACTOR = 0.68
 # against 0.175 s in bf16. Formats not listed are estimated as bf16 until their blocks are measured.
 FORMAT_BLOCK_FACTORS = {"Float8Tensor weight-only": 1.55}
 
-# A quantized matmul dequantizes its weight first (torchao weight-only, GGUF, bitsandbytes 4-bit): two 16-bit
-# copies of the largest weight, (d + d_ffn) · d elements, in flight. Measured on an H200 (FLUX.1-sized, fp8
-# weight-only, auto at 8 GB): 0.48 GB allocated beyond the plan's peak when activations were counted at the
-# storage dtype's single byte; 16-bit activations (0.28 GB more) and this workspace (0.19 GB) account for it.
-DEQUANTIZED_BYTES_PER_ELEMENT = 4
+# A quantized matmul dequantizes its weight first (torchao weight-only, GGUF, bitsandbytes 4-bit): float32 and
+# 16-bit copies of the largest weight, (d + d_ffn) · d elements, of sizes unlike the activations', which the
+# caching allocator keeps cached beside them. Measured on an H200 (FLUX.1-sized, fp8 weight-only, auto at 8 GB),
+# with activations counted at the storage dtype's single byte: 0.48 GB allocated and 0.65 GB reserved beyond the
+# plan's peak. 16-bit activations (0.28 GB more) and this workspace (8 bytes per element, 0.38 GB) cover both.
+DEQUANTIZED_BYTES_PER_ELEMENT = 8
 
 
 def dequantize_workspace_bytes(size: ComponentSize) -> int:
