@@ -42,7 +42,8 @@ def test_without_a_host_limit_nothing_is_mapped():
     _inventory, the_plan = _flux_plan(mode="auto", vram_budget="16GiB")
     assert all(not any(c.mapped) for c in the_plan.components)
     assert the_plan.host_limit_bytes is None
-    assert not any(note.startswith("host:") for note in the_plan.notes)
+    (note,) = [n for n in the_plan.notes if n.startswith("host:")]
+    assert note.endswith("in the host store (no host_memory_limit)")
 
 
 def test_a_host_limit_maps_the_resident_pieces_first_and_costs_nothing_per_request():

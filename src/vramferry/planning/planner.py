@@ -42,7 +42,7 @@ from .plan import ComponentPlan, Placement, Plan
 from .policy import phase_of
 from .schedule import Movable, build_schedule
 from .search import depths, forced, plan_auto, uniform
-from .tiers import host_note, map_pieces
+from .tiers import host_bytes, host_note, map_pieces
 from .workload import Workload
 
 if TYPE_CHECKING:
@@ -329,7 +329,8 @@ def _with_host(
     slower, so it may keep other pieces resident), and the faster of the two is kept."""
     limit = _host_limit(ctx.config)
     if fixed is None and limit is None:
-        return ctx, choices, outcome, ()
+        held = format_size(host_bytes(ctx, choices))
+        return ctx, choices, outcome, (f"host: {held} in the host store (no host_memory_limit)",)
     flags, over = (dict(fixed), 0) if fixed is not None else map_pieces(ctx, choices, limit)
     if flags != ctx.mapped:
         base, ctx = ctx, _mapped_context(ctx, flags)
