@@ -14,6 +14,7 @@ from ..errors import OffloadError, PlanError
 from ..planning.plan import Plan
 from ..planning.planner import Placement
 from ..planning.policy import policy
+from ..units import format_bytes
 from .cache import CompressedCache
 from .codecs import Codec, Encoded
 from .files import FileMap
@@ -114,6 +115,12 @@ class Runtime:
         finally:
             filler.close()
         self.filled = filler
+        if self.store.unmappable_bytes:
+            logger.info(
+                "vramferry: %s that the plan leaves mapped in checkpoint files are not clean views of a file "
+                "(weights in memory, or converted on loading): packed into the host store instead",
+                format_bytes(self.store.unmappable_bytes),
+            )
         if cache is not None and coded:
             cache.report(self.store.encoded_pieces)
         logger.info("vramferry: host store filled: %s", filler.summary())

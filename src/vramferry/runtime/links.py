@@ -19,7 +19,6 @@ swapped DiT's) take the execution device's link alone.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -27,8 +26,6 @@ import torch
 
 from ..discovery.leaves import ALIGN
 from .store import Unit
-
-logger = logging.getLogger(__name__)
 
 
 def split_ranges(nbytes: int, shares: Sequence[float], align: int = ALIGN) -> list[tuple[int, int]]:
@@ -75,17 +72,17 @@ class Links:
         ]
         self.bytes_by_link = [0] * len(shares)
 
-    def copy(self, unit: Unit, buffer: torch.Tensor, copy_stream, after: object | None) -> list:
-        """Issue the helpers' slices of ``unit`` into ``buffer`` and the execution device's own slice on
-        ``copy_stream`` (current), after ``after`` (the slot is free); returns the helpers' events, which the copy
-        stream must wait for before the unit is ready."""
+    def copy(self, unit: Unit, buffer: torch.Tensor, after: object | None) -> list:
+        """Issue the helpers' slices of ``unit`` into ``buffer`` and the execution device's own slice on the
+        current stream (the copy stream), after ``after`` (the slot is free); returns the helpers' events, which
+        the copy stream must wait for before the unit is ready."""
         ranges = split_ranges(unit.nbytes, self.shares)
         events = []
-        for helper, (lo, hi) in zip(self.helpers, ranges[1:], strict=True):
+        for at, (helper, (lo, hi)) in enumerate(zip(self.helpers, ranges[1:], strict=True), start=1):
             if hi <= lo:
                 continue
             events.append(self._copy_slice(helper, unit, buffer, lo, hi, after))
-            self.bytes_by_link[1 + self.helpers.index(helper)] += hi - lo
+            self.bytes_by_link[at] += hi - lo
         lo, hi = ranges[0]
         if hi > lo:
             unit.copy_into(buffer, lo, hi, non_blocking=True)

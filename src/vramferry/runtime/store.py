@@ -30,10 +30,9 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from ..discovery.bnb import bind_state, held_of
-from ..discovery.leaves import Held, Layout, Leaf, Stateful, align, leaves, rebuild, view_in
+from ..discovery.leaves import Held, Layout, Leaf, Stateful, Wrapped, align, leaves, rebuild, view_in
 from ..units import format_bytes
 from .codecs import Codec, Encoded, encode_piece
 from .files import FileMap
@@ -78,7 +77,7 @@ class TensorRef:
                 param.data = tensor.data  # first: Int8Params' CB follows the data
                 bind_state(param, modules, tensor.state)
             return
-        inner = tensor.__tensor_flatten__()[0] if is_traceable_wrapper_subclass(tensor) else ()
+        inner = [name for name, _child in self.layout.inner] if isinstance(self.layout, Wrapped) else ()
         for param in self.params:
             param.data = tensor
             # A wrapper subclass parameter (torchao's) keeps its inner tensors as attributes of the Python

@@ -130,7 +130,7 @@ class Mover:
                 ready = self._copy_staged(unit, buffer)
             elif self.links is not None and slot is not None:
                 # Slices over the helpers' links too; the unit is ready once every slice has landed.
-                for landed in self.links.copy(unit, buffer, self.copy_stream, after):
+                for landed in self.links.copy(unit, buffer, after):
                     self.copy_stream.wait_event(landed)
                 ready = torch.cuda.Event(enable_timing=self.timing)
                 ready.record(self.copy_stream)
