@@ -13,6 +13,8 @@ in a fresh process, so its peak RSS is its own and a section that fails loses no
 Sections:
   raw_read        the files read start to end (one thread, 16 MiB reads; and 8 threads, 64 MiB reads): disk speed
   load            ``vramferry.load`` (page cache dropped), then one request on the GPU: times, peak RSS
+  load_small_pages  the same with the host store's arenas on 4 KiB pages (not transparent huge pages)
+  load_no_prefetch  the same without asking the kernel to read the files ahead while the modules are built
   load_warm       the same with the files already in the page cache
   baseline        ``from_pretrained`` + ``apply`` as before: every tensor copied through its mapping, one thread
   resident        (GPU) the whole pipeline resident on the GPU: one request, warmed up: the request to add to the
@@ -161,6 +163,7 @@ def _load(folder: Path, args, cold: bool, **changes) -> dict:
     import vramferry
 
     found: dict = {"cold": _drop_caches() if cold else False, "rss_after_imports_gb": _rss_gb()}
+    found["log"] = _capture_log()
     start = time.perf_counter()
     handle = vramferry.load(folder, _config(args).replace(**changes), dtype="bfloat16", progress=args.progress)
     found["load_s"] = time.perf_counter() - start
@@ -174,11 +177,39 @@ def _load(folder: Path, args, cold: bool, **changes) -> dict:
     found["compressed_from_cache"] = stats.compressed_from_cache
     found["compressed_at_apply"] = stats.compressed_at_apply
     found["host_compressed_bytes"] = stats.host_compressed_bytes
+    found["apply_seconds"] = stats.apply_seconds
     found["peak_rss_gb"] = _peak_rss_gb()
     return found
 
 
+def _capture_log() -> list[str]:
+    """vramferry's INFO lines from now on (where load and apply say what took the time), kept in a list."""
+    import logging
+
+    lines: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logger = logging.getLogger("vramferry")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    return lines
+
+
 def section_load(folder: Path, args) -> dict:
+    return _load(folder, args, cold=True)
+
+
+def section_load_small_pages(folder: Path, args) -> dict:
+    from vramferry.runtime import store
+
+    store.HUGE_PAGES = False
+    return _load(folder, args, cold=True)
+
+
+def section_load_no_prefetch(folder: Path, args) -> dict:
+    from vramferry.runtime import files
+
+    files.prefetch = lambda paths: None
     return _load(folder, args, cold=True)
 
 
@@ -227,8 +258,8 @@ def section_resident(folder: Path, args) -> dict:
         return {"skipped": "needs a GPU"}
     pipe = diffusers.DiffusionPipeline.from_pretrained(folder, dtype=torch.bfloat16).to("cuda")
     pipe.set_progress_bar_config(disable=True)
-    _request(pipe, args)  # warm-up: kernels, allocator
-    return {"request_s": _request(pipe, args), "steps": args.steps, "size": args.size}
+    first = _request(pipe, args)  # warm-up: kernels, allocator
+    return {"request_s": _request(pipe, args), "first_request_s": first, "steps": args.steps, "size": args.size}
 
 
 def section_apply_in_ram(folder: Path, args) -> dict:
@@ -379,6 +410,8 @@ def section_shared(folder: Path, args) -> dict:
 SECTIONS = {
     "raw_read": section_raw_read,
     "load": section_load,
+    "load_small_pages": section_load_small_pages,
+    "load_no_prefetch": section_load_no_prefetch,
     "load_warm": section_load_warm,
     "baseline": section_baseline,
     "resident": section_resident,
@@ -404,6 +437,11 @@ def _summarise(results: dict, weights: int) -> dict:
     if "raw_s" in raw and "load_to_first_request_end_s" in load:
         target = raw["raw_s"] + (resident or 0.0)
         summary["load_to_first_request_over_raw_plus_resident"] = load["load_to_first_request_end_s"] / target
+        first = results.get("resident", {}).get("first_request_s")
+        if first is not None:  # the resident pipeline's first request in its process: kernels loaded, allocator
+            summary["load_to_first_request_over_raw_plus_first_resident"] = load["load_to_first_request_end_s"] / (
+                raw["raw_s"] + first
+            )
     return summary
 
 
@@ -414,7 +452,7 @@ def main() -> None:
     parser.add_argument("--folder", required=True, type=Path, help="pipeline folder (written when missing)")
     parser.add_argument("--cpu", action="store_true", help="no GPU: offload to the CPU, no requests")
     parser.add_argument("--blocks", type=int, default=6, help="--cpu: transformer blocks at FLUX.1's width")
-    parser.add_argument("--sections", default=",".join(list(SECTIONS)[:6]), help=f"of {', '.join(SECTIONS)}")
+    parser.add_argument("--sections", default="raw_read,load,load_warm,baseline,resident,apply_in_ram", help=f"of {', '.join(SECTIONS)}")
     parser.add_argument(
         "--mode", default=None, help="offload mode (default: auto on the GPU, layerwise on the CPU)"
     )

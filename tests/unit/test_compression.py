@@ -81,6 +81,18 @@ def test_estimated_ratio_needs_readable_weights():
     assert estimated_ratio([noise]) > 0.95  # incompressible bytes are not promised a gain
 
 
+def test_estimated_ratio_of_many_tensors_follows_their_bytes():
+    # Far more words than the sample holds: windows spread over all the bytes, so a component whose bytes are
+    # half noise is estimated between the two, as its codec compresses it.
+    weights = [_weights(1 << 16, seed=i) for i in range(48)]
+    noise = [torch.randint(0, 2**15, (1 << 16,), dtype=torch.int16).view(torch.bfloat16) for _ in range(48)]
+    mixed = [t for pair in zip(weights, noise, strict=True) for t in pair]
+    whole = ZstdPlanes().encode(_raw(torch.cat(mixed))).ratio
+    estimate = estimated_ratio(mixed)
+    assert estimated_ratio(weights) < estimate < estimated_ratio(noise)
+    assert abs(estimate - whole) < 0.05
+
+
 def test_codec_rejects_odd_or_typed_input():
     with pytest.raises(ValueError, match="even length"):
         ZstdPlanes().encode(torch.zeros(7, dtype=torch.uint8))

@@ -286,17 +286,20 @@ def _joined(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
     return first.as_strided((first.numel() + second.numel(),), (1,), first.storage_offset())
 
 
-def host_buffer(nbytes: int) -> torch.Tensor:
-    """``nbytes`` of page-aligned host memory, backed by transparent huge pages where the kernel offers them.
+#: Back arenas with transparent huge pages (``madvise``). On the H200 machine an 8 GiB arena faults in at
+#: 33-37 GB/s on huge pages against 16-22 GB/s on 4 KiB pages, and page-locks in 0.02 s/GB against 0.05-0.08
+#: s/GB; copies to the GPU run at the same 55 GB/s from both.
+HUGE_PAGES = True
 
-    Huge pages mean 512x fewer page-table (and IOMMU) entries for the copy engine to walk when it streams tens
-    of GB; where ``madvise`` is unsupported, ordinary pages are used.
-    """
+
+def host_buffer(nbytes: int) -> torch.Tensor:
+    """``nbytes`` of page-aligned host memory (an anonymous mapping), on transparent huge pages with
+    :data:`HUGE_PAGES`."""
     try:
         region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     except (OSError, ValueError, AttributeError):
         return torch.empty(nbytes, dtype=torch.uint8)
-    if hasattr(mmap, "MADV_HUGEPAGE"):
+    if HUGE_PAGES and hasattr(mmap, "MADV_HUGEPAGE"):
         try:
             region.madvise(mmap.MADV_HUGEPAGE)
         except OSError:
