@@ -64,7 +64,7 @@ def plan_apply(
     clock.lap("device")
     work = workload if workload is not None else default_workload(inventory)
     coding = select_codec(config.compression, device, modules)
-    clock.lap("compression estimate")
+    clock.lap("codec")  # the weights are sampled for their ratios during planning, where a plan needs them
     if profile is not None and coding.codec is not None and coding.codec.device_type == "cuda":
         profile = _with_decode_speed(profile, coding.codec, device, name, measured)
     clock.lap("decode probe")

@@ -25,9 +25,9 @@ class OffloadStats:
             says how to give the order).
         peak_allocated, peak_reserved: device memory peaks in bytes (``torch.cuda``), 0 on CPU.
         host_pinned_bytes, host_pageable_bytes: where the canonical host copies live.
-        apply_seconds: where ``apply`` spent its time: discovery, the device's bandwidth probe, the compression
-            estimate, the decode probe, planning, the host store (filling it and page-locking it, within), device
-            loads and hooks.
+        apply_seconds: where ``apply`` spent its time: discovery, the device's bandwidth probe, the codec's
+            choice, the decode probe, planning (sampling the weights' compressibility where a plan would move
+            weights), the host store (filling it and page-locking it, within), device loads and hooks.
         link_bytes: with ``helper_devices``, the bytes copied into streaming slots over each link: the execution
             device's own, then each helper's; empty without helpers.
         host_mapped_bytes: bytes left as views of their checkpoint files (``host_memory_limit`` below the

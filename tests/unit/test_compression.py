@@ -248,6 +248,26 @@ def test_planner_compresses_flux_streaming_and_leaves_wan_at_81_frames_raw():
     assert any(n.startswith("compression: off, no predicted gain") for n in kept.notes)
 
 
+class _Unread(dict):
+    """Ratios that fail the test when looked at."""
+
+    def __len__(self):
+        raise AssertionError("the ratios were read")
+
+    __iter__ = __getitem__ = __contains__ = __len__
+
+
+def test_auto_with_every_weight_resident_never_samples_the_weights():
+    flux = get_arch("flux1-dev")
+    roomy = plan(flux.inventory(), OffloadConfig(), device=H200, workload=flux.with_workload(),
+                 compression_ratios=_Unread())  # fmt: skip
+    assert all(c.placement == "resident" and c.codec == "raw" for c in roomy.components)
+    assert "compression: off, every weight stays resident" in roomy.notes
+    with pytest.raises(AssertionError, match="ratios were read"):  # a plan that moves weights reads them
+        plan(flux.inventory(), OffloadConfig(vram_budget="16GB"), device=H200, workload=flux.with_workload(),
+             compression_ratios=_Unread())  # fmt: skip
+
+
 def test_resident_pieces_are_never_compressed():
     flux = get_arch("flux1-dev")
     config = OffloadConfig(mode="none", compression="lossless")

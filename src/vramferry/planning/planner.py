@@ -366,6 +366,9 @@ def _with_codec(
         lossless or measured is not None and wanted(config.compression, True)
     ):
         return ctx, choices, outcome, ()
+    if not lossless and all(c.placement is _R and _S not in c.blocks and _T not in c.blocks for c in choices.values()):
+        # Nothing crosses the link per request: no gain to predict, and the weights' histograms go unread.
+        return ctx, choices, outcome, ("compression: off, every weight stays resident",)
     estimate = codec_estimate(ctx.inventory, measured)
     if not estimate.ratios:
         return ctx, choices, outcome, ("compression: off (no component of 16-bit or 32-bit plain weights)",)

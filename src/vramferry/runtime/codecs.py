@@ -21,7 +21,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -385,6 +385,29 @@ def _sample_windows(planes: list[torch.Tensor]) -> list[tuple[torch.Tensor, int]
     return found
 
 
+class EstimatedRatios(Mapping):
+    """:func:`estimated_ratios` of ``modules``, read from the weights when first looked at (a plan that moves no
+    weight never looks, and a cold checkpoint's pages stay unread)."""
+
+    def __init__(self, modules) -> None:
+        self._modules = modules
+        self._found: dict[str, float] | None = None
+
+    def _ratios(self) -> dict[str, float]:
+        if self._found is None:
+            self._found = estimated_ratios(self._modules)
+        return self._found
+
+    def __getitem__(self, name: str) -> float:
+        return self._ratios()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._ratios())
+
+    def __len__(self) -> int:
+        return len(self._ratios())
+
+
 def estimated_ratios(modules) -> dict[str, float]:
     """Per component of ``modules`` (a :class:`~vramferry.discovery.modules.PipelineModules`), its estimated
     ratio (:func:`estimated_ratio`); components whose weights cannot be read are left out."""
@@ -403,7 +426,7 @@ class CodecChoice:
     (``None``: the planner does not consider compression), and why no codec runs where ``auto`` might want one."""
 
     codec: Codec | None
-    ratios: dict[str, float] | None
+    ratios: Mapping[str, float] | None
     missing: str | None = None
 
 
@@ -422,4 +445,4 @@ def select_codec(compression, device: torch.device, modules) -> CodecChoice:
         if value == "lossless":
             raise
         return CodecChoice(None, None, str(err))
-    return CodecChoice(codec, estimated_ratios(modules))
+    return CodecChoice(codec, EstimatedRatios(modules))
