@@ -29,8 +29,9 @@ def load(
     """Load a diffusers pipeline and offload it, its weights read from the checkpoint files into the host store.
 
     diffusers builds the pipeline's modules on the meta device and binds each weight to a memory-mapped view of
-    its safetensors file, reading nothing, while the kernel is asked to start reading a local folder's files
-    (when they fit in the available memory). The host store is then filled straight from the files, with large
+    its safetensors file, reading nothing (diffusers' own models get views that touch no page; transformers'
+    models are read in part as transformers builds them), while the kernel is asked to start reading a local
+    folder's files (when they fit in the available memory). The host store is then filled straight from the files, with large
     reads on several threads, at the disk's speed: the weights are never copied in memory on the way, and the
     mapped file pages never count in the process's memory. Weights converted on loading (a ``dtype`` other than
     the files') are copied from memory instead.
@@ -55,7 +56,7 @@ def load(
     """
     from .pipelines.loading import load_pipeline
     from .runtime.cache import prefetch_paths
-    from .runtime.files import prefetch
+    from .runtime.files import prefetch, untouched_safetensors
 
     start = time.perf_counter()
     if model is not None and Path(model).expanduser().is_dir():
@@ -67,7 +68,9 @@ def load(
         if str(wanted.compression) != "off":
             paths = prefetch_paths(folder, wanted.compression_cache, wanted.device.type)
         prefetch(paths if paths is not None else [str(p) for p in sorted(folder.rglob("*.safetensors"))])
-    pipeline = load_pipeline(model, dtype=dtype, variant=variant)
+    # The modules read none of their weights: the host store reads them from the files, in order, once.
+    with untouched_safetensors():
+        pipeline = load_pipeline(model, dtype=dtype, variant=variant)
     built = time.perf_counter()
     handle = apply(pipeline, config, workload=workload, progress=progress, **changes)
     logger.info(

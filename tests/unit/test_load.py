@@ -324,3 +324,68 @@ def test_stats_say_where_apply_spent_its_time(saved_flux_dir):
     assert all(value >= 0 for value in seconds.values())
     assert seconds["of which filling"] <= seconds["host store"]
     assert seconds["of which filling"] == pytest.approx(handle.stats().host_fill_seconds, abs=1e-3)
+
+
+# --- building the modules without reading their weights ---------------------------------------------------------
+
+
+def _resident_kib(folder) -> int:
+    """KiB of ``folder``'s file pages mapped into this process (pages some code touched)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            head = line.split(maxsplit=1)[0]
+            if "-" in head and not head.endswith(":"):
+                inside = str(folder) in line
+            elif inside and line.startswith("Rss:"):
+                total += int(line.split()[1])
+    return total
+
+
+@pytest.mark.parametrize("untouched", [False, True])
+def test_a_model_built_for_load_touches_none_of_its_file(saved_flux_dir, untouched):
+    from diffusers import FluxTransformer2DModel
+
+    if not os.path.exists("/proc/self/smaps"):
+        pytest.skip("needs /proc/self/smaps (Linux) to see which file pages are mapped")
+    from safetensors.torch import load
+
+    folder = saved_flux_dir / "transformer"
+    (weights,) = folder.glob("*.safetensors")
+    expected = load(weights.read_bytes())  # read, not mapped
+    gc.collect()
+    if untouched:
+        with files.untouched_safetensors():
+            model = FluxTransformer2DModel.from_pretrained(folder)
+        assert _resident_kib(folder) == 0  # the host store reads the bytes from the file, in order
+    else:
+        model = FluxTransformer2DModel.from_pretrained(folder)
+        assert _resident_kib(folder) > 0  # safetensors' loader touches every tensor it returns
+    assert expected.keys() <= model.state_dict().keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(model.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
+
+
+def test_files_the_reader_cannot_map_are_loaded_by_safetensors(tmp_path):
+    import json
+    import struct
+
+    from safetensors.torch import load_file, save_file
+
+    good = str(tmp_path / "good.safetensors")
+    save_file({"w": torch.arange(6, dtype=torch.float32).reshape(2, 3)}, good)
+    header = json.dumps({"w": {"dtype": "F8_E8M0", "shape": [4], "data_offsets": [0, 4]}}).encode()
+    odd = str(tmp_path / "odd.safetensors")
+    with open(odd, "wb") as f:
+        f.write(struct.pack("<Q", len(header)) + header + bytes(4))
+    assert files.map_safetensors(odd) is None  # a dtype this reader does not know
+    assert files.map_safetensors(str(tmp_path / "missing.safetensors")) is None
+    mapped = files.map_safetensors(good)
+    torch.testing.assert_close(mapped["w"], torch.arange(6, dtype=torch.float32).reshape(2, 3), rtol=0, atol=0)
+    with files.untouched_safetensors():
+        import safetensors.torch as st
+
+        assert st.load_file is not load_file
+        torch.testing.assert_close(st.load_file(good)["w"], mapped["w"], rtol=0, atol=0)
+        assert st.load_file(odd)["w"].dtype == load_file(odd)["w"].dtype  # safetensors' own loader
+    assert st.load_file is load_file

@@ -16,10 +16,15 @@ the tensor as before. Where ``/proc`` is missing (not Linux), nothing is read fr
 from __future__ import annotations
 
 import bisect
+import contextlib
 import ctypes
+import json
+import mmap
 import os
 import re
+import struct
 import threading
+import warnings
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -326,3 +331,75 @@ def prefetch(paths: list[str]) -> threading.Thread | None:
     thread = threading.Thread(target=advise, name="vramferry-prefetch", daemon=True)
     thread.start()
     return thread
+
+
+#: safetensors dtype names, as torch dtypes.
+SAFETENSORS_DTYPES = {
+    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "U16": torch.uint16,
+    "F16": torch.float16, "BF16": torch.bfloat16, "I32": torch.int32, "U32": torch.uint32, "F32": torch.float32,
+    "F64": torch.float64, "I64": torch.int64, "U64": torch.uint64, "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}  # fmt: skip
+
+
+def map_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor] | None:
+    """The tensors of a safetensors file as views of one private mapping of it, touching none of their pages.
+
+    safetensors' own loader touches every tensor it returns, and the kernel reads ahead around each touch
+    (megabytes at a time, one tensor after another), so building a model from its mapping reads much of the file
+    in scattered pieces before anything asks for it. These views read nothing until used; the host store then
+    reads their bytes from the file with large parallel reads. A write to one makes a private copy of the page
+    (the mapping is copy-on-write), as with safetensors' mapping.
+
+    Returns:
+        Name to tensor, or ``None`` when the file is not one this reader handles (a dtype it does not know, a
+        malformed header, an unaligned tensor): the caller then loads it as before.
+    """
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > size - 8:
+                return None
+            header = json.loads(f.read(length))
+            region = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        base, found = 8 + length, {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # frombuffer keeps a reference to the mapping; nothing is copied
+            for name, entry in header.items():
+                if name == "__metadata__":
+                    continue
+                dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+                begin, end = entry["data_offsets"]
+                if not 0 <= begin <= end <= size - base:
+                    return None
+                if begin == end:
+                    found[name] = torch.empty(entry["shape"], dtype=dtype)
+                    continue
+                raw = torch.frombuffer(region, dtype=torch.uint8, count=end - begin, offset=base + begin)
+                found[name] = raw.view(dtype).reshape(entry["shape"])
+        return found
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, struct.error):
+        return None
+
+
+@contextlib.contextmanager
+def untouched_safetensors():
+    """While it lasts, ``safetensors.torch.load_file`` (diffusers' loader for its models' weights) returns the
+    untouched views of :func:`map_safetensors` for files on the CPU, and safetensors' own tensors for the rest."""
+    try:
+        import safetensors.torch as st
+    except ImportError:
+        yield
+        return
+    original = st.load_file
+
+    def load_file(filename, device="cpu", **kwargs):
+        mapped = map_safetensors(filename) if str(device) == "cpu" and not kwargs else None
+        return mapped if mapped is not None else original(filename, device=device, **kwargs)
+
+    st.load_file = load_file
+    try:
+        yield
+    finally:
+        st.load_file = original
