@@ -343,27 +343,30 @@ def _resident_kib(folder) -> int:
 
 
 @pytest.mark.parametrize("untouched", [False, True])
-def test_a_model_built_for_load_touches_none_of_its_file(saved_flux_dir, untouched):
-    from diffusers import FluxTransformer2DModel
+@pytest.mark.parametrize("component", ["transformer", "text_encoder_2"])  # a diffusers and a transformers model
+def test_a_model_built_for_load_touches_none_of_its_file(saved_flux_dir, component, untouched):
+    import diffusers
+    import transformers
+    from safetensors.torch import load
 
     if not os.path.exists("/proc/self/smaps"):
         pytest.skip("needs /proc/self/smaps (Linux) to see which file pages are mapped")
-    from safetensors.torch import load
-
-    folder = saved_flux_dir / "transformer"
+    folder = saved_flux_dir / component
+    cls = {"transformer": diffusers.FluxTransformer2DModel, "text_encoder_2": transformers.T5EncoderModel}[component]
     (weights,) = folder.glob("*.safetensors")
     expected = load(weights.read_bytes())  # read, not mapped
     gc.collect()
     if untouched:
         with files.untouched_safetensors():
-            model = FluxTransformer2DModel.from_pretrained(folder)
+            model = cls.from_pretrained(folder)
         assert _resident_kib(folder) == 0  # the host store reads the bytes from the file, in order
     else:
-        model = FluxTransformer2DModel.from_pretrained(folder)
-        assert _resident_kib(folder) > 0  # safetensors' loader touches every tensor it returns
-    assert expected.keys() <= model.state_dict().keys()
+        model = cls.from_pretrained(folder)
+        assert _resident_kib(folder) > 0  # safetensors' readers touch every tensor they return
+    state = model.state_dict()
+    assert expected.keys() <= state.keys()
     for name, tensor in expected.items():
-        torch.testing.assert_close(model.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(state[name], tensor, rtol=0, atol=0, msg=name)
 
 
 def test_files_the_reader_cannot_map_are_loaded_by_safetensors(tmp_path):

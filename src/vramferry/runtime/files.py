@@ -383,23 +383,67 @@ def map_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor] | None:
         return None
 
 
+class _UntouchedFile:
+    """A ``safe_open`` handle whose tensors and slices are the untouched views of :func:`map_safetensors`."""
+
+    def __init__(self, opened: object, views: dict[str, torch.Tensor]) -> None:
+        self._opened = opened
+        self._views = views
+
+    def get_slice(self, name: str) -> torch.Tensor:
+        return self._views[name]  # a tensor slices as safetensors' lazy slice does (``[...]``, ``[a:b]``)
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        return self._views[name]
+
+    def __getattr__(self, name: str):
+        return getattr(self._opened, name)
+
+    def __enter__(self) -> _UntouchedFile:
+        return self
+
+    def __exit__(self, *exc) -> object:
+        return self._opened.__exit__(*exc)
+
+
 @contextlib.contextmanager
 def untouched_safetensors():
-    """While it lasts, ``safetensors.torch.load_file`` (diffusers' loader for its models' weights) returns the
-    untouched views of :func:`map_safetensors` for files on the CPU, and safetensors' own tensors for the rest."""
+    """While it lasts, the safetensors readers diffusers and transformers build their models with return the
+    untouched views of :func:`map_safetensors` for files read on the CPU: ``safetensors.torch.load_file`` (diffusers)
+    and the ``safe_open`` transformers' model loader opens each shard with. Files the reader does not handle, other
+    devices and other options go to safetensors as before. Not thread-safe: meant for a process loading a pipeline."""
+    patched: list[tuple[object, str, object]] = []
     try:
         import safetensors.torch as st
     except ImportError:
         yield
         return
-    original = st.load_file
+    original_load_file = st.load_file
 
     def load_file(filename, device="cpu", **kwargs):
         mapped = map_safetensors(filename) if str(device) == "cpu" and not kwargs else None
-        return mapped if mapped is not None else original(filename, device=device, **kwargs)
+        return mapped if mapped is not None else original_load_file(filename, device=device, **kwargs)
 
-    st.load_file = load_file
+    patched.append((st, "load_file", load_file))
+    try:
+        import transformers.modeling_utils as transformers_loading
+    except ImportError:  # transformers is optional
+        transformers_loading = None
+    original_open = getattr(transformers_loading, "safe_open", None)
+    if original_open is not None:
+
+        def safe_open(filename, framework="pt", device="cpu", **kwargs):
+            opened = original_open(filename, framework=framework, device=device, **kwargs)
+            on_cpu = framework in ("pt", "torch") and str(device) == "cpu" and kwargs.get("backend", "mmap") == "mmap"
+            views = map_safetensors(filename) if on_cpu else None
+            return _UntouchedFile(opened, views) if views is not None else opened
+
+        patched.append((transformers_loading, "safe_open", safe_open))
+    originals = [(owner, name, getattr(owner, name)) for owner, name, _ in patched]
+    for owner, name, replacement in patched:
+        setattr(owner, name, replacement)
     try:
         yield
     finally:
-        st.load_file = original
+        for owner, name, original in originals:
+            setattr(owner, name, original)
