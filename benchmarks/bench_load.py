@@ -285,6 +285,7 @@ def section_apply_in_ram(folder: Path, args) -> dict:
         handle = vramferry.apply(pipe, _config(args))
         found[f"{label}_apply_s"] = time.perf_counter() - start
         found[f"{label}_fill_s"] = handle.stats().host_fill_seconds
+        found[f"{label}_apply_seconds"] = handle.stats().apply_seconds
         found["host_bytes"] = handle.stats().host_pageable_bytes + handle.stats().host_pinned_bytes
         handle.remove()
         if label == "one_thread":
