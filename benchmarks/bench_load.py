@@ -20,6 +20,8 @@ Sections:
   resident        (GPU) the whole pipeline resident on the GPU: one request, warmed up: the request to add to the
                   raw read time
   apply_in_ram    the pipeline already in memory (not file-backed): ``apply`` packing, threaded vs one thread
+  build           each component built as ``load`` builds it (page cache dropped, no prefetch): seconds each, and
+                  the GB of its files it touched
   compress        ``vramferry compress`` of the transformer (lossless: every block; the compressed cache beside it)
   load_compressing  ``vramferry.load`` in layerwise mode with compression, the cache off: compressed at apply
   load_cached     the same reading the compressed cache: no raw bytes read, nothing compressed at apply
@@ -294,6 +296,45 @@ def section_apply_in_ram(folder: Path, args) -> dict:
     return found
 
 
+def _file_rss_gb(folder: Path) -> float:
+    """GB of ``folder``'s file pages mapped into this process (pages something touched)."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split(maxsplit=1)[0] if line else ""
+        if "-" in head and not head.endswith(":"):
+            inside = str(folder) in line
+        elif inside and line.startswith("Rss:"):
+            total += int(line.split()[1]) * 1024
+    return total / GB
+
+
+def section_build(folder: Path, args) -> dict:
+    """Each component built as ``load`` builds it (untouched views of its files), one at a time, page cache
+    dropped and no prefetch: seconds per component, and how much of its files it touched."""
+    import importlib
+
+    import torch
+
+    from vramferry.runtime.files import untouched_safetensors
+
+    index = json.loads((folder / "model_index.json").read_text())
+    found: dict = {"cold": _drop_caches()}
+    kept = []
+    for name, entry in index.items():
+        if name.startswith("_") or not isinstance(entry, list) or entry[0] is None:
+            continue
+        library, cls_name = entry
+        cls = getattr(importlib.import_module(library), cls_name)
+        kwargs = {"torch_dtype": torch.bfloat16} if issubclass(cls, torch.nn.Module) else {}
+        start = time.perf_counter()
+        with untouched_safetensors():
+            kept.append(cls.from_pretrained(folder / name, **kwargs))
+        found[f"{name}_s"] = round(time.perf_counter() - start, 3)
+        found[f"{name}_file_rss_gb"] = round(_file_rss_gb(folder / name), 3)
+    found["peak_rss_gb"] = _peak_rss_gb()
+    return found
+
+
 def section_compress(folder: Path, args) -> dict:
     import vramferry
 
@@ -417,6 +458,7 @@ SECTIONS = {
     "baseline": section_baseline,
     "resident": section_resident,
     "apply_in_ram": section_apply_in_ram,
+    "build": section_build,
     "compress": section_compress,
     "load_compressing": section_load_compressing,
     "load_cached": section_load_cached,
