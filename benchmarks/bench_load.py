@@ -161,10 +161,25 @@ def _request(pipe, args) -> float:
     return time.perf_counter() - start
 
 
+def _import_classes(folder: Path) -> float:
+    """Import the libraries and classes the pipeline is built from (seconds): a process serving a model has its
+    code loaded, and the page cache dropped after would leave the imports reading the libraries from disk."""
+    import importlib
+
+    start = time.perf_counter()
+    importlib.import_module("transformers.modeling_utils")
+    for name, entry in json.loads((folder / "model_index.json").read_text()).items():
+        if not name.startswith("_") and isinstance(entry, list) and entry[0] is not None:
+            getattr(importlib.import_module(entry[0]), entry[1])
+    return time.perf_counter() - start
+
+
 def _load(folder: Path, args, cold: bool, **changes) -> dict:
     import vramferry
 
+    imports = _import_classes(folder)
     found: dict = {"cold": _drop_caches() if cold else False, "rss_after_imports_gb": _rss_gb()}
+    found["imports_s"] = round(imports, 3)
     found["log"] = _capture_log()
     start = time.perf_counter()
     handle = vramferry.load(folder, _config(args).replace(**changes), dtype="bfloat16", progress=args.progress)
@@ -311,14 +326,17 @@ def _file_rss_gb(folder: Path) -> float:
 def section_build(folder: Path, args) -> dict:
     """Each component built as ``load`` builds it (untouched views of its files), one at a time, page cache
     dropped and no prefetch: seconds per component, and how much of its files it touched."""
+    import cProfile
     import importlib
+    import io
+    import pstats
 
     import torch
 
     from vramferry.runtime.files import untouched_safetensors
 
     index = json.loads((folder / "model_index.json").read_text())
-    found: dict = {"cold": _drop_caches()}
+    found: dict = {"imports_s": round(_import_classes(folder), 3), "cold": _drop_caches()}
     kept = []
     for name, entry in index.items():
         if name.startswith("_") or not isinstance(entry, list) or entry[0] is None:
@@ -326,10 +344,17 @@ def section_build(folder: Path, args) -> dict:
         library, cls_name = entry
         cls = getattr(importlib.import_module(library), cls_name)
         kwargs = {"torch_dtype": torch.bfloat16} if issubclass(cls, torch.nn.Module) else {}
+        profile = cProfile.Profile()
         start = time.perf_counter()
         with untouched_safetensors():
+            profile.enable()
             kept.append(cls.from_pretrained(folder / name, **kwargs))
+            profile.disable()
         found[f"{name}_s"] = round(time.perf_counter() - start, 3)
+        if found[f"{name}_s"] > 1.0:  # where a slow one spent its time
+            text = io.StringIO()
+            pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(12)
+            found[f"{name}_profile"] = [line for line in text.getvalue().splitlines() if line.strip()][-13:]
         found[f"{name}_file_rss_gb"] = round(_file_rss_gb(folder / name), 3)
     found["peak_rss_gb"] = _peak_rss_gb()
     return found

@@ -107,8 +107,9 @@ class Runtime:
             bar = progress_bar(total, progress)
             filler.progress = bar.update if bar is not None else None
             try:
-                for name, pieces in groups:
-                    self.store.pack(name, pieces, encode, filler, cached, mapped)
+                with self.store.pinning_in_background():
+                    for name, pieces in groups:
+                        self.store.pack(name, pieces, encode, filler, cached, mapped)
             finally:
                 if bar is not None:
                     bar.close()

@@ -22,10 +22,12 @@ names any module that tries).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import mmap
 import time
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -339,6 +341,31 @@ class HostStore:
         self.encoded_pieces = 0  # encoded pieces compressed here
         self._arenas: list[tuple[torch.Tensor, bool, list[Piece]]] = []
         self._warned = False
+        self._pinner: ThreadPoolExecutor | None = None  # page-locks filled arenas while the next one fills
+        self._pinning: list[Future] = []
+
+    @contextlib.contextmanager
+    def pinning_in_background(self):
+        """While it lasts, each arena :meth:`pack` fills is page-locked on a background thread while the next
+        one is filled (page-locking 34 GB takes about a second); on exit every arena is page-locked, or kept
+        pageable with its warning. Arenas are page-locked in the order they were filled."""
+        if not self.pin or self._pinner is not None:
+            yield
+            return
+        device = torch.cuda.current_device()  # the worker page-locks for the same device as this thread would
+        self._pinner = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="vramferry-pin", initializer=torch.cuda.set_device, initargs=(device,)
+        )
+        try:
+            yield
+        finally:
+            pinner, pending = self._pinner, self._pinning
+            self._pinner, self._pinning = None, []
+            try:
+                for future in pending:
+                    future.result()
+            finally:
+                pinner.shutdown(wait=True)
 
     def pack(
         self,
@@ -407,12 +434,23 @@ class HostStore:
         filler.fill(raw)
         # Page-locked once filled: the fill's threads fault the fresh pages in (the kernel zeroes each on its first
         # touch), where registering first would fault them all in on this one thread.
-        pinned = self._register(arena, name)
-        self._arenas.append((arena, pinned, raw))
-        if pinned:
-            self.pinned_bytes += total
+        self._hold(name, arena, raw)
+
+    def _hold(self, name: str, arena: torch.Tensor, pieces: list[Piece]) -> None:
+        """Keep ``arena`` (holding ``pieces``), page-locked where it can be: on the background thread while
+        :meth:`pinning_in_background` lasts (which then alone counts the pinned bytes), else now."""
+        if self._pinner is not None:
+            self._pinning.append(self._pinner.submit(self._keep_arena, name, arena, pieces))
         else:
-            self.pageable_bytes += total
+            self._keep_arena(name, arena, pieces)
+
+    def _keep_arena(self, name: str, arena: torch.Tensor, pieces: list[Piece]) -> None:
+        pinned = self._register(arena, name)
+        self._arenas.append((arena, pinned, pieces))
+        if pinned:
+            self.pinned_bytes += arena.numel()
+        else:
+            self.pageable_bytes += arena.numel()
 
     def _pack_encoded(self, name: str, pieces: list[Piece], filler: Filler, cached: dict[int, Encoded]) -> None:
         """Keep the cached pieces' bytes, and encode the others a batch at a time (their raw bytes filled into a
@@ -457,12 +495,7 @@ class HostStore:
             ref.host = placeholder(ref.shape, ref.dtype)
             ref.bind(ref.host)
         buffer = encoded.payload
-        pinned = self._register(buffer, name)
-        self._arenas.append((buffer, pinned, [piece]))
-        if pinned:
-            self.pinned_bytes += buffer.numel()
-        else:
-            self.pageable_bytes += buffer.numel()
+        self._hold(name, buffer, [piece])
         self.encoded_raw_bytes += piece.nbytes
         self.encoded_bytes += buffer.numel()
 
