@@ -217,9 +217,9 @@ def section_load(folder: Path, args) -> dict:
 
 
 def section_load_small_pages(folder: Path, args) -> dict:
-    from vramferry.runtime import store
+    from vramferry.runtime import arenas
 
-    store.HUGE_PAGES = False
+    arenas.HUGE_PAGES = False
     return _load(folder, args, cold=True)
 
 

@@ -93,7 +93,7 @@ def bandwidth() -> float:
     """Host->device GB/s from 2 GiB buffers: pinned (cudaHostAlloc), pageable, and registered in place the way
     the host store does it (with and without transparent huge pages); then the same over 8 GiB, where page
     tables stop fitting in the IOMMU's caches."""
-    from vramferry.runtime.store import host_buffer
+    from vramferry.runtime.arenas import host_buffer
 
     def registered(n: int, huge: bool) -> torch.Tensor:
         buf = host_buffer(n) if huge else torch.empty(n, dtype=torch.uint8)

@@ -28,8 +28,8 @@ GB = bench.GB
 
 
 def primitives(s: str) -> None:
+    from vramferry.runtime.arenas import host_buffer
     from vramferry.runtime.fill import default_threads
-    from vramferry.runtime.store import host_buffer
 
     n = 4 << 30
     t0 = time.perf_counter()

@@ -449,7 +449,7 @@ def apply(
         **planning.seconds,
         "host store": round(runtime.pack_seconds, 4),
         "of which filling": round(runtime.filled.seconds, 4),
-        "of which page-locking": round(runtime.store.register_seconds, 4),
+        "of which page-locking": round(runtime.store.locker.seconds, 4),
         "device loads and hooks": round(time.perf_counter() - start - runtime.pack_seconds, 4),
     }
     reads = (

@@ -23,11 +23,12 @@ import torch
 
 from .config import Compression, OffloadConfig
 from .errors import LoadError, OffloadError
+from .runtime.arenas import host_buffer
 from .runtime.cache import CompressedCache, FileIdentity, default_cache_dir, file_identity, raw_digest
 from .runtime.codecs import Codec, encode_piece
 from .runtime.files import FileMap, Region
 from .runtime.fill import Filler, progress_bar
-from .runtime.store import ENCODE_BATCH_BYTES, Piece, host_buffer
+from .runtime.store import ENCODE_BATCH_BYTES, Piece
 
 logger = logging.getLogger(__name__)
 

@@ -36,9 +36,10 @@ import torch
 
 from ..errors import LoadError
 from ..planning.codec import CHUNK_BYTES
+from .arenas import host_buffer
 from .codecs import Chunk, Codec, Encoded
 from .files import FileMap, FileReader, Region
-from .store import Piece, host_buffer
+from .store import Piece
 
 logger = logging.getLogger(__name__)
 

@@ -107,7 +107,7 @@ class Runtime:
             bar = progress_bar(total, progress)
             filler.progress = bar.update if bar is not None else None
             try:
-                with self.store.pinning_in_background():
+                with self.store.locker.in_background():
                     for name, pieces in groups:
                         self.store.pack(name, pieces, encode, filler, cached, mapped)
             finally:

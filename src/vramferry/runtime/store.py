@@ -4,8 +4,7 @@ A *unit* is a set of tensors that move together (a whole component, the non-bloc
 block). Each unit's tensors are laid out back to back (aligned) in one host buffer, so that loading a unit is
 a single large copy, and its device copy is one buffer whose views become the parameters.
 
-Host buffers are allocated pageable and then page-locked in place with ``cudaHostRegister``: exact size, no
-power-of-two rounding of the caching host allocator, and ~0.08 s/GB instead of ~0.7 s/GB for ``pin_memory()``.
+Host buffers are page-locked in place (:mod:`~vramferry.runtime.arenas`).
 
 A piece may instead stay *mapped*: its tensors keep the views of their checkpoint files that diffusers made
 (memory-mapped safetensors), and the host store holds no copy of it. Its bytes live in the page cache, shared
@@ -22,12 +21,7 @@ names any module that tries).
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import mmap
-import time
-import warnings
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -36,6 +30,7 @@ from torch import nn
 from ..discovery.bnb import bind_state, held_of
 from ..discovery.leaves import Held, Layout, Leaf, Stateful, Wrapped, align, leaves, rebuild, view_in
 from ..units import format_bytes
+from .arenas import PageLocker, host_buffer
 from .codecs import Codec, Encoded, encode_piece
 from .files import FileMap
 from .fill import Filler
@@ -288,29 +283,6 @@ def _joined(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
     return first.as_strided((first.numel() + second.numel(),), (1,), first.storage_offset())
 
 
-#: Back arenas with transparent huge pages (``madvise``). On the H200 machine an 8 GiB arena faults in at
-#: 33-37 GB/s on huge pages against 16-22 GB/s on 4 KiB pages, and page-locks in 0.02 s/GB against 0.05-0.08
-#: s/GB; copies to the GPU run at the same 55 GB/s from both.
-HUGE_PAGES = True
-
-
-def host_buffer(nbytes: int) -> torch.Tensor:
-    """``nbytes`` of page-aligned host memory (an anonymous mapping), on transparent huge pages with
-    :data:`HUGE_PAGES`."""
-    try:
-        region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    except (OSError, ValueError, AttributeError):
-        return torch.empty(nbytes, dtype=torch.uint8)
-    if HUGE_PAGES and hasattr(mmap, "MADV_HUGEPAGE"):
-        try:
-            region.madvise(mmap.MADV_HUGEPAGE)
-        except OSError:
-            pass
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # frombuffer keeps a reference to the region; no copy is made
-        return torch.frombuffer(region, dtype=torch.uint8)
-
-
 class HostStore:
     """Owns the host arenas: one contiguous buffer per component, its pieces packed in order.
 
@@ -324,48 +296,21 @@ class HostStore:
     def __init__(
         self, *, pin: bool, pin_limit: int | None = None, codec: Codec | None = None, portable: bool = False
     ) -> None:
-        self.pin = pin and torch.cuda.is_available()
-        # cudaHostRegisterPortable: page-locked for every GPU's context, so helper GPUs copy from it at full speed.
-        self._flags = 1 if portable else 0
-        self.pin_limit = pin_limit
+        self.locker = PageLocker(pin=pin, pin_limit=pin_limit, portable=portable)
         self.codec = codec
-        self.pinned_bytes = 0
         self.pageable_bytes = 0
         self.encoded_bytes = 0  # compressed bytes held for encoded pieces
         self.encoded_raw_bytes = 0  # what those pieces decode to
         self.cached_pieces = 0  # encoded pieces whose bytes came from the compressed cache
-        self.register_seconds = 0.0  # spent page-locking arenas
         self.mapped_bytes = 0  # pieces left as views of their checkpoint files
         self.unmappable_bytes = 0  # pieces asked to stay mapped that are not clean file views (packed instead)
         self._mapped: list[Piece] = []
         self.encoded_pieces = 0  # encoded pieces compressed here
         self._arenas: list[tuple[torch.Tensor, bool, list[Piece]]] = []
-        self._warned = False
-        self._pinner: ThreadPoolExecutor | None = None  # page-locks filled arenas while the next one fills
-        self._pinning: list[Future] = []
 
-    @contextlib.contextmanager
-    def pinning_in_background(self):
-        """While it lasts, each arena :meth:`pack` fills is page-locked on a background thread while the next
-        one is filled (page-locking 34 GB takes about a second); on exit every arena is page-locked, or kept
-        pageable with its warning. Arenas are page-locked in the order they were filled."""
-        if not self.pin or self._pinner is not None:
-            yield
-            return
-        device = torch.cuda.current_device()  # the worker page-locks for the same device as this thread would
-        self._pinner = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="vramferry-pin", initializer=torch.cuda.set_device, initargs=(device,)
-        )
-        try:
-            yield
-        finally:
-            pinner, pending = self._pinner, self._pinning
-            self._pinner, self._pinning = None, []
-            try:
-                for future in pending:
-                    future.result()
-            finally:
-                pinner.shutdown(wait=True)
+    @property
+    def pinned_bytes(self) -> int:
+        return self.locker.pinned_bytes
 
     def pack(
         self,
@@ -437,20 +382,15 @@ class HostStore:
         self._hold(name, arena, raw)
 
     def _hold(self, name: str, arena: torch.Tensor, pieces: list[Piece]) -> None:
-        """Keep ``arena`` (holding ``pieces``), page-locked where it can be: on the background thread while
-        :meth:`pinning_in_background` lasts (which then alone counts the pinned bytes), else now."""
-        if self._pinner is not None:
-            self._pinning.append(self._pinner.submit(self._keep_arena, name, arena, pieces))
-        else:
-            self._keep_arena(name, arena, pieces)
+        """Keep ``arena`` (holding ``pieces``), page-locked where it can be (:class:`PageLocker`: on its
+        background thread while ``locker.in_background()`` lasts)."""
 
-    def _keep_arena(self, name: str, arena: torch.Tensor, pieces: list[Piece]) -> None:
-        pinned = self._register(arena, name)
-        self._arenas.append((arena, pinned, pieces))
-        if pinned:
-            self.pinned_bytes += arena.numel()
-        else:
-            self.pageable_bytes += arena.numel()
+        def keep(pinned: bool) -> None:
+            self._arenas.append((arena, pinned, pieces))
+            if not pinned:
+                self.pageable_bytes += arena.numel()
+
+        self.locker.lock(name, arena, keep)
 
     def _pack_encoded(self, name: str, pieces: list[Piece], filler: Filler, cached: dict[int, Encoded]) -> None:
         """Keep the cached pieces' bytes, and encode the others a batch at a time (their raw bytes filled into a
@@ -502,34 +442,6 @@ class HostStore:
     def _encode(self, raws: list[torch.Tensor]) -> list[Encoded]:
         return encode_piece(self.codec, raws)
 
-    def _register(self, arena: torch.Tensor, name: str) -> bool:
-        if not self.pin:
-            return False
-        size = arena.numel()
-        if self.pin_limit is not None and self.pinned_bytes + size > self.pin_limit:
-            self._warn_pageable(
-                name, f"the host page-lock limit of {format_bytes(self.pin_limit)} is reached"
-            )
-            return False
-        start = time.perf_counter()
-        err = torch.cuda.cudart().cudaHostRegister(arena.data_ptr(), size, self._flags)
-        self.register_seconds += time.perf_counter() - start
-        if int(err) != 0:
-            self._warn_pageable(name, f"cudaHostRegister failed ({err})")
-            return False
-        return True
-
-    def _warn_pageable(self, name: str, why: str) -> None:
-        if not self._warned:
-            logger.warning(
-                "%s: keeping host copies in pageable memory because %s; copies to the GPU will run about 7x "
-                "slower (pageable ~8 GB/s vs pinned ~55 GB/s on PCIe Gen5) and block the host. "
-                "Raise host_memory_limit or free host memory to avoid this.",
-                name,
-                why,
-            )
-            self._warned = True
-
     def release(self, pieces: list[Piece]) -> None:
         """Forget ``pieces`` (replaced by pieces packed again): an arena none of whose pieces is left is unpinned and
         freed once the last view of it goes; one that still holds other pieces stays whole."""
@@ -542,8 +454,7 @@ class HostStore:
                 continue
             size = arena.numel()
             if pinned:
-                torch.cuda.cudart().cudaHostUnregister(arena.data_ptr())
-                self.pinned_bytes -= size
+                self.locker.unlock(arena)
             else:
                 self.pageable_bytes -= size
             for piece in held:
@@ -590,7 +501,7 @@ class HostStore:
                 piece.host = None
                 piece.encoded = None
             if pinned:
-                torch.cuda.cudart().cudaHostUnregister(arena.data_ptr())
+                self.locker.unlock(arena)
             del arena
 
 
