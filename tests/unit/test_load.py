@@ -369,6 +369,21 @@ def test_a_model_built_for_load_touches_none_of_its_file(saved_flux_dir, compone
         torch.testing.assert_close(state[name], tensor, rtol=0, atol=0, msg=name)
 
 
+def test_transformers_reads_shapes_and_dtypes_through_the_untouched_views(saved_flux_dir):
+    import transformers.modeling_utils as loading
+    from safetensors.torch import load
+
+    (weights,) = (saved_flux_dir / "text_encoder_2").glob("*.safetensors")
+    expected = load(weights.read_bytes())
+    with files.untouched_safetensors():
+        # transformers reads the dtype of a checkpoint this way when asked for dtype="auto"
+        found = loading.load_state_dict(str(weights), map_location="meta")
+        values = loading.load_state_dict(str(weights))
+    assert {k: (v.shape, v.dtype) for k, v in found.items()} == {k: (v.shape, v.dtype) for k, v in expected.items()}
+    for name, tensor in expected.items():
+        torch.testing.assert_close(values[name], tensor, rtol=0, atol=0, msg=name)
+
+
 def test_files_the_reader_cannot_map_are_loaded_by_safetensors(tmp_path):
     import json
     import struct

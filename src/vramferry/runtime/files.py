@@ -383,6 +383,28 @@ def map_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor] | None:
         return None
 
 
+_DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+
+
+class _UntouchedSlice:
+    """What safetensors' lazy slice offers (``[...]``, ``[a:b]``, ``get_shape``, ``get_dtype``), over a view."""
+
+    def __init__(self, view: torch.Tensor) -> None:
+        self._view = view
+
+    def __getitem__(self, index) -> torch.Tensor:
+        return self._view[index]
+
+    def get_shape(self) -> list[int]:
+        return list(self._view.shape)
+
+    def get_dtype(self) -> str:
+        return _DTYPE_NAMES[self._view.dtype]
+
+    def __getattr__(self, name: str):
+        return getattr(self._view, name)
+
+
 class _UntouchedFile:
     """A ``safe_open`` handle whose tensors and slices are the untouched views of :func:`map_safetensors`."""
 
@@ -390,8 +412,8 @@ class _UntouchedFile:
         self._opened = opened
         self._views = views
 
-    def get_slice(self, name: str) -> torch.Tensor:
-        return self._views[name]  # a tensor slices as safetensors' lazy slice does (``[...]``, ``[a:b]``)
+    def get_slice(self, name: str) -> _UntouchedSlice:
+        return _UntouchedSlice(self._views[name])
 
     def get_tensor(self, name: str) -> torch.Tensor:
         return self._views[name]
