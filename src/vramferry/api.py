@@ -108,6 +108,8 @@ class OffloadHandle:
             host_pinned_bytes=runtime.store.pinned_bytes,
             host_pageable_bytes=runtime.store.pageable_bytes,
             host_mapped_bytes=runtime.store.mapped_bytes,
+            host_shared_bytes=runtime.store.shared_bytes,
+            host_shared_found_bytes=runtime.store.shared_found_bytes,
             apply_seconds=dict(runtime.apply_seconds),
             link_bytes=tuple(runtime.mover.links.bytes_by_link) if runtime.mover.links is not None else (),
             host_compressed_bytes=runtime.store.encoded_bytes,
@@ -486,6 +488,7 @@ def _runtime(
     planning: _Planning | None = None,
 ) -> Runtime:
     from .runtime.links import Links, link_shares
+    from .runtime.shared import SHARED_DIR
     from .units import parse_bytes
 
     limit = parse_bytes(config.host_memory_limit) if config.host_memory_limit is not None else None
@@ -494,9 +497,11 @@ def _runtime(
         rates = [(distinct, rate) for _device, distinct, rate in planning.links]
         shares = link_shares(planning.profile.h2d_bytes_per_s, rates)
         helpers = Links(device, [helper for helper, _distinct, _rate in planning.links], shares)
+    share = config.share_host_store
     return Runtime(
         modules,
         plan,
+        share_dir=(SHARED_DIR if share is True else share) or None,
         device=device,
         pin=config.pin_memory,
         pin_limit=limit,

@@ -149,6 +149,16 @@ OFFLOAD_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
             "cache folder (default: auto)",
         },
     ),
+    "share_host_store": (
+        "--share-host-store",
+        {
+            "nargs": "?",
+            "const": True,
+            "metavar": "DIR",
+            "help": "keep the weights' host copies in shared memory, one copy for every process on this machine "
+            "that loads the same checkpoint (default folder /dev/shm; off unless given)",
+        },
+    ),
     "helper_devices": (
         "--helper-devices",
         {

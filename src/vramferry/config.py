@@ -84,6 +84,21 @@ def _valid_helpers(value: Any) -> tuple[str, ...]:
     return tuple(found)
 
 
+def _valid_share(value: Any) -> bool | str:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if isinstance(value, str) and value.strip():
+        lowered = value.strip().lower()
+        if lowered in ("true", "on", "yes"):
+            return True
+        if lowered in ("false", "off", "no"):
+            return False
+        return value.strip()
+    raise ValueError(f"share_host_store: expected True, False or a folder in shared memory, got {value!r}")
+
+
 @dataclass(frozen=True)
 class OffloadConfig:
     """What to offload and how.
@@ -124,6 +139,12 @@ class OffloadConfig:
             (:mod:`~vramferry.runtime.links`); their bandwidths are measured at apply and the plan counts them.
             Compressed and staged loads use the execution device's link alone. The execution device itself may
             be named (it adds no link; the helper path runs, for testing).
+        share_host_store: keep the host store's arenas in shared memory, shared by every process on this
+            machine that loads the same checkpoint files (one process per GPU, Ray Serve replicas): the weights
+            are held and read from disk once, and each process page-locks the same pages
+            (:mod:`~vramferry.runtime.shared`). ``True``: in ``/dev/shm``; a folder: there (on a memory-backed
+            file system); ``False``: each process holds its own copy. Only arenas whose weights are read from
+            checkpoint files (``vramferry.load``, or a pipeline fresh from ``from_pretrained``) are shared.
     """
 
     mode: OffloadMode = OffloadMode.AUTO
@@ -142,6 +163,7 @@ class OffloadConfig:
     compression: Compression = Compression.AUTO
     compression_cache: str = "auto"
     helper_devices: tuple[str, ...] = ()
+    share_host_store: bool | str = False
 
     def __post_init__(self) -> None:
         try:
@@ -201,6 +223,7 @@ class OffloadConfig:
             attrs[str(dit)] = tuple(names)
         object.__setattr__(self, "block_attrs", attrs)
         object.__setattr__(self, "helper_devices", _valid_helpers(self.helper_devices))
+        object.__setattr__(self, "share_host_store", _valid_share(self.share_host_store))
 
     @property
     def exclusive(self) -> bool:

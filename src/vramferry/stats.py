@@ -32,6 +32,9 @@ class OffloadStats:
             device's own, then each helper's; empty without helpers.
         host_mapped_bytes: bytes left as views of their checkpoint files (``host_memory_limit`` below the
             weights): in the page cache, not copied into the host store; copied to the device from pageable memory.
+        host_shared_bytes: bytes of the host store in shared memory (``share_host_store``), counted in
+            ``host_pinned_bytes`` or ``host_pageable_bytes`` too; host_shared_found_bytes: of which another process
+            had already read from the checkpoint files (this one read none of them).
         host_compressed_bytes, host_compressed_raw_bytes: the compressed pieces' bytes in host memory, and what
             they decode to (0 without compression); ``bytes_decoded``: bytes decoded on the way in.
         compressed_from_cache, compressed_at_apply: compressed pieces (blocks, non-block parts) whose bytes were
@@ -62,6 +65,8 @@ class OffloadStats:
     host_pinned_bytes: int = 0
     host_pageable_bytes: int = 0
     host_mapped_bytes: int = 0
+    host_shared_bytes: int = 0
+    host_shared_found_bytes: int = 0
     apply_seconds: dict[str, float] = field(default_factory=dict)
     link_bytes: tuple[int, ...] = ()
     host_compressed_bytes: int = 0

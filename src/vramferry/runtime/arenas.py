@@ -25,6 +25,8 @@ logger = logging.getLogger(__name__)
 #: s/GB; copies to the GPU run at the same 55 GB/s from both.
 HUGE_PAGES = True
 
+_READ_ONLY = 8  # cudaHostRegisterReadOnly
+
 
 def host_buffer(nbytes: int) -> torch.Tensor:
     """``nbytes`` of page-aligned host memory (an anonymous mapping), on transparent huge pages with
@@ -86,20 +88,24 @@ class PageLocker:
             finally:
                 worker.shutdown(wait=True)
 
-    def lock(self, name: str, arena: torch.Tensor, then: Callable[[bool], None]) -> None:
+    def lock(
+        self, name: str, arena: torch.Tensor, then: Callable[[bool], None], *, read_only: bool = False
+    ) -> None:
         """Page-lock ``arena`` (of component ``name``), then call ``then(pinned)``: on the background thread
-        while :meth:`in_background` lasts (callbacks run there one at a time, in order), else now."""
+        while :meth:`in_background` lasts (callbacks run there one at a time, in order), else now.
+        ``read_only``: the device only reads it (``cudaHostRegisterReadOnly``: a private file mapping stays
+        shared with the file's other mappings; page-locking it for writing would copy every page)."""
         if self._worker is not None:
-            self._pending.append(self._worker.submit(lambda: then(self._lock_now(name, arena))))
+            self._pending.append(self._worker.submit(lambda: then(self._lock_now(name, arena, read_only))))
         else:
-            then(self._lock_now(name, arena))
+            then(self._lock_now(name, arena, read_only))
 
     def unlock(self, arena: torch.Tensor) -> None:
         """Undo :meth:`lock` for an arena it page-locked."""
         torch.cuda.cudart().cudaHostUnregister(arena.data_ptr())
         self.pinned_bytes -= arena.numel()
 
-    def _lock_now(self, name: str, arena: torch.Tensor) -> bool:
+    def _lock_now(self, name: str, arena: torch.Tensor, read_only: bool = False) -> bool:
         if not self.pin:
             return False
         size = arena.numel()
@@ -107,7 +113,8 @@ class PageLocker:
             self._warn_pageable(name, f"the host page-lock limit of {format_bytes(self.pin_limit)} is reached")
             return False
         start = time.perf_counter()
-        err = torch.cuda.cudart().cudaHostRegister(arena.data_ptr(), size, self._flags)
+        flags = self._flags | (_READ_ONLY if read_only else 0)
+        err = torch.cuda.cudart().cudaHostRegister(arena.data_ptr(), size, flags)
         self.seconds += time.perf_counter() - start
         if int(err) != 0:
             self._warn_pageable(name, f"cudaHostRegister failed ({err})")

@@ -57,12 +57,17 @@ class Runtime:
         cache: CompressedCache | None = None,
         progress: bool | None = None,
         links: Links | None = None,
+        share_dir: str | None = None,
     ) -> None:
         self.modules = modules
         self.device = device
         self.mover = Mover(device, links=links)
         self.store = HostStore(
-            pin=pin and device.type == "cuda", pin_limit=pin_limit, codec=codec, portable=links is not None
+            pin=pin and device.type == "cuda",
+            pin_limit=pin_limit,
+            codec=codec,
+            portable=links is not None,
+            share_dir=share_dir,
         )
         self.hooks = HookSet()
         self.verify = verify

@@ -34,6 +34,7 @@ from .arenas import PageLocker, host_buffer
 from .codecs import Codec, Encoded, encode_piece
 from .files import FileMap
 from .fill import Filler
+from .shared import SharedArena, arena_name, open_arena
 
 logger = logging.getLogger(__name__)
 
@@ -291,12 +292,24 @@ class HostStore:
         pin_limit: most bytes to page-lock; arenas beyond it stay pageable (slower copies, one warning).
         codec: the lossless codec that keeps the pieces :meth:`pack` is asked to encode; ``None``: all raw.
         portable: page-lock for every GPU (helper GPUs copy from the store too).
+        share_dir: keep arenas whose bytes come from checkpoint files in this shared-memory folder, shared with
+            the other processes that pack the same pieces (:mod:`~vramferry.runtime.shared`); ``None``: private.
     """
 
     def __init__(
-        self, *, pin: bool, pin_limit: int | None = None, codec: Codec | None = None, portable: bool = False
+        self,
+        *,
+        pin: bool,
+        pin_limit: int | None = None,
+        codec: Codec | None = None,
+        portable: bool = False,
+        share_dir: str | None = None,
     ) -> None:
         self.locker = PageLocker(pin=pin, pin_limit=pin_limit, portable=portable)
+        self.share_dir = share_dir
+        self.shared_bytes = 0  # arenas in shared memory (:mod:`~vramferry.runtime.shared`)
+        self.shared_found_bytes = 0  # of which another process had filled
+        self._shared: dict[int, SharedArena] = {}
         self.codec = codec
         self.pageable_bytes = 0
         self.encoded_bytes = 0  # compressed bytes held for encoded pieces
@@ -371,17 +384,47 @@ class HostStore:
         total = sum(piece.layout() for piece in raw)
         if total == 0:
             return
-        arena = host_buffer(total)
-        offset = 0
-        for piece in raw:
-            piece.host = arena[offset : offset + piece.nbytes]
-            offset += piece.nbytes
-        filler.fill(raw)
+        shared = self._open_shared(raw, filler.files, total) if self.share_dir is not None else None
+        arena = shared.tensor if shared is not None else host_buffer(total)
+        self._lay_out(raw, arena, views=False)
+        if shared is None or not shared.complete:
+            filler.fill(raw)
+        elif filler.progress is not None:
+            filler.progress(total)  # another process read them
+        if shared is not None:
+            if not shared.complete:
+                shared.finish()
+            arena = shared.private()
+            self._lay_out(raw, arena, views=True)
+            for piece in raw:
+                for ref in piece.refs:
+                    ref.bind(ref.host)
+            self._shared[id(arena)] = shared
         # Page-locked once filled: the fill's threads fault the fresh pages in (the kernel zeroes each on its first
         # touch), where registering first would fault them all in on this one thread.
-        self._hold(name, arena, raw)
+        self._hold(name, arena, raw, read_only=shared is not None)
 
-    def _hold(self, name: str, arena: torch.Tensor, pieces: list[Piece]) -> None:
+    def _open_shared(self, raw: list[Piece], files: FileMap, total: int) -> SharedArena | None:
+        name = arena_name(raw, files)
+        shared = open_arena(self.share_dir, name, total) if name is not None else None
+        if shared is None and name is not None:
+            self.share_dir = None  # the folder cannot hold it (said once): the other arenas stay private too
+        if shared is not None:
+            self.shared_bytes += total
+            self.shared_found_bytes += total if shared.complete else 0
+        return shared
+
+    @staticmethod
+    def _lay_out(pieces: list[Piece], arena: torch.Tensor, *, views: bool) -> None:
+        """Give each piece its slice of ``arena``, back to back; ``views``: and each tensor its host view."""
+        offset = 0
+        for piece in pieces:
+            piece.host = arena[offset : offset + piece.nbytes]
+            offset += piece.nbytes
+            if views:
+                _view_refs(piece)
+
+    def _hold(self, name: str, arena: torch.Tensor, pieces: list[Piece], *, read_only: bool = False) -> None:
         """Keep ``arena`` (holding ``pieces``), page-locked where it can be (:class:`PageLocker`: on its
         background thread while ``locker.in_background()`` lasts)."""
 
@@ -390,7 +433,7 @@ class HostStore:
             if not pinned:
                 self.pageable_bytes += arena.numel()
 
-        self.locker.lock(name, arena, keep)
+        self.locker.lock(name, arena, keep, read_only=read_only)
 
     def _pack_encoded(self, name: str, pieces: list[Piece], filler: Filler, cached: dict[int, Encoded]) -> None:
         """Keep the cached pieces' bytes, and encode the others a batch at a time (their raw bytes filled into a
@@ -457,6 +500,7 @@ class HostStore:
                 self.locker.unlock(arena)
             else:
                 self.pageable_bytes -= size
+            self._let_go(arena)
             for piece in held:
                 if piece.encoded is not None:
                     self.encoded_bytes -= size
@@ -470,6 +514,12 @@ class HostStore:
             piece.host = None
             piece.encoded = None
             piece.mapped = False
+
+    def _let_go(self, arena: torch.Tensor) -> None:
+        shared = self._shared.pop(id(arena), None)
+        if shared is not None:
+            shared.close()
+            self.shared_bytes -= arena.numel()
 
     def restore(self) -> None:
         """Give every tensor back its own storage on its original device and free the arenas one by one.
@@ -502,6 +552,7 @@ class HostStore:
                 piece.encoded = None
             if pinned:
                 self.locker.unlock(arena)
+            self._let_go(arena)
             del arena
 
 

@@ -1,0 +1,177 @@
+"""One host copy for several processes (``share_host_store``): arenas in shared memory, found by the second
+process that loads the same checkpoint, private to each process once written to, deleted by the last one."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import vramferry
+from pipelines.diffusers_pipes import run
+
+CPU = {"onload_device": "cpu", "pin_memory": False, "mode": "layerwise"}
+HERE = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def share_dir(tmp_path):
+    """A fresh folder in shared memory (``/dev/shm``) where there is one, else on disk (the same semantics)."""
+    if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
+        folder = tempfile.mkdtemp(prefix="vramferry-test-", dir="/dev/shm")
+    else:
+        folder = str(tmp_path / "shm")
+        os.mkdir(folder)
+    yield folder
+    for name in os.listdir(folder):
+        os.unlink(os.path.join(folder, name))
+    os.rmdir(folder)
+
+
+def _arenas(folder: str) -> list[str]:
+    return sorted(name for name in os.listdir(folder) if name.startswith("vramferry-"))
+
+
+def _expected(saved_flux_dir, tiny_flux):
+    _pipe, kwargs = tiny_flux
+    with vramferry.load(saved_flux_dir, **CPU) as handle:
+        handle.pipeline.set_progress_bar_config(disable=True)
+        return run(handle.pipeline, kwargs)
+
+
+def test_a_second_pipeline_of_the_same_checkpoint_maps_the_first_ones_arenas(saved_flux_dir, tiny_flux, share_dir):
+    _pipe, kwargs = tiny_flux
+    expected = _expected(saved_flux_dir, tiny_flux)
+    first = vramferry.load(saved_flux_dir, share_host_store=share_dir, **CPU)
+    second = vramferry.load(saved_flux_dir, share_host_store=share_dir, **CPU)
+    try:
+        one, two = first.stats(), second.stats()
+        # Every component's weights come from the files: all of the store is shared, found by the second.
+        assert one.host_shared_bytes > 0.9 * (one.host_pinned_bytes + one.host_pageable_bytes)
+        assert one.host_shared_found_bytes == 0 and one.host_file_bytes > 0
+        assert two.host_shared_found_bytes == two.host_shared_bytes == one.host_shared_bytes
+        assert two.host_file_bytes < 0.1 * one.host_file_bytes  # it read none of the shared weights
+        assert len(_arenas(share_dir)) >= 4  # transformer, two text encoders, VAE
+        for handle in (first, second):
+            handle.pipeline.set_progress_bar_config(disable=True)
+            got = run(handle.pipeline, kwargs)
+            for key in expected:
+                np.testing.assert_array_equal(got[key], expected[key])
+        first.remove()
+        assert _arenas(share_dir), "the second pipeline still holds the arenas"
+        got = run(second.pipeline, kwargs)
+        for key in expected:
+            np.testing.assert_array_equal(got[key], expected[key])
+    finally:
+        first.remove()
+        second.remove()
+    assert _arenas(share_dir) == []  # the last one let go: the files are deleted
+
+
+def test_a_weight_changed_in_one_pipeline_stays_in_it(saved_flux_dir, tiny_flux, share_dir):
+    _pipe, kwargs = tiny_flux
+    expected = _expected(saved_flux_dir, tiny_flux)
+    with (
+        vramferry.load(saved_flux_dir, share_host_store=share_dir, **CPU) as first,
+        vramferry.load(saved_flux_dir, share_host_store=share_dir, **CPU) as second,
+    ):
+        weight = first.pipeline.transformer.proj_out.weight
+        with torch.no_grad():
+            weight.data.mul_(2.0)  # in place, on its host copy (layerwise: between loads)
+        second.pipeline.set_progress_bar_config(disable=True)
+        got = run(second.pipeline, kwargs)
+        for key in expected:
+            np.testing.assert_array_equal(got[key], expected[key])
+        assert not torch.equal(weight, second.pipeline.transformer.proj_out.weight)
+
+
+def test_an_arena_left_unfinished_is_filled_again(saved_flux_dir, tiny_flux, share_dir):
+    _pipe, kwargs = tiny_flux
+    expected = _expected(saved_flux_dir, tiny_flux)
+    with vramferry.load(saved_flux_dir, share_host_store=share_dir, **CPU):
+        names = _arenas(share_dir)
+        for name in names:  # keep the files past the handle
+            os.link(os.path.join(share_dir, name), os.path.join(share_dir, "kept-" + name))
+    for name in names:
+        path = os.path.join(share_dir, name)
+        os.replace(os.path.join(share_dir, "kept-" + name), path)
+        with open(path, "r+b") as f:  # a process killed while filling: no trailer
+            f.truncate(os.path.getsize(path) - 64)
+            f.truncate(os.path.getsize(path) + 64)
+    with vramferry.load(saved_flux_dir, share_host_store=share_dir, **CPU) as handle:
+        assert handle.stats().host_shared_found_bytes == 0  # every arena read again from the files
+        handle.pipeline.set_progress_bar_config(disable=True)
+        got = run(handle.pipeline, kwargs)
+    for key in expected:
+        np.testing.assert_array_equal(got[key], expected[key])
+    assert _arenas(share_dir) == []
+
+
+_HOLDER = """
+import json, sys
+sys.path.insert(0, {tests!r})
+import vramferry
+from pipelines.diffusers_pipes import build_flux, run
+_pipe, kwargs = build_flux()
+handle = vramferry.load({folder!r}, share_host_store={share!r}, onload_device="cpu", pin_memory=False,
+                        mode="layerwise")
+handle.pipeline.set_progress_bar_config(disable=True)
+image = run(handle.pipeline, kwargs)["images"]
+stats = handle.stats()
+print(json.dumps({{"found": stats.host_shared_found_bytes, "shared": stats.host_shared_bytes,
+                  "sum": float(image.astype("float64").sum())}}), flush=True)
+sys.stdin.readline()  # hold the arenas until told to go
+"""
+
+
+def test_two_processes_hold_one_copy(saved_flux_dir, share_dir):
+    script = _HOLDER.format(tests=str(HERE), folder=str(saved_flux_dir), share=share_dir)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    procs = []
+    try:
+        for _ in range(2):  # one after the other: the second finds the first one's arenas
+            proc = subprocess.Popen(
+                [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+            )
+            procs.append(proc)
+            line = proc.stdout.readline()
+            assert line, f"the process failed (exit code {proc.poll()})"
+            procs[-1].result = json.loads(line)
+        first, second = (proc.result for proc in procs)
+        assert first["found"] == 0 and first["shared"] > 0
+        assert second["found"] == second["shared"] == first["shared"]
+        assert second["sum"] == first["sum"]
+        assert _arenas(share_dir)
+    finally:
+        for proc in procs:
+            proc.communicate("\n", timeout=60)
+    assert [proc.returncode for proc in procs] == [0, 0]
+    assert _arenas(share_dir) == []
+
+
+def test_the_setting_takes_a_switch_or_a_folder():
+    assert vramferry.OffloadConfig(share_host_store="/dev/shm/x").share_host_store == "/dev/shm/x"
+    assert vramferry.OffloadConfig(share_host_store="off").share_host_store is False
+    config = vramferry.OffloadConfig(share_host_store=True)
+    assert vramferry.OffloadConfig.from_json(config.to_json()) == config
+    with pytest.raises(ValueError, match="share_host_store"):
+        vramferry.OffloadConfig(share_host_store=3)
+
+
+def test_a_folder_that_cannot_hold_the_arenas_leaves_each_process_its_own_copy(saved_flux_dir, tiny_flux, caplog):
+    _pipe, kwargs = tiny_flux
+    expected = _expected(saved_flux_dir, tiny_flux)
+    with vramferry.load(saved_flux_dir, share_host_store="/nonexistent/shm", **CPU) as handle:
+        assert handle.stats().host_shared_bytes == 0
+        handle.pipeline.set_progress_bar_config(disable=True)
+        got = run(handle.pipeline, kwargs)
+    assert "cannot share the host store in /nonexistent/shm" in caplog.text
+    for key in expected:
+        np.testing.assert_array_equal(got[key], expected[key])
