@@ -29,3 +29,49 @@ def test_load_gives_the_resident_output(name, mode, tmp_path):
         got = run(handle.pipeline, kwargs)
     for key in expected:
         np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
+
+
+def _private_dirty_bytes(folder: str) -> int:
+    """Bytes of private copies made of pages of ``folder``'s files mapped into this process."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            head = line.split(maxsplit=1)[0]
+            if "-" in head and not head.endswith(":"):
+                inside = folder in line
+            elif inside and line.startswith("Private_Dirty:"):
+                total += int(line.split()[1]) * 1024
+    return total
+
+
+def test_two_pipelines_share_one_page_locked_host_copy(tmp_path):
+    import os
+    import tempfile
+
+    if not os.path.isdir("/dev/shm"):
+        pytest.skip("needs /dev/shm")
+    pipe, kwargs = DIFFUSERS_PIPELINES["flux"]()
+    pipe.save_pretrained(tmp_path)
+    resident = diffusers.DiffusionPipeline.from_pretrained(tmp_path).to("cuda")
+    resident.set_progress_bar_config(disable=True)
+    expected = run(resident, kwargs)
+    del resident
+    share = tempfile.mkdtemp(prefix="vramferry-gpu-test-", dir="/dev/shm")
+    config = vramferry.OffloadConfig(mode="layerwise", share_host_store=share)
+    try:
+        with vramferry.load(tmp_path, config) as first, vramferry.load(tmp_path, config) as second:
+            one, two = first.stats(), second.stats()
+            assert two.host_shared_found_bytes == one.host_shared_bytes > 0
+            # Page-locked read-only in both: no page was copied for either process.
+            assert two.host_pinned_bytes >= two.host_shared_bytes
+            assert _private_dirty_bytes(share) < 2**20
+            for handle in (first, second):
+                handle.pipeline.set_progress_bar_config(disable=True)
+                got = run(handle.pipeline, kwargs)
+                for key in expected:
+                    np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
+        assert os.listdir(share) == []
+    finally:
+        for name in os.listdir(share):
+            os.unlink(os.path.join(share, name))
+        os.rmdir(share)
