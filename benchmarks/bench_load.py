@@ -28,6 +28,8 @@ Sections:
   shared          two processes load the same folder with ``host_memory_limit`` below the weights (every piece
                   mapped in the files) and hold it: each one's private and file-backed RSS, and how far the
                   machine's available memory fell (one copy of the weights in the page cache, shared)
+  shared_store    the same with ``share_host_store``: the host store in shared memory, filled by one process and
+                  mapped by the other
 
     # the compressed cache on the GPU (nvCOMP), cold figures:
     python benchmarks/bench_load.py --drop-caches --folder /tmp/flux1-sized \
@@ -402,11 +404,18 @@ def _memory_gb(fields: tuple[str, ...], path: str = "/proc/self/status") -> dict
 
 
 def hold(folder: Path, args) -> None:
-    """One of the ``shared`` section's processes: load with every piece left mapped, run a request, report its
-    memory, and hold the handle until stdin closes."""
+    """One of the ``shared`` sections' processes: load with every piece left mapped (``--hold mapped``) or the
+    host store in shared memory (``--hold shared_store``), run a request, report its memory, and hold the handle
+    until stdin closes."""
     import vramferry
 
-    handle = vramferry.load(folder, _config(args).replace(host_memory_limit="1MiB"), dtype="bfloat16")
+    if args.hold == "shared_store":
+        changes: dict = {"share_host_store": True}
+    else:
+        changes = {"host_memory_limit": "1MiB"}
+    start = time.perf_counter()
+    handle = vramferry.load(folder, _config(args).replace(**changes), dtype="bfloat16")
+    load_s = time.perf_counter() - start
     if args.cpu:  # one transformer call on a few tokens (the CPU folder's encoders do not fit it): every block read
         start = time.perf_counter()
         _transformer_call(handle.pipeline.transformer)
@@ -415,10 +424,14 @@ def hold(folder: Path, args) -> None:
         request_s = _request(handle.pipeline, args)
     stats = handle.stats()
     found = {
+        "load_s": load_s,
         "request_s": request_s,
         "host_mapped_gb": stats.host_mapped_bytes / GB,
+        "host_shared_gb": stats.host_shared_bytes / GB,
+        "host_shared_found_gb": stats.host_shared_found_bytes / GB,
+        "host_file_gb": stats.host_file_bytes / GB,
         "host_store_gb": (stats.host_pinned_bytes + stats.host_pageable_bytes) / GB,
-        **_memory_gb(("VmRSS", "RssAnon", "RssFile")),
+        **_memory_gb(("VmRSS", "RssAnon", "RssFile", "RssShmem")),
     }
     print("RESULT " + json.dumps(found), flush=True)
     sys.stdin.readline()  # the parent reads this process's share once both have loaded
@@ -432,7 +445,7 @@ def _rollup_gb() -> dict:
     found = {}
     for line in Path("/proc/self/smaps_rollup").read_text().splitlines()[1:]:
         key, _, value = line.partition(":")
-        if key in ("Pss", "Pss_Anon", "Pss_File", "Shared_Clean"):
+        if key in ("Pss", "Pss_Anon", "Pss_File", "Pss_Shmem", "Shared_Clean"):
             found[key] = int(value.split()[0]) * 1024 / GB
     return found
 
@@ -454,12 +467,12 @@ def _transformer_call(transformer) -> None:
         )
 
 
-def section_shared(folder: Path, args) -> dict:
+def section_shared(folder: Path, args, how: str = "mapped") -> dict:
     """Two processes serving the same folder (``host_memory_limit`` below the weights, so every piece stays mapped
     in the files): each one's RSS, private (``RssAnon``) and file-backed, and its proportional share (``Pss``)
     while both hold the weights: the file-backed shares sum to one copy of the weights (the page cache's)."""
     _drop_caches()
-    child = [sys.executable, __file__, "--hold", *sys.argv[1:]]
+    child = [sys.executable, __file__, "--hold", how, *sys.argv[1:]]
     procs = [subprocess.Popen(child, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for _ in range(2)]
     found: dict = {"processes": []}
 
@@ -478,11 +491,18 @@ def section_shared(folder: Path, args) -> dict:
             entry.update(result(proc))
         found["pss_total_gb"] = sum(p["Pss"] for p in found["processes"])
         found["pss_file_total_gb"] = sum(p["Pss_File"] for p in found["processes"])
+        found["pss_shmem_total_gb"] = sum(p.get("Pss_Shmem", 0.0) for p in found["processes"])
     finally:
         for proc in procs:
             proc.stdin.close()
             proc.wait()
     return found
+
+
+def section_shared_store(folder: Path, args) -> dict:
+    """The same two processes with ``share_host_store``: the host store in shared memory, filled by one process
+    and mapped by the other (page-locked in each on a GPU); the shared-memory shares sum to one copy."""
+    return section_shared(folder, args, how="shared_store")
 
 
 SECTIONS = {
@@ -499,6 +519,7 @@ SECTIONS = {
     "load_compressing": section_load_compressing,
     "load_cached": section_load_cached,
     "shared": section_shared,
+    "shared_store": section_shared_store,
 }
 
 
@@ -543,7 +564,7 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=Path("load.json"))
     parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--hold", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--hold", choices=["mapped", "shared_store"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.mode = args.mode or ("layerwise" if args.cpu else "auto")
     global DROP
