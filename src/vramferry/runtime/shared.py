@@ -17,7 +17,6 @@ or can be deleted by hand (``rm /dev/shm/vramferry-*``).
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import logging
 import mmap
@@ -33,6 +32,11 @@ import torch
 from ..discovery.leaves import leaves
 from ..units import format_bytes
 from .files import FileMap
+
+try:
+    import fcntl
+except ImportError:  # not a POSIX system: no file locks, no shared arenas
+    fcntl = None
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +130,9 @@ def open_arena(folder: str, name: str, nbytes: int) -> SharedArena | None:
     locked for this process to fill (then :meth:`SharedArena.finish`). ``None`` (with a warning) when the folder
     cannot hold it; the caller then packs a private arena."""
     path = Path(folder) / name
+    if fcntl is None:
+        logger.warning("vramferry: shared host stores need POSIX file locks: keeping a private copy")
+        return None
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     except OSError as exc:
