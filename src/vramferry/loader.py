@@ -29,9 +29,9 @@ def load(
     """Load a diffusers pipeline and offload it, its weights read from the checkpoint files into the host store.
 
     diffusers builds the pipeline's modules on the meta device and binds each weight to a memory-mapped view of
-    its safetensors file, reading nothing (diffusers' own models get views that touch no page; transformers'
-    models are read in part as transformers builds them), while the kernel is asked to start reading a local
-    folder's files (when they fit in the available memory). The host store is then filled straight from the files, with large
+    its safetensors file that touches no page (diffusers' and transformers' readers are handed such views while
+    it builds them), while the kernel is asked to start reading a local folder's files (when they fit in the
+    available memory). The host store is then filled straight from the files, with large
     reads on several threads, at the disk's speed: the weights are never copied in memory on the way, and the
     mapped file pages never count in the process's memory. Weights converted on loading (a ``dtype`` other than
     the files') are copied from memory instead.

@@ -46,7 +46,7 @@ def runtime(monkeypatch):
 
 
 def test_arenas_are_page_locked_in_the_background_in_order_and_settled_on_exit(runtime):
-    runtime.delay = 0.05
+    runtime.delay = 0.2
     locker = PageLocker(pin=True)
     arenas = [host_buffer(size) for size in (4096, 8192, 12288)]
     kept: list[tuple[int, bool]] = []
@@ -55,7 +55,7 @@ def test_arenas_are_page_locked_in_the_background_in_order_and_settled_on_exit(r
         for arena in arenas:
             locker.lock("transformer", arena, lambda pinned, arena=arena: kept.append((arena.data_ptr(), pinned)))
         queued = time.perf_counter() - start
-    assert queued < 0.05  # the caller went on while the first arena was still being page-locked
+    assert queued < 0.2  # the caller went on while the first arena was still being page-locked
     assert kept == [(arena.data_ptr(), True) for arena in arenas]  # all settled on exit, in order
     assert [ptr for ptr, _size, _flags in runtime.registered] == [arena.data_ptr() for arena in arenas]
     assert runtime.threads and all(name.startswith("vramferry-pin") for name in runtime.threads)

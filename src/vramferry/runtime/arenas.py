@@ -35,7 +35,13 @@ def host_buffer(nbytes: int) -> torch.Tensor:
         region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     except (OSError, ValueError, AttributeError):
         return torch.empty(nbytes, dtype=torch.uint8)
-    if HUGE_PAGES and hasattr(mmap, "MADV_HUGEPAGE"):
+    return mapped_bytes(region, huge=HUGE_PAGES)
+
+
+def mapped_bytes(region: mmap.mmap, *, huge: bool) -> torch.Tensor:
+    """A uint8 tensor over all of ``region`` (no copy; it keeps the mapping alive), on transparent huge pages
+    where ``huge`` and the kernel allows them for that mapping."""
+    if huge and hasattr(mmap, "MADV_HUGEPAGE"):
         try:
             region.madvise(mmap.MADV_HUGEPAGE)
         except OSError:

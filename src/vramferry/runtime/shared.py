@@ -22,7 +22,6 @@ import logging
 import mmap
 import os
 import time
-import warnings
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ import torch
 
 from ..discovery.leaves import leaves
 from ..units import format_bytes
+from .arenas import mapped_bytes
 from .files import FileMap
 
 try:
@@ -103,7 +103,7 @@ class SharedArena:
         alone instead of changing every process's weights. Page-lock it read-only: page-locking it for writing
         would copy every page."""
         region = mmap.mmap(self.fd, self.tensor.numel(), flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        self.tensor = _as_tensor(region)
+        self.tensor = mapped_bytes(region, huge=True)
         return self.tensor
 
     def __post_init__(self) -> None:
@@ -155,18 +155,7 @@ def open_arena(folder: str, name: str, nbytes: int) -> SharedArena | None:
             exc,
         )
         return None
-    return SharedArena(_as_tensor(region), path, fd, complete)
-
-
-def _as_tensor(region: mmap.mmap) -> torch.Tensor:
-    if hasattr(mmap, "MADV_HUGEPAGE"):
-        try:
-            region.madvise(mmap.MADV_HUGEPAGE)  # taken where the folder allows huge pages
-        except OSError:
-            pass
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # frombuffer keeps a reference to the mapping; no copy is made
-        return torch.frombuffer(region, dtype=torch.uint8)
+    return SharedArena(mapped_bytes(region, huge=True), path, fd, complete)
 
 
 def _wait_complete(fd: int, nbytes: int) -> bool:
