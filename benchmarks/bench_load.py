@@ -13,6 +13,7 @@ in a fresh process, so its peak RSS is its own and a section that fails loses no
 Sections:
   raw_read        the files read start to end (one thread, 16 MiB reads; and 8 threads, 64 MiB reads): disk speed
   load            ``vramferry.load`` (page cache dropped), then one request on the GPU: times, peak RSS
+  load_libs_warm  the same with only the folder's files dropped from the page cache (libraries warm)
   load_small_pages  the same with the host store's arenas on 4 KiB pages (not transparent huge pages)
   load_no_prefetch  the same without asking the kernel to read the files ahead while the modules are built
   load_warm       the same with the files already in the page cache
@@ -148,19 +149,61 @@ def _config(args):
     return vramferry.OffloadConfig(mode=args.mode)
 
 
-def _request(pipe, args) -> float:
+def _request(pipe, args, phases: dict | None = None) -> float:
+    """One request (seconds, GPU work included); ``phases``: filled with where it went (prompt encoding up to
+    the first transformer call, each denoising step, decoding after the last), the GPU synchronised at each
+    boundary, and the major page faults it took (pages read from disk: cold libraries or files)."""
     import torch
 
     if args.cpu:
         return 0.0
     torch.cuda.synchronize()
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_majflt
     start = time.perf_counter()
+    marks: list[float] = []
+    hooks = []
+    kwargs: dict = {}
+    if phases is not None:
+
+        def first_call(module, args_, kwargs_):
+            if not marks:
+                torch.cuda.synchronize()
+                marks.append(time.perf_counter())
+
+        hooks.append(pipe.transformer.register_forward_pre_hook(first_call, with_kwargs=True))
+
+        def step_end(pipe_, step, timestep, callback_kwargs):
+            torch.cuda.synchronize()
+            marks.append(time.perf_counter())
+            return callback_kwargs
+
+        kwargs["callback_on_step_end"] = step_end
     size = args.size
-    pipe(
-        PROMPT, height=size, width=size, num_inference_steps=args.steps, guidance_scale=3.5, output_type="pil"
-    )
-    torch.cuda.synchronize()
-    return time.perf_counter() - start
+    try:
+        pipe(
+            PROMPT,
+            height=size,
+            width=size,
+            num_inference_steps=args.steps,
+            guidance_scale=3.5,
+            output_type="pil",
+            **kwargs,
+        )
+        torch.cuda.synchronize()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    end = time.perf_counter()
+    if phases is not None and len(marks) >= 2:
+        steps = [b - a for a, b in zip(marks, marks[1:], strict=False)]
+        phases.update(
+            encode_s=round(marks[0] - start, 3),
+            first_steps_s=[round(x, 3) for x in steps[:3]],
+            median_step_s=round(sorted(steps)[len(steps) // 2], 4),
+            decode_s=round(end - marks[-1], 3),
+            major_faults=resource.getrusage(resource.RUSAGE_SELF).ru_majflt - faults,
+        )
+    return end - start
 
 
 def _import_classes(folder: Path) -> float:
@@ -198,9 +241,13 @@ def _load(folder: Path, args, cold: bool, **changes) -> dict:
     handle = vramferry.load(folder, _config(args).replace(**changes), dtype="bfloat16", progress=args.progress)
     found["load_s"] = time.perf_counter() - start
     found["rss_after_load_gb"] = _rss_gb()
-    found["first_request_s"] = _request(handle.pipeline, args)
+    found["first_request_phases"] = {}
+    found["first_request_s"] = _request(handle.pipeline, args, found["first_request_phases"])
     found["load_to_first_request_end_s"] = time.perf_counter() - start
+    found["second_request_phases"] = {}
+    found["second_request_s"] = _request(handle.pipeline, args, found["second_request_phases"])
     stats = handle.stats()
+    found["loaded_while_filling_gb"] = stats.loaded_while_filling_bytes / GB
     found["host_file_bytes"] = stats.host_file_bytes
     found["host_bytes"] = stats.host_pinned_bytes + stats.host_pageable_bytes
     found["fill_s"] = stats.host_fill_seconds
@@ -226,6 +273,29 @@ def _capture_log() -> list[str]:
 
 
 def section_load(folder: Path, args) -> dict:
+    return _load(folder, args, cold=True)
+
+
+def _evict_folder(folder: Path) -> bool:
+    """Drop ``folder``'s files (and only them) from the page cache; returns whether it could."""
+    if not DROP or not hasattr(os, "posix_fadvise"):
+        return False
+    os.sync()
+    for path in folder.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+    return True
+
+
+def section_load_libs_warm(folder: Path, args) -> dict:
+    """``load`` with only the pipeline folder's files dropped from the page cache: the libraries stay as warm as
+    for the resident request (what a serving process that loads another model sees)."""
+    global _drop_caches
+    _drop_caches = lambda: _evict_folder(folder)  # noqa: E731
     return _load(folder, args, cold=True)
 
 
@@ -288,8 +358,11 @@ def section_resident(folder: Path, args) -> dict:
         return {"skipped": "needs a GPU"}
     pipe = diffusers.DiffusionPipeline.from_pretrained(folder, dtype=torch.bfloat16).to("cuda")
     pipe.set_progress_bar_config(disable=True)
-    first = _request(pipe, args)  # warm-up: kernels, allocator
-    return {"request_s": _request(pipe, args), "first_request_s": first, "steps": args.steps, "size": args.size}
+    found: dict = {"first_request_phases": {}, "request_phases": {}, "steps": args.steps, "size": args.size}
+    found["first_request_s"] = _request(pipe, args, found["first_request_phases"])  # kernels, allocator
+    found["request_s"] = _request(pipe, args)  # unhooked: no synchronisation per step
+    _request(pipe, args, found["request_phases"])
+    return found
 
 
 def section_apply_in_ram(folder: Path, args) -> dict:
@@ -304,7 +377,7 @@ def section_apply_in_ram(folder: Path, args) -> dict:
             if isinstance(component, torch.nn.Module):
                 for p in component.parameters():
                     p.data = p.data.clone()
-    found: dict = {}
+    found: dict = {"copies": _copy_sweep()}
     for label in ("threaded", "one_thread", "threaded_again"):
         if label == "one_thread":
             from vramferry.runtime import fill
@@ -321,6 +394,48 @@ def section_apply_in_ram(folder: Path, args) -> dict:
         if label == "one_thread":
             fill.PARALLEL_BYTES = saved
     found["peak_rss_gb"] = _peak_rss_gb()
+    return found
+
+
+def _copy_sweep(nbytes: int = 4 << 30) -> dict:
+    """GB/s of copying ``nbytes`` from memory into a fresh host arena (its pages faulted in on the way), as the
+    host store's fill does: one ``copy_`` (torch's own threads), and chunks on the filler's threads by
+    ``copy_`` or ``memmove``."""
+    import ctypes
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from vramferry.runtime.arenas import host_buffer
+    from vramferry.runtime.fill import default_threads
+
+    source = torch.ones(nbytes, dtype=torch.uint8)
+    threads = default_threads()
+    found: dict = {"threads": threads, "torch_threads": torch.get_num_threads()}
+
+    def timed(label: str, run) -> None:
+        target = host_buffer(nbytes)
+        start = time.perf_counter()
+        run(target)
+        found[label] = round(nbytes / (time.perf_counter() - start) / GB, 2)
+        del target
+
+    def chunked(how: str, chunk: int):
+        def run(target):
+            jobs = [(target[i : i + chunk], source[i : i + chunk]) for i in range(0, nbytes, chunk)]
+            if how == "memmove":
+                work = lambda job: ctypes.memmove(job[0].data_ptr(), job[1].data_ptr(), job[0].numel())  # noqa: E731
+            else:
+                work = lambda job: job[0].copy_(job[1])  # noqa: E731
+            with ThreadPoolExecutor(threads) as pool:
+                list(pool.map(work, jobs))
+
+        return run
+
+    timed("one_copy_gbps", lambda target: target.copy_(source))
+    for chunk in (8 << 20, 32 << 20, 128 << 20):
+        timed(f"threads_copy_{chunk >> 20}MiB_gbps", chunked("copy", chunk))
+        timed(f"threads_memmove_{chunk >> 20}MiB_gbps", chunked("memmove", chunk))
     return found
 
 
@@ -508,6 +623,7 @@ def section_shared_store(folder: Path, args) -> dict:
 SECTIONS = {
     "raw_read": section_raw_read,
     "load": section_load,
+    "load_libs_warm": section_load_libs_warm,
     "load_small_pages": section_load_small_pages,
     "load_no_prefetch": section_load_no_prefetch,
     "load_warm": section_load_warm,

@@ -121,6 +121,7 @@ class OffloadHandle:
             repacked_pieces=c.repacked_pieces,
             host_file_bytes=runtime.filled.file_bytes,
             host_fill_seconds=round(runtime.filled.seconds, 6),
+            loaded_while_filling_bytes=runtime.loaded_while_filling,
             dit_calls=c.dit_calls,
             dit_call_seconds=round(c.dit_seconds / c.dit_calls, 6) if c.dit_calls else 0.0,
             # On the CPU the plan's times describe a GPU preset, not this run: leave them out.

@@ -44,6 +44,8 @@ class OffloadStats:
             unfused; see :meth:`OffloadHandle.refresh`).
         host_file_bytes: bytes of the host store read straight from checkpoint files when it was filled (the
             rest was copied from memory); host_fill_seconds: the time filling it took.
+        loaded_while_filling_bytes: resident bytes whose copy to the device started while the host store was
+            still filling (each component's as soon as its arena was page-locked), out of ``bytes_h2d``.
         dit_calls, dit_call_seconds: DiT forwards run, and their mean duration (GPU time on CUDA).
         predicted_step_seconds: the plan's predicted denoising step, to compare with the measured calls.
         block_seconds: per DiT, the measured compute seconds of all its blocks in one call (the sum of the
@@ -78,6 +80,7 @@ class OffloadStats:
     repacked_pieces: int = 0
     host_file_bytes: int = 0
     host_fill_seconds: float = 0.0
+    loaded_while_filling_bytes: int = 0
     dit_calls: int = 0
     dit_call_seconds: float = 0.0
     predicted_step_seconds: float | None = None

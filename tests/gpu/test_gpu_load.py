@@ -26,6 +26,11 @@ def test_load_gives_the_resident_output(name, mode, tmp_path):
         stats = handle.stats()
         # Read from the files straight into page-locked arenas.
         assert stats.host_file_bytes > 0 and stats.host_pinned_bytes >= stats.host_file_bytes
+        # Resident pieces start copying to the GPU while the next component's arena fills.
+        resident = sum(u.nbytes for u in handle.units() if u.kind == "resident")
+        assert stats.loaded_while_filling_bytes == resident
+        if mode == "auto":  # a tiny pipeline: all of it resident
+            assert resident > 0
         got = run(handle.pipeline, kwargs)
     for key in expected:
         np.testing.assert_array_equal(got[key], expected[key], err_msg=key)

@@ -75,7 +75,7 @@ class Runtime:
         self.signatures = {c.name: signature(c.module) for c in modules.components()}
         encode = compressed_pieces(modules, self.pieces, plan) if codec is not None else set()
         start = time.perf_counter()
-        self._pack(shared, progress, encode, cache, mapped_pieces(modules, self.pieces, plan) - encode)
+        early = self._pack(plan, shared, progress, encode, cache, mapped_pieces(modules, self.pieces, plan) - encode)
         self.pack_seconds = time.perf_counter() - start
         self.apply_seconds: dict[str, float] = {}
         self.shared: Unit | None = None
@@ -85,20 +85,46 @@ class Runtime:
             self.shared.set_runs([shared])
             self._load([self.shared])
         self.states: list[ComponentState] = []
-        self._install(plan, {})
+        self._install(plan, early)
+        for unit in early.values():
+            self.mover.wait_ready(unit)
+        self.loaded_while_filling = sum(unit.nbytes for unit in early.values())
 
     def _pack(
         self,
+        plan: Plan,
         shared: Piece,
         progress: bool | None,
         encode: set[int],
         cache: CompressedCache | None,
         mapped: set[int],
-    ) -> None:
+    ) -> dict[int, Unit]:
         """Fill the host store, one arena per component (and one for the shared piece), with one bar. The pieces
         in ``encode`` are kept compressed: read from ``cache`` where its entries match them, else compressed now
-        (with a bar of their own); those in ``mapped`` stay views of their checkpoint files where they are."""
+        (with a bar of their own); those in ``mapped`` stay views of their checkpoint files where they are.
+
+        On a GPU, the pieces ``plan`` keeps resident start copying to the device as soon as their arena is
+        page-locked, while the next component's arena fills: a pipeline read from disk is on the device almost
+        as soon as its last file is read. Returns those units, by piece (loading, not yet waited for)."""
         groups = [*self.pieces.items(), *([("shared", [shared])] if shared.refs else [])]
+        early: dict[int, Unit] = {}
+        resident = {
+            id(piece)
+            for name in self.pieces
+            for piece, where in placed_pieces(self.pieces, plan, name)
+            if where is Placement.RESIDENT and piece.refs
+        }
+
+        def upload(pieces: list[Piece]) -> None:
+            # On the page-locking thread, once ``pieces`` are page-locked; the main thread meanwhile fills the
+            # next arena and touches no unit or stream.
+            for piece in pieces:
+                if id(piece) in resident:
+                    unit = self._unit(piece.name.replace(":rest", ":resident"), [piece])
+                    self.mover.onload_async(unit, exact=True)
+                    early[id(piece)] = unit
+
+        held = upload if resident and self.device.type == "cuda" else None
         coded = [p for _name, pieces in groups for p in pieces if id(p) in encode and p.encodable]
         files = FileMap.current()
         cached: dict[int, Encoded] = {}
@@ -114,7 +140,7 @@ class Runtime:
             try:
                 with self.store.locker.in_background():
                     for name, pieces in groups:
-                        self.store.pack(name, pieces, encode, filler, cached, mapped)
+                        self.store.pack(name, pieces, encode, filler, cached, mapped, held)
             finally:
                 if bar is not None:
                     bar.close()
@@ -130,6 +156,7 @@ class Runtime:
         if cache is not None and coded:
             cache.report(self.store.encoded_pieces)
         logger.info("vramferry: host store filled: %s", filler.summary())
+        return early
 
     # -- units: per plan ------------------------------------------------------------------------------------
     def _install(self, plan: Plan, kept: dict[int, Unit]) -> list[Unit]:

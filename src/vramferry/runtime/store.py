@@ -22,6 +22,7 @@ names any module that tries).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -333,6 +334,7 @@ class HostStore:
         filler: Filler | None = None,
         cached: dict[int, Encoded] | None = None,
         mapped: set[int] | None = None,
+        held: Callable[[list[Piece]], None] | None = None,
     ) -> None:
         """Pack ``pieces`` into one new arena, each contiguous and in order, and make the arena copies canonical
         (parameters rebound to them). Done once per handle: plans place pieces, they never repack them.
@@ -346,6 +348,9 @@ class HostStore:
                 kept as they are, their raw bytes never read.
             mapped: ids of raw pieces to leave as views of their checkpoint files where they are clean ones
                 (no copy in the host store); the others are packed.
+            held: called with the raw pieces once their arena is page-locked (on the page-locking thread while
+                ``locker.in_background()`` lasts; never for an arena left pageable): they can be copied to the
+                device from then on.
         """
         encode = encode if self.codec is not None and encode else set()
         coded = [p for p in pieces if id(p) in encode and p.encodable]
@@ -357,7 +362,7 @@ class HostStore:
                 raw = [p for p in raw if not (id(p) in mapped and self._keep_mapped(p, filler.files))]
             if coded:
                 self._pack_encoded(name, coded, filler, cached or {})
-            self._pack_raw(name, raw, filler)
+            self._pack_raw(name, raw, filler, held)
         finally:
             if own:
                 filler.close()
@@ -380,7 +385,9 @@ class HostStore:
         self._mapped.append(piece)
         return True
 
-    def _pack_raw(self, name: str, raw: list[Piece], filler: Filler) -> None:
+    def _pack_raw(
+        self, name: str, raw: list[Piece], filler: Filler, held: Callable[[list[Piece]], None] | None
+    ) -> None:
         total = sum(piece.layout() for piece in raw)
         if total == 0:
             return
@@ -402,7 +409,7 @@ class HostStore:
             self._shared[id(arena)] = shared
         # Page-locked once filled: the fill's threads fault the fresh pages in (the kernel zeroes each on its first
         # touch), where registering first would fault them all in on this one thread.
-        self._hold(name, arena, raw, read_only=shared is not None)
+        self._hold(name, arena, raw, read_only=shared is not None, held=held)
 
     def _open_shared(self, raw: list[Piece], files: FileMap, total: int) -> SharedArena | None:
         name = arena_name(raw, files)
@@ -424,14 +431,24 @@ class HostStore:
             if views:
                 _view_refs(piece)
 
-    def _hold(self, name: str, arena: torch.Tensor, pieces: list[Piece], *, read_only: bool = False) -> None:
+    def _hold(
+        self,
+        name: str,
+        arena: torch.Tensor,
+        pieces: list[Piece],
+        *,
+        read_only: bool = False,
+        held: Callable[[list[Piece]], None] | None = None,
+    ) -> None:
         """Keep ``arena`` (holding ``pieces``), page-locked where it can be (:class:`PageLocker`: on its
-        background thread while ``locker.in_background()`` lasts)."""
+        background thread while ``locker.in_background()`` lasts); ``held(pieces)`` once it is."""
 
         def keep(pinned: bool) -> None:
             self._arenas.append((arena, pinned, pieces))
             if not pinned:
                 self.pageable_bytes += arena.numel()
+            elif held is not None:
+                held(pieces)
 
         self.locker.lock(name, arena, keep, read_only=read_only)
 
