@@ -26,7 +26,7 @@ import struct
 import threading
 import warnings
 from collections.abc import Callable
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 
 import torch
@@ -228,16 +228,20 @@ class FileReader:
         Raises:
             LoadError: a file cannot be opened or read (it changed or vanished while loading).
         """
+        for count in self.start(items, pool):
+            count = count.result() if isinstance(count, Future) else count
+            if done is not None:
+                done(count)
+
+    def start(self, items: list[tuple[Region, torch.Tensor]], pool: Executor | None = None) -> list[Future | int]:
+        """Like :meth:`read`, but returns at once with each read's ``Future`` (of its byte count) from ``pool``;
+        without ``pool`` the reads are done here and their byte counts returned."""
         reads = plan_reads(items)
         for read in reads:
             self._open(read.path)
         if pool is None:
-            counts = (self._run(read) for read in reads)
-        else:
-            counts = (future.result() for future in [pool.submit(self._run, read) for read in reads])
-        for count in counts:
-            if done is not None:
-                done(count)
+            return [self._run(read) for read in reads]
+        return [pool.submit(self._run, read) for read in reads]
 
     def _open(self, path: str) -> int:
         fd = self._fds.get(path)

@@ -2,8 +2,9 @@
 
 Bytes come straight from the checkpoint file where the tensor is a clean memory-mapped view of it
 (:mod:`~vramferry.runtime.files`), otherwise from the tensor itself. Work goes in batches of a few hundred MB:
-a batch's copies and reads run on all threads, then its tensors are rebound to their host copies, which frees
-the originals held in memory. Host memory so grows by at most one batch beyond the weights.
+a batch's copies and reads run on all threads; while the next batch runs, its tensors are rebound to their host
+copies, which frees the originals held in memory. Host memory so grows by at most two batches beyond the
+weights.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -82,6 +83,7 @@ class Filler:
         self.file_bytes = 0  # read from checkpoint files
         self.copied_bytes = 0  # copied from tensors in memory
         self.seconds = 0.0
+        self._running: tuple[list, list[Future | int]] | None = None  # a batch in flight, and its jobs
 
     def fill(self, pieces: list) -> None:
         """Copy every tensor of ``pieces`` (each with its ``host`` slice set) into its slice, in layout order,
@@ -89,16 +91,21 @@ class Filler:
         start = time.perf_counter()
         batch: list = []
         size = 0
-        for piece in pieces:
-            inner = 0
-            for ref in piece.refs:
-                batch.append((ref, view_in(piece.host[inner : inner + ref.nbytes])))
-                inner = align(inner + ref.nbytes)
-                size += ref.nbytes
-                if size >= BATCH_BYTES:
-                    self._run(batch, size)
-                    batch, size = [], 0
-        self._run(batch, size)
+        try:
+            for piece in pieces:
+                inner = 0
+                for ref in piece.refs:
+                    batch.append((ref, view_in(piece.host[inner : inner + ref.nbytes])))
+                    inner = align(inner + ref.nbytes)
+                    size += ref.nbytes
+                    if size >= BATCH_BYTES:
+                        self._run(batch, size)
+                        batch, size = [], 0
+            self._run(batch, size)
+            self._finish()
+        except BaseException:
+            self._abandon()
+            raise
         self.seconds += time.perf_counter() - start
 
     def close(self) -> None:
@@ -109,6 +116,7 @@ class Filler:
             self._pool = None
 
     def _run(self, batch: list, size: int) -> None:
+        """Start ``batch``'s reads and copies, then finish the batch before it while they run."""
         # Small batches run on this thread: handing a few MB to threads costs more than it saves.
         pool = self.pool() if size >= PARALLEL_BYTES else None
         reads: list[tuple[Region, torch.Tensor]] = []
@@ -121,20 +129,36 @@ class Filler:
                     reads.append((region, target.view(-1).view(torch.uint8)))
                 else:
                     copies.extend(_copy_jobs(target, tensor) if pool is not None else [(target, tensor)])
+        jobs: list[Future | int] = []
         if reads:
-            self._reader.read(reads, pool, self._done)
+            jobs.extend(self._reader.start(reads, pool))
             self.file_bytes += sum(region.nbytes for region, _target in reads)
-        if pool is not None:
-            results = [f.result() for f in [pool.submit(_copy, target, source) for target, source in copies]]
-        else:
-            results = [_copy(target, source) for target, source in copies]
-        for nbytes in results:
-            self.copied_bytes += nbytes
-            self._done(nbytes)
+        for target, source in copies:
+            jobs.append(pool.submit(_copy, target, source) if pool is not None else _copy(target, source))
+            self.copied_bytes += target.numel() * target.element_size()
+        self._finish()
+        self._running = (batch, jobs)
+
+    def _finish(self) -> None:
+        """Wait for the batch in flight, then rebind its tensors to their host copies."""
+        if self._running is None:
+            return
+        batch, jobs = self._running
+        self._running = None
+        for job in jobs:
+            self._done(job.result() if isinstance(job, Future) else job)
         for ref, view in batch if self.bind else ():
-            # Rebound at once: the original (in memory, or a view of the mapped file) is released here.
+            # Rebound once filled: the original (in memory, or a view of the mapped file) is released here.
             ref.host = rebuild(ref.layout, view)
             ref.bind(ref.host)
+
+    def _abandon(self) -> None:
+        """After a failure: wait for the jobs in flight (they write into the arena), rebinding nothing."""
+        if self._running is not None:
+            for job in self._running[1]:
+                if isinstance(job, Future):
+                    job.exception()
+            self._running = None
 
     def pool(self) -> ThreadPoolExecutor:
         """The filler's threads (started on first use, stopped by :meth:`close`); also for checksums and

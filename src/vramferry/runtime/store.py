@@ -385,9 +385,7 @@ class HostStore:
         self._mapped.append(piece)
         return True
 
-    def _pack_raw(
-        self, name: str, raw: list[Piece], filler: Filler, held: Callable[[list[Piece]], None] | None
-    ) -> None:
+    def _pack_raw(self, name: str, raw: list[Piece], filler: Filler, held: Callable | None) -> None:
         total = sum(piece.layout() for piece in raw)
         if total == 0:
             return
@@ -431,15 +429,8 @@ class HostStore:
             if views:
                 _view_refs(piece)
 
-    def _hold(
-        self,
-        name: str,
-        arena: torch.Tensor,
-        pieces: list[Piece],
-        *,
-        read_only: bool = False,
-        held: Callable[[list[Piece]], None] | None = None,
-    ) -> None:
+    def _hold(self, name: str, arena: torch.Tensor, pieces: list[Piece], *, read_only: bool = False,
+              held: Callable[[list[Piece]], None] | None = None) -> None:
         """Keep ``arena`` (holding ``pieces``), page-locked where it can be (:class:`PageLocker`: on its
         background thread while ``locker.in_background()`` lasts); ``held(pieces)`` once it is."""
 
