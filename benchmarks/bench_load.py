@@ -674,6 +674,9 @@ def _summarise(results: dict, weights: int) -> dict:
     if "raw_s" in raw and "load_to_first_request_end_s" in load:
         target = raw["raw_s"] + (resident or 0.0)
         summary["load_to_first_request_over_raw_plus_resident"] = load["load_to_first_request_end_s"] / target
+        warm = results.get("load_libs_warm", {}).get("load_to_first_request_end_s")
+        if warm is not None:
+            summary["load_libs_warm_to_first_request_over_raw_plus_resident"] = warm / target
         cold = results.get("resident_cold", {}).get("first_request_s")
         if cold is not None:  # both first requests with the same libraries read from disk on first use
             summary["load_to_first_request_over_raw_plus_cold_first_resident"] = load[
