@@ -106,3 +106,30 @@ def test_without_cuda_nothing_is_page_locked(monkeypatch):
     with locker.in_background():
         locker.lock("transformer", host_buffer(4096), kept.append)
     assert kept == [False] and locker.pinned_bytes == 0
+
+
+def test_a_large_component_fills_several_arenas_each_page_locked_and_handed_on_once_filled(runtime, monkeypatch):
+    from vramferry.runtime import arenas
+    from vramferry.runtime.refs import collect_refs
+    from vramferry.runtime.store import HostStore, Piece
+
+    monkeypatch.setattr(arenas, "ARENA_BYTES", 3 * 64 * 64 * 4 + 2048)  # three of the blocks below per arena
+    torch.manual_seed(0)
+    blocks = [torch.nn.Linear(64, 64, bias=False) for _ in range(8)]
+    expected = [block.weight.detach().clone() for block in blocks]
+    claimed: dict = {}
+    pieces = [Piece(f"dit.{i}", "dit", collect_refs(b, set(), claimed)[0], b) for i, b in enumerate(blocks)]
+    store = HostStore(pin=True)
+    handed: list[list[str]] = []
+    with store.locker.in_background():
+        store.pack("dit", pieces, held=lambda held: handed.append([piece.name for piece in held]))
+    # Arenas of three, three and two blocks, in order, each page-locked and then handed on.
+    assert handed == [["dit.0", "dit.1", "dit.2"], ["dit.3", "dit.4", "dit.5"], ["dit.6", "dit.7"]]
+    spans = sorted((ptr, ptr + size) for ptr, size, _flags in runtime.registered)
+    assert len(spans) == 3 and all(end <= nxt for (_s, end), (nxt, _e) in zip(spans, spans[1:], strict=False))
+    assert store.pinned_bytes == sum(size for _ptr, size, _flags in runtime.registered)
+    assert store.pinned_bytes >= sum(piece.nbytes for piece in pieces)
+    for block, weight in zip(blocks, expected, strict=True):
+        assert torch.equal(block.weight, weight)  # bound to its copy in an arena
+        ptr = block.weight.data_ptr()
+        assert any(start <= ptr < end for start, end in spans)

@@ -28,6 +28,28 @@ HUGE_PAGES = True
 _READ_ONLY = 8  # cudaHostRegisterReadOnly
 
 
+#: Most bytes of one arena (a piece larger than this has one of its own): each arena is page-locked, and its
+#: pieces can be copied to the device, as soon as it is filled, while the next one fills; a component's last
+#: arena is all that is left to page-lock once its last byte is read.
+ARENA_BYTES = 1 << 30
+
+
+def arena_chunks(pieces: list, limit: int | None = None) -> list[list]:
+    """``pieces`` (the host store's, with ``layout()``) in order, in consecutive runs of at most ``limit`` bytes
+    (default :data:`ARENA_BYTES`; a larger piece alone): one arena each."""
+    limit = ARENA_BYTES if limit is None else limit
+    found: list[list] = []
+    size = 0
+    for piece in pieces:
+        nbytes = piece.layout()
+        if not found or size + nbytes > limit:
+            found.append([])
+            size = 0
+        found[-1].append(piece)
+        size += nbytes
+    return found
+
+
 def host_buffer(nbytes: int) -> torch.Tensor:
     """``nbytes`` of page-aligned host memory (an anonymous mapping), on transparent huge pages with
     :data:`HUGE_PAGES`."""

@@ -99,13 +99,13 @@ class Runtime:
         cache: CompressedCache | None,
         mapped: set[int],
     ) -> dict[int, Unit]:
-        """Fill the host store, one arena per component (and one for the shared piece), with one bar. The pieces
+        """Fill the host store, component by component (then the shared piece), with one bar. The pieces
         in ``encode`` are kept compressed: read from ``cache`` where its entries match them, else compressed now
         (with a bar of their own); those in ``mapped`` stay views of their checkpoint files where they are.
 
         On a GPU, the pieces ``plan`` keeps resident start copying to the device as soon as their arena is
-        page-locked, while the next component's arena fills: a pipeline read from disk is on the device almost
-        as soon as its last file is read. Returns those units, by piece (loading, not yet waited for)."""
+        page-locked, while the next arena fills: a pipeline read from disk is on the device almost as soon as its
+        last file is read. Returns those units, by piece (loading, not yet waited for)."""
         groups = [*self.pieces.items(), *([("shared", [shared])] if shared.refs else [])]
         early: dict[int, Unit] = {}
         resident = {

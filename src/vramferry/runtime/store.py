@@ -31,7 +31,7 @@ from torch import nn
 from ..discovery.bnb import bind_state, held_of
 from ..discovery.leaves import Held, Layout, Leaf, Stateful, Wrapped, align, leaves, rebuild, view_in
 from ..units import format_bytes
-from .arenas import PageLocker, host_buffer
+from .arenas import PageLocker, arena_chunks, host_buffer
 from .codecs import Codec, Encoded, encode_piece
 from .files import FileMap
 from .fill import Filler
@@ -336,8 +336,9 @@ class HostStore:
         mapped: set[int] | None = None,
         held: Callable[[list[Piece]], None] | None = None,
     ) -> None:
-        """Pack ``pieces`` into one new arena, each contiguous and in order, and make the arena copies canonical
-        (parameters rebound to them). Done once per handle: plans place pieces, they never repack them.
+        """Pack ``pieces`` into new arenas (:func:`~vramferry.runtime.arenas.arena_chunks`), each piece contiguous
+        and in order, and make the arena copies canonical (parameters rebound to them). Done once per handle: plans
+        place pieces, they never repack them.
 
         Args:
             encode: ids of pieces to keep encoded by the store's codec instead (plain tensors only); each gets a
@@ -362,7 +363,8 @@ class HostStore:
                 raw = [p for p in raw if not (id(p) in mapped and self._keep_mapped(p, filler.files))]
             if coded:
                 self._pack_encoded(name, coded, filler, cached or {})
-            self._pack_raw(name, raw, filler, held)
+            for chunk in arena_chunks(raw):
+                self._pack_raw(name, chunk, filler, held)
         finally:
             if own:
                 filler.close()
