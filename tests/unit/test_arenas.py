@@ -133,3 +133,17 @@ def test_a_large_component_fills_several_arenas_each_page_locked_and_handed_on_o
         assert torch.equal(block.weight, weight)  # bound to its copy in an arena
         ptr = block.weight.data_ptr()
         assert any(start <= ptr < end for start, end in spans)
+
+
+@pytest.mark.parametrize("mode", ["model", "layerwise", "auto"])
+def test_components_spread_over_many_arenas_give_the_resident_output(mode, monkeypatch):
+    import vramferry
+    from pipelines.diffusers_pipes import DIFFUSERS_PIPELINES, assert_runs_equal, run
+    from vramferry.runtime import arenas
+
+    monkeypatch.setattr(arenas, "ARENA_BYTES", 48 * 1024)  # a few blocks per arena: units span several
+    pipe, kwargs = DIFFUSERS_PIPELINES["flux"]()
+    expected = run(pipe, kwargs)
+    with vramferry.apply(pipe, vramferry.OffloadConfig(mode=mode, onload_device="cpu", verify=True)) as handle:
+        assert_runs_equal(pipe, kwargs, expected)
+        assert handle.stats().bytes_h2d > 0
