@@ -66,16 +66,17 @@ def test_two_pipelines_share_one_page_locked_host_copy(tmp_path):
     try:
         with vramferry.load(tmp_path, config) as first, vramferry.load(tmp_path, config) as second:
             one, two = first.stats(), second.stats()
-            assert two.host_shared_found_bytes == one.host_shared_bytes > 0
+            assert two.host_shared_found_bytes == one.host_shared_bytes > 0, (one, two)
             # Page-locked read-only in both: no page was copied for either process.
-            assert two.host_pinned_bytes >= two.host_shared_bytes
-            assert _private_dirty_bytes(share) < 2**20
+            assert two.host_pinned_bytes >= two.host_shared_bytes, "the shared arenas were not page-locked"
+            copied = _private_dirty_bytes(share)
+            assert copied < 2**20, f"page-locking copied {copied} bytes of the shared arenas"
             for handle in (first, second):
                 handle.pipeline.set_progress_bar_config(disable=True)
                 got = run(handle.pipeline, kwargs)
                 for key in expected:
                     np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
-        assert os.listdir(share) == []
+        assert os.listdir(share) == [], "the last handle let go but the shared arenas are still there"
     finally:
         for name in os.listdir(share):
             os.unlink(os.path.join(share, name))
