@@ -81,3 +81,26 @@ def test_two_pipelines_share_one_page_locked_host_copy(tmp_path):
         for name in os.listdir(share):
             os.unlink(os.path.join(share, name))
         os.rmdir(share)
+
+
+def test_a_fill_that_fails_leaves_every_weight_on_the_host(monkeypatch):
+    """Resident pieces start copying to the GPU while later arenas fill: if a later one fails, those copies are
+    dropped again, and no weight is left bound to device memory."""
+    from vramferry.runtime.store import HostStore
+
+    pipe, _kwargs = DIFFUSERS_PIPELINES["flux"]()
+    packed = HostStore.pack
+    seen: list[str] = []
+
+    def pack(self, name, *args, **kwargs):
+        seen.append(name)
+        if len(seen) == 3:
+            raise OSError("the disk went away")
+        return packed(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(HostStore, "pack", pack)
+    with pytest.raises(OSError, match="the disk went away"):
+        vramferry.apply(pipe, vramferry.OffloadConfig(mode="auto"))
+    for component in pipe.components.values():
+        if hasattr(component, "parameters"):
+            assert all(p.device.type == "cpu" for p in component.parameters())

@@ -141,6 +141,10 @@ class Runtime:
                 with self.store.locker.in_background():
                     for name, pieces in groups:
                         self.store.pack(name, pieces, encode, filler, cached, mapped, held)
+            except BaseException:
+                for unit in early.values():  # a failed fill leaves every weight bound to its host copy
+                    self.mover.drop(unit)
+                raise
             finally:
                 if bar is not None:
                     bar.close()
