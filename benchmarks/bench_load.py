@@ -231,12 +231,13 @@ def _import_classes(folder: Path) -> float:
     return time.perf_counter() - start
 
 
-def _load(folder: Path, args, cold: bool, **changes) -> dict:
-    """``vramferry.load`` and one request: the libraries warm (:func:`_import_classes`), the weights cold."""
+def _load(folder: Path, args, cold: bool, drop=None, **changes) -> dict:
+    """``vramferry.load`` and two requests: the libraries warm (:func:`_import_classes`), the weights cold (the page
+    cache dropped, or ``drop()``)."""
     import vramferry
 
     imports = _import_classes(folder)
-    found: dict = {"cold": _drop_caches() if cold else False, "rss_after_imports_gb": _rss_gb()}
+    found: dict = {"cold": (drop or _drop_caches)() if cold else False, "rss_after_imports_gb": _rss_gb()}
     found["imports_s"] = round(imports, 3)
     found["log"] = _capture_log()
     start = time.perf_counter()
@@ -296,9 +297,7 @@ def _evict_folder(folder: Path) -> bool:
 def section_load_libs_warm(folder: Path, args) -> dict:
     """``load`` with only the pipeline folder's files dropped from the page cache: the libraries stay as warm as
     for the resident request (what a serving process that loads another model sees)."""
-    global _drop_caches
-    _drop_caches = lambda: _evict_folder(folder)  # noqa: E731
-    return _load(folder, args, cold=True)
+    return _load(folder, args, cold=True, drop=lambda: _evict_folder(folder))
 
 
 def section_load_small_pages(folder: Path, args) -> dict:

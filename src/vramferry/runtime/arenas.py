@@ -34,15 +34,14 @@ _READ_ONLY = 8  # cudaHostRegisterReadOnly
 ARENA_BYTES = 1 << 30
 
 
-def arena_chunks(pieces: list, limit: int | None = None) -> list[list]:
-    """``pieces`` (the host store's, with ``layout()``) in order, in consecutive runs of at most ``limit`` bytes
-    (default :data:`ARENA_BYTES`; a larger piece alone): one arena each."""
-    limit = ARENA_BYTES if limit is None else limit
+def arena_chunks(pieces: list) -> list[list]:
+    """``pieces`` (the host store's, with ``layout()``) in order, in consecutive runs of at most
+    :data:`ARENA_BYTES` (a larger piece alone): one arena each."""
     found: list[list] = []
     size = 0
     for piece in pieces:
         nbytes = piece.layout()
-        if not found or size + nbytes > limit:
+        if not found or size + nbytes > ARENA_BYTES:
             found.append([])
             size = 0
         found[-1].append(piece)

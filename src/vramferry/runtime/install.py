@@ -120,7 +120,7 @@ class Runtime:
             # next arena and touches no unit or stream.
             for piece in pieces:
                 if id(piece) in resident:
-                    unit = self._unit(piece.name.replace(":rest", ":resident"), [piece])
+                    unit = self._resident_unit(piece)
                     self.mover.onload_async(unit, exact=True)
                     early[id(piece)] = unit
 
@@ -178,7 +178,7 @@ class Runtime:
                 if where is Placement.RESIDENT and piece.refs:
                     unit = kept.get(id(piece))
                     if unit is None:
-                        unit = self._unit(piece.name.replace(":rest", ":resident"), [piece])
+                        unit = self._resident_unit(piece)
                         to_load.append(unit)
                     state.residents.append(unit)
             swapped = [p for p, where in placed if where is Placement.SWAPPED and p.refs]
@@ -200,6 +200,9 @@ class Runtime:
         self._load(to_load)
         self._install_hooks()
         return to_load
+
+    def _resident_unit(self, piece: Piece) -> Unit:
+        return self._unit(piece.name.replace(":rest", ":resident"), [piece])
 
     def _unit(self, name: str, pieces: list[Piece]) -> Unit:
         unit = Unit(name, [])
