@@ -14,6 +14,7 @@ Sections:
   raw_read        the files read start to end (one thread, 16 MiB reads; and 8 threads, 64 MiB reads): disk speed
   load            ``vramferry.load`` (page cache dropped), then one request on the GPU: times, peak RSS
   load_libs_warm  the same with only the folder's files dropped from the page cache (libraries warm)
+  load_no_warm_up the same without the kernel warm-up beside the fill (``warm_up=False``)
   load_small_pages  the same with the host store's arenas on 4 KiB pages (not transparent huge pages)
   load_no_prefetch  the same without asking the kernel to read the files ahead while the modules are built
   load_warm       the same with the files already in the page cache
@@ -298,6 +299,11 @@ def section_load_libs_warm(folder: Path, args) -> dict:
     """``load`` with only the pipeline folder's files dropped from the page cache: the libraries stay as warm as
     for the resident request (what a serving process that loads another model sees)."""
     return _load(folder, args, cold=True, drop=lambda: _evict_folder(folder))
+
+
+def section_load_no_warm_up(folder: Path, args) -> dict:
+    """``load`` without the kernel warm-up beside the fill: the first request loads CUDA's kernels as it goes."""
+    return _load(folder, args, cold=True, warm_up=False)
 
 
 def section_load_small_pages(folder: Path, args) -> dict:
@@ -643,6 +649,7 @@ SECTIONS = {
     "raw_read": section_raw_read,
     "load": section_load,
     "load_libs_warm": section_load_libs_warm,
+    "load_no_warm_up": section_load_no_warm_up,
     "load_small_pages": section_load_small_pages,
     "load_no_prefetch": section_load_no_prefetch,
     "load_warm": section_load_warm,
@@ -676,6 +683,9 @@ def _summarise(results: dict, weights: int) -> dict:
         warm = results.get("load_libs_warm", {}).get("load_to_first_request_end_s")
         if warm is not None:
             summary["load_libs_warm_to_first_request_over_raw_plus_resident"] = warm / target
+        unwarmed = results.get("load_no_warm_up", {}).get("load_to_first_request_end_s")
+        if unwarmed is not None:
+            summary["load_no_warm_up_to_first_request_over_raw_plus_resident"] = unwarmed / target
         cold = results.get("resident_cold", {}).get("first_request_s")
         if cold is not None:  # both first requests with the same libraries read from disk on first use
             summary["load_to_first_request_over_raw_plus_cold_first_resident"] = load[

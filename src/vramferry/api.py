@@ -447,13 +447,18 @@ def apply(
     modules, device, planning, the_plan, coding = plan_apply(pipeline, config, workload, plan, measured)
     cache = open_cache(pipeline, config.compression_cache, coding.codec, modules)
     start = time.perf_counter()
-    runtime = _runtime(modules, the_plan, config, device, progress, coding.codec, cache, planning)
+    warming = _warm_up(modules, the_plan, planning, device) if config.warm_up else None
+    try:
+        runtime = _runtime(modules, the_plan, config, device, progress, coding.codec, cache, planning)
+    finally:
+        warmed = warming.join() if warming is not None else None
     runtime.apply_seconds = {
         **planning.seconds,
         "host store": round(runtime.pack_seconds, 4),
         "of which filling": round(runtime.filled.seconds, 4),
         "of which page-locking": round(runtime.store.locker.seconds, 4),
         "device loads and hooks": round(time.perf_counter() - start - runtime.pack_seconds, 4),
+        **({"kernel warm-up, beside the rest": round(warmed, 4)} if warmed is not None else {}),
     }
     reads = (
         WeightReads(runtime.all_units, [c.module for c in modules.components()]) if config.verify else None
@@ -512,6 +517,17 @@ def _runtime(
         progress=progress,
         links=helpers,
     )
+
+
+def _warm_up(modules: PipelineModules, plan: Plan, planning: _Planning, device: torch.device) -> Any:
+    """On a GPU, the kernel warm-up (:mod:`~vramferry.runtime.warmup`) started on its own thread; it holds at most
+    the activation memory the plan keeps free for a request."""
+    from .runtime.warmup import DEFAULT_LIMIT, Warmup, pipeline_ops
+
+    if device.type != "cuda" or not isinstance(planning.workload, Workload):
+        return None
+    limit = plan.activation_bytes if plan.activation_bytes else DEFAULT_LIMIT
+    return Warmup(pipeline_ops(modules, planning.workload), device, limit).start()
 
 
 def _refresh(holder: list[weakref.ref]) -> None:

@@ -167,6 +167,14 @@ OFFLOAD_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
             "help": "other GPUs whose PCIe links carry part of every streamed block (e.g. cuda:1,cuda:2)",
         },
     ),
+    "warm_up": (
+        "--warm-up",
+        {
+            "action": _BOOL,
+            "help": "run each kind of layer once on the GPU with scratch weights while the weights load, so that "
+            "the first request starts with CUDA's kernels loaded (default: on)",
+        },
+    ),
 }
 """OffloadConfig field → (flag, argparse options). The only place where offload flags are spelled."""
 

@@ -145,6 +145,9 @@ class OffloadConfig:
             (:mod:`~vramferry.runtime.shared`). ``True``: in ``/dev/shm``; a folder: there (on a memory-backed
             file system); ``False``: each process holds its own copy. Only arenas whose weights are read from
             checkpoint files (``vramferry.load``, or a pipeline fresh from ``from_pretrained``) are shared.
+        warm_up: on a GPU, while the host store fills, run each distinct layer of the pipeline once on the
+            device with scratch weights (:mod:`~vramferry.runtime.warmup`), so that the first request finds
+            CUDA's libraries and kernels loaded instead of loading them as it goes.
     """
 
     mode: OffloadMode = OffloadMode.AUTO
@@ -164,6 +167,7 @@ class OffloadConfig:
     compression_cache: str = "auto"
     helper_devices: tuple[str, ...] = ()
     share_host_store: bool | str = False
+    warm_up: bool = True
 
     def __post_init__(self) -> None:
         try:
@@ -205,7 +209,7 @@ class OffloadConfig:
             raise ValueError(
                 f"prefetch_depth: must be a whole number ≥ 1 or None, got {self.prefetch_depth!r}"
             )
-        for name in ("pin_memory", "prefetch_components", "verify", "strict"):
+        for name in ("pin_memory", "prefetch_components", "verify", "strict", "warm_up"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}: expected True or False, got {getattr(self, name)!r}")
         if isinstance(self.keep_resident, str):

@@ -104,3 +104,19 @@ def test_a_fill_that_fails_leaves_every_weight_on_the_host(monkeypatch):
     for component in pipe.components.values():
         if hasattr(component, "parameters"):
             assert all(p.device.type == "cpu" for p in component.parameters())
+
+
+def test_the_kernel_warm_up_changes_neither_the_output_nor_the_memory_left_in_use():
+    import torch
+
+    pipe, kwargs = DIFFUSERS_PIPELINES["flux"]()
+    found = {}
+    for warm_up in (False, True):
+        with vramferry.apply(pipe, vramferry.OffloadConfig(mode="layerwise", warm_up=warm_up)) as handle:
+            pipe.set_progress_bar_config(disable=True)
+            steps = handle.stats().apply_seconds
+            assert ("kernel warm-up, beside the rest" in steps) == warm_up, steps
+            found[warm_up] = (torch.cuda.memory_allocated(), run(pipe, kwargs))
+    assert found[True][0] == found[False][0], "the warm-up's scratch tensors must be freed"
+    for key in found[False][1]:
+        np.testing.assert_array_equal(found[True][1][key], found[False][1][key], err_msg=key)
