@@ -14,7 +14,6 @@ allocated when it ends, and stops at its first error: it only makes the first re
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
@@ -82,7 +81,7 @@ def pipeline_ops(modules: PipelineModules, workload: Workload) -> list[Op]:
 
 
 class Warmup:
-    """Runs ``ops`` once each on ``device``, on a thread and stream of its own (:meth:`start`, :meth:`join`).
+    """Runs ``ops`` once each on ``device``, on a thread of its own (:meth:`start`, :meth:`join`).
 
     Args:
         ops: the layer calls (:func:`pipeline_ops`).
@@ -111,7 +110,7 @@ class Warmup:
             self._thread.join()
             self._thread = None
         if self.device.type == "cuda" and self.ran:
-            torch.cuda.empty_cache()  # the scratch blocks, cached for the warm-up's stream, go back
+            torch.cuda.empty_cache()  # the scratch blocks the allocator kept go back to the device
         if self.error is not None:
             logger.info("vramferry: kernel warm-up stopped early: %s", _one_line(self.error))
         logger.info(
@@ -124,20 +123,21 @@ class Warmup:
         return self.seconds
 
     def run(self) -> None:
-        """Run every op that fits the limit, in order (on the calling thread)."""
+        """Run every op that fits the limit, in order (on the calling thread).
+
+        On the default stream, as the first request's own layers run: cuBLAS keeps a workspace per stream, and
+        the one made here is then the request's."""
         start = time.perf_counter()
         try:
-            stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-            on_stream = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
-            with torch.no_grad(), on_stream:
+            with torch.no_grad():
                 for op in self.ops:
                     if op.nbytes() > self.limit:
                         self.skipped.append(op)
                         continue
                     run_op(op, self.device)
                     self.ran.append(op)
-                if stream is not None:
-                    stream.synchronize()
+            if self.device.type == "cuda":
+                torch.cuda.current_stream(self.device).synchronize()
         except Exception as exc:  # a warm-up that fails only leaves the first request as it was
             self.error = exc
         self.seconds = time.perf_counter() - start
