@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ import torch
 
 from .api import OffloadHandle, apply
 from .config import OffloadConfig
+from .planning.calibrate import Measurements
 
 logger = logging.getLogger(__name__)
 
@@ -59,20 +61,24 @@ def load(
     from .runtime.files import prefetch, untouched_safetensors
 
     start = time.perf_counter()
+    wanted = (config or OffloadConfig()).replace(**changes)
+    device = _DeviceStart(wanted)  # CUDA starts and its link is measured while the modules are built
     if model is not None and Path(model).expanduser().is_dir():
         # The disk starts on the weights while diffusers builds the modules: with a compressed cache, on its
         # files and the checkpoint files it does not cover instead of every checkpoint file.
         folder = Path(model).expanduser()
-        wanted = (config or OffloadConfig()).replace(**changes)
         paths = None
         if str(wanted.compression) != "off":
             paths = prefetch_paths(folder, wanted.compression_cache, wanted.device.type)
         prefetch(paths if paths is not None else [str(p) for p in sorted(folder.rglob("*.safetensors"))])
     # The modules read none of their weights: the host store reads them from the files, in order, once.
-    with untouched_safetensors():
-        pipeline = load_pipeline(model, dtype=dtype, variant=variant)
+    try:
+        with untouched_safetensors():
+            pipeline = load_pipeline(model, dtype=dtype, variant=variant)
+    finally:
+        measured = device.result()
     built = time.perf_counter()
-    handle = apply(pipeline, config, workload=workload, progress=progress, **changes)
+    handle = apply(pipeline, config, workload=workload, progress=progress, measured=measured, **changes)
     logger.info(
         "vramferry: %s loaded in %.2f s (modules %.2f s, host store and device %.2f s)",
         type(pipeline).__name__,
@@ -81,3 +87,36 @@ def load(
         time.perf_counter() - built,
     )
     return handle
+
+
+class _DeviceStart:
+    """On a GPU, a thread that creates the CUDA context and measures the host→device bandwidth, handed to
+    :func:`~vramferry.apply` as its measurement (:meth:`result`). Nothing runs on the CPU or where CUDA is
+    missing, and a failure is left for ``apply`` to report in its own words."""
+
+    def __init__(self, config: OffloadConfig) -> None:
+        self._measured: Measurements | None = None
+        self._thread: threading.Thread | None = None
+        if config.device.type == "cuda" and torch.cuda.is_available():
+            self._thread = threading.Thread(
+                target=self._run, args=(config,), name="vramferry-device-start", daemon=True
+            )
+            self._thread.start()
+
+    def _run(self, config: OffloadConfig) -> None:
+        from .compat import resolve_device
+        from .runtime.probe import measure_h2d_bandwidth
+
+        try:
+            device = resolve_device(config)
+            rate = measure_h2d_bandwidth(device)
+            torch.cuda.empty_cache()  # the probe's buffer must not count against the free memory apply reads
+            self._measured = Measurements(h2d_bytes_per_s={torch.cuda.get_device_name(device): rate})
+        except Exception:  # apply meets the same problem and says what it is
+            self._measured = None
+
+    def result(self) -> Measurements | None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        return self._measured

@@ -119,6 +119,14 @@ def test_load_errors_name_the_model(tmp_path):
         vramferry.load(tmp_path / "missing", **CPU)
 
 
+def test_load_on_a_gpu_where_there_is_none_says_so(saved_flux_dir, monkeypatch):
+    from vramferry.errors import DeviceError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(DeviceError, match="onload_device='cpu'"):
+        vramferry.load(saved_flux_dir)
+
+
 # --- which tensors are read from files -------------------------------------------------------------------------
 
 
