@@ -15,6 +15,7 @@ Sections:
   load            ``vramferry.load`` (page cache dropped), then one request on the GPU: times, peak RSS
   load_libs_warm  the same with only the folder's files dropped from the page cache (libraries warm)
   load_no_warm_up the same without the kernel warm-up beside the fill (``warm_up=False``)
+  load_cuda_cold  the same in a process that has not started CUDA (as the CLI's ``--model``)
   load_small_pages  the same with the host store's arenas on 4 KiB pages (not transparent huge pages)
   load_no_prefetch  the same without asking the kernel to read the files ahead while the modules are built
   load_warm       the same with the files already in the page cache
@@ -209,7 +210,7 @@ def _request(pipe, args, phases: dict | None = None) -> float:
     return end - start
 
 
-def _import_classes(folder: Path) -> float:
+def _import_classes(folder: Path, gpu: bool = True) -> float:
     """Import the libraries and classes the pipeline is built from, and on a GPU run one bf16 matmul and one
     attention (seconds): a process serving a model has its code loaded, and the page cache dropped after would
     leave the imports and the first kernels reading the libraries from disk, which the resident request they are
@@ -223,7 +224,7 @@ def _import_classes(folder: Path) -> float:
     for name, entry in json.loads((folder / "model_index.json").read_text()).items():
         if not name.startswith("_") and isinstance(entry, list) and entry[0] is not None:
             getattr(importlib.import_module(entry[0]), entry[1])
-    if torch.cuda.is_available():
+    if gpu and torch.cuda.is_available():
         x = torch.randn(256, 256, device="cuda", dtype=torch.bfloat16)
         q = (x @ x).view(1, 1, 256, 256)
         torch.nn.functional.scaled_dot_product_attention(q, q, q)
@@ -232,12 +233,12 @@ def _import_classes(folder: Path) -> float:
     return time.perf_counter() - start
 
 
-def _load(folder: Path, args, cold: bool, drop=None, **changes) -> dict:
-    """``vramferry.load`` and two requests: the libraries warm (:func:`_import_classes`), the weights cold (the page
-    cache dropped, or ``drop()``)."""
+def _load(folder: Path, args, cold: bool, drop=None, cuda_started: bool = True, **changes) -> dict:
+    """``vramferry.load`` and two requests: the libraries warm (:func:`_import_classes`; CUDA started too unless
+    ``cuda_started`` is off), the weights cold (the page cache dropped, or ``drop()``)."""
     import vramferry
 
-    imports = _import_classes(folder)
+    imports = _import_classes(folder, gpu=cuda_started)
     found: dict = {"cold": (drop or _drop_caches)() if cold else False, "rss_after_imports_gb": _rss_gb()}
     found["imports_s"] = round(imports, 3)
     found["log"] = _capture_log()
@@ -304,6 +305,12 @@ def section_load_libs_warm(folder: Path, args) -> dict:
 def section_load_no_warm_up(folder: Path, args) -> dict:
     """``load`` without the kernel warm-up beside the fill: the first request loads CUDA's kernels as it goes."""
     return _load(folder, args, cold=True, warm_up=False)
+
+
+def section_load_cuda_cold(folder: Path, args) -> dict:
+    """``load`` in a process that has not started CUDA yet (as ``vramferry generate --model`` does): the context is
+    created, and the link measured, while the modules are built."""
+    return _load(folder, args, cold=True, cuda_started=False)
 
 
 def section_load_small_pages(folder: Path, args) -> dict:
@@ -650,6 +657,7 @@ SECTIONS = {
     "load": section_load,
     "load_libs_warm": section_load_libs_warm,
     "load_no_warm_up": section_load_no_warm_up,
+    "load_cuda_cold": section_load_cuda_cold,
     "load_small_pages": section_load_small_pages,
     "load_no_prefetch": section_load_no_prefetch,
     "load_warm": section_load_warm,
