@@ -2,11 +2,11 @@
 
 A process's first request pays once for what CUDA sets up lazily: the cuBLAS and cuDNN handles and their
 heuristics, each kernel's code (read from the libraries on disk when the page cache is cold) and the caching
-allocator's first blocks. Measured on a FLUX.1-sized pipeline, that is about 1 s with the libraries in the page
-cache and 3 s without, against a 5 s request. While the store fills from disk the device has nothing else to do,
-so :class:`Warmup` runs, on a thread of its own, each distinct layer of the pipeline once on the device, on
-scratch weights (never the pipeline's own) of the same shapes and dtypes: its linear layers at the request's
-token counts, its convolutions at the latent size, its norms, embeddings, attention and activations.
+allocator's first blocks. On a FLUX.1-sized pipeline that is seconds against a request of a few, most of it when
+the libraries are out of the page cache. While the store fills from disk the device has nothing else to do, so
+:class:`Warmup` runs, on a thread of its own, each distinct layer of the pipeline once on the device, on scratch
+weights (never the pipeline's own) of the same shapes and dtypes: its linear layers at the request's token
+counts, its convolutions at the latent size, its norms, embeddings, attention and activations.
 
 The warm-up never holds more than ``limit`` bytes at once (a layer that needs more is skipped), frees what it
 allocated when it ends, and stops at its first error: it only makes the first request faster.
@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -57,20 +57,20 @@ class Op:
     def nbytes(self) -> int:
         """Scratch bytes its call holds at once: inputs, weights and output."""
         size = torch.empty((), dtype=self.dtype).element_size()
-        return size * _elements(self)
+        return size * _kind(self).elements(self.shape)
 
 
 def pipeline_ops(modules: PipelineModules, workload: Workload) -> list[Op]:
     """The distinct layer calls of ``modules``' components at ``workload``'s shape, in the order found."""
     found: dict[Op, None] = {}
-    latent = _latent_size(workload)
     for component in modules.components():
         tokens = _token_counts(component.role, workload)
         dtype = _first_dtype(component.module)
         if dtype is None:
             continue
+        at = _Shapes(tokens, _latent_size(workload), dtype)
         for module in component.module.modules():
-            for op in _ops_of(module, tokens, latent, dtype):
+            for op in _ops_of(module, at):
                 found.setdefault(op)
         # Activations written as functions rather than modules (diffusers' GELU, AdaLayerNorm's SiLU), and the
         # softmax of attention written out by hand.
@@ -145,44 +145,104 @@ class Warmup:
 
 def run_op(op: Op, device: torch.device) -> torch.Tensor:
     """Call ``op`` once on scratch tensors on ``device``; returns its output."""
-    make = _Scratch(device, op.dtype)
-    shape = op.shape
-    if op.kind == "linear":
-        rows, inner, outer, bias = shape
-        return F.linear(make(rows, inner), make(outer, inner), make(outer) if bias else None)
-    if op.kind == "conv":
-        dims, inputs, outputs, kernel, stride, padding, dilation, groups, bias, size = shape
-        conv = (F.conv1d, F.conv2d, F.conv3d)[dims - 1]
-        x = make(1, inputs, *size)
-        w = make(outputs, inputs // groups, *kernel)
-        return conv(x, w, make(outputs) if bias else None, stride, padding, dilation, groups)
-    if op.kind == "layer_norm":
-        rows, normalized, affine = shape
-        w, b = (make(*normalized), make(*normalized)) if affine else (None, None)
-        return F.layer_norm(make(rows, *normalized), normalized, w, b)
-    if op.kind == "group_norm":
-        groups, channels, affine, size = shape
-        w, b = (make(channels), make(channels)) if affine else (None, None)
-        return F.group_norm(make(1, channels, *size), groups, w, b)
-    if op.kind == "rms_norm":
-        rows, normalized, affine = shape
-        return F.rms_norm(make(rows, *normalized), normalized, make(*normalized) if affine else None)
-    if op.kind == "embedding":
-        rows, dim = shape
-        ids = torch.randint(0, _EMBEDDING_ROWS, (rows,), device=device)
-        return F.embedding(ids, make(_EMBEDDING_ROWS, dim))
-    if op.kind == "attention":
-        heads, length, head_dim, causal = shape
-        q = make(1, heads, length, head_dim)
-        return F.scaled_dot_product_attention(q, q, q, is_causal=causal)
-    if op.kind == "activation":
-        name, approximate, rows = shape
-        x = make(rows, _ELEMENTWISE_WIDTH)
-        return F.gelu(x, approximate=approximate) if name == "gelu" else _ACTIVATIONS[name](x)
-    if op.kind == "softmax":
-        rows, width = shape
-        return torch.softmax(make(rows, width).float(), dim=-1).to(op.dtype)
-    raise ValueError(f"unknown warm-up op {op.kind!r}")
+    return _kind(op).run(op.shape, _Scratch(device, op.dtype))
+
+
+class _Scratch:
+    """Tensors of one dtype on one device, filled with normal noise: their values never matter, only their
+    shapes (noise rather than uninitialised memory, whose NaNs and denormals some kernels run slower on)."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype) -> None:
+        self.device, self.dtype = device, dtype
+
+    def __call__(self, *shape: int) -> torch.Tensor:
+        return torch.empty(shape, device=self.device, dtype=self.dtype).normal_()
+
+
+@dataclass(frozen=True)
+class _Kind:
+    """How to call one kind of op on scratch tensors, and how many elements that call holds at once."""
+
+    run: Callable[[tuple, _Scratch], torch.Tensor]
+    elements: Callable[[tuple], int]
+
+
+def _linear(shape: tuple, make: _Scratch) -> torch.Tensor:
+    rows, inner, outer, bias = shape
+    return F.linear(make(rows, inner), make(outer, inner), make(outer) if bias else None)
+
+
+def _linear_elements(shape: tuple) -> int:
+    rows, inner, outer, _bias = shape
+    return rows * inner + inner * outer + rows * outer + outer
+
+
+_CONVS = (F.conv1d, F.conv2d, F.conv3d)
+
+
+def _conv(shape: tuple, make: _Scratch) -> torch.Tensor:
+    dims, inputs, outputs, kernel, stride, padding, dilation, groups, bias, size = shape
+    weight = make(outputs, inputs // groups, *kernel)
+    return _CONVS[dims - 1](
+        make(1, inputs, *size), weight, make(outputs) if bias else None, stride, padding, dilation, groups
+    )
+
+
+def _conv_elements(shape: tuple) -> int:
+    _dims, inputs, outputs, kernel, _stride, _padding, _dilation, groups, _bias, size = shape
+    pixels = _product(size)
+    return inputs * pixels + outputs * (inputs // groups) * _product(kernel) + outputs * pixels
+
+
+def _layer_norm(shape: tuple, make: _Scratch) -> torch.Tensor:
+    rows, normalized, affine = shape
+    weight, bias = (make(*normalized), make(*normalized)) if affine else (None, None)
+    return F.layer_norm(make(rows, *normalized), normalized, weight, bias)
+
+
+def _rms_norm(shape: tuple, make: _Scratch) -> torch.Tensor:
+    rows, normalized, affine = shape
+    return F.rms_norm(make(rows, *normalized), normalized, make(*normalized) if affine else None)
+
+
+def _norm_elements(shape: tuple) -> int:
+    rows, normalized, _affine = shape
+    return 2 * rows * _product(normalized) + 2 * _product(normalized)
+
+
+def _group_norm(shape: tuple, make: _Scratch) -> torch.Tensor:
+    groups, channels, affine, size = shape
+    weight, bias = (make(channels), make(channels)) if affine else (None, None)
+    return F.group_norm(make(1, channels, *size), groups, weight, bias)
+
+
+def _group_norm_elements(shape: tuple) -> int:
+    _groups, channels, _affine, size = shape
+    return 2 * channels * _product(size) + 2 * channels
+
+
+def _embedding(shape: tuple, make: _Scratch) -> torch.Tensor:
+    rows, dim = shape
+    ids = torch.randint(0, _EMBEDDING_ROWS, (rows,), device=make.device)
+    return F.embedding(ids, make(_EMBEDDING_ROWS, dim))
+
+
+def _embedding_elements(shape: tuple) -> int:
+    rows, dim = shape
+    return _EMBEDDING_ROWS * dim + rows * dim + rows * 4  # the table, the rows looked up, the int64 ids
+
+
+def _attention(shape: tuple, make: _Scratch) -> torch.Tensor:
+    heads, length, head_dim, causal = shape
+    q = make(1, heads, length, head_dim)
+    return F.scaled_dot_product_attention(q, q, q, is_causal=causal)
+
+
+def _attention_elements(shape: tuple) -> int:
+    heads, length, head_dim, _causal = shape
+    # Beyond a head size of 256 no fused kernel applies: the scores are materialised, in float32.
+    scores = heads * length * length * 2 if head_dim > 256 else 0
+    return 4 * heads * length * head_dim + scores
 
 
 _ACTIVATIONS = {
@@ -194,74 +254,140 @@ _ACTIVATIONS = {
 }
 
 
-class _Scratch:
-    """Uninitialised tensors of one dtype on one device: their values never matter, only their shapes."""
-
-    def __init__(self, device: torch.device, dtype: torch.dtype) -> None:
-        self.device, self.dtype = device, dtype
-
-    def __call__(self, *shape: int) -> torch.Tensor:
-        return torch.empty(shape, device=self.device, dtype=self.dtype).normal_()
+def _activation(shape: tuple, make: _Scratch) -> torch.Tensor:
+    name, approximate, rows = shape
+    x = make(rows, _ELEMENTWISE_WIDTH)
+    return F.gelu(x, approximate=approximate) if name == "gelu" else _ACTIVATIONS[name](x)
 
 
-def _ops_of(
-    module: nn.Module, tokens: tuple[int, ...], latent: tuple[int, int], dtype: torch.dtype
-) -> Iterable[Op]:
-    """``module``'s own calls (not its children's); ``dtype``: the component's, for layers without weights."""
+def _softmax(shape: tuple, make: _Scratch) -> torch.Tensor:
+    rows, width = shape
+    return torch.softmax(make(rows, width).float(), dim=-1).to(make.dtype)
+
+
+_KINDS: dict[str, _Kind] = {
+    "linear": _Kind(_linear, _linear_elements),
+    "conv": _Kind(_conv, _conv_elements),
+    "layer_norm": _Kind(_layer_norm, _norm_elements),
+    "rms_norm": _Kind(_rms_norm, _norm_elements),
+    "group_norm": _Kind(_group_norm, _group_norm_elements),
+    "embedding": _Kind(_embedding, _embedding_elements),
+    "attention": _Kind(_attention, _attention_elements),
+    "activation": _Kind(_activation, lambda shape: 2 * shape[2] * _ELEMENTWISE_WIDTH),
+    # the input, its float32 copy and the result
+    "softmax": _Kind(_softmax, lambda shape: 5 * shape[0] * shape[1]),
+}
+
+
+def _kind(op: Op) -> _Kind:
+    kind = _KINDS.get(op.kind)
+    if kind is None:
+        raise ValueError(f"unknown warm-up op {op.kind!r}; known: {', '.join(_KINDS)}")
+    return kind
+
+
+@dataclass(frozen=True)
+class _Shapes:
+    """What a component's layers see in one call: the rows of their inputs, the latent size, the component's
+    dtype (for layers without weights of their own)."""
+
+    tokens: tuple[int, ...]
+    latent: tuple[int, int]
+    dtype: torch.dtype
+
+
+def _ops_of(module: nn.Module, at: _Shapes) -> Iterable[Op]:
+    """``module``'s own calls (not its children's)."""
     weight = _plain_weight(module)
-    if isinstance(module, nn.Linear) and weight is not None:
-        for rows in tokens:
-            yield Op(
-                "linear",
-                (rows, module.in_features, module.out_features, module.bias is not None),
-                weight.dtype,
-            )
-    elif isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and weight is not None:
-        if isinstance(module.padding, str) or module.padding_mode != "zeros":
-            return
-        dims = len(module.kernel_size)
-        spatial = [
-            max(side, k * s)
-            for side, k, s in zip(_spatial(latent, dims), module.kernel_size, module.stride, strict=True)
-        ]
-        yield Op(
-            "conv",
-            (
-                dims,
-                module.in_channels,
-                module.out_channels,
-                tuple(module.kernel_size),
-                tuple(module.stride),
-                tuple(module.padding),
-                tuple(module.dilation),
-                module.groups,
-                module.bias is not None,
-                tuple(spatial),
-            ),
-            weight.dtype,
-        )
-    elif isinstance(module, nn.LayerNorm) and (weight is not None or not module.elementwise_affine):
-        for rows in tokens:
-            yield Op(
-                "layer_norm",
-                (rows, tuple(module.normalized_shape), module.elementwise_affine),
-                weight.dtype if weight is not None else dtype,
-            )
-    elif isinstance(module, nn.GroupNorm) and weight is not None:
-        yield Op("group_norm", (module.num_groups, module.num_channels, module.affine, latent), weight.dtype)
-    elif isinstance(module, nn.RMSNorm) and weight is not None:
-        for rows in tokens:
-            yield Op("rms_norm", (rows, tuple(module.normalized_shape), True), weight.dtype)
-    elif isinstance(module, nn.Embedding) and weight is not None:
-        yield Op("embedding", (max(tokens), module.embedding_dim), weight.dtype)
-    elif isinstance(module, (nn.GELU, nn.SiLU, nn.ReLU, nn.Tanh, nn.Sigmoid, nn.Mish)):
-        name = type(module).__name__.lower()
-        yield Op("activation", (name, getattr(module, "approximate", "none"), max(tokens)), dtype)
-    heads = _attention_heads(module, dtype)
+    for cls in type(module).__mro__:
+        layer = _LAYERS.get(cls)
+        if layer is not None:
+            yield from layer(module, weight, at)
+            break
+    heads = _attention_heads(module, at.dtype)
     if heads is not None:
-        count, head_dim, attention_dtype = heads
-        for length in tokens:
-            yield Op("attention", (count, length, head_dim, False), attention_dtype)
+        count, head_dim, dtype = heads
+        for length in at.tokens:
+            yield Op("attention", (count, length, head_dim, False), dtype)
+
+
+def _linear_ops(module: nn.Linear, weight: torch.Tensor | None, at: _Shapes) -> Iterable[Op]:
+    if weight is None:
+        return
+    for rows in at.tokens:
+        yield Op(
+            "linear", (rows, module.in_features, module.out_features, module.bias is not None), weight.dtype
+        )
+
+
+def _conv_ops(module: nn.Module, weight: torch.Tensor | None, at: _Shapes) -> Iterable[Op]:
+    if weight is None or isinstance(module.padding, str) or module.padding_mode != "zeros":
+        return
+    dims = len(module.kernel_size)
+    # At the latent size, and never smaller than what one step of the kernel covers.
+    size = tuple(
+        max(side, k * s)
+        for side, k, s in zip(_spatial(at.latent, dims), module.kernel_size, module.stride, strict=True)
+    )
+    shape = (
+        dims,
+        module.in_channels,
+        module.out_channels,
+        tuple(module.kernel_size),
+        tuple(module.stride),
+        tuple(module.padding),
+        tuple(module.dilation),
+        module.groups,
+        module.bias is not None,
+        size,
+    )
+    yield Op("conv", shape, weight.dtype)
+
+
+def _layer_norm_ops(module: nn.LayerNorm, weight: torch.Tensor | None, at: _Shapes) -> Iterable[Op]:
+    if weight is None and module.elementwise_affine:
+        return  # a quantized or integer weight
+    for rows in at.tokens:
+        shape = (rows, tuple(module.normalized_shape), module.elementwise_affine)
+        yield Op("layer_norm", shape, weight.dtype if weight is not None else at.dtype)
+
+
+def _rms_norm_ops(module: nn.RMSNorm, weight: torch.Tensor | None, at: _Shapes) -> Iterable[Op]:
+    if weight is None:
+        return
+    for rows in at.tokens:
+        yield Op("rms_norm", (rows, tuple(module.normalized_shape), True), weight.dtype)
+
+
+def _group_norm_ops(module: nn.GroupNorm, weight: torch.Tensor | None, at: _Shapes) -> Iterable[Op]:
+    if weight is not None:
+        yield Op(
+            "group_norm", (module.num_groups, module.num_channels, module.affine, at.latent), weight.dtype
+        )
+
+
+def _embedding_ops(module: nn.Embedding, weight: torch.Tensor | None, at: _Shapes) -> Iterable[Op]:
+    if weight is not None:
+        yield Op("embedding", (max(at.tokens), module.embedding_dim), weight.dtype)
+
+
+def _activation_ops(module: nn.Module, _weight: torch.Tensor | None, at: _Shapes) -> Iterable[Op]:
+    name = type(module).__name__.lower()
+    yield Op("activation", (name, getattr(module, "approximate", "none"), max(at.tokens)), at.dtype)
+
+
+#: Layer classes (matched along each module's class hierarchy) to the ops they call.
+_LAYERS: dict[type, Callable[[nn.Module, torch.Tensor | None, _Shapes], Iterable[Op]]] = {
+    nn.Linear: _linear_ops,
+    nn.Conv1d: _conv_ops,
+    nn.Conv2d: _conv_ops,
+    nn.Conv3d: _conv_ops,
+    nn.LayerNorm: _layer_norm_ops,
+    nn.RMSNorm: _rms_norm_ops,
+    nn.GroupNorm: _group_norm_ops,
+    nn.Embedding: _embedding_ops,
+    **{cls: _activation_ops for cls in (nn.GELU, nn.SiLU, nn.ReLU, nn.Tanh, nn.Sigmoid, nn.Mish)},
+}
 
 
 def _attention_heads(module: nn.Module, dtype: torch.dtype) -> tuple[int, int, torch.dtype] | None:
@@ -322,37 +448,6 @@ def _spatial(latent: tuple[int, int], dims: int) -> list[int]:
     if dims == 2:
         return list(latent)
     return [1, *latent]
-
-
-def _elements(op: Op) -> int:
-    shape = op.shape
-    if op.kind == "linear":
-        rows, inner, outer, _bias = shape
-        return rows * inner + inner * outer + rows * outer + outer
-    if op.kind == "conv":
-        dims, inputs, outputs, kernel, stride, padding, dilation, groups, _bias, size = shape
-        pixels = _product(size)
-        return inputs * pixels + outputs * (inputs // groups) * _product(kernel) + outputs * pixels
-    if op.kind in ("layer_norm", "rms_norm"):
-        rows, normalized, _affine = shape
-        return 2 * rows * _product(normalized) + 2 * _product(normalized)
-    if op.kind == "group_norm":
-        _groups, channels, _affine, size = shape
-        return 2 * channels * _product(size) + 2 * channels
-    if op.kind == "embedding":
-        rows, dim = shape
-        return _EMBEDDING_ROWS * dim + rows * dim + rows * 4
-    if op.kind == "attention":
-        heads, length, head_dim, _causal = shape
-        # Beyond a head size of 256 no fused kernel applies: the scores are materialised, in float32.
-        scores = heads * length * length * 2 if head_dim > 256 else 0
-        return 4 * heads * length * head_dim + scores
-    if op.kind == "activation":
-        return 2 * shape[2] * _ELEMENTWISE_WIDTH
-    if op.kind == "softmax":
-        rows, width = shape
-        return 5 * rows * width  # the input, its float32 copy and the result
-    return 0
 
 
 def _product(values: Iterable[int]) -> int:
