@@ -158,7 +158,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     params = generation_params(args, demo_defaults(args))  # a bad command line fails before the model loads
     config = fit_to_machine(offload_config(args))
-    pipeline = load(args)
+    pipeline = load(args, config)
     if params.width is not None and params.height is not None:
         check_sizes(pipeline, [(params.width, params.height)], "--size")
     out = output_path(args, pipeline)
@@ -206,7 +206,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if replicated(args):
         return serve_replicas(args, settings)
     check_port(args.host, args.port)  # before the model loads: a busy port costs nothing
-    pipeline = load(args)
+    pipeline = load(args, config)
     check_sizes(pipeline, args.sizes or (), "--sizes")
     _load_loras(pipeline, args.lora or ())  # before offload: an offloaded pipeline takes no adapters
     handle = apply_offload(pipeline, config)
@@ -313,7 +313,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .cli_generate import generation_params
 
     params = generation_params(args, demo_defaults(args))  # a bad command line fails before the model loads
-    pipeline = load(args)
+    pipeline = load(args, config)
     if params.width is not None and params.height is not None:
         check_sizes(pipeline, [(params.width, params.height)], "--size")
     disable_progress_bar(pipeline)

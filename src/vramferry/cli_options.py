@@ -272,21 +272,26 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def load(args: argparse.Namespace) -> Any:
-    """The pipeline named by ``--model`` (the demo when absent), on the CPU."""
-    from .pipelines.loading import load_pipeline
+def load(args: argparse.Namespace, config: OffloadConfig | None = None) -> Any:
+    """The pipeline named by ``--model`` (the demo when absent), on the CPU, built without reading its weights
+    (:func:`~vramferry.loader.build_pipeline`). Given the ``config`` it is about to be offloaded with, the disk
+    reads its files ahead and CUDA starts meanwhile, as in :func:`vramferry.load`."""
+    from .loader import build_pipeline
+
+    def build() -> Any:
+        return build_pipeline(args.model, config, dtype=args.dtype)[0]
 
     if getattr(args, "verbose", False) or getattr(args, "debug", False):
-        return load_pipeline(args.model, dtype=args.dtype)
+        return build()
     try:
         from transformers.utils import logging as transformers_logging
     except ImportError:
-        return load_pipeline(args.model, dtype=args.dtype)
+        return build()
     # transformers warns on import about optional backends (torchvision) that pipelines here never use.
     previous = transformers_logging.get_verbosity()
     transformers_logging.set_verbosity_error()
     try:
-        return load_pipeline(args.model, dtype=args.dtype)
+        return build()
     finally:
         transformers_logging.set_verbosity(previous)
 

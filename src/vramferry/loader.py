@@ -6,6 +6,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ def load(
     variant: str | None = None,
     progress: bool | None = None,
     workload: Any = None,
+    prepare: Callable[[Any], Any] | None = None,
     **changes: Any,
 ) -> OffloadHandle:
     """Load a diffusers pipeline and offload it, its weights read from the checkpoint files into the host store.
@@ -33,10 +35,10 @@ def load(
     diffusers builds the pipeline's modules on the meta device and binds each weight to a memory-mapped view of
     its safetensors file that touches no page (diffusers' and transformers' readers are handed such views while
     it builds them), while the kernel is asked to start reading a local folder's files (when they fit in the
-    available memory). The host store is then filled straight from the files, with large
-    reads on several threads, at the disk's speed: the weights are never copied in memory on the way, and the
-    mapped file pages never count in the process's memory. Weights converted on loading (a ``dtype`` other than
-    the files') are copied from memory instead.
+    available memory) and, on a GPU, CUDA starts (:func:`build_pipeline`). The host store is then filled straight
+    from the files, with large reads on several threads, at the disk's speed: the weights are never copied in
+    memory on the way, and the mapped file pages never count in the process's memory. Weights converted on
+    loading (a ``dtype`` other than the files') are copied from memory instead.
 
     Args:
         model: a local folder written by ``save_pretrained`` (with ``model_index.json``), a Hugging Face Hub id
@@ -47,6 +49,8 @@ def load(
         progress: show a progress bar (bytes, GB/s) while the store fills; ``None``: only when vramferry logs
             at INFO level.
         workload: the request shape the plan is sized for (see :func:`~vramferry.apply`).
+        prepare: called with the pipeline once its modules are built, before its weights are packed: load LoRA
+            adapters, check what it can make. An exception it raises ends the load.
         **changes: field overrides applied to a copy of ``config`` (``mode="layerwise"``).
 
     Returns:
@@ -56,27 +60,12 @@ def load(
         LoadError: the folder or id cannot be loaded (the message names it and the fix).
         OffloadError: see :func:`~vramferry.apply`.
     """
-    from .pipelines.loading import load_pipeline
-    from .runtime.cache import prefetch_paths
-    from .runtime.files import prefetch, untouched_safetensors
-
     start = time.perf_counter()
-    wanted = (config or OffloadConfig()).replace(**changes)
-    device = _DeviceStart(wanted)  # CUDA starts and its link is measured while the modules are built
-    if model is not None and Path(model).expanduser().is_dir():
-        # The disk starts on the weights while diffusers builds the modules: with a compressed cache, on its
-        # files and the checkpoint files it does not cover instead of every checkpoint file.
-        folder = Path(model).expanduser()
-        paths = None
-        if str(wanted.compression) != "off":
-            paths = prefetch_paths(folder, wanted.compression_cache, wanted.device.type)
-        prefetch(paths if paths is not None else [str(p) for p in sorted(folder.rglob("*.safetensors"))])
-    # The modules read none of their weights: the host store reads them from the files, in order, once.
-    try:
-        with untouched_safetensors():
-            pipeline = load_pipeline(model, dtype=dtype, variant=variant)
-    finally:
-        measured = device.result()
+    pipeline, measured = build_pipeline(
+        model, (config or OffloadConfig()).replace(**changes), dtype=dtype, variant=variant
+    )
+    if prepare is not None:
+        prepare(pipeline)
     built = time.perf_counter()
     handle = apply(pipeline, config, workload=workload, progress=progress, measured=measured, **changes)
     logger.info(
@@ -87,6 +76,46 @@ def load(
         time.perf_counter() - built,
     )
     return handle
+
+
+def build_pipeline(
+    model: str | os.PathLike | None,
+    config: OffloadConfig | None = None,
+    *,
+    dtype: str | torch.dtype | None = None,
+    variant: str | None = None,
+) -> tuple[Any, Measurements | None]:
+    """``model``'s pipeline on the CPU, built without reading its weights: each is a view of its safetensors file
+    that touches no page, read when something uses it (the host store reads them all, in order, once).
+
+    With the ``config`` it is about to be offloaded with, the disk and the GPU start meanwhile: the kernel is asked
+    to read a local folder's files ahead (with a compressed cache, its files and the checkpoint files it does not
+    cover), and for a CUDA device a thread creates the CUDA context and measures the host→device link. Without
+    one (to plan, to inspect), nothing is read ahead and CUDA is left alone.
+
+    Returns:
+        The pipeline, and the link's measurement for ``apply(..., measured=...)`` (``None`` without a GPU).
+
+    Raises:
+        LoadError: see :func:`load`.
+    """
+    from .pipelines.loading import load_pipeline
+    from .runtime.cache import prefetch_paths
+    from .runtime.files import prefetch, untouched_safetensors
+
+    device = _DeviceStart(config) if config is not None else None
+    if config is not None and model is not None and Path(model).expanduser().is_dir():
+        folder = Path(model).expanduser()
+        paths = None
+        if str(config.compression) != "off":
+            paths = prefetch_paths(folder, config.compression_cache, config.device.type)
+        prefetch(paths if paths is not None else [str(p) for p in sorted(folder.rglob("*.safetensors"))])
+    try:
+        with untouched_safetensors():
+            pipeline = load_pipeline(model, dtype=dtype, variant=variant)
+    finally:
+        measured = device.result() if device is not None else None
+    return pipeline, measured
 
 
 class _DeviceStart:

@@ -25,7 +25,7 @@ def tiny_wan(monkeypatch):
     import vramferry.cli
 
     pipe = build_tiny_wan()
-    monkeypatch.setattr(vramferry.cli, "load", lambda args: pipe)
+    monkeypatch.setattr(vramferry.cli, "load", lambda args, config=None: pipe)
     return pipe
 
 

@@ -248,7 +248,7 @@ def _no_loading(monkeypatch):
     """Make any model load fail the test: these command lines must be rejected before it."""
     import vramferry.cli
 
-    def load(args):
+    def load(args, config=None):
         raise AssertionError("the model was loaded")
 
     monkeypatch.setattr(vramferry.cli, "load", load)

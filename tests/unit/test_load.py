@@ -415,3 +415,34 @@ def test_files_the_reader_cannot_map_are_loaded_by_safetensors(tmp_path):
         torch.testing.assert_close(st.load_file(good)["w"], mapped["w"], rtol=0, atol=0)
         assert st.load_file(odd)["w"].dtype == load_file(odd)["w"].dtype  # safetensors' own loader
     assert st.load_file is load_file
+
+
+def test_the_cli_builds_a_model_folder_without_reading_its_weights(saved_flux_dir):
+    import argparse
+
+    from vramferry.cli_options import load as cli_load
+
+    if not os.path.exists("/proc/self/smaps"):
+        pytest.skip("needs /proc/self/smaps (Linux) to see which file pages are mapped")
+    gc.collect()
+    args = argparse.Namespace(model=str(saved_flux_dir), dtype=None, verbose=False, debug=False)
+    pipe = cli_load(args, vramferry.OffloadConfig(onload_device="cpu", pin_memory=False))
+    assert _resident_kib(saved_flux_dir) == 0  # apply then fills the host store from the files
+    assert type(pipe).__name__ == "FluxPipeline"
+
+
+def test_generate_with_a_model_folder_gives_the_image_of_from_pretrained(saved_flux_dir, tmp_path):
+    import diffusers
+    from PIL import Image
+
+    from vramferry.cli import main
+
+    out = tmp_path / "cli.png"
+    argv = ["generate", "--model", str(saved_flux_dir), "--prompt", "a cat", "--size", "32x32", "--steps", "2"]
+    argv += ["--seed", "3", "--offload", "layerwise", "--onload-device", "cpu", "--no-pin-memory", "-q"]
+    assert main([*argv, "--out", str(out)]) == 0
+    pipe = diffusers.DiffusionPipeline.from_pretrained(saved_flux_dir)
+    pipe.set_progress_bar_config(disable=True)
+    seeded = torch.Generator().manual_seed(3)
+    expected = pipe("a cat", height=32, width=32, num_inference_steps=2, generator=seeded).images[0]
+    np.testing.assert_array_equal(np.asarray(Image.open(out)), np.asarray(expected))

@@ -215,9 +215,8 @@ def load_replica(spec: ReplicaSpec) -> tuple[Any, Any]:
     """
     import torch
 
-    from .. import api
     from ..config import OffloadConfig
-    from ..pipelines.loading import load_pipeline
+    from ..loader import load
     from ..planning.workload import Workload
     from .generation import size_multiple
     from .lora import load_lora_adapters
@@ -226,17 +225,21 @@ def load_replica(spec: ReplicaSpec) -> tuple[Any, Any]:
     if config.device.type == "cuda" and not torch.cuda.is_available():
         logger.info("no CUDA device in this replica: running on the CPU")
         config = config.replace(onload_device="cpu")
-    pipeline = load_pipeline(spec.model, dtype=spec.dtype)
-    if spec.lora:
-        load_lora_adapters(pipeline, [(name, path) for name, path in spec.lora])
-    multiple = size_multiple(pipeline)
-    for width, height in spec.sizes:
-        if width % multiple or height % multiple:
-            raise ValueError(
-                f"sizes: {width}x{height}: {type(pipeline).__name__} makes sizes whose sides are multiples of "
-                f"{multiple}"
-            )
-    handle = api.apply(pipeline, config)
+
+    def prepare(pipeline: Any) -> None:
+        # Before the weights are packed: an offloaded pipeline takes no adapters, and a bad size costs no load.
+        if spec.lora:
+            load_lora_adapters(pipeline, [(name, path) for name, path in spec.lora])
+        multiple = size_multiple(pipeline)
+        for width, height in spec.sizes:
+            if width % multiple or height % multiple:
+                raise ValueError(
+                    f"sizes: {width}x{height}: {type(pipeline).__name__} makes sizes whose sides are multiples "
+                    f"of {multiple}"
+                )
+
+    handle = load(spec.model, config, dtype=spec.dtype, prepare=prepare)
+    pipeline = handle.pipeline
     if spec.sizes and str(config.mode) == "auto":
         steps = spec.settings.default_steps or handle.workload.steps
         handle.prepare([Workload(height=h, width=w, steps=steps) for w, h in spec.sizes])
