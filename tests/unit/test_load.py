@@ -446,3 +446,36 @@ def test_generate_with_a_model_folder_gives_the_image_of_from_pretrained(saved_f
     seeded = torch.Generator().manual_seed(3)
     expected = pipe("a cat", height=32, width=32, num_inference_steps=2, generator=seeded).images[0]
     np.testing.assert_array_equal(np.asarray(Image.open(out)), np.asarray(expected))
+
+
+def test_prepare_runs_on_the_built_pipeline_before_its_weights_are_packed(saved_flux_dir, tiny_flux, caplog):
+    import diffusers
+
+    peft = pytest.importorskip("peft")
+    _pipe, kwargs = tiny_flux
+
+    def add_adapter(pipe):
+        torch.manual_seed(1)
+        config = peft.LoraConfig(r=4, lora_alpha=4, target_modules=["to_q"], init_lora_weights=False)
+        pipe.transformer.add_adapter(config, adapter_name="a")
+
+    plain = diffusers.DiffusionPipeline.from_pretrained(saved_flux_dir)
+    add_adapter(plain)
+    with vramferry.apply(plain, **CPU):  # the same arenas' alignment: the same kernels, bit for bit
+        expected = run(plain, kwargs)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="vramferry"):
+        with vramferry.load(saved_flux_dir, prepare=add_adapter, **CPU) as handle:
+            got = run(handle.pipeline, kwargs)
+    # Packed once with the adapter in place: nothing was found changed and packed again at the request.
+    assert not [r.getMessage() for r in caplog.records if "again after their tensors changed" in r.getMessage()]
+    for key in expected:
+        np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
+
+
+def test_an_error_in_prepare_ends_the_load(saved_flux_dir):
+    def refuse(pipe):
+        raise ValueError(f"{type(pipe).__name__} cannot make 7x7")
+
+    with pytest.raises(ValueError, match="FluxPipeline cannot make 7x7"):
+        vramferry.load(saved_flux_dir, prepare=refuse, **CPU)
