@@ -47,3 +47,9 @@ class LoadError(OffloadError):
 
 class CodecUnavailable(OffloadError):
     """Compression was asked for and the package its codec needs is not installed (``vramferry[compress]``)."""
+
+
+def one_line(exc: BaseException) -> str:
+    """``exc`` as one line for a message: its type and the first line of its text."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")

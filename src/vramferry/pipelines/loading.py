@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ..errors import LoadError
+from ..errors import LoadError, one_line
 from .extras import require_extra
 
 logger = logging.getLogger(__name__)
@@ -153,7 +153,7 @@ def _load_folder(path: Path, torch_dtype: Any, variant):
             str(path), **_dtype_kwargs(diffusers, torch_dtype, variant)
         )
     except Exception as exc:  # any failure inside diffusers becomes one line for the user
-        raise LoadError(f"could not load the pipeline in {str(path)!r}: {_one_line(exc)}") from exc
+        raise LoadError(f"could not load the pipeline in {str(path)!r}: {one_line(exc)}") from exc
 
 
 def _load_hub(model_id: str, torch_dtype: Any, variant):
@@ -172,11 +172,6 @@ def _load_hub(model_id: str, torch_dtype: Any, variant):
                 "off (HF_HUB_OFFLINE=1); pass a local diffusers pipeline folder or enable network access"
             ) from exc
         raise LoadError(
-            f"could not load {model_id!r} from the Hugging Face Hub: {_one_line(exc)}; pass a local diffusers "
+            f"could not load {model_id!r} from the Hugging Face Hub: {one_line(exc)}; pass a local diffusers "
             "pipeline folder, or check the id and the network"
         ) from exc
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")

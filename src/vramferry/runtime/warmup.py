@@ -15,6 +15,7 @@ allocated when it ends, and stops at its first error: it only makes the first re
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..discovery.modules import PipelineModules, Role
+from ..errors import one_line
 from ..planning.workload import Workload
 
 logger = logging.getLogger(__name__)
@@ -112,7 +114,7 @@ class Warmup:
         if self.device.type == "cuda" and self.ran:
             torch.cuda.empty_cache()  # the scratch blocks the allocator kept go back to the device
         if self.error is not None:
-            logger.info("vramferry: kernel warm-up stopped early: %s", _one_line(self.error))
+            logger.info("vramferry: kernel warm-up stopped early: %s", one_line(self.error))
         logger.info(
             "vramferry: kernel warm-up: %d layer calls in %.2f s (%d skipped, over %.2f GB)",
             len(self.ran),
@@ -190,8 +192,8 @@ def _conv(shape: tuple, make: _Scratch) -> torch.Tensor:
 
 def _conv_elements(shape: tuple) -> int:
     _dims, inputs, outputs, kernel, _stride, _padding, _dilation, groups, _bias, size = shape
-    pixels = _product(size)
-    return inputs * pixels + outputs * (inputs // groups) * _product(kernel) + outputs * pixels
+    pixels = math.prod(size)
+    return inputs * pixels + outputs * (inputs // groups) * math.prod(kernel) + outputs * pixels
 
 
 def _layer_norm(shape: tuple, make: _Scratch) -> torch.Tensor:
@@ -207,7 +209,7 @@ def _rms_norm(shape: tuple, make: _Scratch) -> torch.Tensor:
 
 def _norm_elements(shape: tuple) -> int:
     rows, normalized, _affine = shape
-    return 2 * rows * _product(normalized) + 2 * _product(normalized)
+    return 2 * rows * math.prod(normalized) + 2 * math.prod(normalized)
 
 
 def _group_norm(shape: tuple, make: _Scratch) -> torch.Tensor:
@@ -218,7 +220,7 @@ def _group_norm(shape: tuple, make: _Scratch) -> torch.Tensor:
 
 def _group_norm_elements(shape: tuple) -> int:
     _groups, channels, _affine, size = shape
-    return 2 * channels * _product(size) + 2 * channels
+    return 2 * channels * math.prod(size) + 2 * channels
 
 
 def _embedding(shape: tuple, make: _Scratch) -> torch.Tensor:
@@ -448,15 +450,3 @@ def _spatial(latent: tuple[int, int], dims: int) -> list[int]:
     if dims == 2:
         return list(latent)
     return [1, *latent]
-
-
-def _product(values: Iterable[int]) -> int:
-    total = 1
-    for value in values:
-        total *= value
-    return total
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
