@@ -227,7 +227,7 @@ def load_replica(spec: ReplicaSpec) -> tuple[Any, Any]:
         config = config.replace(onload_device="cpu")
 
     def prepare(pipeline: Any) -> None:
-        # Before the weights are packed: an offloaded pipeline takes no adapters, and a bad size costs no load.
+        # Before the weights are packed: the adapters are packed with them, and a bad size is refused unread.
         if spec.lora:
             load_lora_adapters(pipeline, [(name, path) for name, path in spec.lora])
         multiple = size_multiple(pipeline)
