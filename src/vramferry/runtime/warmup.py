@@ -127,8 +127,8 @@ class Warmup:
     def run(self) -> None:
         """Run every op that fits the limit, in order (on the calling thread).
 
-        On the default stream, as the first request's own layers run: cuBLAS keeps a workspace per stream, and
-        the one made here is then the request's."""
+        On the default stream, the one the first request's layers run on: cuBLAS keeps a workspace per stream,
+        and a stream of the warm-up's own would keep one more for good."""
         start = time.perf_counter()
         try:
             with torch.no_grad():
