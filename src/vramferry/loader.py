@@ -61,13 +61,12 @@ def load(
         OffloadError: see :func:`~vramferry.apply`.
     """
     start = time.perf_counter()
-    pipeline, measured = build_pipeline(
-        model, (config or OffloadConfig()).replace(**changes), dtype=dtype, variant=variant
-    )
+    wanted = (config or OffloadConfig()).replace(**changes)
+    pipeline, measured = build_pipeline(model, wanted, dtype=dtype, variant=variant)
     if prepare is not None:
         prepare(pipeline)
     built = time.perf_counter()
-    handle = apply(pipeline, config, workload=workload, progress=progress, measured=measured, **changes)
+    handle = apply(pipeline, wanted, workload=workload, progress=progress, measured=measured)
     logger.info(
         "vramferry: %s loaded in %.2f s (modules %.2f s, host store and device %.2f s)",
         type(pipeline).__name__,

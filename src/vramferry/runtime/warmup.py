@@ -58,8 +58,7 @@ class Op:
 
     def nbytes(self) -> int:
         """Scratch bytes its call holds at once: inputs, weights and output."""
-        size = torch.empty((), dtype=self.dtype).element_size()
-        return size * _kind(self).elements(self.shape)
+        return self.dtype.itemsize * _kind(self).elements(self.shape)
 
 
 def pipeline_ops(modules: PipelineModules, workload: Workload) -> list[Op]:
