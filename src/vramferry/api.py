@@ -446,21 +446,7 @@ def apply(
     _check_live(pipeline)
     modules, device, planning, the_plan, coding = plan_apply(pipeline, config, workload, plan, measured)
     cache = open_cache(pipeline, config.compression_cache, coding.codec, modules)
-    start = time.perf_counter()
-    warming = _warm_up(modules, the_plan, planning, device) if config.warm_up else None
-    try:
-        runtime = _runtime(modules, the_plan, config, device, progress, coding.codec, cache, planning)
-        installed = time.perf_counter()
-    finally:
-        warmed = warming.join() if warming is not None else None
-    runtime.apply_seconds = {
-        **planning.seconds,
-        "host store": round(runtime.pack_seconds, 4),
-        "of which filling": round(runtime.filled.seconds, 4),
-        "of which page-locking": round(runtime.store.locker.seconds, 4),
-        "device loads and hooks": round(installed - start - runtime.pack_seconds, 4),
-        **({"kernel warm-up, beside the rest": round(warmed, 4)} if warmed is not None else {}),
-    }
+    runtime = _installed(modules, the_plan, config, device, progress, coding.codec, cache, planning)
     reads = (
         WeightReads(runtime.all_units, [c.module for c in modules.components()]) if config.verify else None
     )
@@ -518,6 +504,35 @@ def _runtime(
         progress=progress,
         links=helpers,
     )
+
+
+def _installed(
+    modules: PipelineModules,
+    plan: Plan,
+    config: OffloadConfig,
+    device: torch.device,
+    progress: bool | None,
+    codec: Any,
+    cache: Any,
+    planning: _Planning,
+) -> Runtime:
+    """The runtime (:func:`_runtime`), the kernel warm-up running beside its fill, with ``apply_seconds`` set."""
+    start = time.perf_counter()
+    warming = _warm_up(modules, plan, planning, device) if config.warm_up else None
+    try:
+        runtime = _runtime(modules, plan, config, device, progress, codec, cache, planning)
+        installed = time.perf_counter()
+    finally:
+        warmed = warming.join() if warming is not None else None
+    runtime.apply_seconds = {
+        **planning.seconds,
+        "host store": round(runtime.pack_seconds, 4),
+        "of which filling": round(runtime.filled.seconds, 4),
+        "of which page-locking": round(runtime.store.locker.seconds, 4),
+        "device loads and hooks": round(installed - start - runtime.pack_seconds, 4),
+        **({"kernel warm-up, beside the rest": round(warmed, 4)} if warmed is not None else {}),
+    }
+    return runtime
 
 
 def _warm_up(modules: PipelineModules, plan: Plan, planning: _Planning, device: torch.device) -> Any:
