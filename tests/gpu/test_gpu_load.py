@@ -36,15 +36,17 @@ def test_load_gives_the_resident_output(name, mode, tmp_path):
         np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
 
 
-def _private_dirty_bytes(folder: str) -> int:
-    """Bytes of private copies made of pages of ``folder``'s files mapped into this process."""
+def _copied_bytes(folder: str) -> int:
+    """Bytes of private copies made of pages of ``folder``'s files mapped into this process: a page copied on
+    write (or on page-locking for writing) becomes anonymous memory inside the file's mapping. (``Private_Dirty``
+    would also count file pages that only one of the mappings maps.)"""
     total, inside = 0, False
     with open("/proc/self/smaps") as smaps:
         for line in smaps:
             head = line.split(maxsplit=1)[0]
             if "-" in head and not head.endswith(":"):
                 inside = folder in line
-            elif inside and line.startswith("Private_Dirty:"):
+            elif inside and line.startswith("Anonymous:"):
                 total += int(line.split()[1]) * 1024
     return total
 
@@ -69,7 +71,7 @@ def test_two_pipelines_share_one_page_locked_host_copy(tmp_path):
             assert two.host_shared_found_bytes == one.host_shared_bytes > 0, (one, two)
             # Page-locked read-only in both: no page was copied for either process.
             assert two.host_pinned_bytes >= two.host_shared_bytes, "the shared arenas were not page-locked"
-            copied = _private_dirty_bytes(share)
+            copied = _copied_bytes(share)
             assert copied < 2**20, f"page-locking copied {copied} bytes of the shared arenas"
             for handle in (first, second):
                 handle.pipeline.set_progress_bar_config(disable=True)

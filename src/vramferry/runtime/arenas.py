@@ -7,10 +7,13 @@ rounding of the caching host allocator, and ~0.02-0.08 s/GB instead of ~0.7 s/GB
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import logging
 import mmap
 import time
 import warnings
+import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -91,6 +94,12 @@ class PageLocker:
         self._warned = False
         self._worker: ThreadPoolExecutor | None = None
         self._pending: list[Future] = []
+        # Arenas page-locked and not yet unlocked, by address. Each stays mapped until it is unlocked: should the
+        # locker be collected first, the finalizer unlocks what is left before the mappings can go. Memory unmapped
+        # while still page-locked leaves a stale registration at its address, and the next arena mapped there
+        # could be neither page-locked nor copied from.
+        self._locked: dict[int, torch.Tensor] = {}
+        weakref.finalize(self, _unlock_all, self._locked).atexit = False
 
     @contextlib.contextmanager
     def in_background(self):
@@ -130,6 +139,7 @@ class PageLocker:
     def unlock(self, arena: torch.Tensor) -> None:
         """Undo :meth:`lock` for an arena it page-locked."""
         torch.cuda.cudart().cudaHostUnregister(arena.data_ptr())
+        self._locked.pop(arena.data_ptr(), None)
         self.pinned_bytes -= arena.numel()
 
     def _lock_now(self, name: str, arena: torch.Tensor, read_only: bool = False) -> bool:
@@ -144,8 +154,10 @@ class PageLocker:
         err = torch.cuda.cudart().cudaHostRegister(arena.data_ptr(), size, flags)
         self.seconds += time.perf_counter() - start
         if int(err) != 0:
-            self._warn_pageable(name, f"cudaHostRegister failed ({err})")
+            _clear_last_error()
+            self._warn_pageable(name, f"cudaHostRegister failed ({_error_name(err)})")
             return False
+        self._locked[arena.data_ptr()] = arena
         self.pinned_bytes += size
         return True
 
@@ -159,3 +171,38 @@ class PageLocker:
                 why,
             )
             self._warned = True
+
+
+def _unlock_all(locked: dict[int, torch.Tensor]) -> None:
+    for address in list(locked):
+        torch.cuda.cudart().cudaHostUnregister(address)
+    locked.clear()
+
+
+def _error_name(err) -> str:
+    try:
+        return f"error {int(err)}: {torch.cuda.cudart().cudaGetErrorString(err)}"
+    except (AttributeError, TypeError, ValueError, RuntimeError):
+        return f"error {int(err)}"
+
+
+def _clear_last_error() -> None:
+    """Reset this thread's last CUDA runtime error: a failed ``cudaHostRegister`` leaves it set, and PyTorch would
+    raise it at this thread's next kernel launch, far from its cause."""
+    function = _get_last_error()
+    if function is not None:
+        function()
+
+
+@functools.cache
+def _get_last_error():
+    """``cudaGetLastError`` of the CUDA runtime library PyTorch loaded, or ``None`` where it cannot be found."""
+    paths = []
+    with contextlib.suppress(OSError), open("/proc/self/maps") as maps:
+        paths = [line.split()[-1] for line in maps if "libcudart" in line]
+    for path in [*dict.fromkeys(paths), None]:
+        try:
+            return ctypes.CDLL(path).cudaGetLastError
+        except (OSError, AttributeError):
+            continue
+    return None
