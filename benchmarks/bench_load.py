@@ -12,6 +12,7 @@ in a fresh process, so its peak RSS is its own and a section that fails loses no
 
 Sections:
   raw_read        the files read start to end (one thread, 16 MiB reads; and 8 threads, 64 MiB reads): disk speed
+  reader          the library's file reader alone into fresh arenas, at 1, 4 and 16 threads (page cache dropped)
   load            ``vramferry.load`` (page cache dropped), then one request on the GPU: times, peak RSS
   load_libs_warm  the same with only the folder's files dropped from the page cache (libraries warm)
   load_no_warm_up the same without the kernel warm-up beside the fill (``warm_up=False``)
@@ -142,6 +143,35 @@ def section_raw_read(folder: Path, args) -> dict:
     found["eight_threads_s"] = time.perf_counter() - start
     found["raw_s"] = min(found["one_thread_s"], found["eight_threads_s"])
     found["raw_gbps"] = total / found["raw_s"] / GB
+    return found
+
+
+def section_reader(folder: Path, args) -> dict:
+    """The library's file reader alone: every file into fresh 1 GiB arenas (as the host store's), page cache
+    dropped before each thread count; the gap to ``raw_read`` is the reader's and the arenas' first touch."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from vramferry.runtime.arenas import ARENA_BYTES, host_buffer
+    from vramferry.runtime.files import FileReader, Region
+
+    files = _weights(folder)
+    found: dict = {"bytes": sum(f.stat().st_size for f in files)}
+    for threads in (1, 4, 16):
+        found[f"cold_{threads}"] = _drop_caches()
+        reader = FileReader()
+        start = time.perf_counter()
+        with ThreadPoolExecutor(threads) as pool:
+            arenas, jobs = [], []
+            for path in files:
+                size = path.stat().st_size
+                for offset in range(0, size, ARENA_BYTES):
+                    nbytes = min(ARENA_BYTES, size - offset)
+                    arenas.append(host_buffer(nbytes))
+                    jobs += reader.start([(Region(str(path), offset, nbytes), arenas[-1])], pool)
+            assert sum(job.result() for job in jobs) == found["bytes"]
+        found[f"threads_{threads}_s"] = time.perf_counter() - start
+        reader.close()
+        del arenas, jobs
     return found
 
 
@@ -654,6 +684,7 @@ def section_shared_store(folder: Path, args) -> dict:
 
 SECTIONS = {
     "raw_read": section_raw_read,
+    "reader": section_reader,
     "load": section_load,
     "load_libs_warm": section_load_libs_warm,
     "load_no_warm_up": section_load_no_warm_up,
