@@ -145,6 +145,8 @@ class OffloadConfig:
             (:mod:`~vramferry.runtime.shared`). ``True``: in ``/dev/shm``; a folder: there (on a memory-backed
             file system); ``False``: each process holds its own copy. Only arenas whose weights are read from
             checkpoint files (``vramferry.load``, or a pipeline fresh from ``from_pretrained``) are shared.
+            Copies to the device read the shared pages: a weight changed in place reaches the device when the
+            change is one the handle takes in (an adapter fused or unfused), not when it is written directly.
         warm_up: on a GPU, while the host store fills, run each distinct layer of the pipeline once on the
             device with scratch weights (:mod:`~vramferry.runtime.warmup`), so that the first request finds
             CUDA's libraries and kernels loaded instead of loading them as it goes.

@@ -100,11 +100,20 @@ class SharedArena:
     def private(self) -> torch.Tensor:
         """The complete arena as a private mapping of the file: its pages are the shared ones until written, and a
         write (a weight changed in place, such as a LoRA fused into it) makes a copy of the page for this process
-        alone instead of changing every process's weights. Page-lock it read-only: page-locking it for writing
-        would copy every page."""
+        alone instead of changing every process's weights. The tensors view it; copies to the device read
+        :meth:`for_copies`'s mapping."""
         region = mmap.mmap(self.fd, self.tensor.numel(), flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         self.tensor = mapped_bytes(region, huge=True)
         return self.tensor
+
+    def for_copies(self) -> torch.Tensor:
+        """The complete arena as a read-only shared mapping of the file: the source of copies to the device.
+        Page-locked read-only, its pages stay the shared ones; page-locking even the private mapping read-only
+        would copy every page, as Linux unshares the pages of a copy-on-write mapping that a device pins for long.
+        A weight written in place in this process (its page in :meth:`private`'s mapping) is not seen here: the
+        store packs again what changed as it finds it (an adapter fused or unfused)."""
+        region = mmap.mmap(self.fd, self.tensor.numel(), flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+        return mapped_bytes(region, huge=True)
 
     def __post_init__(self) -> None:
         # Also when the process ends without removing its handle: the last process still deletes the file.

@@ -401,11 +401,14 @@ class HostStore:
         if shared is not None:
             if not shared.complete:
                 shared.finish()
-            arena = shared.private()
-            self._lay_out(raw, arena, views=True)
+            # Two mappings of the same pages: the tensors view a private one (a write stays this process's), the
+            # copies to the device read a shared read-only one (page-locked without copying a page).
+            self._lay_out(raw, shared.private(), views=True)
             for piece in raw:
                 for ref in piece.refs:
                     ref.bind(ref.host)
+            arena = shared.for_copies()
+            self._lay_out(raw, arena, views=False)
             self._shared[id(arena)] = shared
         # Page-locked once filled: the fill's threads fault the fresh pages in (the kernel zeroes each on its first
         # touch), where registering first would fault them all in on this one thread.
