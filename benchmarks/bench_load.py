@@ -35,7 +35,7 @@ Sections:
                   mapped in the files) and hold it: each one's private and file-backed RSS, and how far the
                   machine's available memory fell (one copy of the weights in the page cache, shared)
   shared_store    the same with ``share_host_store``: the host store in shared memory, filled by one process and
-                  mapped by the other
+                  mapped by the other (``--spread``: each process on a GPU of its own)
 
     # the compressed cache on the GPU (nvCOMP), cold figures:
     python benchmarks/bench_load.py --drop-caches --folder /tmp/flux1-sized \
@@ -650,7 +650,11 @@ def section_shared(folder: Path, args, how: str = "mapped") -> dict:
     while both hold the weights: the file-backed shares sum to one copy of the weights (the page cache's)."""
     _drop_caches()
     child = [sys.executable, __file__, "--hold", how, *sys.argv[1:]]
-    procs = [subprocess.Popen(child, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    # --spread: one GPU each (process i sees GPU i alone), as one process per GPU serves one model.
+    envs = [{**os.environ, "CUDA_VISIBLE_DEVICES": str(i)} if args.spread else None for i in range(2)]
+    procs = [
+        subprocess.Popen(child, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env) for env in envs
+    ]
     found: dict = {"processes": []}
 
     def result(proc) -> dict:
@@ -754,6 +758,9 @@ def main() -> None:
     parser.add_argument("--progress", action="store_true", help="show the loading bar")
     parser.add_argument(
         "--drop-caches", action="store_true", help="drop the page cache before each cold figure (needs root)"
+    )
+    parser.add_argument(
+        "--spread", action="store_true", help="shared sections: each process on its own GPU (GPU 0 and GPU 1)"
     )
     parser.add_argument("--out", type=Path, default=Path("load.json"))
     parser.add_argument("--child", help=argparse.SUPPRESS)

@@ -92,6 +92,30 @@ def test_a_weight_changed_in_one_pipeline_stays_in_it(saved_flux_dir, tiny_flux,
         assert not torch.equal(weight, second.pipeline.transformer.proj_out.weight)
 
 
+def _mappings(folder: str) -> dict[str, set[str]]:
+    """Each file of ``folder`` mapped into this process, with the permissions of its mappings."""
+    found: dict[str, set[str]] = {}
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            if len(fields) >= 6 and fields[5].startswith(folder + "/"):
+                found.setdefault(fields[5], set()).add(fields[1])
+    return found
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs Linux's /proc/self/maps")
+def test_the_copies_to_the_device_read_a_shared_read_only_mapping(saved_flux_dir, share_dir):
+    """A device pins (page-locks) what it copies from: Linux copies every page of a private mapping pinned for
+    long, even read-only, so the store copies from a shared read-only mapping of each arena, while the tensors
+    view a private one (their writes stay in this process)."""
+    with vramferry.load(saved_flux_dir, share_host_store=share_dir, **CPU):
+        mapped = _mappings(share_dir)
+        assert sorted(os.path.basename(path) for path in mapped) == _arenas(share_dir)
+        for path, perms in mapped.items():
+            assert "r--s" in perms, (path, perms)  # the copies' source
+            assert "rw-p" in perms, (path, perms)  # the tensors' views
+
+
 def test_an_arena_left_unfinished_is_filled_again(saved_flux_dir, tiny_flux, share_dir):
     _pipe, kwargs = tiny_flux
     expected = _expected(saved_flux_dir, tiny_flux)
