@@ -129,8 +129,8 @@ class PageLocker:
     ) -> None:
         """Page-lock ``arena`` (of component ``name``), then call ``then(pinned)``: on the background thread
         while :meth:`in_background` lasts (callbacks run there one at a time, in order), else now.
-        ``read_only``: the device only reads it (``cudaHostRegisterReadOnly``: a private file mapping stays
-        shared with the file's other mappings; page-locking it for writing would copy every page)."""
+        ``read_only``: the device only reads it (``cudaHostRegisterReadOnly``), as for a read-only mapping (a
+        shared arena's source of copies)."""
         if self._worker is not None:
             self._pending.append(self._worker.submit(lambda: then(self._lock_now(name, arena, read_only))))
         else:
