@@ -12,7 +12,8 @@ in a fresh process, so its peak RSS is its own and a section that fails loses no
 
 Sections:
   raw_read        the files read start to end (one thread, 16 MiB reads; and 8 threads, 64 MiB reads): disk speed
-  reader          the library's file reader alone into fresh arenas, at 1, 4 and 16 threads (page cache dropped)
+  reader          the library's file reader alone into fresh arenas, at 1, 4 and 16 threads (``--reader-threads``;
+                  page cache dropped)
   load            ``vramferry.load`` (page cache dropped), then one request on the GPU: times, peak RSS
   load_libs_warm  the same with only the folder's files dropped from the page cache (libraries warm)
   load_no_warm_up the same without the kernel warm-up beside the fill (``warm_up=False``)
@@ -20,6 +21,10 @@ Sections:
   load_small_pages  the same with the host store's arenas on 4 KiB pages (not transparent huge pages)
   load_no_prefetch  the same without asking the kernel to read the files ahead while the modules are built
   load_warm       the same with the files already in the page cache
+  load_profiled   ``load`` with both requests under PyTorch's profiler (CPU side): the operators whose first calls
+                  cost most (each kernel's code loaded on first launch shows as its operator's time)
+  load_drained    the same with the fill drained at each arena's end (the reads of the next arena start only once
+                  the last ones landed and the next arena is set up), as before the fills ran back to back
   baseline        ``from_pretrained`` + ``apply`` as before: every tensor copied through its mapping, one thread
   resident        (GPU) the whole pipeline resident on the GPU: one request, warmed up: the request to add to the
                   raw read time
@@ -45,6 +50,7 @@ Sections:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -156,7 +162,7 @@ def section_reader(folder: Path, args) -> dict:
 
     files = _weights(folder)
     found: dict = {"bytes": sum(f.stat().st_size for f in files)}
-    for threads in (1, 4, 16):
+    for threads in args.reader_threads:
         found[f"cold_{threads}"] = _drop_caches()
         reader = FileReader()
         start = time.perf_counter()
@@ -263,9 +269,27 @@ def _import_classes(folder: Path, gpu: bool = True) -> float:
     return time.perf_counter() - start
 
 
-def _load(folder: Path, args, cold: bool, drop=None, cuda_started: bool = True, **changes) -> dict:
+@contextlib.contextmanager
+def _profiled(found: dict, key: str, rows: int = 40):
+    """Profile the CPU side of what runs within; ``found[key]``: the operators with the most time of their own."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        yield
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:rows]
+    found[key] = [
+        {"op": e.key, "calls": e.count, "self_ms": round(e.self_cpu_time_total / 1e3, 2),
+         "total_ms": round(e.cpu_time_total / 1e3, 2)}
+        for e in events
+    ]  # fmt: skip
+
+
+def _load(
+    folder: Path, args, cold: bool, drop=None, cuda_started: bool = True, profile: bool = False, **changes
+) -> dict:
     """``vramferry.load`` and two requests: the libraries warm (:func:`_import_classes`; CUDA started too unless
-    ``cuda_started`` is off), the weights cold (the page cache dropped, or ``drop()``)."""
+    ``cuda_started`` is off), the weights cold (the page cache dropped, or ``drop()``); ``profile``: each request
+    under the profiler (:func:`_profiled`; its times are then not comparable)."""
     import vramferry
 
     imports = _import_classes(folder, gpu=cuda_started)
@@ -276,11 +300,13 @@ def _load(folder: Path, args, cold: bool, drop=None, cuda_started: bool = True, 
     handle = vramferry.load(folder, _config(args).replace(**changes), dtype="bfloat16", progress=args.progress)
     found["load_s"] = time.perf_counter() - start
     found["rss_after_load_gb"] = _rss_gb()
-    found["first_request_phases"] = {}
-    found["first_request_s"] = _request(handle.pipeline, args, found["first_request_phases"])
-    found["load_to_first_request_end_s"] = time.perf_counter() - start
-    found["second_request_phases"] = {}
-    found["second_request_s"] = _request(handle.pipeline, args, found["second_request_phases"])
+    for name in ("first", "second"):
+        phases: dict = {}
+        with _profiled(found, f"{name}_request_profile") if profile else contextlib.nullcontext():
+            found[f"{name}_request_s"] = _request(handle.pipeline, args, phases)
+        found[f"{name}_request_phases"] = phases
+        if name == "first":
+            found["load_to_first_request_end_s"] = time.perf_counter() - start
     stats = handle.stats()
     found["loaded_while_filling_gb"] = stats.loaded_while_filling_bytes / GB
     found["host_file_bytes"] = stats.host_file_bytes
@@ -354,6 +380,24 @@ def section_load_no_prefetch(folder: Path, args) -> dict:
     from vramferry.runtime import files
 
     files.prefetch = lambda paths: None
+    return _load(folder, args, cold=True)
+
+
+def section_load_profiled(folder: Path, args) -> dict:
+    return _load(folder, args, cold=True, profile=True)
+
+
+def section_load_drained(folder: Path, args) -> dict:
+    from vramferry.runtime.fill import Filler
+
+    fill = Filler.fill
+
+    def drained(self, pieces, then=None):
+        fill(self, pieces)
+        if then is not None:
+            then()
+
+    Filler.fill = drained
     return _load(folder, args, cold=True)
 
 
@@ -695,6 +739,8 @@ SECTIONS = {
     "load_cuda_cold": section_load_cuda_cold,
     "load_small_pages": section_load_small_pages,
     "load_no_prefetch": section_load_no_prefetch,
+    "load_drained": section_load_drained,
+    "load_profiled": section_load_profiled,
     "load_warm": section_load_warm,
     "baseline": section_baseline,
     "resident": section_resident,
@@ -713,32 +759,33 @@ SECTIONS = {
 
 
 def _summarise(results: dict, weights: int) -> dict:
+    """Peak RSS against the limits, and each loading section's time from ``load`` to the end of its first request
+    over (the files' fastest raw read, ``raw_read``'s or the reader's, + the resident pipeline's request)."""
     summary: dict = {"weights_gb": weights / GB}
-    load, raw = results.get("load", {}), results.get("raw_read", {})
+    load = results.get("load", {})
     if "peak_rss_gb" in load:
         summary["load_peak_rss_over_weights"] = load["peak_rss_gb"] / (weights / GB)
         summary["load_peak_rss_limit_cpu_gb"] = 1.1 * weights / GB + 0.5
         summary["load_peak_rss_limit_gpu_gb"] = 1.05 * weights / GB + 2
-    resident = results.get("resident", {}).get("request_s")
-    if "raw_s" in raw and "load_to_first_request_end_s" in load:
-        target = raw["raw_s"] + (resident or 0.0)
-        summary["load_to_first_request_over_raw_plus_resident"] = load["load_to_first_request_end_s"] / target
-        warm = results.get("load_libs_warm", {}).get("load_to_first_request_end_s")
-        if warm is not None:
-            summary["load_libs_warm_to_first_request_over_raw_plus_resident"] = warm / target
-        unwarmed = results.get("load_no_warm_up", {}).get("load_to_first_request_end_s")
-        if unwarmed is not None:
-            summary["load_no_warm_up_to_first_request_over_raw_plus_resident"] = unwarmed / target
-        cold = results.get("resident_cold", {}).get("first_request_s")
-        if cold is not None:  # both first requests with the same libraries read from disk on first use
-            summary["load_to_first_request_over_raw_plus_cold_first_resident"] = load[
-                "load_to_first_request_end_s"
-            ] / (raw["raw_s"] + cold)
-        first = results.get("resident", {}).get("first_request_s")
-        if first is not None:  # the resident pipeline's first request in its process: kernels loaded, allocator
-            summary["load_to_first_request_over_raw_plus_first_resident"] = load["load_to_first_request_end_s"] / (
-                raw["raw_s"] + first
-            )
+    reads = [results.get("raw_read", {}).get("raw_s")]
+    reads += [v for k, v in results.get("reader", {}).items() if k.startswith("threads_")]
+    reads = [r for r in reads if r is not None]
+    if not reads:
+        return summary
+    summary["raw_s"] = raw = min(reads)
+    resident = results.get("resident", {})
+    requests = {
+        "": resident.get("request_s"),
+        "_first": resident.get("first_request_s"),  # the resident pipeline's first: kernels loaded, allocator
+        "_cold_first": results.get("resident_cold", {}).get("first_request_s"),  # libraries read from disk too
+    }
+    for name, found in results.items():
+        end = found.get("load_to_first_request_end_s") if isinstance(found, dict) else None
+        if end is None or name.endswith("_profiled"):
+            continue
+        for suffix, request in requests.items():
+            if request is not None:
+                summary[f"{name}_to_first_request_over_raw_plus{suffix}_resident"] = end / (raw + request)
     return summary
 
 
@@ -752,6 +799,10 @@ def main() -> None:
     parser.add_argument("--sections", default="raw_read,load,load_warm,baseline,resident,apply_in_ram", help=f"of {', '.join(SECTIONS)}")
     parser.add_argument(
         "--mode", default=None, help="offload mode (default: auto on the GPU, layerwise on the CPU)"
+    )
+    parser.add_argument(
+        "--reader-threads", type=lambda text: [int(n) for n in text.split(",")], default=[1, 4, 16],
+        help="reader: the thread counts to time, comma-separated",
     )
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=28)

@@ -205,6 +205,43 @@ def test_large_tensors_in_memory_are_copied_on_threads_exactly():
             torch.testing.assert_close(p.data, before[name], rtol=0, atol=0)
 
 
+def _piece(module: nn.Module):
+    from vramferry.runtime.arenas import host_buffer
+    from vramferry.runtime.refs import collect_refs
+    from vramferry.runtime.store import Piece
+
+    piece = Piece("piece", "component", collect_refs(module, set(), {})[0])
+    piece.host = host_buffer(piece.layout())
+    return piece
+
+
+def test_a_fill_hands_its_arena_on_once_its_bytes_landed_while_the_next_fill_runs():
+    from vramferry.runtime.fill import Filler
+
+    first, second = nn.Linear(64, 32), nn.Linear(16, 8)
+    expected = {id(m): [p.detach().clone() for p in m.parameters()] for m in (first, second)}
+    pieces = {id(m): _piece(m) for m in (first, second)}
+    events: list[str] = []
+
+    def landed(module: nn.Module, name: str) -> None:
+        arena = pieces[id(module)].host
+        for param, want in zip(module.parameters(), expected[id(module)], strict=True):
+            assert arena.data_ptr() <= param.data_ptr() < arena.data_ptr() + arena.numel()  # rebound
+            torch.testing.assert_close(param.data, want, rtol=0, atol=0)
+        events.append(name)
+
+    filler = Filler(FileMap([]))
+    try:
+        filler.fill([pieces[id(first)]], then=lambda: landed(first, "first landed"))
+        events.append("first returned")
+        filler.fill([pieces[id(second)]], then=lambda: landed(second, "second landed"))
+        events.append("second returned")
+        filler.drain()
+    finally:
+        filler.close()
+    assert events == ["first returned", "first landed", "second returned", "second landed"]
+
+
 # --- reads -----------------------------------------------------------------------------------------------------
 
 

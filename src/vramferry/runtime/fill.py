@@ -4,7 +4,8 @@ Bytes come straight from the checkpoint file where the tensor is a clean memory-
 (:mod:`~vramferry.runtime.files`), otherwise from the tensor itself. Work goes in batches of a few hundred MB:
 a batch's copies and reads run on all threads; while the next batch runs, its tensors are rebound to their host
 copies, which frees the originals held in memory. Host memory so grows by at most two batches beyond the
-weights.
+weights. The batches run back to back across fills too (``then``): the disk never waits while one arena's last
+reads land and the next arena is set up.
 """
 
 from __future__ import annotations
@@ -83,11 +84,18 @@ class Filler:
         self.file_bytes = 0  # read from checkpoint files
         self.copied_bytes = 0  # copied from tensors in memory
         self.seconds = 0.0
-        self._running: tuple[list, list[Future | int]] | None = None  # a batch in flight, and its jobs
+        # The batch in flight: its tensors, its jobs, and what to call once it is done.
+        self._running: tuple[list, list[Future | int], Callable[[], None] | None] | None = None
 
-    def fill(self, pieces: list) -> None:
+    def fill(self, pieces: list, then: Callable[[], None] | None = None) -> None:
         """Copy every tensor of ``pieces`` (each with its ``host`` slice set) into its slice, in layout order,
-        and rebind it there (unless ``bind`` is off)."""
+        and rebind it there (unless ``bind`` is off).
+
+        Args:
+            then: with it, the fill returns while its last batch is still in flight, and ``then()`` is called
+                once every byte of ``pieces`` has landed (and its tensors are rebound): when the next fill's first
+                batch has started, or at :meth:`drain`. Without it, everything has landed on return.
+        """
         start = time.perf_counter()
         batch: list = []
         size = 0
@@ -101,7 +109,18 @@ class Filler:
                     if size >= BATCH_BYTES:
                         self._run(batch, size)
                         batch, size = [], 0
-            self._run(batch, size)
+            self._run(batch, size, then)
+            if then is None:
+                self._finish()
+        except BaseException:
+            self._abandon()
+            raise
+        self.seconds += time.perf_counter() - start
+
+    def drain(self) -> None:
+        """Wait for the batch still in flight (a fill given ``then``) and run its ``then``."""
+        start = time.perf_counter()
+        try:
             self._finish()
         except BaseException:
             self._abandon()
@@ -109,13 +128,14 @@ class Filler:
         self.seconds += time.perf_counter() - start
 
     def close(self) -> None:
-        """Stop the threads and close the files."""
+        """Stop the threads and close the files (a batch still in flight is waited for, its ``then`` not run)."""
+        self._abandon()
         self._reader.close()
         if self._pool is not None:
             self._pool.shutdown()
             self._pool = None
 
-    def _run(self, batch: list, size: int) -> None:
+    def _run(self, batch: list, size: int, then: Callable[[], None] | None = None) -> None:
         """Start ``batch``'s reads and copies, then finish the batch before it while they run."""
         # Small batches run on this thread: handing a few MB to threads costs more than it saves.
         pool = self.pool() if size >= PARALLEL_BYTES else None
@@ -137,13 +157,13 @@ class Filler:
             jobs.append(pool.submit(_copy, target, source) if pool is not None else _copy(target, source))
             self.copied_bytes += target.numel() * target.element_size()
         self._finish()
-        self._running = (batch, jobs)
+        self._running = (batch, jobs, then)
 
     def _finish(self) -> None:
-        """Wait for the batch in flight, then rebind its tensors to their host copies."""
+        """Wait for the batch in flight, then rebind its tensors to their host copies and run its ``then``."""
         if self._running is None:
             return
-        batch, jobs = self._running
+        batch, jobs, then = self._running
         self._running = None
         for job in jobs:
             self._done(job.result() if isinstance(job, Future) else job)
@@ -151,6 +171,8 @@ class Filler:
             # Rebound once filled: the original (in memory, or a view of the mapped file) is released here.
             ref.host = rebuild(ref.layout, view)
             ref.bind(ref.host)
+        if then is not None:
+            then()
 
     def _abandon(self) -> None:
         """After a failure: wait for the jobs in flight (they write into the arena), rebinding nothing."""

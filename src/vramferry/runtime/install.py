@@ -141,6 +141,7 @@ class Runtime:
                 with self.store.locker.in_background():
                     for name, pieces in groups:
                         self.store.pack(name, pieces, encode, filler, cached, mapped, held)
+                    filler.drain()
             except BaseException:
                 for unit in early.values():  # a failed fill leaves every weight bound to its host copy
                     self.mover.drop(unit)
@@ -297,6 +298,7 @@ class Runtime:
                 for name, pieces in changes.new.items():
                     # Read from the tensors as they are bound now: a fuse may have changed a device copy in place.
                     self.store.pack(name, pieces, encode, filler)
+                filler.drain()
             finally:
                 filler.close()
             self.hooks.remove()

@@ -365,6 +365,8 @@ class HostStore:
                 self._pack_encoded(name, coded, filler, cached or {})
             for chunk in arena_chunks(raw):
                 self._pack_raw(name, chunk, filler, held)
+            if own:
+                filler.drain()  # a given filler's owner drains it: the next component's reads follow on
         finally:
             if own:
                 filler.close()
@@ -394,25 +396,28 @@ class HostStore:
         shared = self._open_shared(raw, filler.files, total) if self.share_dir is not None else None
         arena = shared.tensor if shared is not None else host_buffer(total)
         self._lay_out(raw, arena, views=False)
-        if shared is None or not shared.complete:
+        if shared is None:
+            # Page-locked once filled (the fill's threads fault the fresh pages in: the kernel zeroes each on its
+            # first touch, where registering first would fault them all in on one thread), while the next arena's
+            # first reads run.
+            filler.fill(raw, then=lambda: self._hold(name, arena, raw, held=held))
+            return
+        if not shared.complete:
             filler.fill(raw)
         elif filler.progress is not None:
             filler.progress(total)  # another process read them
-        if shared is not None:
-            if not shared.complete:
-                shared.finish()
-            # Two mappings of the same pages: the tensors view a private one (a write stays this process's), the
-            # copies to the device read a shared read-only one (page-locked without copying a page).
-            self._lay_out(raw, shared.private(), views=True)
-            for piece in raw:
-                for ref in piece.refs:
-                    ref.bind(ref.host)
-            arena = shared.for_copies()
-            self._lay_out(raw, arena, views=False)
-            self._shared[id(arena)] = shared
-        # Page-locked once filled: the fill's threads fault the fresh pages in (the kernel zeroes each on its first
-        # touch), where registering first would fault them all in on this one thread.
-        self._hold(name, arena, raw, read_only=shared is not None, held=held)
+        if not shared.complete:
+            shared.finish()
+        # Two mappings of the same pages: the tensors view a private one (a write stays this process's), the
+        # copies to the device read a shared read-only one (page-locked without copying a page).
+        self._lay_out(raw, shared.private(), views=True)
+        for piece in raw:
+            for ref in piece.refs:
+                ref.bind(ref.host)
+        arena = shared.for_copies()
+        self._lay_out(raw, arena, views=False)
+        self._shared[id(arena)] = shared
+        self._hold(name, arena, raw, read_only=True, held=held)
 
     def _open_shared(self, raw: list[Piece], files: FileMap, total: int) -> SharedArena | None:
         name = arena_name(raw, files)
