@@ -59,9 +59,10 @@ import sys
 import time
 from pathlib import Path
 
+from load_timing import copy_sweep, import_classes, profiled, timed_request
+
 GB = 1e9
 HERE = Path(__file__).resolve().parent
-PROMPT = "a photo of a cat"
 
 
 DROP = False  # --drop-caches
@@ -189,110 +190,15 @@ def _config(args):
     return vramferry.OffloadConfig(mode=args.mode)
 
 
-def _request(pipe, args, phases: dict | None = None) -> float:
-    """One request (seconds, GPU work included); ``phases``: filled with where it went (prompt encoding up to
-    the first transformer call, each denoising step, decoding after the last), the GPU synchronised at each
-    boundary, and the major page faults it took (pages read from disk: cold libraries or files)."""
-    import torch
-
-    if args.cpu:
-        return 0.0
-    torch.cuda.synchronize()
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_majflt
-    start = time.perf_counter()
-    marks: list[float] = []
-    hooks = []
-    kwargs: dict = {}
-    if phases is not None:
-
-        def first_call(module, args_, kwargs_):
-            if not marks:
-                torch.cuda.synchronize()
-                marks.append(time.perf_counter())
-
-        hooks.append(pipe.transformer.register_forward_pre_hook(first_call, with_kwargs=True))
-
-        def step_end(pipe_, step, timestep, callback_kwargs):
-            torch.cuda.synchronize()
-            marks.append(time.perf_counter())
-            return callback_kwargs
-
-        kwargs["callback_on_step_end"] = step_end
-    size = args.size
-    try:
-        pipe(
-            PROMPT,
-            height=size,
-            width=size,
-            num_inference_steps=args.steps,
-            guidance_scale=3.5,
-            output_type="pil",
-            **kwargs,
-        )
-        torch.cuda.synchronize()
-    finally:
-        for hook in hooks:
-            hook.remove()
-    end = time.perf_counter()
-    if phases is not None and len(marks) >= 2:
-        steps = [b - a for a, b in zip(marks, marks[1:], strict=False)]
-        phases.update(
-            encode_s=round(marks[0] - start, 3),
-            first_steps_s=[round(x, 3) for x in steps[:3]],
-            median_step_s=round(sorted(steps)[len(steps) // 2], 4),
-            decode_s=round(end - marks[-1], 3),
-            major_faults=resource.getrusage(resource.RUSAGE_SELF).ru_majflt - faults,
-        )
-    return end - start
-
-
-def _import_classes(folder: Path, gpu: bool = True) -> float:
-    """Import the libraries and classes the pipeline is built from, and on a GPU run one bf16 matmul and one
-    attention (seconds): a process serving a model has its code loaded, and the page cache dropped after would
-    leave the imports and the first kernels reading the libraries from disk, which the resident request they are
-    compared with does not do (its libraries are warm). Mapped library pages survive the drop."""
-    import importlib
-
-    import torch
-
-    start = time.perf_counter()
-    importlib.import_module("transformers.modeling_utils")
-    for name, entry in json.loads((folder / "model_index.json").read_text()).items():
-        if not name.startswith("_") and isinstance(entry, list) and entry[0] is not None:
-            getattr(importlib.import_module(entry[0]), entry[1])
-    if gpu and torch.cuda.is_available():
-        x = torch.randn(256, 256, device="cuda", dtype=torch.bfloat16)
-        q = (x @ x).view(1, 1, 256, 256)
-        torch.nn.functional.scaled_dot_product_attention(q, q, q)
-        torch.cuda.synchronize()
-        del x, q
-    return time.perf_counter() - start
-
-
-@contextlib.contextmanager
-def _profiled(found: dict, key: str, rows: int = 40):
-    """Profile the CPU side of what runs within; ``found[key]``: the operators with the most time of their own."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        yield
-    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:rows]
-    found[key] = [
-        {"op": e.key, "calls": e.count, "self_ms": round(e.self_cpu_time_total / 1e3, 2),
-         "total_ms": round(e.cpu_time_total / 1e3, 2)}
-        for e in events
-    ]  # fmt: skip
-
-
 def _load(
     folder: Path, args, cold: bool, drop=None, cuda_started: bool = True, profile: bool = False, **changes
 ) -> dict:
-    """``vramferry.load`` and two requests: the libraries warm (:func:`_import_classes`; CUDA started too unless
+    """``vramferry.load`` and two requests: the libraries warm (:func:`import_classes`; CUDA started too unless
     ``cuda_started`` is off), the weights cold (the page cache dropped, or ``drop()``); ``profile``: each request
-    under the profiler (:func:`_profiled`; its times are then not comparable)."""
+    under the profiler (:func:`profiled`; its times are then not comparable)."""
     import vramferry
 
-    imports = _import_classes(folder, gpu=cuda_started)
+    imports = import_classes(folder, gpu=cuda_started)
     found: dict = {"cold": (drop or _drop_caches)() if cold else False, "rss_after_imports_gb": _rss_gb()}
     found["imports_s"] = round(imports, 3)
     found["log"] = _capture_log()
@@ -302,8 +208,8 @@ def _load(
     found["rss_after_load_gb"] = _rss_gb()
     for name in ("first", "second"):
         phases: dict = {}
-        with _profiled(found, f"{name}_request_profile") if profile else contextlib.nullcontext():
-            found[f"{name}_request_s"] = _request(handle.pipeline, args, phases)
+        with profiled(found, f"{name}_request_profile") if profile else contextlib.nullcontext():
+            found[f"{name}_request_s"] = timed_request(handle.pipeline, args, phases)
         found[f"{name}_request_phases"] = phases
         if name == "first":
             found["load_to_first_request_end_s"] = time.perf_counter() - start
@@ -431,7 +337,7 @@ def section_baseline(folder: Path, args) -> dict:
     found["from_pretrained_s"] = time.perf_counter() - start
     handle = vramferry.apply(pipe, _config(args))
     found["apply_s"] = time.perf_counter() - start - found["from_pretrained_s"]
-    found["first_request_s"] = _request(pipe, args)
+    found["first_request_s"] = timed_request(pipe, args)
     found["load_to_first_request_end_s"] = time.perf_counter() - start
     found["host_bytes"] = handle.stats().host_pageable_bytes + handle.stats().host_pinned_bytes
     found["peak_rss_gb"] = _peak_rss_gb()
@@ -447,27 +353,27 @@ def section_resident(folder: Path, args) -> dict:
     pipe = diffusers.DiffusionPipeline.from_pretrained(folder, dtype=torch.bfloat16).to("cuda")
     pipe.set_progress_bar_config(disable=True)
     found: dict = {"first_request_phases": {}, "request_phases": {}, "steps": args.steps, "size": args.size}
-    found["first_request_s"] = _request(pipe, args, found["first_request_phases"])  # kernels, allocator
-    found["request_s"] = _request(pipe, args)  # unhooked: no synchronisation per step
-    _request(pipe, args, found["request_phases"])
+    found["first_request_s"] = timed_request(pipe, args, found["first_request_phases"])  # kernels, allocator
+    found["request_s"] = timed_request(pipe, args)  # unhooked: no synchronisation per step
+    timed_request(pipe, args, found["request_phases"])
     return found
 
 
 def section_resident_cold(folder: Path, args) -> dict:
     """The resident pipeline's first request with the page cache dropped as for ``load`` (libraries imported and
-    warmed by :func:`_import_classes` first, the weights on the GPU): the kernels it loads on first use are read
+    warmed by :func:`import_classes` first, the weights on the GPU): the kernels it loads on first use are read
     from disk as they are for ``load``'s first request."""
     import diffusers
     import torch
 
     if args.cpu:
         return {"skipped": "needs a GPU"}
-    _import_classes(folder)
+    import_classes(folder)
     pipe = diffusers.DiffusionPipeline.from_pretrained(folder, dtype=torch.bfloat16).to("cuda")
     pipe.set_progress_bar_config(disable=True)
     found: dict = {"cold": _drop_caches(), "first_request_phases": {}, "request_phases": {}}
-    found["first_request_s"] = _request(pipe, args, found["first_request_phases"])
-    found["request_s"] = _request(pipe, args, found["request_phases"])
+    found["first_request_s"] = timed_request(pipe, args, found["first_request_phases"])
+    found["request_s"] = timed_request(pipe, args, found["request_phases"])
     return found
 
 
@@ -483,7 +389,7 @@ def section_apply_in_ram(folder: Path, args) -> dict:
             if isinstance(component, torch.nn.Module):
                 for p in component.parameters():
                     p.data = p.data.clone()
-    found: dict = {"copies": _copy_sweep()}
+    found: dict = {"copies": copy_sweep()}
     for label in ("threaded", "one_thread", "threaded_again"):
         if label == "one_thread":
             from vramferry.runtime import fill
@@ -500,48 +406,6 @@ def section_apply_in_ram(folder: Path, args) -> dict:
         if label == "one_thread":
             fill.PARALLEL_BYTES = saved
     found["peak_rss_gb"] = _peak_rss_gb()
-    return found
-
-
-def _copy_sweep(nbytes: int = 4 << 30) -> dict:
-    """GB/s of copying ``nbytes`` from memory into a fresh host arena (its pages faulted in on the way), as the
-    host store's fill does: one ``copy_`` (torch's own threads), and chunks on the filler's threads by
-    ``copy_`` or ``memmove``."""
-    import ctypes
-    from concurrent.futures import ThreadPoolExecutor
-
-    import torch
-
-    from vramferry.runtime.arenas import host_buffer
-    from vramferry.runtime.fill import default_threads
-
-    source = torch.ones(nbytes, dtype=torch.uint8)
-    threads = default_threads()
-    found: dict = {"threads": threads, "torch_threads": torch.get_num_threads()}
-
-    def timed(label: str, run) -> None:
-        target = host_buffer(nbytes)
-        start = time.perf_counter()
-        run(target)
-        found[label] = round(nbytes / (time.perf_counter() - start) / GB, 2)
-        del target
-
-    def chunked(how: str, chunk: int):
-        def run(target):
-            jobs = [(target[i : i + chunk], source[i : i + chunk]) for i in range(0, nbytes, chunk)]
-            if how == "memmove":
-                work = lambda job: ctypes.memmove(job[0].data_ptr(), job[1].data_ptr(), job[0].numel())  # noqa: E731
-            else:
-                work = lambda job: job[0].copy_(job[1])  # noqa: E731
-            with ThreadPoolExecutor(threads) as pool:
-                list(pool.map(work, jobs))
-
-        return run
-
-    timed("one_copy_gbps", lambda target: target.copy_(source))
-    for chunk in (8 << 20, 32 << 20, 128 << 20):
-        timed(f"threads_copy_{chunk >> 20}MiB_gbps", chunked("copy", chunk))
-        timed(f"threads_memmove_{chunk >> 20}MiB_gbps", chunked("memmove", chunk))
     return found
 
 
@@ -570,7 +434,7 @@ def section_build(folder: Path, args) -> dict:
     from vramferry.runtime.files import untouched_safetensors
 
     index = json.loads((folder / "model_index.json").read_text())
-    found: dict = {"imports_s": round(_import_classes(folder), 3), "cold": _drop_caches()}
+    found: dict = {"imports_s": round(import_classes(folder), 3), "cold": _drop_caches()}
     kept = []
     for name, entry in index.items():
         if name.startswith("_") or not isinstance(entry, list) or entry[0] is None:
@@ -642,7 +506,7 @@ def hold(folder: Path, args) -> None:
         _transformer_call(handle.pipeline.transformer)
         request_s = time.perf_counter() - start
     else:
-        request_s = _request(handle.pipeline, args)
+        request_s = timed_request(handle.pipeline, args)
     stats = handle.stats()
     found = {
         "load_s": load_s,
@@ -781,7 +645,7 @@ def _summarise(results: dict, weights: int) -> dict:
     }
     for name, found in results.items():
         end = found.get("load_to_first_request_end_s") if isinstance(found, dict) else None
-        if end is None or name.endswith("_profiled"):
+        if end is None or name.endswith("profiled"):
             continue
         for suffix, request in requests.items():
             if request is not None:

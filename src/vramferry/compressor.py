@@ -28,7 +28,8 @@ from .runtime.cache import CompressedCache, FileIdentity, default_cache_dir, fil
 from .runtime.codecs import Codec, encode_piece
 from .runtime.files import FileMap, Region
 from .runtime.fill import Filler, progress_bar
-from .runtime.store import ENCODE_BATCH_BYTES, Piece
+from .runtime.pieces import Piece
+from .runtime.store import ENCODE_BATCH_BYTES
 
 logger = logging.getLogger(__name__)
 

@@ -110,8 +110,9 @@ def test_without_cuda_nothing_is_page_locked(monkeypatch):
 
 def test_a_large_component_fills_several_arenas_each_page_locked_and_handed_on_once_filled(runtime, monkeypatch):
     from vramferry.runtime import arenas
+    from vramferry.runtime.pieces import Piece
     from vramferry.runtime.refs import collect_refs
-    from vramferry.runtime.store import HostStore, Piece
+    from vramferry.runtime.store import HostStore
 
     monkeypatch.setattr(arenas, "ARENA_BYTES", 3 * 64 * 64 * 4 + 2048)  # three of the blocks below per arena
     torch.manual_seed(0)

@@ -207,8 +207,8 @@ def test_large_tensors_in_memory_are_copied_on_threads_exactly():
 
 def _piece(module: nn.Module):
     from vramferry.runtime.arenas import host_buffer
+    from vramferry.runtime.pieces import Piece
     from vramferry.runtime.refs import collect_refs
-    from vramferry.runtime.store import Piece
 
     piece = Piece("piece", "component", collect_refs(module, set(), {})[0])
     piece.host = host_buffer(piece.layout())

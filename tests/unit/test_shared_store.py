@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import subprocess
 import sys
 import tempfile
@@ -138,6 +139,50 @@ def test_an_arena_left_unfinished_is_filled_again(saved_flux_dir, tiny_flux, sha
     assert _arenas(share_dir) == []
 
 
+def _holds(folder: str, name: str, data: bytes) -> bool:
+    path = os.path.join(folder, name)
+    return os.path.exists(path) and os.path.getsize(path) == len(data) and Path(path).read_bytes() == data
+
+
+def test_an_arena_another_process_is_filling_is_passed_over_and_found_filled(saved_flux_dir, tiny_flux, share_dir):
+    import fcntl
+    import threading
+    import time
+
+    _pipe, kwargs = tiny_flux
+    expected = _expected(saved_flux_dir, tiny_flux)
+    with vramferry.load(saved_flux_dir, share_host_store=share_dir, **CPU):
+        kept = {name: Path(share_dir, name).read_bytes() for name in _arenas(share_dir)}  # complete arenas
+    busy = max(kept, key=lambda name: len(kept[name]))
+    fd = os.open(os.path.join(share_dir, busy), os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # as a process that is filling it, nothing written yet
+    others_filled = threading.Event()
+
+    def other_process() -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not others_filled.is_set():
+            if all(_holds(share_dir, name, data) for name, data in kept.items() if name != busy):
+                others_filled.set()
+                os.pwrite(fd, kept[busy], 0)  # its bytes, and the trailer that marks it complete
+            time.sleep(0.02)
+        os.close(fd)  # lets go of it
+
+    thread = threading.Thread(target=other_process)
+    thread.start()
+    try:
+        with vramferry.load(saved_flux_dir, share_host_store=share_dir, **CPU) as handle:
+            stats = handle.stats()
+            handle.pipeline.set_progress_bar_config(disable=True)
+            got = run(handle.pipeline, kwargs)
+    finally:
+        thread.join()
+    assert others_filled.is_set(), "the load waited for the busy arena instead of filling the others first"
+    assert stats.host_shared_found_bytes == len(kept[busy]) - 64  # that one was found filled, not read
+    for key in expected:
+        np.testing.assert_array_equal(got[key], expected[key])
+    assert _arenas(share_dir) == []
+
+
 _HOLDER = """
 import json, sys
 sys.path.insert(0, {tests!r})
@@ -176,6 +221,32 @@ def test_two_processes_hold_one_copy(saved_flux_dir, share_dir):
     finally:
         for proc in procs:
             proc.communicate("\n", timeout=60)
+    assert [proc.returncode for proc in procs] == [0, 0]
+    assert _arenas(share_dir) == []
+
+
+def test_two_processes_loading_at_once_fill_each_arena_once(saved_flux_dir, share_dir):
+    script = _HOLDER.format(tests=str(HERE), folder=str(saved_flux_dir), share=share_dir)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        for _ in range(2)
+    ]  # both start together: each fills the arenas it gets to first and finds the others filled
+    try:
+        results = []
+        for proc in procs:
+            ready, _, _ = select.select([proc.stdout], [], [], 120)
+            assert ready, "a process did not finish loading in 120 s: the two wait for each other"
+            line = proc.stdout.readline()
+            assert line, f"the process failed (exit code {proc.poll()})"
+            results.append(json.loads(line))
+        first, second = results
+        assert first["shared"] == second["shared"] > 0
+        assert first["found"] + second["found"] == first["shared"]  # every arena read once, by one of them
+        assert first["sum"] == second["sum"]
+    finally:
+        for proc in procs:
+            proc.communicate("\n", timeout=120)  # neither waits forever for the other
     assert [proc.returncode for proc in procs] == [0, 0]
     assert _arenas(share_dir) == []
 

@@ -10,7 +10,7 @@ import vramferry
 import vramferry.runtime.install
 from pipelines.diffusers_pipes import DIFFUSERS_PIPELINES, assert_runs_equal, run
 from vramferry.api import apply
-from vramferry.runtime.store import Unit
+from vramferry.runtime.pieces import Unit
 
 
 def _model(**kw) -> vramferry.OffloadConfig:

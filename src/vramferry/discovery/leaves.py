@@ -62,7 +62,7 @@ Layout = Leaf | Wrapped | Stateful
 class Held(NamedTuple):
     """A bitsandbytes parameter's tensors: its data and the state tensors its layer reads, by name
     (:func:`~vramferry.discovery.bnb.state_tensors`). What a :class:`Stateful` layout is read from and rebuilt
-    as; :class:`~vramferry.runtime.store.TensorRef` binds both parts."""
+    as; :class:`~vramferry.runtime.pieces.TensorRef` binds both parts."""
 
     data: torch.Tensor
     state: dict[str, torch.Tensor]

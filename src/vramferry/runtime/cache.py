@@ -39,7 +39,7 @@ from ..planning.codec import CHUNK_BYTES
 from .arenas import host_buffer
 from .codecs import Chunk, Codec, Encoded
 from .files import FileMap, FileReader, Region
-from .store import Piece
+from .pieces import Piece
 
 logger = logging.getLogger(__name__)
 

@@ -23,9 +23,10 @@ from .hooks import HookSet
 from .layerwise import BlockStreamer
 from .links import Links
 from .model import ComponentState, SwapScheduler
+from .pieces import Piece, TensorRef, Unit
 from .refs import collect_refs
 from .repack import Changes, bind_decoded, find_changes, signature
-from .store import HostStore, Piece, TensorRef, Unit
+from .store import HostStore
 from .transfer import Mover
 
 logger = logging.getLogger(__name__)
@@ -141,6 +142,7 @@ class Runtime:
                 with self.store.locker.in_background():
                     for name, pieces in groups:
                         self.store.pack(name, pieces, encode, filler, cached, mapped, held)
+                    self.store.pack_busy(filler)
                     filler.drain()
             except BaseException:
                 for unit in early.values():  # a failed fill leaves every weight bound to its host copy
@@ -298,6 +300,7 @@ class Runtime:
                 for name, pieces in changes.new.items():
                     # Read from the tensors as they are bound now: a fuse may have changed a device copy in place.
                     self.store.pack(name, pieces, encode, filler)
+                self.store.pack_busy(filler)
                 filler.drain()
             finally:
                 filler.close()

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .store import Unit
+from .pieces import Unit
 from .transfer import Mover, device_bytes
 
 logger = logging.getLogger(__name__)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from ..discovery.leaves import ALIGN
-from .store import Unit
+from .pieces import Unit
 
 
 def split_ranges(nbytes: int, shares: Sequence[float], align: int = ALIGN) -> list[tuple[int, int]]:

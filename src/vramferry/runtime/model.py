@@ -16,8 +16,8 @@ from torch import nn
 
 from ..errors import OffloadError
 from ..planning.schedule import Phase
+from .pieces import Unit
 from .repack import signature
-from .store import Unit
 from .transfer import Mover
 
 logger = logging.getLogger(__name__)

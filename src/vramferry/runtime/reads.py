@@ -14,7 +14,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from ..errors import OffloadError
-from .store import Unit
+from .pieces import Unit
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Which tensors a module holds, as :class:`~vramferry.runtime.store.TensorRef` objects: each unique tensor once,
+"""Which tensors a module holds, as :class:`~vramferry.runtime.pieces.TensorRef` objects: each unique tensor once,
 with every parameter and buffer slot that holds it (tied weights share one)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from torch import nn
 from ..discovery.bnb import held_of
 from ..discovery.leaves import layout_of
 from ..discovery.sizes import tensor_key
-from .store import TensorRef
+from .pieces import TensorRef
 
 
 def collect_refs(

@@ -18,7 +18,7 @@ from torch import nn
 from ..discovery.leaves import align, rebuild, view_in
 from ..discovery.modules import PipelineModules
 from ..errors import OffloadError
-from .store import Piece, TensorRef
+from .pieces import Piece, TensorRef
 
 
 def merged_adapters(module: nn.Module) -> tuple:

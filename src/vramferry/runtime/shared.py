@@ -134,10 +134,22 @@ def _let_go(fd: int, path: Path) -> None:
     os.close(fd)
 
 
-def open_arena(folder: str, name: str, nbytes: int) -> SharedArena | None:
+class ArenaBusy(Exception):
+    """Another process is filling the arena now (:func:`open_arena` told not to wait)."""
+
+
+def open_arena(folder: str, name: str, nbytes: int, *, wait: bool = True) -> SharedArena | None:
     """The shared arena ``name`` of ``nbytes`` in ``folder``: complete when another process filled it, else
     locked for this process to fill (then :meth:`SharedArena.finish`). ``None`` (with a warning) when the folder
-    cannot hold it; the caller then packs a private arena."""
+    cannot hold it; the caller then packs a private arena.
+
+    Args:
+        wait: wait while another process fills it. A process must not wait holding an arena it has not
+            finished: the other may be waiting for that one.
+
+    Raises:
+        ArenaBusy: ``wait`` is off and another process is filling it.
+    """
     path = Path(folder) / name
     if fcntl is None:
         logger.warning("vramferry: shared host stores need POSIX file locks: keeping a private copy")
@@ -148,7 +160,10 @@ def open_arena(folder: str, name: str, nbytes: int) -> SharedArena | None:
         logger.warning("vramferry: cannot share the host store in %s (%s): keeping a private copy", folder, exc)
         return None
     try:
-        complete = _wait_complete(fd, nbytes)
+        complete = _wait_complete(fd, nbytes, wait)
+        if complete is None:
+            os.close(fd)  # the process filling it holds it: nothing to delete
+            raise ArenaBusy(name)
         if not complete:
             # This process fills it (holding it exclusively). Space is reserved first: a write past what the
             # folder can hold would kill the process (SIGBUS), where this fails cleanly.
@@ -167,17 +182,24 @@ def open_arena(folder: str, name: str, nbytes: int) -> SharedArena | None:
     return SharedArena(mapped_bytes(region, huge=True), path, fd, complete)
 
 
-def _wait_complete(fd: int, nbytes: int) -> bool:
+def _wait_complete(fd: int, nbytes: int, wait: bool = True) -> bool | None:
     """Wait until no process fills the arena; ``True`` holding it shared if it is complete, else ``False``
-    holding it exclusively (this process fills it)."""
+    holding it exclusively (this process fills it); ``None`` at once, holding nothing, when ``wait`` is off and
+    another process fills it or is about to."""
     while True:
-        fcntl.flock(fd, fcntl.LOCK_SH)  # waits while a process fills it
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | (0 if wait else fcntl.LOCK_NB))  # waits while a process fills it
+        except BlockingIOError:
+            return None
         if _is_complete(fd, nbytes):
             return True
         try:
             # Not atomic: another process may take it between the two locks, and is then waited for again.
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
+            if not wait:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                return None
             time.sleep(0.01)  # another process holds it too and may be about to fill it
             continue
         if _is_complete(fd, nbytes):  # finished between the two locks

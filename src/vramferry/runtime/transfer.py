@@ -18,7 +18,7 @@ import torch
 
 from .codecs import Encoded
 from .links import Links
-from .store import Unit
+from .pieces import Unit
 
 
 @dataclass
