@@ -10,6 +10,7 @@ reads land and the next arena is set up.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -96,10 +97,9 @@ class Filler:
                 once every byte of ``pieces`` has landed (and its tensors are rebound): when the next fill's first
                 batch has started, or at :meth:`drain`. Without it, everything has landed on return.
         """
-        start = time.perf_counter()
         batch: list = []
         size = 0
-        try:
+        with self._timed():
             for piece in pieces:
                 inner = 0
                 for ref in piece.refs:
@@ -112,20 +112,23 @@ class Filler:
             self._run(batch, size, then)
             if then is None:
                 self._finish()
-        except BaseException:
-            self._abandon()
-            raise
-        self.seconds += time.perf_counter() - start
 
     def drain(self) -> None:
         """Wait for the batch still in flight (a fill given ``then``) and run its ``then``."""
+        with self._timed():
+            self._finish()
+
+    @contextlib.contextmanager
+    def _timed(self):
+        """Count the time within as filling; after a failure, wait for the jobs in flight and rebind nothing."""
         start = time.perf_counter()
         try:
-            self._finish()
+            yield
         except BaseException:
             self._abandon()
             raise
-        self.seconds += time.perf_counter() - start
+        finally:
+            self.seconds += time.perf_counter() - start
 
     def close(self) -> None:
         """Stop the threads and close the files (a batch still in flight is waited for, its ``then`` not run)."""
