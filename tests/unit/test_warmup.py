@@ -51,13 +51,54 @@ def test_every_op_of_every_test_pipeline_runs(diffusers_pipeline):
     assert warmup.ran == ops
 
 
+#: Calls that are views, allocations or dtype bookkeeping (no kernel of their own, or the kernels of the calls
+#: they make, which are listed themselves), and the ones a request makes that no warm-up needs: random noise (the
+#: scratch tensors' ``normal_``) and dropout (off at inference).
+_NOT_KERNELS = {
+    "view", "reshape", "transpose", "permute", "unsqueeze", "expand", "expand_as", "slice", "select",
+    "as_strided", "t", "_unsafe_view", "empty", "empty_strided", "empty_like", "squeeze", "split", "chunk",
+    "narrow", "detach", "detach_", "alias", "lift_fresh", "lift_fresh_copy", "_reshape_alias", "view_as",
+    "flatten", "unflatten", "split_with_sizes", "unbind", "contiguous", "clone", "resolve_conj", "resolve_neg",
+    "to", "item", "_local_scalar_dense", "linear", "matmul", "result_type", "randn", "dropout", "zeros",
+}  # fmt: skip
+
+
+def _operators(call) -> set[tuple[str, tuple[str, ...]]]:
+    """The ATen operators ``call`` runs, each with the dtypes of its inputs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof, torch.no_grad():
+        call()
+    found = set()
+    for event in prof.events():
+        name = event.name.removeprefix("aten::")
+        if event.name.startswith("aten::") and name not in _NOT_KERNELS:
+            dtypes = {str(t) for t in event.input_dtypes if t and not str(t).startswith("Scalar")}  # tensors'
+            found.add((name, tuple(sorted(dtypes))))
+    return found
+
+
+def test_the_warm_up_calls_every_operator_a_flux_request_calls_with_the_same_dtypes():
+    from pipelines.diffusers_pipes import build_flux_production
+
+    pipe, kwargs = build_flux_production()  # FLUX.1's components: CLIP and T5 encoders, the DiT, the VAE
+    pipe.to(torch.bfloat16)  # as FLUX.1 runs
+    pipe.set_progress_bar_config(disable=True)
+    workload = Workload(height=kwargs["height"], width=kwargs["width"], text_tokens=kwargs["max_sequence_length"])
+    warmup = Warmup(pipeline_ops(discover(pipe), workload), torch.device("cpu"), limit=2**40)
+    warmed = _operators(warmup.run)
+    assert warmup.error is None
+    missing = _operators(lambda: run(pipe, kwargs)) - warmed
+    assert not missing, f"a FLUX.1 request calls operators the warm-up never runs: {sorted(missing)}"
+
+
 def test_ops_run_at_their_shapes():
     linear = run_op(Op("linear", (7, 16, 24, True), torch.float32), torch.device("cpu"))
     assert linear.shape == (7, 24)
     conv = Op("conv", (2, 4, 8, (3, 3), (2, 2), (1, 1), (1, 1), 1, False, (16, 16)), torch.bfloat16)
     out = run_op(conv, torch.device("cpu"))
     assert out.shape == (1, 8, 8, 8) and out.dtype == torch.bfloat16
-    attention = run_op(Op("attention", (2, 10, 8, False), torch.float32), torch.device("cpu"))
+    attention = run_op(Op("attention", (2, 10, 8, False, "per_head"), torch.float32), torch.device("cpu"))
     assert attention.shape == (1, 2, 10, 8)
 
 

@@ -6,7 +6,9 @@ allocator's first blocks. On a FLUX.1-sized pipeline that is seconds against a r
 the libraries are out of the page cache. While the store fills from disk the device has nothing else to do, so
 :class:`Warmup` runs, on a thread of its own, each distinct layer of the pipeline once on the device, on scratch
 weights (never the pipeline's own) of the same shapes and dtypes: its linear layers at the request's token
-counts, its convolutions at the latent size, its norms, embeddings, attention and activations.
+counts, its convolutions at the latent size, its norms (those computed in float32 too), embeddings, attention (the
+text encoders' with an additive mask) and activations, and once per dtype the elementwise, reduction, indexing
+and resampling kernels that layers call between them (a kernel is loaded on its first launch whatever its shape).
 
 The warm-up never holds more than ``limit`` bytes at once (a layer that needs more is skipped), frees what it
 allocated when it ends, and stops at its first error: it only makes the first request faster.
@@ -43,6 +45,9 @@ _EMBEDDING_ROWS = 1024
 #: Width of the tensors activations and softmax are warmed on.
 _ELEMENTWISE_WIDTH = 1024
 
+#: Rows the elementwise kernels are warmed on: which kernel runs does not depend on the row count.
+_POINTWISE_ROWS = 512
+
 #: CLIP-style text encoders pad to this many tokens, T5-style ones to the workload's ``text_tokens``.
 _SHORT_PROMPT = 77
 
@@ -69,15 +74,18 @@ def pipeline_ops(modules: PipelineModules, workload: Workload) -> list[Op]:
         dtype = _first_dtype(component.module)
         if dtype is None:
             continue
-        at = _Shapes(tokens, _latent_size(workload), dtype)
+        at = _Shapes(tokens, _latent_size(workload), dtype, masked=component.role is Role.ENCODER)
         for module in component.module.modules():
             for op in _ops_of(module, at):
                 found.setdefault(op)
-        # Activations written as functions rather than modules (diffusers' GELU, AdaLayerNorm's SiLU), and the
-        # softmax of attention written out by hand.
+        # Activations written as functions rather than modules (diffusers' GELU, AdaLayerNorm's SiLU), the
+        # softmax of attention written out by hand, and the elementwise work between layers.
         for name, approximate in (("gelu", "tanh"), ("gelu", "none"), ("silu", "none")):
             found.setdefault(Op("activation", (name, approximate, max(tokens)), dtype))
         found.setdefault(Op("softmax", (max(tokens), _ELEMENTWISE_WIDTH), dtype))
+        # float32 and float64: norms, the embeddings of positions (rotary ones in float64) and of timesteps.
+        for kind in (dtype, torch.float32, torch.float64):
+            found.setdefault(Op("pointwise", (_POINTWISE_ROWS, _ELEMENTWISE_WIDTH), kind))
     return list(found)
 
 
@@ -233,17 +241,79 @@ def _embedding_elements(shape: tuple) -> int:
     return _EMBEDDING_ROWS * dim + rows * dim + rows * 4  # the table, the rows looked up, the int64 ids
 
 
+#: Additive attention masks: none, one for every head (CLIP's causal and padding mask), one per head (T5's
+#: position bias). Each is a different fused kernel, or plan, from the others.
+_MASK_HEADS = {"none": 0, "shared": 1, "per_head": None}
+
+
 def _attention(shape: tuple, make: _Scratch) -> torch.Tensor:
-    heads, length, head_dim, causal = shape
+    heads, length, head_dim, causal, mask = shape
     q = make(1, heads, length, head_dim)
-    return F.scaled_dot_product_attention(q, q, q, is_causal=causal)
+    mask_heads = _MASK_HEADS[mask] if _MASK_HEADS[mask] is not None else heads
+    bias = make(1, mask_heads, length, length) if mask_heads else None
+    return F.scaled_dot_product_attention(q, q, q, attn_mask=bias, is_causal=causal)
 
 
 def _attention_elements(shape: tuple) -> int:
-    heads, length, head_dim, _causal = shape
+    heads, length, head_dim, _causal, mask = shape
     # Beyond a head size of 256 no fused kernel applies: the scores are materialised, in float32.
     scores = heads * length * length * 2 if head_dim > 256 else 0
-    return 4 * heads * length * head_dim + scores
+    bias = (_MASK_HEADS[mask] if _MASK_HEADS[mask] is not None else heads) * length * length
+    return 4 * heads * length * head_dim + scores + bias
+
+
+def _rms_norm_float32(shape: tuple, make: _Scratch) -> torch.Tensor:
+    """An RMS norm as transformers writes it (T5's, Llama's): the variance in float32, scaled, cast back."""
+    rows, width = shape
+    x, weight = make(rows, width), make(width)
+    variance = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
+    return weight * (x * torch.rsqrt(variance + 1e-6)).to(weight.dtype)
+
+
+def _pointwise(shape: tuple, make: _Scratch) -> torch.Tensor:
+    """The elementwise, reduction, indexing and resampling calls between layers, in ``make``'s dtype: on whole
+    tensors, broadcast rows and columns and Python numbers (each its own kernel); conversions to and from it; and
+    the integer arithmetic of token ids, position ids and relative position buckets (CLIP's, T5's)."""
+    rows, width = shape
+    x, y, row, col = make(rows, width), make(rows, width), make(1, width), make(rows, 1)
+    out = [x + y, x - row, x * col, x / y, -x, torch.exp(x), torch.log(x.abs() + 1), torch.sin(x), torch.cos(x)]
+    out += [x + 0.5, x * 0.5, x / 3.0, x * 2, x / 3, x - 1, torch.pow(x, 2), torch.pow(2.0, x), x.reciprocal()]
+    out += [torch.maximum(x, y), torch.minimum(x, row), x.clamp(-1, 1), torch.where(x > y, x, y)]
+    out += [torch.rsqrt(x.abs() + 1), x.mean(-1, keepdim=True), x.sum(0, keepdim=True), torch.zeros_like(x), x.abs()]
+    out += [torch.cat([x, y], -1)[:, :width], torch.stack([x, y])[0], x.repeat_interleave(2, dim=0)[:rows]]
+    out += [x.repeat(2, 1)[:rows], x.unfold(1, 2, 2).sum(-1)[:, :1], (x + y.float()).to(x.dtype)]
+    out += [torch.outer(x[0], y[0]).sum(0, keepdim=True), torch.outer(x[0], y[0].float()).to(x.dtype)[:1]]
+    out += [F.interpolate(x[None, None], scale_factor=2.0, mode="nearest")[0, 0, ::2, ::2]]
+    mask = (x > 0) & ~(y > 0)
+    out += [x.masked_fill(mask, 0), F.pad(x, (1, 1))[:, 1:-1], torch.sqrt(x.abs()), torch.tanh(x), mask.sum(-1, True)]
+    if x.dtype in (torch.float32, torch.float64):  # rotary embeddings written with complex numbers (Qwen's)
+        pairs = torch.view_as_complex(x[:, : width // 2 * 2].reshape(rows, -1, 2).contiguous())
+        out.append(torch.view_as_real(pairs * pairs).reshape(rows, -1)[:, :1])
+    for kind in (torch.float32, torch.bfloat16, torch.float64, torch.long):
+        out.append(x.to(kind).to(x.dtype))
+    x.add_(y)
+    ids = torch.arange(rows, device=make.device)
+    tokens = (ids + 0).add_(1).to(torch.int32) * (ids > 0).to(torch.int32)
+    positions = torch.arange(width, device=make.device, dtype=x.dtype)[None, :]
+    first = ((tokens == 0).to(torch.long) + tokens.argmax(-1))[:, None] + positions
+    relative = ids[None, :] - ids[:, None] + 1
+    out.append(((relative >= 0) & (relative <= 1)).sum(-1, keepdim=True)[:, :1].to(x.dtype))
+    distance = relative.abs()
+    large = 8 + (torch.log(distance.float() / 8) / 2.77 * 8).to(torch.long)
+    large = torch.min(large, torch.full_like(large, 15))
+    buckets = (relative > 0).to(torch.long) * 16 + torch.where(distance < 8, distance, large)
+    picked = x[buckets[0].clamp(0, rows - 1)] + x.argmax(-1, keepdim=True).to(x.dtype) * (ids[:, None] == 0)
+    return sum(out[1:], out[0]) + picked + first
+
+
+def _rms_norm_float32_elements(shape: tuple) -> int:
+    rows, width = shape
+    return 4 * rows * width + width  # the input, its float32 copy (two elements' worth) and the result
+
+
+def _pointwise_elements(shape: tuple) -> int:
+    rows, width = shape
+    return 48 * rows * width + 24 * rows * rows  # the results held at once; the int64 index arithmetic
 
 
 _ACTIVATIONS = {
@@ -274,6 +344,8 @@ _KINDS: dict[str, _Kind] = {
     "group_norm": _Kind(_group_norm, _group_norm_elements),
     "embedding": _Kind(_embedding, _embedding_elements),
     "attention": _Kind(_attention, _attention_elements),
+    "rms_norm_float32": _Kind(_rms_norm_float32, _rms_norm_float32_elements),
+    "pointwise": _Kind(_pointwise, _pointwise_elements),
     "activation": _Kind(_activation, lambda shape: 2 * shape[2] * _ELEMENTWISE_WIDTH),
     # the input, its float32 copy and the result
     "softmax": _Kind(_softmax, lambda shape: 5 * shape[0] * shape[1]),
@@ -295,21 +367,24 @@ class _Shapes:
     tokens: tuple[int, ...]
     latent: tuple[int, int]
     dtype: torch.dtype
+    masked: bool = False  # its attention takes an additive mask (text encoders)
 
 
 def _ops_of(module: nn.Module, at: _Shapes) -> Iterable[Op]:
     """``module``'s own calls (not its children's)."""
     weight = _plain_weight(module)
-    for cls in type(module).__mro__:
-        layer = _LAYERS.get(cls)
-        if layer is not None:
-            yield from layer(module, weight, at)
-            break
+    layer = next((_LAYERS[cls] for cls in type(module).__mro__ if cls in _LAYERS), None)
+    if layer is not None:
+        yield from layer(module, weight, at)
+    elif weight is not None and weight.dim() == 1 and hasattr(module, "variance_epsilon"):
+        for rows in at.tokens:  # transformers' RMS norms (T5LayerNorm, LlamaRMSNorm...), in float32 inside
+            yield Op("rms_norm_float32", (rows, weight.shape[0]), weight.dtype)
     heads = _attention_heads(module, at.dtype)
     if heads is not None:
         count, head_dim, dtype = heads
         for length in at.tokens:
-            yield Op("attention", (count, length, head_dim, False), dtype)
+            for mask in ("shared", "per_head") if at.masked else ("none",):
+                yield Op("attention", (count, length, head_dim, False, mask), dtype)
 
 
 def _linear_ops(module: nn.Linear, weight: torch.Tensor | None, at: _Shapes) -> Iterable[Op]:
@@ -393,16 +468,17 @@ _LAYERS: dict[type, Callable[[nn.Module, torch.Tensor | None, _Shapes], Iterable
 
 def _attention_heads(module: nn.Module, dtype: torch.dtype) -> tuple[int, int, torch.dtype] | None:
     """(heads, head dim, dtype) of an attention layer: diffusers' (``heads`` and a ``to_q`` projection) or
-    transformers' (``num_heads`` and ``head_dim``), else ``None``."""
+    transformers' (``num_heads`` and ``head_dim``; T5's ``n_heads`` and ``key_value_proj_dim``), else ``None``."""
     heads = getattr(module, "heads", None)
     to_q = getattr(module, "to_q", None)
     if isinstance(heads, int) and heads > 0 and isinstance(to_q, nn.Linear):
         weight = _plain_weight(to_q)
         if weight is not None and to_q.out_features % heads == 0:
             return heads, to_q.out_features // heads, weight.dtype
-    heads, head_dim = getattr(module, "num_heads", None), getattr(module, "head_dim", None)
-    if isinstance(heads, int) and isinstance(head_dim, int) and heads > 0 and head_dim > 0:
-        return heads, head_dim, _first_dtype(module) or dtype
+    for names in (("num_heads", "head_dim"), ("n_heads", "key_value_proj_dim")):  # CLIP's and most; T5's
+        heads, head_dim = (getattr(module, name, None) for name in names)
+        if isinstance(heads, int) and isinstance(head_dim, int) and heads > 0 and head_dim > 0:
+            return heads, head_dim, _first_dtype(module) or dtype
     return None
 
 
