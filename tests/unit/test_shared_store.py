@@ -251,6 +251,23 @@ def test_two_processes_loading_at_once_fill_each_arena_once(saved_flux_dir, shar
     assert _arenas(share_dir) == []
 
 
+def test_weights_built_in_memory_beyond_the_hashed_limit_stay_in_a_private_arena(share_dir):
+    from torch import nn
+
+    class Pipe:
+        _dit_modules = ["transformer"]
+        _encoder_modules: list[str] = []
+        _vae_modules: list[str] = []
+
+    pipe = Pipe()
+    pipe.transformer = nn.Linear(4096, 4200)  # 69 MB of float32 built in memory: more than is hashed into a name
+    weight = pipe.transformer.weight.detach().clone()
+    with vramferry.apply(pipe, share_host_store=share_dir, onload_device="cpu", pin_memory=False) as handle:
+        assert handle.stats().host_shared_bytes == 0
+        assert _arenas(share_dir) == []
+        torch.testing.assert_close(pipe.transformer.weight.data, weight, rtol=0, atol=0)
+
+
 def test_the_setting_takes_a_switch_or_a_folder():
     assert vramferry.OffloadConfig(share_host_store="/dev/shm/x").share_host_store == "/dev/shm/x"
     assert vramferry.OffloadConfig(share_host_store="off").share_host_store is False

@@ -142,8 +142,7 @@ class Runtime:
                 with self.store.locker.in_background():
                     for name, pieces in groups:
                         self.store.pack(name, pieces, encode, filler, cached, mapped, held)
-                    self.store.pack_busy(filler)
-                    filler.drain()
+                    self.store.finish_packing(filler)
             except BaseException:
                 for unit in early.values():  # a failed fill leaves every weight bound to its host copy
                     self.mover.drop(unit)
@@ -300,8 +299,7 @@ class Runtime:
                 for name, pieces in changes.new.items():
                     # Read from the tensors as they are bound now: a fuse may have changed a device copy in place.
                     self.store.pack(name, pieces, encode, filler)
-                self.store.pack_busy(filler)
-                filler.drain()
+                self.store.finish_packing(filler)
             finally:
                 filler.close()
             self.hooks.remove()

@@ -131,18 +131,19 @@ class HostStore:
                 if not self._pack_raw(name, chunk, filler, held, wait=False):
                     self._busy.append((name, chunk, held))
             if own:
-                self.pack_busy(filler)
-                filler.drain()  # a given filler's owner drains it: the next component's reads follow on
+                self.finish_packing(filler)  # a given filler's owner does: the next component's reads follow on
         finally:
             if own:
                 filler.close()
 
-    def pack_busy(self, filler: Filler) -> None:
-        """Pack the shared arenas :meth:`pack` passed over because another process was filling them: found
-        complete by now, most likely, or waited for (and filled here if that process died)."""
+    def finish_packing(self, filler: Filler) -> None:
+        """After the :meth:`pack` calls that share ``filler``: pack the shared arenas they passed over because
+        another process was filling them (found complete by now, most likely, or waited for, and filled here if
+        that process died), then wait for the last fill."""
         busy, self._busy = self._busy, []
         for name, chunk, held in busy:
             self._pack_raw(name, chunk, filler, held)
+        filler.drain()
 
     def _keep_mapped(self, piece: Piece, files: FileMap) -> bool:
         """Leave ``piece``'s tensors as the views of their checkpoint files they are, when every leaf of every
@@ -172,12 +173,7 @@ class HostStore:
         if total == 0:
             return True
         if self.share_dir is None:
-            arena = host_buffer(total)
-            self._lay_out(raw, arena, views=False)
-            # Page-locked once filled (the fill's threads fault the fresh pages in: the kernel zeroes each on its
-            # first touch, where registering first would fault them all in on one thread), while the next arena's
-            # first reads run.
-            filler.fill(raw, then=lambda: self._hold(name, arena, raw, held=held))
+            self._pack_private(name, raw, filler, held, total)
             return True
         if wait:
             # Every arena this process is filling is finished first (complete, shared): another process may be
@@ -188,7 +184,8 @@ class HostStore:
         except ArenaBusy:
             return False
         if shared is None:  # not shareable: a private arena
-            return self._pack_raw(name, raw, filler, held)
+            self._pack_private(name, raw, filler, held, total)
+            return True
         self._lay_out(raw, shared.tensor, views=False)
 
         def share() -> None:
@@ -212,6 +209,14 @@ class HostStore:
         else:
             filler.fill(raw, then=share)
         return True
+
+    def _pack_private(self, name: str, raw: list[Piece], filler: Filler, held: Callable | None, total: int) -> None:
+        arena = host_buffer(total)
+        self._lay_out(raw, arena, views=False)
+        # Page-locked once filled (the fill's threads fault the fresh pages in: the kernel zeroes each on its first
+        # touch, where registering first would fault them all in on one thread), while the next arena's first
+        # reads run.
+        filler.fill(raw, then=lambda: self._hold(name, arena, raw, held=held))
 
     def _open_shared(self, name: str | None, total: int, wait: bool) -> SharedArena | None:
         """The shared arena ``name`` (``None``: not shareable), or ``None`` and the store private from then on
